@@ -1,0 +1,51 @@
+"""The ``peer`` command line. Each subcommand lives in its own module, imported only when used.
+
+A subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("peer.demo", "build a small PEER LM, train a few steps on random tokens, print params/FLOPs"),
+    "data": ("peer.data.cli", "prepare the starter corpus, tokenize user text"),
+    "train": ("peer.train.cli", "train a model from a TOML config (--set key=value overrides)"),
+    "eval": ("peer.eval", "perplexity on every evaluation set, expert usage and unevenness"),
+    "generate": ("peer.generate", "sample text from a trained run"),
+    "plot": ("peer.plots", "training curves (loss vs tokens and FLOPs) as PNG"),
+    "bench": ("peer.bench.cli", "benchmark PEER layers and training steps"),
+    "sweep": ("peer.sweep.cli", "isoFLOP sweeps and ablations"),
+    "export": ("peer.hf.cli", "export a run to a Hugging Face transformers directory"),
+    "main": ("peer.mainjob", "the main job: prepare data, train dense and PEER at equal FLOPs, evaluate, compare"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = argparse.ArgumentParser(prog="peer", description="PEER: a million tiny experts for PyTorch.")
+    sub = top.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_) in COMMANDS.items():
+        sub.add_parser(name, help=help_, add_help=False)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        top.parse_args(argv or ["--help"])
+        return 0
+    name = argv[0]
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"peer {name}", description=COMMANDS[name][1])
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    from .config import ConfigError
+
+    try:
+        return int(module.run(args) or 0)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"peer {name}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

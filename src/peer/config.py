@@ -1,0 +1,370 @@
+"""One dataclass tree for every setting: TOML in, ``--set key=value`` overrides, validation.
+
+    cfg = load_config("configs/peer.toml", overrides=["train.flops=3e13", "model.d_model=256"])
+
+Every field is validated on load; an error names the dotted field and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+__all__ = [
+    "ConfigError", "PEERConfig", "PKMConfig", "MoEConfig", "ModelConfig", "DataConfig",
+    "OptimConfig", "TrainConfig", "DistConfig", "Config", "load_config", "config_from_dict",
+    "config_to_dict", "apply_overrides", "validate",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration field has a bad value; the message names the dotted field."""
+
+
+# --------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------
+@dataclass
+class PEERConfig:
+    """The PEER layer (paper §2). Defaults are the paper's: N=1024^2, h=8, k=16."""
+
+    num_experts: int = 1024**2
+    heads: int = 8
+    topk: int = 16
+    key_dim: int = 128
+    activation: Literal["gelu", "relu"] = "gelu"
+    score: Literal["softmax", "sigmoid"] = "softmax"
+    query_norm: Literal["batchnorm", "layernorm", "none"] = "batchnorm"
+    shared_keys: bool = True
+    glu: bool = False
+    backend: Literal["auto", "reference", "fused", "triton"] = "auto"
+    table_dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+@dataclass
+class PKMConfig:
+    """Product key memory (Lample et al. 2019) as the paper's baseline: 1024^2 memories, h=8, k=32."""
+
+    num_memories: int = 1024**2
+    heads: int = 8
+    topk: int = 32
+    key_dim: int = 256
+    query_norm: Literal["batchnorm", "layernorm", "none"] = "batchnorm"
+
+
+@dataclass
+class MoEConfig:
+    """Mixture of experts, each the size of the dense FFW. Paper: expert choice, 128 experts."""
+
+    num_experts: int = 128
+    routing: Literal["expert_choice", "token_choice"] = "expert_choice"
+    topk: int = 1  # experts per token (token choice); expert choice uses capacity_factor
+    capacity_factor: float = 1.0
+    aux_loss_weight: float = 0.01  # load-balancing loss weight (token choice)
+
+
+@dataclass
+class ModelConfig:
+    """Decoder-only transformer. ``sparse_layer`` replaces the FFW of ``sparse_blocks``."""
+
+    vocab_size: int = 8192
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int = 0  # 0 -> 4 * d_model
+    ffn_activation: Literal["gelu", "swiglu"] = "gelu"
+    max_seq_len: int = 256
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    dropout: float = 0.0
+    sparse_layer: Literal["none", "peer", "pkm", "moe"] = "none"
+    # "middle" (the paper), "all", or a list of block indices
+    sparse_blocks: Union[str, list[int]] = "middle"
+    peer: PEERConfig = field(default_factory=PEERConfig)
+    pkm: PKMConfig = field(default_factory=PKMConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+    def sparse_block_ids(self) -> list[int]:
+        """The block indices whose FFW is the sparse layer (empty when ``sparse_layer='none'``)."""
+        if self.sparse_layer == "none":
+            return []
+        if self.sparse_blocks == "middle":
+            return [self.n_layers // 2]
+        if self.sparse_blocks == "all":
+            return list(range(self.n_layers))
+        return sorted(set(int(i) for i in self.sparse_blocks))
+
+
+# --------------------------------------------------------------------------------------
+# Data, optimisation, training
+# --------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    """Where tokens come from. ``corpus`` is a prepared corpus directory (``peer data prepare``)."""
+
+    corpus: str = "data/starter"
+    train_split: str = "train"
+    val_split: str = "val"
+    tokenizer: str = ""  # path to a tokenizer.json; "" -> the corpus's own
+    vocab_size: int = 8192
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with separate groups for expert tables, product keys and the dense backbone."""
+
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    expert_lr_mult: float = 1.0  # u, v (and gates) of PEER; values of PKM
+    expert_weight_decay: float = 0.0
+    key_lr_mult: float = 1.0  # product sub-keys
+    key_weight_decay: float = 0.0
+    sparse_experts: bool = False  # row-wise (lazy) AdamW on the expert tables
+    fused: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """The run. ``flops > 0`` sets ``steps`` from the FLOP budget (paper's isoFLOP protocol)."""
+
+    out_dir: str = "runs/run"
+    steps: int = 200
+    flops: float = 0.0
+    batch_size: int = 16
+    grad_accum: int = 1
+    seq_len: int = 128
+    seed: int = 0
+    threads: int = 0  # 0 -> leave torch's default
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: str = "cpu"
+    log_every: int = 10
+    eval_every: int = 0
+    eval_batches: int = 20
+    ckpt_every: int = 100
+    keep_last: int = 2
+    progress: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class DistConfig:
+    """torch.distributed settings (used under ``torchrun``)."""
+
+    data_parallel: Literal["ddp", "fsdp"] = "ddp"
+    expert_parallel: bool = False
+    timeout_s: float = 300.0
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+
+# --------------------------------------------------------------------------------------
+# Loading, overrides, validation
+# --------------------------------------------------------------------------------------
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Convert ``value`` (from TOML or a ``--set`` string) to the annotated type ``tp``."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a table of settings, got {value!r}")
+        return _from_dict(tp, value, name)
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{name}: {value!r} is not allowed; allowed values: {', '.join(map(repr, allowed))}")
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arg in get_args(tp):
+            try:
+                return _coerce(value, arg, name)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{name}: {value!r} does not fit any of: " + "; ".join(errors))
+    if origin is list:
+        (inner,) = get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.strip("[] ").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return [_coerce(v, inner, f"{name}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value.replace("_", ""))
+            except ValueError:
+                f = math.nan
+            if f.is_integer():
+                return int(f)
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _from_dict(cls, data: dict, prefix: str = ""):
+    hints = _field_types(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise ConfigError(f"{dotted}: unknown setting; known settings here: {', '.join(sorted(names))}")
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = _from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``section.key=value`` strings (nested: ``model.peer.topk=8``) to ``cfg``; returns a new, validated Config."""
+    data = config_to_dict(cfg)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.steps=100")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for i, p in enumerate(parts[:-1]):
+            if not isinstance(node, dict) or p not in node:
+                raise ConfigError(f"{'.'.join(parts[: i + 1])}: unknown setting")
+            node = node[p]
+        if not isinstance(node, dict) or parts[-1] not in node:
+            raise ConfigError(f"{key.strip()}: unknown setting")
+        node[parts[-1]] = _parse_scalar(value.strip())
+    return config_from_dict(data)
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML config (or start from defaults when ``path`` is None) and apply overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from None
+    cfg = config_from_dict(data)
+    return apply_overrides(cfg, overrides) if overrides else cfg
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}: {msg}")
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks; raises ConfigError naming the field."""
+    m = cfg.model
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+        _check(getattr(m, name) > 0, f"model.{name}", f"must be positive, got {getattr(m, name)}")
+    _check(m.d_ff >= 0, "model.d_ff", "must be >= 0 (0 means 4 * d_model)")
+    _check(m.d_model % m.n_heads == 0, "model.n_heads", f"must divide model.d_model={m.d_model}, got {m.n_heads}")
+    _check((m.d_model // m.n_heads) % 2 == 0, "model.n_heads", "d_model / n_heads must be even (rotary embeddings)")
+    _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+    if isinstance(m.sparse_blocks, str):
+        _check(m.sparse_blocks in ("middle", "all"), "model.sparse_blocks", f"'middle', 'all' or a list of block indices, got {m.sparse_blocks!r}")
+    else:
+        for i in m.sparse_blocks:
+            _check(0 <= i < m.n_layers, "model.sparse_blocks", f"block {i} is outside 0..{m.n_layers - 1}")
+    p = m.peer
+    r = math.isqrt(p.num_experts) if p.num_experts > 0 else 0
+    if m.sparse_layer == "peer":
+        _check(p.num_experts > 0 and r * r == p.num_experts, "model.peer.num_experts", f"must be a perfect square, got {p.num_experts}")
+        _check(p.key_dim > 0 and p.key_dim % 2 == 0, "model.peer.key_dim", f"must be a positive even number, got {p.key_dim}")
+        _check(p.heads > 0, "model.peer.heads", "must be positive")
+        _check(0 < p.topk <= r, "model.peer.topk", f"must be in 1..sqrt(num_experts)={r}, got {p.topk}")
+    k = m.pkm
+    r = math.isqrt(k.num_memories) if k.num_memories > 0 else 0
+    if m.sparse_layer == "pkm":
+        _check(k.num_memories > 0 and r * r == k.num_memories, "model.pkm.num_memories", f"must be a perfect square, got {k.num_memories}")
+        _check(k.key_dim > 0 and k.key_dim % 2 == 0, "model.pkm.key_dim", f"must be a positive even number, got {k.key_dim}")
+        _check(0 < k.topk <= r, "model.pkm.topk", f"must be in 1..sqrt(num_memories)={r}, got {k.topk}")
+    e = m.moe
+    if m.sparse_layer == "moe":
+        _check(e.num_experts > 0, "model.moe.num_experts", "must be positive")
+        _check(0 < e.topk <= e.num_experts, "model.moe.topk", f"must be in 1..num_experts={e.num_experts}")
+        _check(e.capacity_factor > 0, "model.moe.capacity_factor", "must be positive")
+    t = cfg.train
+    _check(t.steps > 0 or t.flops > 0, "train.steps", "must be positive (or set train.flops)")
+    _check(t.flops >= 0, "train.flops", "must be >= 0")
+    for name in ("batch_size", "grad_accum", "seq_len", "log_every", "ckpt_every", "keep_last"):
+        _check(getattr(t, name) > 0, f"train.{name}", f"must be positive, got {getattr(t, name)}")
+    _check(t.seq_len <= m.max_seq_len, "train.seq_len", f"must be <= model.max_seq_len={m.max_seq_len}, got {t.seq_len}")
+    _check(t.threads >= 0, "train.threads", "must be >= 0")
+    o = cfg.optim
+    _check(o.lr > 0, "optim.lr", "must be positive")
+    _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _check(0 <= o.beta1 < 1, "optim.beta1", "must be in [0, 1)")
+    _check(0 <= o.beta2 < 1, "optim.beta2", "must be in [0, 1)")
+    _check(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+    _check(cfg.data.vocab_size > 0, "data.vocab_size", "must be positive")
+    _check(cfg.dist.timeout_s > 0, "dist.timeout_s", "must be positive")
+    return cfg

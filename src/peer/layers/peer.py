@@ -1,0 +1,197 @@
+"""PEER: Parameter Efficient Expert Retrieval (He, 2024, arXiv:2407.04153), eqs. 1-7.
+
+    f(x) = sum_{heads h} sum_{i in I_h(x)} g_i(x) e_i(x)                        (eqs. 3, 7)
+    I_h(x) = top-k_i { q_h(x)^T k_i },  k_i = [c_a; c'_b]  (product keys)      (eqs. 1, 4, 5)
+    g_i(x) = softmax or sigmoid of q_h(x)^T k_i over the k retrieved i          (eq. 2)
+    e_i(x) = act(u_i^T x) v_i                                                    (eq. 6)
+
+Initialisation (keeps Var[y] ~ Var[x] ~ 1 at init for any N, h, k):
+- query network: PyTorch's Linear default; BatchNorm then makes each query unit-variance;
+- sub-keys ~ N(0, 1/key_dim), so a unit query scores ~N(0, 1) against a full key;
+- u_i ~ N(0, 1/d): u_i . x ~ N(0, 1) for unit-variance x (and so does a GLU gate);
+- v_i ~ N(0, 1/(h * S * E[act(z)^2])), z ~ N(0, 1), where S = sum_j g_j^2 over a head's top-k
+  (1/k for softmax over near-equal top scores, k for sigmoid of the top scores): each output
+  coordinate is a sum of h*k terms g_j act_j v_j, whose variance is then ~1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .index import ProductKeyIndex, check_square
+from .kernels import expert_mix
+
+__all__ = ["PEER", "make_query_norm"]
+
+_ACTS = ("gelu", "relu")
+_SCORES = ("softmax", "sigmoid")
+_NORMS = ("batchnorm", "layernorm", "none")
+_BACKENDS = ("auto", "reference", "fused", "triton")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, torch.float32: torch.float32, torch.bfloat16: torch.bfloat16}
+# E[act(z)^2] for z ~ N(0, 1)
+_ACT_SECOND_MOMENT = {"relu": 0.5, "gelu": 0.4252}
+
+
+def _choice(value, allowed, name):
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+    return value
+
+
+def make_query_norm(kind: str, heads: int, key_dim: int) -> nn.Module:
+    """The query normaliser: BatchNorm over all h*key_dim features (paper), per-head LayerNorm, or identity."""
+    _choice(kind, _NORMS, "query_norm")
+    if kind == "batchnorm":
+        return nn.BatchNorm1d(heads * key_dim)
+    if kind == "layernorm":
+        return nn.LayerNorm(key_dim)
+    return nn.Identity()
+
+
+class PEER(nn.Module):
+    """A PEER layer: ``num_experts`` single-neuron experts, retrieved ``topk`` per head by ``heads`` heads.
+
+    Args:
+        dim: model width d (input and output).
+        num_experts: N, a perfect square (product keys need sqrt(N) sub-keys per half).
+        heads: h query networks sharing one pool of experts (eq. 7).
+        topk: k experts per head; at most sqrt(N).
+        key_dim: query/key width (even: it splits in two halves).
+        activation: "gelu" or "relu" (sigma of eq. 6).
+        score: "softmax" (paper default) or "sigmoid" router scores over each head's top-k (eq. 2).
+        query_norm: "batchnorm" (paper), "layernorm" or "none".
+        shared_keys: one set of product keys for all heads (paper); False gives each head its own.
+        glu: GLU experts: ``act(w_i . x) * (u_i . x) * v_i`` with an extra gate table w.
+        backend: expert-mix kernel, see :func:`peer.layers.kernels.expert_mix`.
+        table_dtype: storage dtype of u, v (and gate): float32 or bfloat16 (accumulation stays fp32).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int = 1024**2,
+        heads: int = 8,
+        topk: int = 16,
+        key_dim: int = 128,
+        activation: str = "gelu",
+        score: str = "softmax",
+        query_norm: str = "batchnorm",
+        shared_keys: bool = True,
+        glu: bool = False,
+        backend: str = "auto",
+        table_dtype: str | torch.dtype = "float32",
+    ):
+        super().__init__()
+        if not isinstance(dim, int) or dim <= 0:
+            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        n = check_square(num_experts, "num_experts")
+        if not isinstance(heads, int) or heads <= 0:
+            raise ValueError(f"heads must be a positive integer, got {heads!r}")
+        if not isinstance(key_dim, int) or key_dim <= 0 or key_dim % 2:
+            raise ValueError(f"key_dim must be a positive even integer, got {key_dim!r}")
+        if not isinstance(topk, int) or not 0 < topk <= n:
+            raise ValueError(f"topk must be an integer in 1..sqrt(num_experts)={n}, got {topk!r}")
+        self.activation = _choice(activation, _ACTS, "activation")
+        self.score = _choice(score, _SCORES, "score")
+        self.backend = _choice(backend, _BACKENDS, "backend")
+        if table_dtype not in _DTYPES:
+            raise ValueError(f"table_dtype must be one of 'float32', 'bfloat16', got {table_dtype!r}")
+        tdtype = _DTYPES[table_dtype]
+        self.dim, self.num_experts, self.heads, self.topk, self.key_dim = dim, num_experts, heads, topk, key_dim
+        self.shared_keys, self.glu, self.query_norm_kind = bool(shared_keys), bool(glu), query_norm
+
+        # eq. 7: h independent query networks, as one projection to h * key_dim
+        self.query_proj = nn.Linear(dim, heads * key_dim, bias=False)
+        self.query_norm = make_query_norm(query_norm, heads, key_dim)
+        # eqs. 4-5: product keys, one set shared by all heads (or one per head)
+        self.index = ProductKeyIndex(num_experts, key_dim, groups=1 if shared_keys else heads)
+        # eq. 6: expert i is the neuron (u_i, v_i); GLU adds a gate vector per expert
+        s = (1.0 / topk) if score == "softmax" else float(topk)
+        v_std = 1.0 / math.sqrt(heads * s * _ACT_SECOND_MOMENT[activation])
+        self.u = nn.Parameter(_normal(num_experts, dim, 1.0 / math.sqrt(dim), tdtype))
+        self.v = nn.Parameter(_normal(num_experts, dim, v_std, tdtype))
+        self.gate = nn.Parameter(_normal(num_experts, dim, 1.0 / math.sqrt(dim), tdtype)) if glu else None
+        for p in (self.u, self.v, self.gate):
+            if p is not None:
+                p._is_expert_table = True  # optimizer groups: expert tables
+        self.index.keys._is_product_key = True
+        # Expert usage accounting (paper Table 2), off by default
+        self.record_usage = False
+        self.register_buffer("usage", torch.zeros(0, dtype=torch.float64), persistent=False)
+
+    # ------------------------------------------------------------------ public API
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_experts={self.num_experts}, heads={self.heads}, topk={self.topk}, "
+                f"key_dim={self.key_dim}, activation={self.activation!r}, score={self.score!r}, "
+                f"query_norm={self.query_norm_kind!r}, shared_keys={self.shared_keys}, glu={self.glu}")
+
+    def _flat(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != self.dim:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"input must have shape [..., dim={self.dim}], got {shape}")
+        return x.reshape(-1, self.dim)
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        """q(x) of eq. 1 for every head, after the query norm: [..., heads, key_dim]."""
+        lead = x.shape[:-1]
+        return self._query(self._flat(x)).view(*lead, self.heads, self.key_dim)
+
+    def _query(self, xf: torch.Tensor) -> torch.Tensor:
+        q = self.query_proj(xf)  # [T, h*key_dim]
+        if self.query_norm_kind == "batchnorm":
+            # one token in training mode has no batch statistics: fall back to the running ones
+            q = _bn_single(self.query_norm, q) if (self.training and q.shape[0] == 1) else self.query_norm(q)
+            return q.view(-1, self.heads, self.key_dim)
+        q = q.view(-1, self.heads, self.key_dim)
+        return self.query_norm(q)
+
+    def product_keys(self) -> torch.Tensor:
+        """All N full keys: [heads, N, key_dim], or [1, N, key_dim] with shared keys. Row i = expert i."""
+        return self.index.full_keys()
+
+    def retrieve(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router weights g and expert ids, each [..., heads, topk] (eqs. 1, 2, 4, 5)."""
+        lead = x.shape[:-1]
+        g, idx = self._retrieve(self._flat(x))
+        return g.view(*lead, self.heads, self.topk), idx.view(*lead, self.heads, self.topk)
+
+    def _retrieve(self, xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = self._query(xf)
+        scores, idx = self.index.topk(q.float(), self.topk)  # eqs. 1, 4, 5: exact top-k over N keys
+        g = scores.softmax(dim=-1) if self.score == "softmax" else scores.sigmoid()  # eq. 2, per head
+        return g, idx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        xf = self._flat(x)
+        g, idx = self._retrieve(xf)  # [T, h, k]
+        if self.record_usage:
+            self._accumulate_usage(g, idx)
+        # eqs. 3, 6, 7: sum over heads and their top-k of g_i * act(u_i . x) * v_i
+        y = expert_mix(xf, self.u, self.v, idx.flatten(1), g.flatten(1).to(xf.dtype), self.activation,
+                       self.gate, backend=self.backend)
+        return y.view(*lead, self.dim)
+
+    # ------------------------------------------------------------------ usage (Table 2)
+    @torch.no_grad()
+    def _accumulate_usage(self, g: torch.Tensor, idx: torch.Tensor) -> None:
+        if self.usage.numel() != self.num_experts:
+            self.usage = torch.zeros(self.num_experts, dtype=torch.float64, device=g.device)
+        self.usage.index_add_(0, idx.flatten(), g.flatten().to(torch.float64))
+
+    def reset_usage(self) -> None:
+        self.usage = torch.zeros(self.num_experts, dtype=torch.float64, device=self.u.device)
+
+
+def _normal(rows: int, cols: int, std: float, dtype: torch.dtype) -> torch.Tensor:
+    """An N(0, std^2) table, filled in place (no temporaries: a 1M x 512 table is 2 GB)."""
+    return torch.empty(rows, cols, dtype=dtype).normal_(0.0, std)
+
+
+def _bn_single(bn: nn.BatchNorm1d, q: torch.Tensor) -> torch.Tensor:
+    """BatchNorm on a single token in training mode has no batch statistics: use the running ones."""
+    return F.batch_norm(q, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
