@@ -1,0 +1,306 @@
+"""The decoder-only language model: a pre-norm transformer whose FFW per block is chosen by config.
+
+    x = tok_emb(idx)                                    (no position embedding: rotary in attention)
+    for each block b:
+        x = x + attn(RMSNorm(x))                        causal self-attention, rotary q/k, SDPA
+        x = x + ffw_b(RMSNorm(x))                       DenseFFN, or PEER / PKM / MoE for b in
+                                                        cfg.sparse_block_ids() (paper: the middle block)
+    logits = lm_head(RMSNorm(x))                        lm_head tied to tok_emb when cfg.tie_embeddings
+
+Auxiliary losses (one mechanism): right after a block calls its FFW, it reads
+``getattr(ffw, "aux_loss", None)`` (a scalar tensor, already weighted, that the FFW sets on every
+forward, e.g. the token-choice MoE's load-balancing loss). The model sums them into
+``LMOutput.aux_loss`` and adds that sum to the mean cross-entropy in ``LMOutput.loss``.
+
+Rotary embeddings use the "rotate-half" convention (GPT-NeoX / Hugging Face Llama): the head
+dimension is split into two halves (x1, x2) rotated as (x1 cos - x2 sin, x2 cos + x1 sin) with
+frequency theta^(-2i/head_dim) for pair i.
+
+Initialisation (GPT-2-like) of the backbone: every Linear and Embedding ~ N(0, 0.02), biases 0,
+RMSNorm weights 1; the residual output projections (attention ``proj``, the dense FFW's output
+layer) ~ N(0, 0.02 / sqrt(2 * n_layers)). Sparse layers (PEER / PKM / MoE) keep their own
+documented init, with one exception: the PEER output table ``v`` and the PKM value table (the
+sparse layers' residual outputs) are multiplied by 1 / sqrt(2 * n_layers), the same residual-branch
+scaling GPT-2 applies to its output projections.
+
+KV cache for generation: ``cache = model.new_kv_cache(batch, max_len)``; ``model(idx, kv_cache=cache)``
+treats ``idx`` as the tokens at positions ``cache.length ..``, appends their keys/values and
+advances ``cache.length``. Logits equal those of a full-sequence forward (eval mode).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .layers import PEER
+
+__all__ = ["PeerLM", "LMOutput", "KVCache"]
+
+
+@dataclass
+class LMOutput:
+    """logits [B, T, V]; loss = mean CE (ignore_index=-100) + aux_loss, None without targets;
+    aux_loss = sum of the FFW modules' auxiliary losses (a zero scalar when none set one)."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None
+    aux_loss: torch.Tensor
+
+
+class KVCache:
+    """Per-layer key/value buffers ``[B, n_heads, max_len, head_dim]`` and ``length``, the positions filled."""
+
+    def __init__(self, n_layers: int, batch_size: int, n_heads: int, max_len: int, head_dim: int,
+                 device=None, dtype=torch.float32):
+        shape = (batch_size, n_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.batch_size, self.max_len, self.n_heads, self.head_dim = batch_size, max_len, n_heads, head_dim
+        self.length = 0
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+# --------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------
+def rotary_tables(max_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables [max_len, head_dim] (float32) for rotate-half rotary embeddings."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # [head_dim/2]
+    angles = torch.arange(max_len, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)  # [max_len, head_dim]
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, hd]; cos, sin [T, hd] -> x rotated per position (rotate-half)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with rotary q/k, via ``F.scaled_dot_product_attention``."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.n_heads, self.head_dim, self.layer_id = cfg.n_heads, cfg.d_model // cfg.n_heads, layer_id
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # [B, H, T, hd]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        mask, causal = None, T > 1
+        if cache is not None:
+            cache.k[self.layer_id][:, :, start:start + T] = k
+            cache.v[self.layer_id][:, :, start:start + T] = v
+            k = cache.k[self.layer_id][:, :, :start + T].to(q.dtype)
+            v = cache.v[self.layer_id][:, :, :start + T].to(q.dtype)
+            if start > 0:  # new query i (position start+i) sees keys 0..start+i
+                causal = False
+                if T > 1:
+                    mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+
+def make_ffn(cfg: ModelConfig, block_id: int) -> nn.Module:
+    """The FFW of block ``block_id``: the configured sparse layer for ``cfg.sparse_block_ids()``, else DenseFFN."""
+    d = cfg.d_model
+    if block_id not in cfg.sparse_block_ids():
+        from .layers.dense import DenseFFN
+
+        return DenseFFN(d, cfg.ffn_dim, activation=cfg.ffn_activation)
+    if cfg.sparse_layer == "peer":
+        return PEER(d, **vars(cfg.peer))
+    if cfg.sparse_layer == "pkm":
+        from .layers.pkm import PKM
+
+        return PKM(d, **vars(cfg.pkm))
+    if cfg.sparse_layer == "moe":
+        from .layers.moe import MoE
+
+        return MoE(d, cfg.ffn_dim, **vars(cfg.moe))
+    raise ValueError(f"model.sparse_layer must be one of 'none', 'peer', 'pkm', 'moe', got {cfg.sparse_layer!r}")
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, block_id: int):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = CausalSelfAttention(cfg, block_id)
+        self.norm2 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ffn = make_ffn(cfg, block_id)
+        self.ffn_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, cache=None, start=0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = x + self.attn(self.norm1(x), cos, sin, cache, start)
+        x = x + self.ffn_dropout(self.ffn(self.norm2(x)))
+        return x, getattr(self.ffn, "aux_loss", None)  # set by the FFW during this forward (if any)
+
+
+# --------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------
+class PeerLM(nn.Module):
+    """Decoder-only LM; ``cfg.sparse_layer`` (PEER / PKM / MoE) replaces the FFW of ``cfg.sparse_block_ids()``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if not isinstance(cfg, ModelConfig):
+            raise ValueError(f"cfg must be a peer.config.ModelConfig, got {type(cfg).__name__}")
+        if cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2:
+            raise ValueError(f"model.n_heads={cfg.n_heads} must divide model.d_model={cfg.d_model} "
+                             "into an even head dimension (rotary embeddings)")
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.emb_dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        cos, sin = rotary_tables(cfg.max_seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self._init_weights()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        """GPT-2-like backbone init; sparse layers keep theirs, output tables scaled (see module docstring)."""
+        scale = 1.0 / math.sqrt(2 * self.config.n_layers)
+        sparse = set(self.sparse_layers().values())
+        for block in self.blocks:
+            if block.ffn not in sparse:
+                for m in block.ffn.modules():
+                    _init_gpt2(m)
+        for m in (self.tok_emb, self.lm_head, *(b.attn for b in self.blocks)):
+            for mm in m.modules():
+                _init_gpt2(mm)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.proj.weight, std=0.02 * scale)
+            if block.ffn in sparse:
+                table = _sparse_output_table(block.ffn)
+                if table is not None:
+                    table.mul_(scale)
+            else:
+                out = _dense_output_linear(block.ffn)
+                nn.init.normal_(out.weight, std=0.02 * scale)
+
+    # ------------------------------------------------------------------ API
+    def sparse_layers(self) -> dict[str, nn.Module]:
+        """name (as in ``named_modules``) -> PEER / PKM / MoE module, for the blocks in ``cfg.sparse_block_ids()``."""
+        return {f"blocks.{i}.ffn": self.blocks[i].ffn for i in self.config.sparse_block_ids()}
+
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
+        """An empty KV cache for ``batch_size`` sequences of up to ``max_len`` (<= max_seq_len) positions."""
+        cfg = self.config
+        max_len = cfg.max_seq_len if max_len is None else max_len
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not isinstance(max_len, int) or not 0 < max_len <= cfg.max_seq_len:
+            raise ValueError(f"max_len must be an integer in 1..model.max_seq_len={cfg.max_seq_len}, got {max_len!r}")
+        ref = self.tok_emb.weight
+        return KVCache(cfg.n_layers, batch_size, cfg.n_heads, max_len, cfg.d_model // cfg.n_heads,
+                       device=device or ref.device, dtype=dtype or ref.dtype)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None) -> LMOutput:
+        """idx [B, T] token ids -> LMOutput; with ``kv_cache`` the tokens continue the cached positions."""
+        B, T = self._check_inputs(idx, targets, kv_cache)
+        start = kv_cache.length if kv_cache is not None else 0
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        x = self.emb_dropout(self.tok_emb(idx))
+        aux_loss = torch.zeros((), device=idx.device)
+        for block in self.blocks:
+            x, aux = block(x, cos, sin, kv_cache, start)
+            if aux is not None:
+                aux_loss = aux_loss + aux
+        if kv_cache is not None:
+            kv_cache.length = start + T
+        logits = self.lm_head(self.norm(x))
+        loss = None
+        if targets is not None:
+            ce = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
+            loss = ce + aux_loss
+        return LMOutput(logits=logits, loss=loss, aux_loss=aux_loss)
+
+    def _check_inputs(self, idx, targets, kv_cache) -> tuple[int, int]:
+        cfg = self.config
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
+            shape = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
+            raise ValueError(f"idx must be a 2-D [batch, seq] tensor of token ids, got {shape}")
+        if idx.dtype != torch.long:
+            raise ValueError(f"idx must have dtype torch.long (int64), got {idx.dtype}")
+        B, T = idx.shape
+        if T == 0 or B == 0:
+            raise ValueError(f"idx must be non-empty, got shape {tuple(idx.shape)}")
+        if not torch.compiler.is_compiling() and bool(((idx < 0) | (idx >= cfg.vocab_size)).any()):
+            raise ValueError(f"idx holds token ids outside 0..vocab_size-1={cfg.vocab_size - 1} "
+                             f"(min {int(idx.min())}, max {int(idx.max())})")
+        if kv_cache is None:
+            if T > cfg.max_seq_len:
+                raise ValueError(f"idx has {T} positions, more than model.max_seq_len={cfg.max_seq_len}")
+        else:
+            if not isinstance(kv_cache, KVCache) or len(kv_cache.k) != cfg.n_layers or \
+                    kv_cache.n_heads != cfg.n_heads or kv_cache.head_dim != cfg.d_model // cfg.n_heads:
+                raise ValueError("kv_cache must come from this model's new_kv_cache()")
+            if kv_cache.batch_size != B:
+                raise ValueError(f"kv_cache was made for batch size {kv_cache.batch_size}, idx has batch {B}")
+            if kv_cache.length + T > kv_cache.max_len:
+                raise ValueError(f"kv_cache holds {kv_cache.length} of max_len={kv_cache.max_len} positions; "
+                                 f"{T} more do not fit")
+        if targets is not None:
+            if not isinstance(targets, torch.Tensor) or targets.shape != idx.shape or targets.dtype != torch.long:
+                got = (tuple(targets.shape), targets.dtype) if isinstance(targets, torch.Tensor) else type(targets).__name__
+                raise ValueError(f"targets must be a torch.long tensor shaped like idx {tuple(idx.shape)}, got {got}")
+        return B, T
+
+
+# --------------------------------------------------------------------------------------
+# Init helpers
+# --------------------------------------------------------------------------------------
+def _init_gpt2(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Embedding):
+        nn.init.normal_(m.weight, std=0.02)
+
+
+def _dense_output_linear(ffn: nn.Module) -> nn.Linear:
+    """The output (residual) projection of a DenseFFN: ``w2`` (``d_ff -> d``)."""
+    out = getattr(ffn, "w2", None)
+    if not isinstance(out, nn.Linear):
+        raise ValueError(f"{type(ffn).__name__} has no Linear output layer 'w2'")
+    return out
+
+
+def _sparse_output_table(ffn: nn.Module) -> torch.Tensor | None:
+    """The residual output table of a sparse layer: PEER ``v``, PKM values; None for MoE (left as is)."""
+    if isinstance(ffn, PEER):
+        return ffn.v
+    values = getattr(ffn, "values", None)
+    if isinstance(values, nn.Embedding):
+        return values.weight
+    if isinstance(values, nn.Parameter):
+        return values
+    return None
