@@ -9,11 +9,6 @@ import torch.nn.functional as F
 from peer.layers import PKM, DenseFFN, MoE
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-
-
 # ---------------------------------------------------------------------------- DenseFFN
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_dense_matches_formula(activation):

@@ -117,7 +117,7 @@ class MoE(nn.Module):
         top_p, top_e = probs.topk(self.topk, dim=-1)  # [T, k]
         flat_e = top_e.flatten()  # token-major (token, choice) order = priority order
         # position of each assignment among its expert's assignments (stable sort keeps token order)
-        order = flat_e.argsort(descending=True)
+        order = flat_e.argsort(stable=True)
         counts = torch.bincount(flat_e, minlength=E)
         starts = counts.cumsum(0) - counts
         pos = torch.empty_like(flat_e)
