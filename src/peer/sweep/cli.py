@@ -1,0 +1,64 @@
+"""``peer sweep SWEEP.toml`` (plan, train, evaluate), ``peer sweep plan SWEEP.toml``, ``peer sweep plot SWEEP.toml``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("action_or_file", help="'plan', 'plot', or a sweep TOML file (runs the sweep)")
+    parser.add_argument("file", nargs="?", help="the sweep TOML file (after 'plan' or 'plot')")
+    parser.add_argument("--only", action="append", default=[], help="run only runs whose id contains this (repeatable)")
+    parser.add_argument("--parallel", type=int, default=0, help="runs at a time (default: the sweep file's)")
+    parser.add_argument("--metric-set", default="val", help="evaluation set that picks compute-optimal models")
+
+
+def run(args) -> int:
+    from .plan import load_sweep, plan, plan_table
+
+    if args.action_or_file in ("plan", "plot", "run"):
+        action, file = args.action_or_file, args.file
+        if not file:
+            raise ValueError(f"peer sweep {action}: a sweep TOML file is required")
+    else:
+        action, file = "run", args.action_or_file
+    spec = load_sweep(file)
+    if args.parallel:
+        spec.parallel = args.parallel
+    if action == "plan":
+        print(plan_table(plan(spec)))
+        return 0
+    if action == "run":
+        from .runner import run_sweep
+
+        print(plan_table(plan(spec)))
+        run_sweep(spec, only=args.only)
+    return report(spec, args.metric_set)
+
+
+def report(spec, metric_set: str = "val") -> int:
+    """Write Fig. 1 (PNG), Table 1 and the ablation table (Markdown) under the sweep root; print them."""
+    from .analysis import ablation_markdown, method_ordering, table1_markdown
+    from .plots import isoflop_figure
+    from .runner import collect, write_tables
+
+    results = collect(spec)
+    if not results:
+        print(f"no finished runs under {spec.root}")
+        return 1
+    write_tables(spec, results)
+    root: Path = spec.root
+    isoflop_figure(results, root / "isoflop.png", metric_set=metric_set)
+    t1 = table1_markdown(results, metric_set)
+    ab = ablation_markdown(results, metric_set)
+    order = method_ordering(results, metric_set)
+    lines = [f"# {spec.name}: compute-optimal perplexity per budget\n", t1, "\n## Per variant (best size)\n", ab,
+             "\n## Ordering (best first)\n"]
+    for budget, sets in order.items():
+        for s, vs in sets.items():
+            lines.append(f"- {budget:.0e} FLOPs, {s}: {' < '.join(vs)}")
+    text = "\n".join(lines) + "\n"
+    (root / "tables.md").write_text(text, encoding="utf-8")
+    print(text)
+    print(f"wrote {root / 'isoflop.png'}, {root / 'tables.md'}, {root / 'results.csv'}")
+    return 0

@@ -1,0 +1,179 @@
+"""isoFLOP planning: budgets x variants x model sizes -> runs, each with steps = budget / FLOPs per step.
+
+The paper (§3) compares methods at fixed training budgets: for each budget and method it trains
+several model sizes, the number of training tokens following from the budget, and picks the
+compute-optimal (lowest validation perplexity) model. A sweep file says:
+
+    [sweep]
+    name = "isoflop"
+    budgets = [3e12, 1e13]            # training FLOPs per run
+    min_steps = 50                    # sizes that get fewer steps are skipped (too big)
+    max_params = 0                    # 0: no limit on active params
+    base = "configs/sweep_base.toml"  # optional: a Config TOML every run starts from
+    set = ["train.batch_size=16"]     # optional: overrides applied to every run
+
+    [[sizes]]                          # the backbone family (what the paper varies for dense)
+    name = "d128_l4"
+    set = ["model.d_model=128", "model.n_layers=4", "model.n_heads=4"]
+
+    [variants.dense]                   # methods or ablation arms; each is a list of overrides
+    set = []
+    [variants.peer]
+    set = ["model.sparse_layer=peer", "model.peer.num_experts=65536"]
+
+Steps come from :func:`peer.flops.train_flops_per_step` (the one source of FLOP truth).
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import Config, ConfigError, apply_overrides, load_config
+from ..flops import count_params, train_flops_per_step
+
+__all__ = ["SweepSpec", "PlannedRun", "load_sweep", "plan", "budget_label"]
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    budgets: list[float]
+    sizes: dict[str, list[str]]
+    variants: dict[str, list[str]]
+    base: str = ""
+    overrides: list[str] = field(default_factory=list)
+    min_steps: int = 20
+    max_params: int = 0
+    out_dir: str = ""
+    parallel: int = 1
+    eval_batches: int = 40
+    source: str = ""
+
+    @property
+    def root(self) -> Path:
+        return Path(self.out_dir or f"results/{self.name}")
+
+
+@dataclass
+class PlannedRun:
+    """One training run of the sweep: a budget, a variant (method / ablation arm) and a size."""
+
+    budget: float
+    variant: str
+    size: str
+    config: Config
+    steps: int
+    flops_per_step: float
+    tokens: int
+    params_total: int
+    params_active: int
+    skipped: str = ""  # why the run is not trained ("" = it is)
+
+    @property
+    def run_id(self) -> str:
+        return f"{budget_label(self.budget)}/{self.variant}/{self.size}"
+
+
+def budget_label(budget: float) -> str:
+    """3e12 -> '3e12', 1.5e13 -> '1.5e13' (stable, filesystem-friendly)."""
+    mant, exp = f"{budget:.3e}".split("e")
+    mant = mant.rstrip("0").rstrip(".")
+    return f"{mant}e{int(exp)}"
+
+
+def _str_list(value, name: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{name}: expected a list of 'key=value' strings, got {value!r}")
+    return value
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    """Read and validate a sweep TOML file; errors name the field."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"sweep file {str(p)!r} does not exist")
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"sweep file {str(p)!r} is not valid TOML: {e}") from None
+    known = {"sweep", "sizes", "variants"}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{key}: unknown section; known sections: {', '.join(sorted(known))}")
+    s = data.get("sweep", {})
+    allowed = {"name", "budgets", "base", "set", "min_steps", "max_params", "out_dir", "parallel", "eval_batches"}
+    for key in s:
+        if key not in allowed:
+            raise ConfigError(f"sweep.{key}: unknown setting; known: {', '.join(sorted(allowed))}")
+    budgets = s.get("budgets")
+    if not isinstance(budgets, list) or not budgets or not all(isinstance(b, (int, float)) and b > 0 for b in budgets):
+        raise ConfigError(f"sweep.budgets: expected a non-empty list of positive FLOP counts, got {budgets!r}")
+    sizes = {}
+    for i, entry in enumerate(data.get("sizes", [])):
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise ConfigError(f"sizes[{i}]: each size needs a name and a set list")
+        sizes[str(entry["name"])] = _str_list(entry.get("set"), f"sizes[{i}].set")
+    if not sizes:
+        raise ConfigError("sizes: at least one [[sizes]] entry is required")
+    variants = {}
+    for name, entry in (data.get("variants") or {}).items():
+        if not isinstance(entry, dict):
+            raise ConfigError(f"variants.{name}: expected a table with a set list")
+        variants[name] = _str_list(entry.get("set"), f"variants.{name}.set")
+    if not variants:
+        raise ConfigError("variants: at least one [variants.NAME] table is required")
+    spec = SweepSpec(
+        name=str(s.get("name", p.stem)), budgets=[float(b) for b in budgets], sizes=sizes, variants=variants,
+        base=str(s.get("base", "")), overrides=_str_list(s.get("set"), "sweep.set"),
+        min_steps=int(s.get("min_steps", 20)), max_params=int(s.get("max_params", 0)),
+        out_dir=str(s.get("out_dir", "")), parallel=int(s.get("parallel", 1)),
+        eval_batches=int(s.get("eval_batches", 40)), source=str(p),
+    )
+    if spec.parallel < 1:
+        raise ConfigError("sweep.parallel: must be >= 1")
+    if spec.min_steps < 1:
+        raise ConfigError("sweep.min_steps: must be >= 1")
+    return spec
+
+
+def plan(spec: SweepSpec) -> list[PlannedRun]:
+    """Every (budget, variant, size) with its step count; runs too big for the budget are marked skipped."""
+    base = load_config(spec.base or None)
+    runs = []
+    for budget in spec.budgets:
+        for variant, vset in spec.variants.items():
+            for size, sset in spec.sizes.items():
+                where = f"budget {budget_label(budget)}, variant {variant!r}, size {size!r}"
+                try:
+                    cfg = apply_overrides(base, [*spec.overrides, *sset, *vset, "train.steps=1"])
+                except ConfigError as e:
+                    raise ConfigError(f"{where}: {e}") from None
+                per_step = train_flops_per_step(cfg)
+                steps = int(math.floor(budget / per_step))
+                pc = count_params(cfg.model)
+                skipped = ""
+                if steps < spec.min_steps:
+                    skipped = f"only {steps} steps at this budget (< min_steps={spec.min_steps})"
+                elif spec.max_params and pc.active > spec.max_params:
+                    skipped = f"{pc.active} active params > max_params={spec.max_params}"
+                run_dir = spec.root / budget_label(budget) / variant / size
+                cfg = apply_overrides(cfg, [f"train.steps={max(steps, 1)}", "train.flops=0",
+                                            f"train.out_dir={run_dir.as_posix()}"])
+                tokens = steps * cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len
+                runs.append(PlannedRun(budget, variant, size, cfg, steps, per_step, tokens, pc.total, pc.active, skipped))
+    return runs
+
+
+def plan_table(runs: list[PlannedRun]) -> str:
+    """A readable table of the plan: sizes, steps and tokens per budget and variant."""
+    head = f"{'budget':>8} {'variant':<14} {'size':<12} {'params':>10} {'active':>10} {'steps':>7} {'tokens':>11}  note"
+    lines = [head, "-" * len(head)]
+    for r in runs:
+        lines.append(f"{budget_label(r.budget):>8} {r.variant:<14} {r.size:<12} {r.params_total:>10,} "
+                     f"{r.params_active:>10,} {r.steps:>7} {r.tokens:>11,}  {r.skipped}")
+    return "\n".join(lines)

@@ -1,0 +1,125 @@
+"""Run a planned sweep: train + evaluate each run in its own process, skip what is done, collect results.
+
+Each run lives in ``<root>/<budget>/<variant>/<size>/`` (a normal ``peer train`` run dir) and is
+done when ``result.json`` is there. A run that was interrupted resumes from its last checkpoint.
+Several runs go in parallel when ``parallel > 1``; each then gets ``cores // parallel`` threads.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from ..config import config_from_dict, config_to_dict
+from .plan import PlannedRun, SweepSpec, budget_label, plan
+
+__all__ = ["run_sweep", "collect", "write_tables", "run_one"]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_one(config: dict, eval_batches: int, record: dict) -> dict:
+    """Train (resuming if a checkpoint exists), evaluate, and write ``result.json``; returns the result."""
+    from ..eval import evaluate
+    from ..train import train
+
+    cfg = config_from_dict(config)
+    out = Path(cfg.train.out_dir)
+    resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
+    t0 = time.time()
+    run_dir = train(cfg, resume=resume)
+    train_s = time.time() - t0
+    ev = evaluate(run_dir, max_batches=eval_batches)
+    result = dict(record, train_seconds=round(train_s, 1), eval=ev,
+                  perplexity={name: s["perplexity"] for name, s in ev["sets"].items()},
+                  experts=ev.get("experts", {}))
+    _atomic_write(Path(run_dir) / "result.json", json.dumps(result, indent=2))
+    return result
+
+
+def _record(r: PlannedRun) -> dict:
+    return dict(run_id=r.run_id, budget=r.budget, variant=r.variant, size=r.size, steps=r.steps,
+                tokens=r.tokens, flops_per_step=r.flops_per_step, flops=r.steps * r.flops_per_step,
+                params_total=r.params_total, params_active=r.params_active,
+                d_model=r.config.model.d_model, n_layers=r.config.model.n_layers)
+
+
+def _launch(r: PlannedRun, spec: SweepSpec, threads: int, log) -> dict | None:
+    out = Path(r.config.train.out_dir)
+    done = out / "result.json"
+    if done.is_file():
+        log(f"[skip] {r.run_id}: done")
+        return json.loads(done.read_text())
+    cfg = config_to_dict(r.config)
+    cfg["train"]["threads"] = threads
+    cfg["train"]["progress"] = False
+    out.mkdir(parents=True, exist_ok=True)
+    job = out / "sweep_job.json"
+    _atomic_write(job, json.dumps(dict(config=cfg, eval_batches=spec.eval_batches, record=_record(r))))
+    log(f"[run ] {r.run_id}: {r.steps} steps, {r.tokens:,} tokens, {r.params_active:,} active params")
+    t0 = time.time()
+    with open(out / "sweep.log", "a") as fh:
+        proc = subprocess.run([sys.executable, "-m", "peer.sweep.worker", str(job)], stdout=fh, stderr=subprocess.STDOUT)
+    if proc.returncode != 0 or not done.is_file():
+        log(f"[FAIL] {r.run_id}: exit {proc.returncode}; see {out / 'sweep.log'}")
+        return None
+    log(f"[done] {r.run_id} in {time.time() - t0:.0f}s")
+    return json.loads(done.read_text())
+
+
+def run_sweep(spec: SweepSpec, only: list[str] | None = None, dry_run: bool = False, log=print) -> list[dict]:
+    """Plan, run what is not done (``parallel`` at a time), then write the results tables."""
+    runs = plan(spec)
+    if only:
+        runs = [r for r in runs if any(sel in r.run_id for sel in only)]
+    todo = [r for r in runs if not r.skipped]
+    for r in runs:
+        if r.skipped:
+            log(f"[skip] {r.run_id}: {r.skipped}")
+    if dry_run:
+        return []
+    cores = os.cpu_count() or 1
+    threads = max(1, cores // spec.parallel)
+    with ThreadPoolExecutor(max_workers=spec.parallel) as pool:
+        list(pool.map(lambda r: _launch(r, spec, threads, log), todo))
+    results = collect(spec)
+    write_tables(spec, results)
+    return results
+
+
+def collect(spec: SweepSpec) -> list[dict]:
+    """Every finished run's result under the sweep root."""
+    return [json.loads(p.read_text()) for p in sorted(spec.root.glob("*/*/*/result.json"))]
+
+
+def write_tables(spec: SweepSpec, results: list[dict]) -> None:
+    """``results.json`` (everything) and ``results.csv`` (one row per run, one column per eval set)."""
+    root = spec.root
+    _atomic_write(root / "results.json", json.dumps(results, indent=2))
+    sets = sorted({s for r in results for s in r.get("perplexity", {})})
+    cols = ["run_id", "budget", "variant", "size", "d_model", "n_layers", "params_total", "params_active",
+            "steps", "tokens", "flops", "train_seconds"]
+    tmp = root / "results.csv.tmp"
+    with open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(cols + [f"ppl_{s}" for s in sets] + ["usage", "unevenness"])
+        for r in results:
+            ex = next(iter(r.get("experts", {}).values()), {}) if r.get("experts") else {}
+            w.writerow([r.get(c, "") for c in cols] + [f"{r['perplexity'].get(s, float('nan')):.4f}" for s in sets]
+                       + [ex.get("usage", ""), ex.get("unevenness", "")])
+    os.replace(tmp, root / "results.csv")
+
+
+def budget_of(result: dict) -> str:
+    return budget_label(result["budget"])
