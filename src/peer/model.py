@@ -38,7 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .layers import PEER
+from .layers.dense import DenseFFN
+from .layers.moe import MoE
+from .layers.peer import PEER
+from .layers.pkm import PKM
 
 __all__ = ["PeerLM", "LMOutput", "KVCache"]
 
@@ -122,18 +125,12 @@ def make_ffn(cfg: ModelConfig, block_id: int) -> nn.Module:
     """The FFW of block ``block_id``: the configured sparse layer for ``cfg.sparse_block_ids()``, else DenseFFN."""
     d = cfg.d_model
     if block_id not in cfg.sparse_block_ids():
-        from .layers.dense import DenseFFN
-
         return DenseFFN(d, cfg.ffn_dim, activation=cfg.ffn_activation)
     if cfg.sparse_layer == "peer":
         return PEER(d, **vars(cfg.peer))
     if cfg.sparse_layer == "pkm":
-        from .layers.pkm import PKM
-
         return PKM(d, **vars(cfg.pkm))
     if cfg.sparse_layer == "moe":
-        from .layers.moe import MoE
-
         return MoE(d, cfg.ffn_dim, **vars(cfg.moe))
     raise ValueError(f"model.sparse_layer must be one of 'none', 'peer', 'pkm', 'moe', got {cfg.sparse_layer!r}")
 
