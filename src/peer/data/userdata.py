@@ -1,0 +1,200 @@
+"""Your own text as a corpus directory, or as one token array for evaluation.
+
+    peer data tokenize notes/ book.txt dump.jsonl --out data/mine [--tokenizer PATH] [--vocab-size N]
+    peer data tokenize hf:wikitext:wikitext-103-raw-v1@train --max-docs 20000 --out data/wiki
+
+Inputs: text files (one file = one document), directories (every ``*.txt``, ``*.md``, ``*.rst``
+below them, sorted), JSONL files (one document per line, text in ``--text-field``) and
+``hf:NAME[:CONFIG][@SPLIT]`` Hugging Face datasets (streamed; needs the ``datasets`` package
+and network, imported only here).
+
+Bad input is an error naming the file: a file named on the command line that is empty, a
+directory with no text in it (empty files found inside a directory are skipped and listed),
+bytes that are not UTF-8 (with the byte offset; ``--replace-errors`` substitutes U+FFFD) and
+a corpus too small to train on.
+
+Split: ``val`` gets ``val_fraction`` of the documents (at least one, chosen by a seeded shuffle),
+``train`` the rest; a single document is cut in two at the line break nearest to the split point.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .corpus import dedupe, write_corpus
+from .sources import DataError, Document
+from .tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from .tokens import pack_documents
+
+__all__ = ["TEXT_SUFFIXES", "read_documents", "split_train_val", "encode_texts", "build_corpus"]
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst")
+
+
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+def _read_text(path: Path, replace_errors: bool) -> str:
+    data = path.read_bytes()
+    bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    try:
+        return data[bom:].decode("utf-8", errors="replace" if replace_errors else "strict")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 at byte offset {bom + e.start} (byte 0x{data[bom + e.start]:02x}); "
+                        "pass --replace-errors to replace bad bytes with U+FFFD") from None
+
+
+def _jsonl_documents(path: Path, text_field: str, replace_errors: bool) -> list[Document]:
+    docs, empty = [], 0
+    for lineno, line in enumerate(_read_text(path, replace_errors).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        text = rec.get(text_field) if isinstance(rec, dict) else None
+        if not isinstance(text, str):
+            raise DataError(f"{path}:{lineno}: no string field {text_field!r} (choose the field with --text-field)")
+        if text.strip():
+            docs.append(Document(f"{path}:{lineno}", text))
+        else:
+            empty += 1
+    if not docs:
+        raise DataError(f"{path}: no non-empty {text_field!r} values in this JSONL file")
+    if empty:
+        _warn(f"{path}: skipped {empty} record(s) with empty {text_field!r}")
+    return docs
+
+
+def _hf_documents(spec: str, text_field: str, max_docs: int | None) -> Iterator[Document]:
+    """Stream ``hf:NAME[:CONFIG][@SPLIT]`` with ``datasets`` (imported here, only when asked for)."""
+    body = spec[3:]
+    body, _, split = body.partition("@")
+    name, _, config = body.partition(":")
+    if not name:
+        raise DataError(f"input {spec!r}: expected hf:NAME[:CONFIG][@SPLIT]")
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"input {spec!r}: reading a Hugging Face dataset needs the `datasets` package "
+                        "(pip install datasets) and network access to the hub") from None
+    try:
+        ds = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
+    except Exception as e:  # network, unknown name or config
+        raise DataError(f"input {spec!r}: load_dataset failed: {e}") from None
+    n = 0
+    for i, rec in enumerate(ds):
+        if max_docs is not None and n >= max_docs:
+            break
+        text = rec.get(text_field)
+        if not isinstance(text, str):
+            raise DataError(f"input {spec!r}: record {i} has no string field {text_field!r} (--text-field)")
+        if text.strip():
+            n += 1
+            yield Document(f"{spec}#{i}", text)
+
+
+def read_documents(inputs: str | Path | Sequence[str | Path], text_field: str = "text",
+                   replace_errors: bool = False, max_docs: int | None = None) -> list[Document]:
+    """Documents from files, directories, JSONL files and ``hf:`` datasets (see the module doc)."""
+    if isinstance(inputs, (str, Path)):
+        inputs = [inputs]
+    if not inputs:
+        raise DataError("no input given (files, directories, .jsonl files or hf:NAME)")
+    docs: list[Document] = []
+    for inp in inputs:
+        if str(inp).startswith("hf:"):
+            docs += list(_hf_documents(str(inp), text_field, max_docs))
+            continue
+        p = Path(inp)
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
+            found, empty = [], []
+            for f in files:
+                text = _read_text(f, replace_errors)
+                (found.append(Document(str(f), text)) if text.strip() else empty.append(str(f)))
+            if not found:
+                raise DataError(f"{p}: no text in this directory (looked for non-empty {', '.join(TEXT_SUFFIXES)} "
+                                f"files; {len(files)} found, {len(empty)} empty)")
+            if empty:
+                _warn(f"{p}: skipped {len(empty)} empty file(s): {', '.join(empty[:10])}"
+                      + (" ..." if len(empty) > 10 else ""))
+            docs += found
+        elif p.is_file():
+            if p.suffix.lower() == ".jsonl":
+                docs += _jsonl_documents(p, text_field, replace_errors)
+            else:
+                text = _read_text(p, replace_errors)
+                if not text.strip():
+                    raise DataError(f"{p}: file is empty")
+                docs.append(Document(str(p), text))
+        else:
+            raise FileNotFoundError(f"input {p} does not exist")
+    return docs[:max_docs] if max_docs is not None else docs
+
+
+def _cut(text: str, at: int) -> int:
+    """A cut position near ``at``: after the last newline before it if there is one in the back half."""
+    nl = text.rfind("\n", 0, at)
+    if nl >= len(text) // 2:
+        return nl + 1
+    sp = text.rfind(" ", 0, at)
+    return sp + 1 if sp >= len(text) // 2 else at
+
+
+def split_train_val(docs: Sequence[Document], val_fraction: float = 0.1, seed: int = 0) -> dict[str, list[Document]]:
+    """Whole documents into ``train`` / ``val``; a lone document is cut into two documents."""
+    if not 0 < val_fraction < 1:
+        raise DataError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    if not docs:
+        raise DataError("no documents to split")
+    if len(docs) == 1:
+        d = docs[0]
+        at = _cut(d.text, int(len(d.text) * (1 - val_fraction)))
+        if at <= 0 or at >= len(d.text):
+            raise DataError(f"{d.id}: too short to split into train and val")
+        return {"train": [Document(f"{d.id}#train", d.text[:at], d.meta)],
+                "val": [Document(f"{d.id}#val", d.text[at:], d.meta)]}
+    n_val = min(len(docs) - 1, max(1, round(val_fraction * len(docs))))
+    val_idx = set(np.random.default_rng(seed).permutation(len(docs))[:n_val].tolist())
+    return {"train": [d for i, d in enumerate(docs) if i not in val_idx],
+            "val": [d for i, d in enumerate(docs) if i in val_idx]}
+
+
+def _as_tokenizer(tokenizer: Tokenizer | str | Path) -> Tokenizer:
+    return tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
+
+
+def encode_texts(paths: str | Path | Sequence[str | Path], tokenizer: Tokenizer | str | Path,
+                 text_field: str = "text", replace_errors: bool = False) -> np.ndarray:
+    """User text as one int64 token array: each document followed by the EOS id (``peer eval --text``)."""
+    tok = _as_tokenizer(tokenizer)
+    docs = read_documents(paths, text_field=text_field, replace_errors=replace_errors)
+    return pack_documents(tok.encode_batch([d.text for d in docs]), tok.eos_id, np.int64)
+
+
+def build_corpus(inputs: Iterable[str | Path], out: str | Path, tokenizer: Tokenizer | str | Path | None = None,
+                 vocab_size: int = 8192, text_field: str = "text", replace_errors: bool = False,
+                 val_fraction: float = 0.1, seed: int = 0, min_tokens: int = 1024, max_docs: int | None = None,
+                 log: Callable[[str], None] = print) -> dict:
+    """A corpus directory (train/val, tokenizer.json, manifest.json) from user inputs; returns the manifest."""
+    inputs = [str(i) for i in inputs]
+    docs = read_documents(inputs, text_field, replace_errors, max_docs)
+    splits, dropped = dedupe(split_train_val(docs, val_fraction, seed))
+    if not splits["val"]:
+        raise DataError("every val document is a copy of a train document; nothing is left to validate on")
+    if tokenizer is not None:
+        tok, how = _as_tokenizer(tokenizer), {"trained": False, "from": str(tokenizer)}
+    else:
+        tok, how = train_tokenizer([d.text for d in splits["train"]], vocab_size), {"trained": True}
+    log(f"{len(docs)} documents; tokenizer with {tok.vocab_size} ids")
+    extra = {"inputs": inputs, "tokenizer": how, "duplicates_dropped": dropped,
+             "split_rule": f"val: {val_fraction:g} of the documents (seed {seed}); train: the rest"}
+    return write_corpus(out, splits, tok, extra, log, min_train_tokens=min_tokens)
