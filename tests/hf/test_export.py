@@ -1,0 +1,97 @@
+"""``peer export RUN DIR``: a ``peer train`` checkpoint as a transformers model + tokenizer with the same logits."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+import peer.hf  # noqa: F401
+from peer.cli import main as cli_main
+from peer.hf import PeerForCausalLM, export_run
+
+train_mod = pytest.importorskip("peer.train")
+data_mod = pytest.importorskip("peer.data")
+
+TEXT = ("The quick brown fox jumps over the lazy dog. A stitch in time saves nine. "
+        "All that glitters is not gold; fortune favours the bold, and the early bird catches the worm. ")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A real (tiny) ``peer train`` run on a tiny corpus: byte-level BPE tokenizer, PEER middle block."""
+    from peer.config import config_from_dict
+    from peer.data.corpus import write_corpus
+    from peer.data.sources import Document
+    from peer.data.tokenizer import train_tokenizer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("export")
+    docs = [Document(id=f"t/{i}", text=TEXT * (1 + i % 3) + f" Document {i}.") for i in range(24)]
+    tok = train_tokenizer([d.text for d in docs], vocab_size=300)
+    write_corpus(root / "corpus", {"train": docs[:20], "val": docs[20:]}, tok, {}, log=lambda s: None)
+    cfg = config_from_dict({
+        "model": {"vocab_size": 320, "d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 32,
+                  "sparse_layer": "peer", "peer": {"num_experts": 64, "heads": 2, "topk": 4, "key_dim": 8}},
+        "data": {"corpus": str(root / "corpus")},
+        "train": {"out_dir": str(root / "run"), "steps": 3, "batch_size": 4, "seq_len": 16, "log_every": 1,
+                  "ckpt_every": 3, "progress": False, "tensorboard": False},
+        "optim": {"warmup_steps": 1},
+    })
+    try:
+        run = train_mod.train(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    return run, tok
+
+
+def test_exported_logits_equal_the_trained_model(run_dir, tmp_path):
+    run, tok = run_dir
+    out = export_run(run, tmp_path / "hf")
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hf.tmp")]  # temp dir moved into place
+
+    lm, cfg, meta = train_mod.load_run(run)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model) is PeerForCausalLM and not model.training
+    x = torch.randint(0, 300, (3, 20))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, lm(x).logits)
+    # the trained weights, not a fresh init: BatchNorm statistics and tables equal the checkpoint's
+    sd = lm.state_dict()
+    assert all(torch.equal(v, sd[k.removeprefix("model.")]) for k, v in model.state_dict().items())
+    assert model.config.eos_token_id == tok.eos_id
+    assert model.config.peer_source["step"] == meta["step"] == 3
+
+
+def test_exported_tokenizer_loads_with_autotokenizer(run_dir, tmp_path):
+    run, tok = run_dir
+    out = export_run(run, tmp_path / "hf")
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    assert isinstance(hf_tok, PreTrainedTokenizerFast)
+    text = "The lazy fox saves nine stitches. Ünïcödé too!"
+    ids = hf_tok(text)["input_ids"]
+    assert ids == tok.encode(text)
+    assert hf_tok.decode(ids) == text
+    assert hf_tok.eos_token == "<|endoftext|>" and hf_tok.eos_token_id == tok.eos_id == hf_tok.pad_token_id
+    # end to end: tokenize, generate, decode
+    model = AutoModelForCausalLM.from_pretrained(out)
+    enc = hf_tok("The quick", return_tensors="pt")
+    gen = model.generate(**enc, max_new_tokens=5, do_sample=False)
+    assert gen.shape[1] <= enc["input_ids"].shape[1] + 5
+    assert isinstance(hf_tok.decode(gen[0]), str)
+
+
+def test_cli_export_and_existing_dir(run_dir, tmp_path, capsys):
+    run, _ = run_dir
+    ckpt = sorted((run / "checkpoints").iterdir())[-1]
+    assert cli_main(["export", str(ckpt), str(tmp_path / "a"), "--no-tokenizer"]) == 0
+    assert (tmp_path / "a" / "model.safetensors").is_file() and not (tmp_path / "a" / "tokenizer.json").exists()
+    assert cli_main(["export", str(run), str(tmp_path / "a")]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert cli_main(["export", str(run), str(tmp_path / "a"), "--overwrite"]) == 0
+    assert (tmp_path / "a" / "tokenizer.json").is_file()
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["model_type"] == "peer"
+    assert cli_main(["export", str(tmp_path / "nope"), str(tmp_path / "b")]) == 2
