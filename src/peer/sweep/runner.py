@@ -89,6 +89,8 @@ def run_sweep(spec: SweepSpec, only: list[str] | None = None, dry_run: bool = Fa
             log(f"[skip] {r.run_id}: {r.skipped}")
     if dry_run:
         return []
+    for corpus, vocab in sorted({(r.config.data.corpus, r.config.model.vocab_size) for r in todo}):
+        _ensure_corpus(corpus, vocab, log)
     cores = os.cpu_count() or 1
     threads = max(1, cores // spec.parallel)
     with ThreadPoolExecutor(max_workers=spec.parallel) as pool:
@@ -96,6 +98,15 @@ def run_sweep(spec: SweepSpec, only: list[str] | None = None, dry_run: bool = Fa
     results = collect(spec)
     write_tables(spec, results)
     return results
+
+
+def _ensure_corpus(corpus: str, vocab_size: int, log) -> None:
+    """Build the starter corpus at ``corpus`` with this vocabulary when it is not there (a no-op otherwise)."""
+    from ..data import corpus_is_complete, prepare
+
+    if not corpus_is_complete(corpus):
+        log(f"[data] preparing {corpus} (vocab {vocab_size})")
+        prepare(out=corpus, vocab_size=vocab_size)
 
 
 def collect(spec: SweepSpec) -> list[dict]:
