@@ -1,0 +1,53 @@
+"""``peer train CONFIG.toml [--set key=value ...] [--resume] [--out DIR]``.
+
+CONFIG may also be a run directory: its ``config.toml`` is used and the run continues in place, e.g.
+``peer train runs/x --resume --set train.steps=2000``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="TOML config (e.g. configs/peer.toml), or a run directory")
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override a setting, e.g. --set train.flops=3e13 model.peer.topk=8 (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in the output directory from its latest checkpoint")
+    parser.add_argument("--out", default=None, help="run directory (overrides train.out_dir)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from .loop import TrainingDiverged, resolve_steps, train
+
+    path, out = Path(args.config), args.out
+    if path.is_dir():  # a run directory: its config, and (unless --out says otherwise) the run itself
+        path, out = path / "config.toml", out if out is not None else str(path)
+    cfg = load_config(path, args.overrides)
+    if out is not None:
+        cfg = replace(cfg, train=replace(cfg.train, out_dir=str(out)))
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    steps = resolve_steps(cfg)
+    print(f"peer train: {steps} steps of {cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len} tokens "
+          f"-> {cfg.train.out_dir}", file=sys.stderr)
+    try:
+        run_dir = train(cfg, resume=args.resume)
+    except TrainingDiverged as e:
+        print(f"peer train: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        from .checkpoint import latest_checkpoint
+
+        last = latest_checkpoint(cfg.train.out_dir)
+        print(f"\npeer train: interrupted; last checkpoint: {last or 'none'}"
+              + (f"; continue with: peer train {cfg.train.out_dir} --resume" if last else ""), file=sys.stderr)
+        return 130
+    print(run_dir)
+    return 0

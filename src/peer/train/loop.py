@@ -1,0 +1,354 @@
+"""The training loop: ``train(cfg, resume=False) -> run_dir`` and ``load_run(path) -> (model, cfg, meta)``.
+
+Run directory (``cfg.train.out_dir``)::
+
+    config.toml                       the resolved config (train.steps set from the FLOP budget)
+    metrics.jsonl                     one JSON object per logged step: step, loss, lr, tokens, flops,
+                                      tokens_per_s, grad_norm (+ aux_loss, val_loss when present)
+    tb/                               TensorBoard events (train.tensorboard)
+    checkpoints/step_XXXXXXX/         see peer.train.checkpoint
+
+One step (``s`` = updates done so far, 0-based): set lr(s) on every group (warmup + cosine), run
+``grad_accum`` micro-batches (loss / grad_accum, backward), clip the global grad norm, AdamW step.
+``loss`` in the metrics is the mean cross-entropy of the step's micro-batches (``aux_loss``, when a
+layer has one, is logged apart; the optimised objective is their sum).
+
+Exact resume: a checkpoint holds the weights, optimizer moments, global RNG states and the
+Batcher's position, so ``--resume`` replays the same batches and random draws as an uninterrupted
+run, bit for bit (tested for a dense model with dropout and grad accumulation, PEER with BatchNorm
+queries, and PEER with the row-wise expert optimizer). Resuming with a changed config is an error,
+except for the fields in ``RESUME_MAY_CHANGE`` (length of the run and bookkeeping).
+
+Divergence: a NaN/inf loss or gradient norm stops the run before the optimizer step
+(:class:`TrainingDiverged` names the step and the last good checkpoint); weights are checked for
+NaN/inf before every checkpoint, so no checkpoint ever holds them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import Config, ConfigError, config_from_dict, config_to_dict
+from ..model import PeerLM
+from .checkpoint import (CheckpointError, clean_partial, capture_rng, latest_checkpoint, list_checkpoints,
+                         load_model_weights, load_state, read_meta, resolve_checkpoint, restore_rng,
+                         save_checkpoint)
+from .optim import build_optimizer, clip_grad_norm
+from .schedule import Schedule
+from .tomlw import dumps as toml_dumps
+
+__all__ = ["train", "load_run", "resolve_steps", "check_resume_config", "evaluate_loss", "TrainingDiverged",
+           "RESUME_MAY_CHANGE"]
+
+log = logging.getLogger("peer.train")
+
+# config fields that may differ between a run and its resumption: they change neither the model
+# nor the trajectory of a step (train.steps/flops lengthen or shorten the run and so the cosine tail)
+RESUME_MAY_CHANGE = frozenset({
+    "train.steps", "train.flops", "train.out_dir", "train.progress", "train.tensorboard", "train.log_every",
+    "train.eval_every", "train.eval_batches", "train.ckpt_every", "train.keep_last",
+})
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss (or the gradient / weights) became NaN or inf; the run stopped before applying it."""
+
+    def __init__(self, message: str, step: int, checkpoint: Path | None):
+        super().__init__(message)
+        self.step, self.checkpoint = step, checkpoint
+
+
+# --------------------------------------------------------------------------------------
+# Config helpers
+# --------------------------------------------------------------------------------------
+def resolve_steps(cfg: Config) -> int:
+    """``train.steps``, or ``floor(train.flops / train_flops_per_step(cfg))`` when a FLOP budget is set."""
+    if cfg.train.flops > 0:
+        from ..flops import train_flops_per_step
+
+        per_step = train_flops_per_step(cfg)
+        steps = int(cfg.train.flops // per_step)
+        if steps < 1:
+            raise ConfigError(f"train.flops: the budget {cfg.train.flops:.4g} FLOPs is less than one step "
+                              f"({per_step:.4g} FLOPs/step at this model and batch size)")
+        return steps
+    return cfg.train.steps
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def check_resume_config(run_cfg: dict, cfg: Config, where: Path) -> None:
+    """ConfigError listing every field (outside RESUME_MAY_CHANGE) where ``cfg`` differs from the run's."""
+    old, new = _flatten(run_cfg), _flatten(config_to_dict(cfg))
+    diffs = [f"{k}: run has {old.get(k)!r}, now {new.get(k)!r}" for k in sorted(set(old) | set(new))
+             if k not in RESUME_MAY_CHANGE and old.get(k) != new.get(k)]
+    if diffs:
+        raise ConfigError(f"cannot resume {where} with a different config (only "
+                          f"{', '.join(sorted(RESUME_MAY_CHANGE))} may change):\n  " + "\n  ".join(diffs))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines logged after ``step`` (work lost with an interruption) and torn lines."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    _write_atomic(path, "".join(line + "\n" for line in keep))
+
+
+# --------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------
+def _open_split(cfg: Config, split: str, required: bool):
+    from .. import data
+
+    corpus = Path(cfg.data.corpus)
+    if not corpus.is_dir():
+        raise ConfigError(f"data.corpus: {str(corpus)!r} is not a directory (prepare one with `peer data prepare`)")
+    if split not in data.list_splits(corpus):
+        if required:
+            raise ConfigError(f"data.train_split: corpus {str(corpus)!r} has no split {split!r} "
+                              f"(it has: {', '.join(data.list_splits(corpus))})")
+        return None
+    tokens = data.open_tokens(corpus, split)
+    if len(tokens) and int(tokens.max()) >= cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is too small for split {split!r} of "
+                          f"{str(corpus)!r}, which holds token id {int(tokens.max())}")
+    return tokens
+
+
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, batches, cfg: Config, device: torch.device) -> float:
+    """Mean cross-entropy per target over ``batches`` (a re-iterable of ``(x, y)``), in eval mode."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for x, y in batches:
+            with _autocast(cfg, device):
+                logits = model(x.to(device)).logits
+            ce = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum")
+            total, count = total + ce.item(), count + y.numel()
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
+
+
+def _autocast(cfg: Config, device: torch.device):
+    if cfg.train.dtype == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _open_tb(run_dir: Path, purge_step: int | None):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:  # tensorboard is optional at run time
+        log.warning("TensorBoard logging disabled (%s)", e)
+        return None
+    return SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge_step)
+
+
+def _forward_backward(model, batcher, cfg: Config, device: torch.device) -> tuple[float, float]:
+    """``grad_accum`` micro-batches of forward + backward (loss / grad_accum); returns the mean
+    cross-entropy and the mean auxiliary loss of the micro-batches."""
+    n = cfg.train.grad_accum
+    ce_sum = aux_sum = 0.0
+    for _ in range(n):
+        x, y = batcher.next()
+        with _autocast(cfg, device):
+            out = model(x.to(device), y.to(device))
+        (out.loss / n).backward()
+        aux = out.aux_loss.detach().float().item()
+        ce_sum += out.loss.detach().float().item() - aux
+        aux_sum += aux
+    return ce_sum / n, aux_sum / n
+
+
+def train(cfg: Config, resume: bool = False, *, stop_after: int | None = None) -> Path:
+    """Train ``PeerLM(cfg.model)`` on ``cfg.data`` and return the run directory.
+
+    ``resume`` continues from the run's latest checkpoint. ``stop_after`` stops once that many
+    steps are done, without a final checkpoint, as if the process were killed (for resume tests).
+    Raises :class:`TrainingDiverged` on a NaN/inf loss, gradient or weights.
+    """
+    steps = resolve_steps(cfg)
+    cfg = replace(cfg, train=replace(cfg.train, steps=steps))
+    t = cfg.train
+    run_dir = Path(t.out_dir)
+    ckpt = meta = None
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise CheckpointError(f"{run_dir}: nothing to resume (no checkpoint under {run_dir / 'checkpoints'})")
+        meta = read_meta(ckpt)
+        check_resume_config(meta["config"], cfg, run_dir)
+    elif list_checkpoints(run_dir):
+        raise ConfigError(f"train.out_dir: {str(run_dir)!r} already holds a run with checkpoints; "
+                          "pass --resume to continue it, or choose another --out")
+    from .. import data
+    from ..flops import train_flops_per_step
+
+    train_tokens = _open_split(cfg, cfg.data.train_split, required=True)
+    val_tokens = _open_split(cfg, cfg.data.val_split, required=False)
+    val_batches = None
+    try:
+        if val_tokens is not None:  # the first train.eval_batches batches of the validation split, in order
+            val_batches = data.eval_batches(val_tokens, t.batch_size, t.seq_len,
+                                            max_tokens=t.eval_batches * t.batch_size * t.seq_len)
+    except ValueError as e:
+        raise ConfigError(f"data.val_split: split {cfg.data.val_split!r} of {cfg.data.corpus!r}: {e}") from None
+    try:
+        batcher = data.Batcher(train_tokens, t.batch_size, t.seq_len, seed=t.seed)
+    except ValueError as e:
+        raise ConfigError(f"data.train_split: split {cfg.data.train_split!r} of {cfg.data.corpus!r}: {e}") from None
+    flops_per_step = train_flops_per_step(cfg)
+    tokens_per_step = t.batch_size * t.grad_accum * t.seq_len
+    run_dir.mkdir(parents=True, exist_ok=True)
+    clean_partial(run_dir)
+    _write_atomic(run_dir / "config.toml", toml_dumps(config_to_dict(cfg)))
+
+    _seed_all(t.seed)
+    if t.threads > 0:
+        torch.set_num_threads(t.threads)
+    device = torch.device(t.device)
+    model = PeerLM(cfg.model).to(device)
+    optimizer = build_optimizer(model, cfg.optim)
+    schedule = Schedule.from_config(cfg.optim, steps)
+
+    start = 0
+    if ckpt is not None:
+        load_model_weights(ckpt, model, meta)
+        state = load_state(ckpt, meta)
+        optimizer.load_state_dict(state["optimizer"])
+        batcher.load_state_dict(state["batcher"])
+        restore_rng(state["rng"])
+        start = int(state["step"])
+        _truncate_metrics(run_dir / "metrics.jsonl", start)
+        log.info("resumed %s at step %d", ckpt, start)
+    last_good = ckpt
+    tb = _open_tb(run_dir, start if resume else None) if t.tensorboard else None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, initial=start, disable=not t.progress, unit="step", dynamic_ncols=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+    metrics_path = run_dir / "metrics.jsonl"
+    model.train()
+    busy, step_last = 0.0, start  # seconds spent in training steps since the last log (no eval/checkpoint)
+
+    def diverged(what: str, step: int) -> TrainingDiverged:
+        where = (f"the last good checkpoint is kept: {last_good}" if last_good
+                 else "no checkpoint was written yet")
+        return TrainingDiverged(
+            f"{what} at step {step}; the run is stopped and nothing of this step was saved ({where}). "
+            "A resumed run replays the same batches exactly, so start a new run with a lower optim.lr, "
+            "more optim.warmup_steps or a tighter optim.grad_clip.", step, last_good)
+
+    try:
+        for s in range(start, steps):
+            t0 = time.perf_counter()
+            lr = schedule.apply(optimizer, s)
+            loss, aux_loss = _forward_backward(model, batcher, cfg, device)
+            if not math.isfinite(loss + aux_loss):
+                raise diverged(f"loss is {loss + aux_loss}", s + 1)
+            grad_norm = clip_grad_norm(params, clip).item()
+            if not math.isfinite(grad_norm):
+                raise diverged(f"gradient norm is {grad_norm}", s + 1)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            busy += time.perf_counter() - t0
+            done = s + 1
+            bar.update(1)
+
+            record = None
+            if done % t.log_every == 0 or done == steps:
+                tps = (done - step_last) * tokens_per_step / max(busy, 1e-9)
+                busy, step_last = 0.0, done
+                record = {"step": done, "loss": loss, "lr": lr, "tokens": done * tokens_per_step,
+                          "flops": done * flops_per_step, "tokens_per_s": tps, "grad_norm": grad_norm}
+                if aux_loss:
+                    record["aux_loss"] = aux_loss
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
+            if val_batches is not None and ((t.eval_every and done % t.eval_every == 0) or done == steps):
+                record = record or {"step": done, "tokens": done * tokens_per_step, "flops": done * flops_per_step}
+                record["val_loss"] = evaluate_loss(model, val_batches, cfg, device)
+            if record is not None:
+                with open(metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                if tb is not None:
+                    for k, v in record.items():
+                        if k not in ("step", "tokens", "flops"):
+                            tb.add_scalar(f"train/{k}" if k != "val_loss" else "val/loss", v, done)
+            if done % t.ckpt_every == 0 or done == steps:
+                if not all(bool(torch.isfinite(v).all()) for v in model.state_dict().values() if v.is_floating_point()):
+                    raise diverged("the weights (or BatchNorm statistics) became non-finite", done)
+                state = {"step": done, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                         "rng": capture_rng(), "batcher": batcher.state_dict(), "metrics": record}
+                meta_out = {"step": done, "tokens": done * tokens_per_step, "flops": done * flops_per_step,
+                            "config": config_to_dict(cfg), "metrics": record}
+                last_good = save_checkpoint(run_dir, model, state, meta_out, keep_last=t.keep_last)
+            if stop_after is not None and done >= stop_after:
+                break
+    finally:
+        bar.close()
+        if tb is not None:
+            tb.close()
+    return run_dir
+
+
+# --------------------------------------------------------------------------------------
+# Loading a trained model
+# --------------------------------------------------------------------------------------
+def load_run(path: str | Path, device: str | torch.device = "cpu") -> tuple[PeerLM, Config, dict]:
+    """(model in eval mode, its Config, the checkpoint's meta) from a run dir (latest checkpoint) or a
+    checkpoint dir. ``meta['path']`` is the checkpoint directory. Errors name the file at fault."""
+    ckpt = resolve_checkpoint(path)
+    meta = read_meta(ckpt)
+    try:
+        cfg = config_from_dict(meta["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{ckpt / 'meta.json'}: its config is invalid ({e})") from None
+    model = PeerLM(cfg.model)
+    load_model_weights(ckpt, model, meta)
+    model.to(device).eval()
+    meta["path"] = str(ckpt)
+    return model, cfg, meta

@@ -1,0 +1,64 @@
+"""`peer train` on the command line, the presets in configs/, and the TOML writer."""
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from peer.cli import main
+from peer.config import config_to_dict, load_config
+from peer.flops import count_params
+from peer.train.tomlw import dumps
+
+ROOT = Path(__file__).resolve().parents[2]
+PRESETS = ["dense", "moe", "pkm", "peer"]
+
+
+def test_cli_train_then_resume(corpus, tmp_path, capsys):
+    out = tmp_path / "cli run"
+    base = [str(ROOT / "configs" / "tiny.toml"), "--set", f"data.corpus={corpus}", "model.vocab_size=64",
+            "train.progress=false", "--set", "train.steps=3", "--out", str(out)]
+    assert main(["train", *base]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    assert json.loads((out / "checkpoints" / "step_0000003" / "meta.json").read_text())["step"] == 3
+    # a run directory works as CONFIG (even after a move); --resume continues to the new number of steps
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    assert main(["train", str(moved), "--resume", "--set", "train.steps=5"]) == 0
+    assert json.loads((moved / "checkpoints" / "step_0000005" / "meta.json").read_text())["step"] == 5
+    out = moved
+    # a changed setting is refused with the field named; exit status 2
+    assert main(["train", str(out), "--resume", "--set", "optim.lr=0.1"]) == 2
+    assert "optim.lr" in capsys.readouterr().err
+    assert main(["train", *base, "--set", "train.stepz=3"]) == 2
+    assert "train.stepz" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["tiny", *PRESETS])
+def test_presets_load_and_round_trip_through_toml(name):
+    cfg = load_config(ROOT / "configs" / f"{name}.toml")
+    d = config_to_dict(cfg)
+    assert tomllib.loads(dumps(d)) == d
+
+
+def test_presets_share_one_backbone():
+    cfgs = {n: load_config(ROOT / "configs" / f"{n}.toml") for n in PRESETS}
+    backbone = lambda c: {k: v for k, v in config_to_dict(c.model).items() if k not in ("sparse_layer", "peer", "pkm", "moe")}
+    ref = backbone(cfgs["dense"])
+    for name, cfg in cfgs.items():
+        assert backbone(cfg) == ref, name
+        assert cfg.model.sparse_layer == ("none" if name == "dense" else name)
+        assert cfg.model.sparse_block_ids() in ([], [cfg.model.n_layers // 2])
+        assert config_to_dict(cfg.train) | {"out_dir": ""} == config_to_dict(cfgs["dense"].train) | {"out_dir": ""}
+        assert cfg.data.corpus == "data/starter"
+    # CPU scale: every preset fits comfortably in memory with its Adam state (< 100M parameters)
+    assert all(count_params(c.model).total < 100e6 for c in cfgs.values())
+
+
+def test_toml_writer_escapes_and_types():
+    d = {"a": 1, "b": 0.1, "c": 1e-8, "d": True, "e": 'q"uote\\ \n é', "f": [1, 2], "g": {"h": "x", "i": {"j": 3e20}},
+         "k k": 2, "empty": {}}
+    assert tomllib.loads(dumps(d)) == d
+    with pytest.raises(ValueError, match="x.y"):
+        dumps({"x": {"y": None}})
