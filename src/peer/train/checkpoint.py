@@ -163,7 +163,9 @@ def _dedupe(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
     return kept, aliases
 
 
-def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, state: dict, meta: dict, keep_last: int = 0) -> Path:
+def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, state: dict, meta: dict, keep_last: int = 0, *,
+                    model_state: dict | None = None, write_model: bool = True,
+                    extra_dirs: dict[str, Path] | None = None) -> Path:
     """Write checkpoint ``step_{meta['step']}`` atomically; then delete all but the last ``keep_last`` (0 keeps all).
 
     ``state`` goes to ``state.pt`` (numpy arrays converted), ``meta`` (JSON-serialisable; must hold
@@ -178,11 +180,15 @@ def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, state: dict, me
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        tensors, aliases = _dedupe(model.state_dict())
-        save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        aliases = {}
+        if write_model:  # model_state: e.g. the full weights gathered from a sharded run (peer.dist)
+            tensors, aliases = _dedupe(model.state_dict() if model_state is None else model_state)
+            save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
         torch.save(_pack(state), tmp / STATE_FILE)
+        for name, src in (extra_dirs or {}).items():  # e.g. dcp/: a torch.distributed.checkpoint directory
+            os.replace(src, tmp / name)
         files = {}
-        for name in (MODEL_FILE, STATE_FILE):
+        for name in ((MODEL_FILE,) if write_model else ()) + (STATE_FILE,):
             _fsync(tmp / name)
             files[name] = _sha256(tmp / name)
         full_meta = {"format_version": FORMAT_VERSION, **meta, "files": files, "tied": aliases,
@@ -245,6 +251,14 @@ def load_model_weights(ckpt: str | Path, model: torch.nn.Module, meta: dict | No
     ckpt = Path(ckpt)
     meta = read_meta(ckpt) if meta is None else meta
     path = ckpt / MODEL_FILE
+    if MODEL_FILE not in meta["files"] and (ckpt / "dcp").is_dir():  # sharded checkpoint, not exported
+        from ..dist.checkpoint import load_model_dcp
+
+        try:
+            load_model_dcp(ckpt / "dcp", model)
+        except (ValueError, FileNotFoundError) as e:
+            raise CheckpointError(str(e)) from None
+        return meta
     if verify:
         verify_checksums(ckpt, meta, (MODEL_FILE,))
     try:

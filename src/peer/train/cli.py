@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -35,11 +36,18 @@ def run(args: argparse.Namespace) -> int:
         cfg = replace(cfg, train=replace(cfg.train, out_dir=str(out)))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     steps = resolve_steps(cfg)
-    print(f"peer train: {steps} steps of {cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len} tokens "
-          f"-> {cfg.train.out_dir}", file=sys.stderr)
+    main = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
+    if main:
+        print(f"peer train: {steps} steps of {cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len} "
+              f"tokens -> {cfg.train.out_dir}", file=sys.stderr)
     try:
         run_dir = train(cfg, resume=args.resume)
     except TrainingDiverged as e:
+        print(f"peer train: error: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:  # peer.dist.DistributedError: a rank died or timed out
+        if type(e).__name__ != "DistributedError":
+            raise
         print(f"peer train: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -49,5 +57,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"\npeer train: interrupted; last checkpoint: {last or 'none'}"
               + (f"; continue with: peer train {cfg.train.out_dir} --resume" if last else ""), file=sys.stderr)
         return 130
-    print(run_dir)
+    if main:
+        print(run_dir)
     return 0

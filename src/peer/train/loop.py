@@ -41,9 +41,10 @@ import torch
 import torch.nn.functional as F
 
 from ..config import Config, ConfigError, config_from_dict, config_to_dict
+from ..dist import data_parallel as dpar
 from ..model import PeerLM
-from .checkpoint import (CheckpointError, clean_partial, capture_rng, latest_checkpoint, list_checkpoints,
-                         load_model_weights, load_state, read_meta, resolve_checkpoint, restore_rng,
+from .checkpoint import (CheckpointError, checkpoint_name, clean_partial, capture_rng, latest_checkpoint,
+                         list_checkpoints, load_model_weights, load_state, read_meta, resolve_checkpoint, restore_rng,
                          save_checkpoint)
 from .optim import build_optimizer, clip_grad_norm
 from .schedule import Schedule
@@ -224,6 +225,7 @@ def train(cfg: Config, resume: bool = False, *, stop_after: int | None = None) -
     elif list_checkpoints(run_dir):
         raise ConfigError(f"train.out_dir: {str(run_dir)!r} already holds a run with checkpoints; "
                           "pass --resume to continue it, or choose another --out")
+    denv = dpar.setup(cfg)  # torch.distributed under torchrun (WORLD_SIZE > 1), else one process
     from .. import data
     from ..flops import train_flops_per_step
 
@@ -237,38 +239,48 @@ def train(cfg: Config, resume: bool = False, *, stop_after: int | None = None) -
     except ValueError as e:
         raise ConfigError(f"data.val_split: split {cfg.data.val_split!r} of {cfg.data.corpus!r}: {e}") from None
     try:
-        batcher = data.Batcher(train_tokens, t.batch_size, t.seq_len, seed=t.seed)
+        batcher = data.Batcher(train_tokens, dpar.per_rank_batch(cfg, denv.world_size), t.seq_len, seed=t.seed,
+                               rank=denv.rank, world_size=denv.world_size)  # train.batch_size is global
     except ValueError as e:
         raise ConfigError(f"data.train_split: split {cfg.data.train_split!r} of {cfg.data.corpus!r}: {e}") from None
     flops_per_step = train_flops_per_step(cfg)
     tokens_per_step = t.batch_size * t.grad_accum * t.seq_len
-    run_dir.mkdir(parents=True, exist_ok=True)
-    clean_partial(run_dir)
-    _write_atomic(run_dir / "config.toml", toml_dumps(config_to_dict(cfg)))
+    if denv.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        clean_partial(run_dir)
+        _write_atomic(run_dir / "config.toml", toml_dumps(config_to_dict(cfg)))
+    dpar.barrier()
 
     _seed_all(t.seed)
     if t.threads > 0:
         torch.set_num_threads(t.threads)
     device = torch.device(t.device)
     model = PeerLM(cfg.model).to(device)
+    fwd = dpar.wrap_model(model, cfg, denv)  # DDP / FSDP2 / expert-sharded PEER; `model` on one process
     optimizer = build_optimizer(model, cfg.optim)
     schedule = Schedule.from_config(cfg.optim, steps)
 
     start = 0
     if ckpt is not None:
-        load_model_weights(ckpt, model, meta)
         state = load_state(ckpt, meta)
-        optimizer.load_state_dict(state["optimizer"])
-        batcher.load_state_dict(state["batcher"])
+        if (ckpt / "dcp").is_dir():  # sharded checkpoint (peer.dist.checkpoint): loads on any number of ranks
+            from ..dist.checkpoint import load_sharded
+
+            load_sharded(ckpt / "dcp", model, optimizer)
+        else:
+            load_model_weights(ckpt, model, meta)
+            optimizer.load_state_dict(state["optimizer"])
+        batcher.load_state_dict(dpar.rebatch_state(state["batcher"], batcher))
         restore_rng(state["rng"])
         start = int(state["step"])
-        _truncate_metrics(run_dir / "metrics.jsonl", start)
+        if denv.is_main:
+            _truncate_metrics(run_dir / "metrics.jsonl", start)
         log.info("resumed %s at step %d", ckpt, start)
     last_good = ckpt
-    tb = _open_tb(run_dir, start if resume else None) if t.tensorboard else None
+    tb = _open_tb(run_dir, start if resume else None) if t.tensorboard and denv.is_main else None
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=steps, initial=start, disable=not t.progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=start, disable=not (t.progress and denv.is_main), unit="step", dynamic_ncols=True)
     params = [p for p in model.parameters() if p.requires_grad]
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
     metrics_path = run_dir / "metrics.jsonl"
@@ -287,10 +299,11 @@ def train(cfg: Config, resume: bool = False, *, stop_after: int | None = None) -
         for s in range(start, steps):
             t0 = time.perf_counter()
             lr = schedule.apply(optimizer, s)
-            loss, aux_loss = _forward_backward(model, batcher, cfg, device)
+            loss, aux_loss = dpar.mean_over_ranks(*_forward_backward(fwd, batcher, cfg, device))
             if not math.isfinite(loss + aux_loss):
                 raise diverged(f"loss is {loss + aux_loss}", s + 1)
-            grad_norm = clip_grad_norm(params, clip).item()
+            grad_norm = (dpar.clip_grad_norm(params, clip) if denv.distributed  # global norm over shards
+                         else clip_grad_norm(params, clip).item())
             if not math.isfinite(grad_norm):
                 raise diverged(f"gradient norm is {grad_norm}", s + 1)
             optimizer.step()
@@ -310,8 +323,8 @@ def train(cfg: Config, resume: bool = False, *, stop_after: int | None = None) -
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
             if val_batches is not None and ((t.eval_every and done % t.eval_every == 0) or done == steps):
                 record = record or {"step": done, "tokens": done * tokens_per_step, "flops": done * flops_per_step}
-                record["val_loss"] = evaluate_loss(model, val_batches, cfg, device)
-            if record is not None:
+                record["val_loss"] = evaluate_loss(fwd, val_batches, cfg, device)
+            if record is not None and denv.is_main:
                 with open(metrics_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
                 if tb is not None:
@@ -319,20 +332,52 @@ def train(cfg: Config, resume: bool = False, *, stop_after: int | None = None) -
                         if k not in ("step", "tokens", "flops"):
                             tb.add_scalar(f"train/{k}" if k != "val_loss" else "val/loss", v, done)
             if done % t.ckpt_every == 0 or done == steps:
-                if not all(bool(torch.isfinite(v).all()) for v in model.state_dict().values() if v.is_floating_point()):
+                if not dpar.all_finite(model):
                     raise diverged("the weights (or BatchNorm statistics) became non-finite", done)
                 state = {"step": done, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                          "rng": capture_rng(), "batcher": batcher.state_dict(), "metrics": record}
                 meta_out = {"step": done, "tokens": done * tokens_per_step, "flops": done * flops_per_step,
                             "config": config_to_dict(cfg), "metrics": record}
-                last_good = save_checkpoint(run_dir, model, state, meta_out, keep_last=t.keep_last)
+                if denv.distributed or dpar.is_sharded_config(cfg):
+                    last_good = _save_distributed(run_dir, model, optimizer, state, meta_out, cfg, denv, done == steps)
+                else:
+                    last_good = save_checkpoint(run_dir, model, state, meta_out, keep_last=t.keep_last)
             if stop_after is not None and done >= stop_after:
                 break
+    except RuntimeError as e:  # a failed collective (peer died / timed out) -> peer.dist.DistributedError
+        err = dpar.explain_failure(e, denv)
+        if err is e:
+            raise
+        raise err from e
     finally:
         bar.close()
         if tb is not None:
             tb.close()
+        dpar.finish(denv)
     return run_dir
+
+
+def _save_distributed(run_dir: Path, model, optimizer, state: dict, meta: dict, cfg: Config, denv, final: bool) -> Path:
+    """A checkpoint of a multi-rank or sharded run. Sharded state (expert rows, FSDP) goes through
+    torch.distributed.checkpoint from every rank into ``dcp/``; rank 0 writes the rest and renames
+    the directory into place after every rank has written. The final checkpoint of a sharded run
+    also gets the full ``model.safetensors`` (gathered on rank 0), for load_run / peer eval."""
+    name = checkpoint_name(int(meta["step"]))
+    model_state = extra = None
+    write_model = True
+    if dpar.is_sharded_config(cfg):
+        from ..dist.checkpoint import full_model_state, save_sharded
+
+        state = {k: v for k, v in state.items() if k != "optimizer"}  # in dcp/
+        tmp = run_dir / "checkpoints" / f".tmp-dcp-{name}"
+        save_sharded(tmp, model, optimizer)
+        model_state = full_model_state(model) if final else None
+        write_model, extra = final, {"dcp": tmp}
+    if denv.is_main:
+        save_checkpoint(run_dir, model, state, meta, keep_last=cfg.train.keep_last, model_state=model_state,
+                        write_model=write_model, extra_dirs=extra)
+    dpar.barrier()
+    return run_dir / "checkpoints" / name
 
 
 # --------------------------------------------------------------------------------------

@@ -1,0 +1,339 @@
+"""Expert parallelism for PEER: the expert tables u, v (and GLU gate) split by rows across ranks.
+
+Rank r of an expert-parallel group of P ranks owns rows [lo_r, hi_r) of every table, with the
+row split of ``torch.chunk`` / DTensor ``Shard(0)`` (ceil(N/P) rows per rank, the last ranks
+fewer): rank r holds about N/P of the 2 N d (3 N d with GLU) expert parameters. The query
+network, its norm and the product keys are small and stay replicated.
+
+Forward of one layer on T tokens, m = h*k retrieved experts per token (eqs. 1-7):
+
+    1. every rank retrieves (g, idx) [T, m] for all T tokens (replicated query and keys)
+    2. h_partial[t, j] = u_idx[t,j] . x_t   if this rank owns idx[t, j], else 0
+    3. h = all_reduce_sum(h_partial)                               [T, m]   (GLU: [T, m, 2])
+    4. a = act(h)                                                   (eq. 6; GLU: act(gate.x) * (u.x))
+    5. y_partial[t] = sum_{own j} g[t, j] a[t, j] v_idx[t,j]       [T, d]
+    6. y = all_reduce_sum(y_partial)                               (eqs. 3, 7)
+
+so each forward moves m + d numbers per token (2m + d with GLU) whatever N is; the backward
+moves the same: the gradients of x [T, d] and g [T, m] are summed over the group (the two
+all-reduces above pass gradients through unchanged). Two input modes:
+
+- replicated (``data_parallel=False``): all ranks hold the same x and compute the same loss;
+  outputs and all gradients equal the single-process layer's (tested).
+- data parallel (``data_parallel=True``, used in training): each rank brings its own tokens.
+  The layer all-gathers them (step 0), runs steps 1-5 on the union, and reduce-scatters y
+  (step 6) so each rank gets its own tokens' outputs back; the backward all-gathers dy and
+  reduce-scatters dx. The query network's gradients are per-rank partial sums that the
+  data-parallel wrapper averages like any other replicated gradient, and the tables' row
+  gradients are scaled by 1/P to match that average: training on P ranks with B tokens each
+  equals one process with P*B tokens (query BatchNorm included: it sees the whole batch).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers.peer import PEER
+from .env import _collective
+
+__all__ = [
+    "ExpertShardedPEER", "shard_peer_layer", "shard_model", "shard_bounds", "sharded_expert_mix",
+    "gather_full_state", "gather_full_model_state", "unshard_peer_layer", "expert_shards",
+    "comm_floats_per_token",
+]
+
+_ACT = {"gelu": F.gelu, "relu": F.relu}
+_TABLES = ("u", "v", "gate")
+
+
+def shard_bounds(num_rows: int, world: int, rank: int) -> tuple[int, int]:
+    """Rows [lo, hi) of rank ``rank`` of ``world``: the split of torch.chunk and DTensor Shard(0)."""
+    if world <= 0 or not 0 <= rank < world:
+        raise ValueError(f"rank must be in 0..world-1 (world={world}), got {rank}")
+    size = -(-num_rows // world)
+    lo = min(rank * size, num_rows)
+    return lo, min(lo + size, num_rows)
+
+
+def comm_floats_per_token(d: int, heads: int, topk: int, glu: bool = False) -> dict[str, int]:
+    """Numbers all-reduced per token by one expert-sharded layer (independent of N)."""
+    m = heads * topk
+    fwd = (2 * m if glu else m) + d
+    return {"forward": fwd, "backward": m + d, "total": fwd + m + d}
+
+
+# ------------------------------------------------------------------ autograd collectives
+def _group_size(group) -> int:
+    return dist.get_world_size(group) if dist.is_initialized() else 1
+
+
+class _SumReduce(torch.autograd.Function):
+    """all_reduce(sum) forward; identity backward (the gradient is already replicated)."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        t = t.contiguous().clone()
+        _collective("all_reduce", dist.all_reduce, t, group=group)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _CopyToGroup(torch.autograd.Function):
+    """Identity forward; backward sums the gradients of all inputs over the group (one all-reduce)."""
+
+    @staticmethod
+    def forward(ctx, group, *tensors):
+        ctx.group = group
+        ctx.metas = [(t.shape, t.dtype) for t in tensors]
+        ctx.device = tensors[0].device
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        # every rank must join the same all-reduce, so a missing gradient is sent as zeros
+        wide = torch.float32
+        for _, dt in ctx.metas:
+            wide = torch.promote_types(wide, dt)
+        buf = torch.cat([(g if g is not None else torch.zeros(s, device=ctx.device)).reshape(-1).to(wide)
+                         for g, (s, _) in zip(grads, ctx.metas)])
+        _collective("all_reduce", dist.all_reduce, buf, group=ctx.group)
+        out, i = [], 0
+        for s, dt in ctx.metas:
+            out.append(buf[i:i + s.numel()].view(s).to(dt))
+            i += s.numel()
+        return (None, *out)
+
+
+class _GatherTokens(torch.autograd.Function):
+    """All-gather rows (tokens) from every rank forward; reduce-scatter(sum) of their gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group, P = group, _group_size(group)
+        out = x.new_empty((P * x.shape[0], *x.shape[1:]))
+        _collective("all_gather", dist.all_gather_single, out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        P = _group_size(ctx.group)
+        out = grad.new_empty((grad.shape[0] // P, *grad.shape[1:]))
+        _collective("reduce_scatter", dist.reduce_scatter_single, out, grad.contiguous(), group=ctx.group)
+        return out, None
+
+
+class _ScatterTokens(torch.autograd.Function):
+    """Reduce-scatter(sum) rows forward (rank r keeps block r); all-gather of the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, y, group):
+        ctx.group, P = group, _group_size(group)
+        out = y.new_empty((y.shape[0] // P, *y.shape[1:]))
+        _collective("reduce_scatter", dist.reduce_scatter_single, out, y.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        P = _group_size(ctx.group)
+        out = grad.new_empty((P * grad.shape[0], *grad.shape[1:]))
+        _collective("all_gather", dist.all_gather_single, out, grad.contiguous(), group=ctx.group)
+        return out, None
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``scale`` backward."""
+
+    @staticmethod
+    def forward(ctx, t, scale):
+        ctx.scale = scale
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+# ------------------------------------------------------------------ the sharded mix
+def sharded_expert_mix(x, u, v, idx, g, start, activation="gelu", gate=None, group=None, sparse_grad=False):
+    """This rank's share of ``y = sum_j g_j act(u_{i_j} . x) v_{i_j}`` (eqs. 3, 6, 7), steps 2-5.
+
+    x [T, d]; u, v, gate: this rank's rows [R, d], global rows [start, start+R); idx, g [T, m]
+    (global expert ids). Pre-activations are all-reduced over ``group`` (step 3); the returned
+    y_partial [T, d] still has to be summed over the group. Only owned (t, j) pairs are computed.
+    ``sparse_grad``: the tables get sparse COO row gradients (for peer.train.sparse_optim).
+    """
+    T, m = idx.shape
+    own = (idx >= start) & (idx < start + u.shape[0])
+    t_sel, j_sel = own.nonzero(as_tuple=True)
+    rows = idx[t_sel, j_sel] - start
+    xs = x[t_sel]  # [n_own, d]
+    pre = [(F.embedding(rows, u, sparse=sparse_grad).to(x.dtype) * xs).sum(-1)]  # u_i . x (eq. 6)
+    if gate is not None:
+        pre.append((F.embedding(rows, gate, sparse=sparse_grad).to(x.dtype) * xs).sum(-1))
+    h = x.new_zeros(T, m, len(pre)).index_put((t_sel, j_sel), torch.stack(pre, -1))
+    if group is not None and _group_size(group) > 1:
+        h = _SumReduce.apply(h, group)  # step 3: [T, m] (x2 with GLU) numbers per token
+    act = _ACT[activation]
+    a = act(h[..., 1]) * h[..., 0] if gate is not None else act(h[..., 0])
+    w = (g * a)[t_sel, j_sel]  # g_j act(h_j), owned pairs only
+    ve = F.embedding(rows, v, sparse=sparse_grad).to(x.dtype)
+    return x.new_zeros(T, x.shape[1]).index_add(0, t_sel, w[:, None] * ve)
+
+
+# ------------------------------------------------------------------ the layer
+class ExpertShardedPEER(nn.Module):
+    """A PEER layer whose expert tables hold only this rank's rows; see the module docstring.
+
+    Build it with :func:`shard_peer_layer`. Parameter names equal the full layer's (``u``, ``v``,
+    ``gate`` hold rows [shard_start, shard_end)), so a full state dict maps onto it row-wise.
+    """
+
+    # retrieval (eqs. 1, 2, 4, 5) and usage accounting are the full layer's code on replicated parameters
+    _flat, query, _query = PEER._flat, PEER.query, PEER._query
+    retrieve, _retrieve, product_keys = PEER.retrieve, PEER._retrieve, PEER.product_keys
+    _accumulate_usage, reset_usage = PEER._accumulate_usage, PEER.reset_usage
+
+    def __init__(self, layer: PEER, group=None, data_parallel: bool = False):
+        super().__init__()
+        if not isinstance(layer, PEER):
+            raise ValueError(f"layer must be a peer.layers.PEER, got {type(layer).__name__}")
+        for name in ("dim", "num_experts", "heads", "topk", "key_dim", "activation", "score", "shared_keys",
+                     "glu", "query_norm_kind", "backend"):
+            setattr(self, name, getattr(layer, name))
+        self.table_dtype = layer.u.dtype
+        self.group, self.data_parallel = group, bool(data_parallel)
+        self.ep_size = _group_size(group)
+        self.ep_rank = dist.get_rank(group) if dist.is_initialized() else 0
+        self.shard_start, self.shard_end = shard_bounds(self.num_experts, self.ep_size, self.ep_rank)
+        self.query_proj, self.query_norm, self.index = layer.query_proj, layer.query_norm, layer.index
+        for name in _TABLES:
+            full = getattr(layer, name)
+            if full is None:
+                self.register_parameter(name, None)
+                continue
+            p = nn.Parameter(full.detach()[self.shard_start:self.shard_end].clone(), requires_grad=full.requires_grad)
+            p._is_expert_table = True  # optimizer groups: expert tables
+            p._is_expert_shard = True  # sharded: not replicated, not averaged by DDP
+            setattr(self, name, p)
+        self.record_usage = False
+        self.register_buffer("usage", torch.zeros(0, dtype=torch.float64), persistent=False)
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_experts={self.num_experts}, heads={self.heads}, topk={self.topk}, "
+                f"rows=[{self.shard_start}, {self.shard_end}) of rank {self.ep_rank}/{self.ep_size}, "
+                f"data_parallel={self.data_parallel}")
+
+    def peer_kwargs(self) -> dict:
+        """The constructor arguments of the equivalent full :class:`PEER`."""
+        return dict(dim=self.dim, num_experts=self.num_experts, heads=self.heads, topk=self.topk,
+                    key_dim=self.key_dim, activation=self.activation, score=self.score,
+                    query_norm=self.query_norm_kind, shared_keys=self.shared_keys, glu=self.glu,
+                    backend=self.backend, table_dtype=self.table_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        xf = self._flat(x)
+        multi = self.ep_size > 1
+        if multi and self.data_parallel:
+            xf = _GatherTokens.apply(xf, self.group)  # step 0: every rank's tokens
+        g, idx = self._retrieve(xf)  # step 1, [T, h, k]
+        if self.record_usage:
+            self._accumulate_usage(g, idx)
+        g, idx = g.flatten(1).to(xf.dtype), idx.flatten(1)
+        tables = [self.u, self.v, self.gate]
+        if multi and self.data_parallel:
+            tables = [t if t is None else _ScaleGrad.apply(t, 1.0 / self.ep_size) for t in tables]
+        elif multi:
+            xf, g = _CopyToGroup.apply(self.group, xf, g)  # backward: sum dx, dg over the group
+        u, v, gate = tables
+        sparse = bool(getattr(self.u, "_sparse_grad", False))  # set by peer.train.sparse_optim
+        y = sharded_expert_mix(xf, u, v, idx, g, self.shard_start, self.activation, gate, self.group, sparse)
+        if multi:
+            y = _ScatterTokens.apply(y, self.group) if self.data_parallel else _SumReduce.apply(y, self.group)
+        return y.view(*lead, self.dim)
+
+
+def shard_peer_layer(layer: PEER, group=None, data_parallel: bool = False) -> ExpertShardedPEER:
+    """Keep this rank's rows of ``layer``'s expert tables; the rest of the layer is shared (not copied).
+
+    All ranks of ``group`` must pass a layer with the same parameters (same seed, or a broadcast).
+    """
+    return ExpertShardedPEER(layer, group, data_parallel)
+
+
+def shard_model(model: nn.Module, group=None, data_parallel: bool = True) -> list[str]:
+    """Replace every PEER submodule of ``model`` in place by its expert-sharded version; returns their names."""
+    names = [n for n, m in model.named_modules() if isinstance(m, PEER)]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, shard_peer_layer(getattr(parent, child), group, data_parallel))
+    return names
+
+
+def expert_shards(model: nn.Module) -> list[nn.Parameter]:
+    """The row-sharded parameters of ``model`` (tagged ``_is_expert_shard``)."""
+    return [p for p in model.parameters() if getattr(p, "_is_expert_shard", False)]
+
+
+# ------------------------------------------------------------------ export
+def _gather_rows(local: torch.Tensor, num_rows: int, group, dst: int | None) -> torch.Tensor | None:
+    P = _group_size(group)
+    if P == 1:
+        return local.detach().clone()
+    size = -(-num_rows // P)
+    pad = local.new_zeros((size, *local.shape[1:]))
+    pad[: local.shape[0]] = local.detach()
+    if dst is None:
+        out = local.new_empty((P * size, *local.shape[1:]))
+        _collective("all_gather", dist.all_gather_single, out, pad, group=group)
+        return out[:num_rows]
+    me = dist.get_rank(group)
+    parts = [torch.empty_like(pad) for _ in range(P)] if me == dst else None
+    _collective("gather", dist.gather, pad, parts, group_dst=dst, group=group)
+    return torch.cat(parts)[:num_rows] if me == dst else None
+
+
+def gather_full_state(layer: ExpertShardedPEER, dst: int | None = None) -> dict[str, torch.Tensor] | None:
+    """The state dict of the equivalent full PEER (full tables), on every rank (``dst=None``) or on
+    group rank ``dst`` only (the others get None). Collective: all ranks of the group must call it."""
+    state = {k: t.detach().clone() for k, t in layer.state_dict().items() if k not in _TABLES}
+    for name in _TABLES:
+        t = getattr(layer, name)
+        if t is not None:
+            state[name] = _gather_rows(t, layer.num_experts, layer.group, dst)
+    if dst is not None and dist.is_initialized() and dist.get_rank(layer.group) != dst and layer.ep_size > 1:
+        return None
+    return state
+
+
+def unshard_peer_layer(layer: ExpertShardedPEER) -> PEER:
+    """A full :class:`PEER` with the sharded layer's parameters (gathered on every rank)."""
+    full = PEER(**layer.peer_kwargs())
+    full.load_state_dict(gather_full_state(layer))
+    full.train(layer.training)
+    return full
+
+
+def gather_full_model_state(model: nn.Module, dst: int | None = None) -> dict[str, torch.Tensor] | None:
+    """``model.state_dict()`` with every expert-sharded table gathered to full size (for export).
+
+    On ranks other than ``dst`` (when given) returns None. Collective over each layer's group.
+    """
+    state = {k: t.detach() for k, t in model.state_dict().items()}
+    keep = True
+    for name, mod in model.named_modules():
+        if isinstance(mod, ExpertShardedPEER):
+            full = gather_full_state(mod, dst)
+            if full is None:
+                keep = False
+                continue
+            prefix = f"{name}." if name else ""
+            state.update({prefix + k: t for k, t in full.items()})
+    return state if keep else None
