@@ -130,12 +130,22 @@ def generate_ids(
 
 
 def eos_token_id(tokenizer) -> int | None:
-    """The id of the tokenizer's end-of-text token, or None if it has none of the usual names."""
+    """The id of the tokenizer's end-of-text token (``peer.data.Tokenizer.eos_id``, or a
+    ``tokenizers.Tokenizer``'s token with one of the usual names), or None."""
+    if getattr(tokenizer, "eos_id", None) is not None:
+        return int(tokenizer.eos_id)
+    backend = getattr(tokenizer, "backend", tokenizer)
     for name in _EOS_NAMES:
-        tid = tokenizer.token_to_id(name)
+        tid = backend.token_to_id(name)
         if tid is not None:
             return int(tid)
     return None
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` from a ``peer.data.Tokenizer`` (a list) or a ``tokenizers.Tokenizer`` (an Encoding)."""
+    enc = tokenizer.encode(text)
+    return list(enc.ids if hasattr(enc, "ids") else enc)
 
 
 class _Streamer:
@@ -180,7 +190,7 @@ def sample(
     ``stream(text_piece)`` receives the continuation piece by piece as tokens are produced.
     """
     eos = eos_token_id(tokenizer)
-    ids = tokenizer.encode(prompt).ids if prompt else []
+    ids = _encode(tokenizer, prompt) if prompt else []
     if not ids:
         if eos is None:
             raise ValueError("--prompt is empty and the tokenizer has no end-of-text token to start from")

@@ -1,0 +1,287 @@
+"""The main job: dense vs PEER at the same training FLOPs on the starter corpus, end to end.
+
+    peer main [--out runs/main] [--budget 6e12] [--quick]
+
+1. prepares the starter corpus (``peer data prepare``; a no-op when it is there),
+2. trains ``configs/dense.toml`` and ``configs/peer.toml`` (PEER in the middle block) with the same
+   FLOP budget ``train.flops`` (steps = budget / FLOPs per step, the paper's isoFLOP protocol),
+3. evaluates both on every evaluation set (perplexity; PEER's expert usage and unevenness),
+4. prints a side-by-side table, writes ``comparison.json`` / ``comparison.md`` and plots
+   (``plots/loss_vs_tokens.png``, ``plots/loss_vs_flops.png``, ``plots/expert_usage.png``) to the
+   out dir, and generates a short sample from each model.
+
+Re-running skips what is done: a complete run is not retrained, an interrupted one is resumed from
+its last checkpoint. ``--quick`` shrinks both models to seconds-long runs (for tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .config import Config, ConfigError, load_config
+
+__all__ = ["DEFAULT_BUDGET", "MODELS", "plan", "main_job", "format_table", "format_markdown", "add_arguments", "run"]
+
+# Training FLOPs per model: ~90 steps of 2048 tokens for the presets (see docs/mainjob.md for timings).
+DEFAULT_BUDGET = 6e12
+MODELS = ("dense", "peer")
+PROMPT = "The state of the Union"
+
+# --quick: tiny versions of the presets (same backbone for both), a few steps each
+QUICK = [
+    "model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.d_ff=256", "model.max_seq_len=32",
+    "model.peer.num_experts=256", "model.peer.heads=2", "model.peer.topk=4", "model.peer.key_dim=16",
+    "train.seq_len=32", "train.batch_size=4", "train.eval_batches=2", "train.log_every=1",
+    "train.eval_every=0", "train.ckpt_every=1000", "train.tensorboard=false", "optim.warmup_steps=2",
+]
+QUICK_STEPS = 6  # the quick budget: this many steps of the quick dense model
+
+
+def _configs_dir() -> Path:
+    """configs/ of the source tree (editable install), else ./configs."""
+    here = Path(__file__).resolve().parents[2] / "configs"
+    return here if (here / "dense.toml").is_file() else Path("configs")
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _atomic_copy(src: Path, dst: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.")
+    os.close(fd)
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+# ------------------------------------------------------------------ plan
+def plan(out: str | Path, corpus: str | Path, vocab_size: int, budget: float | None = None, quick: bool = False,
+         threads: int = 0, progress: bool = True) -> dict[str, Config]:
+    """The two run configs: the presets with the corpus, out dirs and the shared FLOP budget."""
+    from .flops import train_flops_per_step
+
+    out, cfgs = Path(out), {}
+    base = [f"data.corpus={json.dumps(str(corpus))}", f"model.vocab_size={vocab_size}",
+            f"train.threads={threads}", f"train.progress={'true' if progress else 'false'}"]
+    if quick:
+        base += QUICK
+        if budget is None:
+            dense = load_config(_configs_dir() / "dense.toml", base + ["train.flops=0"])
+            budget = QUICK_STEPS * train_flops_per_step(dense)
+    budget = DEFAULT_BUDGET if budget is None else float(budget)
+    if not budget > 0:
+        raise ConfigError(f"--budget: must be a positive number of FLOPs, got {budget}")
+    for name in MODELS:
+        cfgs[name] = load_config(_configs_dir() / f"{name}.toml",
+                                 base + [f"train.flops={budget!r}", f"train.out_dir={json.dumps(str(out / name))}"])
+    return cfgs
+
+
+def _prepare_corpus(corpus: Path, default: bool) -> None:
+    """The starter corpus at its default place is built (or found); any other --corpus must exist."""
+    from .data import list_splits, prepare
+
+    if default:
+        prepare(out=corpus, log=_say)
+    elif "train" not in list_splits(corpus):
+        raise FileNotFoundError(f"--corpus {str(corpus)!r}: not a prepared corpus (no splits/train.bin); "
+                                "see `peer data prepare` / `peer data tokenize`")
+
+
+def _train_or_skip(cfg: Config) -> str:
+    """Train the run, resume it, or skip it when complete; returns "trained", "resumed" or "complete"."""
+    from .train import resolve_steps, train
+    from .train.checkpoint import latest_checkpoint, read_meta
+    from .train.loop import check_resume_config
+
+    run_dir, steps = Path(cfg.train.out_dir), resolve_steps(cfg)
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # lines of a run killed before its first checkpoint
+        # keep the tokenizer the run is trained with: `peer eval` / `peer generate` use it and
+        # refuse a corpus rebuilt since (see peer.eval.check_corpus_tokenizer)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_copy(Path(cfg.data.corpus) / "tokenizer.json", run_dir / "tokenizer.json")
+        train(cfg)
+        return "trained"
+    meta = read_meta(ckpt)
+    planned = meta["config"]["train"]["steps"]
+    if planned != steps:
+        raise ConfigError(f"{run_dir} holds a run planned for {planned} steps, this job needs {steps} "
+                          "(another --budget?): use another --out or remove that run")
+    check_resume_config(meta["config"], cfg, run_dir)
+    if int(meta["step"]) >= steps:
+        return "complete"
+    train(cfg, resume=True)
+    return "resumed"
+
+
+# ------------------------------------------------------------------ the job
+def main_job(out: str | Path = "runs/main", budget: float | None = None, quick: bool = False,
+             corpus: str | Path | None = None, eval_batches: int | None = 8, threads: int = 0,
+             prompt: str = PROMPT, max_new_tokens: int = 60, progress: bool = True) -> dict:
+    """Run the main job (see the module docstring); returns the comparison written to comparison.json."""
+    from .data import load_tokenizer
+    from .eval import evaluate, run_tokenizer
+    from .generate import sample
+    from .plots import plot_curves
+    from .train import load_run, resolve_steps
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    corpus_path = Path(corpus) if corpus is not None else Path("data/starter")
+    _say(f"== corpus: {corpus_path}")
+    _prepare_corpus(corpus_path, default=corpus is None)
+    tokenizer = load_tokenizer(corpus_path)
+    cfgs = plan(out, corpus_path, tokenizer.vocab_size, budget, quick, threads, progress)
+    budget = cfgs["dense"].train.flops
+    timing: dict[str, float] = {"prepare_s": time.perf_counter() - t0}
+    state_path = out / "mainjob_state.json"
+    state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.is_file() else {}
+
+    results: dict[str, dict] = {}
+    for name, cfg in cfgs.items():
+        steps = resolve_steps(cfg)
+        _say(f"== train {name}: {steps} steps x {cfg.train.batch_size * cfg.train.seq_len} tokens, "
+             f"budget {budget:.3g} FLOPs -> {cfg.train.out_dir}")
+        t = time.perf_counter()
+        status = _train_or_skip(cfg)
+        if status != "complete":  # training wall time, summed over interrupted and resumed parts
+            before = state.get(f"{name}_train_s", 0.0) if status == "resumed" else 0.0
+            state[f"{name}_train_s"] = before + time.perf_counter() - t
+            _atomic_write(state_path, json.dumps(state, indent=1) + "\n")
+        _say(f"   {name}: {status}")
+        results[name] = {"run_dir": cfg.train.out_dir, "status": status, "steps": steps,
+                         "tokens": steps * cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len,
+                         "train_s": state.get(f"{name}_train_s")}
+    timing["train_s"] = sum(r["train_s"] or 0.0 for r in results.values())
+
+    t = time.perf_counter()
+    plots = out / "plots"
+    for name, cfg in cfgs.items():
+        _say(f"== evaluate {name}")
+        model, run_cfg, meta = load_run(cfg.train.out_dir)
+        report = evaluate(cfg.train.out_dir, max_batches=eval_batches, plot_dir=plots,
+                          model_and_cfg=(model, run_cfg, meta))
+        results[name].update(report=report, flops=float(meta.get("flops", budget)))
+        results[name]["sample"] = sample(model, run_tokenizer(cfg.train.out_dir, run_cfg), prompt,
+                                         max_new_tokens=max_new_tokens, seed=0)
+    timing["eval_s"] = time.perf_counter() - t
+    curves = plot_curves([cfgs[n].train.out_dir for n in cfgs], plots, names=list(cfgs))
+    timing["total_s"] = time.perf_counter() - t0
+
+    comparison = {
+        "budget_flops": budget, "corpus": str(corpus_path), "quick": quick, "eval_batches": eval_batches,
+        "prompt": prompt, "timing": timing,
+        "plots": sorted(str(p) for p in plots.glob("*.png")),
+        "runs": {name: _summary(r, curves[name]) for name, r in results.items()},
+    }
+    _atomic_write(out / "comparison.json", json.dumps(comparison, indent=1) + "\n")
+    _atomic_write(out / "comparison.md", format_markdown(comparison))
+    print("\n" + format_table(comparison))
+    for name, r in comparison["runs"].items():
+        print(f"\n--- sample from {name} (temperature 0.8, top-k 50, top-p 0.95, seed 0) ---\n{prompt}{r['sample']}")
+    print(f"\nwrote {out / 'comparison.json'}, {out / 'comparison.md'} and plots in {plots} "
+          f"({timing['total_s']:.0f} s in all)")
+    return comparison
+
+
+def _summary(r: dict, curve: dict) -> dict:
+    rep = r["report"]
+    return {
+        "run_dir": r["run_dir"], "status": r["status"], "steps": r["steps"], "tokens": r["tokens"],
+        "train_flops": r["flops"], "train_s": r["train_s"], "model": rep["model"], "params": rep["params"],
+        "final_train_loss": float(curve["loss"][-1]) if len(curve["loss"]) else None,
+        "final_val_loss": float(curve["val_loss"][-1]) if len(curve["val_loss"]) else None,
+        "perplexity": {s: v["perplexity"] for s, v in rep["sets"].items()},
+        "eval_tokens": {s: v["tokens"] for s, v in rep["sets"].items()},
+        "experts": {layer: {k: e.get(k) for k in ("experts", "usage", "unevenness", "set")}
+                    for layer, e in rep["experts"].items()},
+        "sample": r["sample"],
+    }
+
+
+# ------------------------------------------------------------------ tables
+def _rows(comparison: dict) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    names = list(comparison["runs"])
+    runs = [comparison["runs"][n] for n in names]
+    rows = [
+        ("params, total", [f"{r['params']['total']:,}" for r in runs]),
+        ("params, active per token", [f"{r['params']['active']:,}" for r in runs]),
+        ("training FLOPs", [f"{r['train_flops']:.3g}" for r in runs]),
+        ("steps / tokens", [f"{r['steps']} / {r['tokens']:,}" for r in runs]),
+        ("training time", [f"{r['train_s']:.0f} s" if r["train_s"] is not None else "-" for r in runs]),
+    ]
+    sets = list(dict.fromkeys(s for r in runs for s in r["perplexity"]))
+    for s in sets:
+        rows.append((f"perplexity {s}", [f"{r['perplexity'][s]:.2f}" if s in r["perplexity"] else "-" for r in runs]))
+    layers = list(dict.fromkeys(layer for r in runs for layer in r["experts"]))
+    for layer in layers:
+        for key, label, fmt in (("usage", "expert usage", lambda v: f"{100 * v:.1f}%"),
+                                ("unevenness", "unevenness (KL)", lambda v: f"{v:.3f}")):
+            rows.append((f"{label}, {layer}",
+                         [fmt(r["experts"][layer][key]) if layer in r["experts"] and r["experts"][layer].get(key) is not None
+                          else "-" for r in runs]))
+    return names, rows
+
+
+def format_table(comparison: dict) -> str:
+    """The side-by-side table, as plain text."""
+    names, rows = _rows(comparison)
+    w0 = max(len(label) for label, _ in rows)
+    ws = [max(len(n), *(len(v[i]) for _, v in rows)) for i, n in enumerate(names)]
+    head = f"{'':<{w0}}  " + "  ".join(f"{n:>{w}}" for n, w in zip(names, ws))
+    lines = [f"dense vs PEER at {comparison['budget_flops']:.3g} training FLOPs each", head, "-" * len(head)]
+    lines += [f"{label:<{w0}}  " + "  ".join(f"{v:>{w}}" for v, w in zip(vals, ws)) for label, vals in rows]
+    return "\n".join(lines)
+
+
+def format_markdown(comparison: dict) -> str:
+    """comparison.md: the table and the samples."""
+    names, rows = _rows(comparison)
+    md = [f"# Main job: dense vs PEER at {comparison['budget_flops']:.3g} training FLOPs", "",
+          f"Corpus `{comparison['corpus']}`; perplexity over up to {comparison['eval_batches']} batches per set; "
+          f"wall time {comparison['timing']['total_s']:.0f} s.", "",
+          "| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    md += [f"| {label} | " + " | ".join(vals) + " |" for label, vals in rows]
+    md += ["", "## Samples", ""]
+    for n in names:
+        md += [f"**{n}**: {comparison['prompt']}{comparison['runs'][n]['sample']}".replace("\n", " "), ""]
+    md += ["## Plots", ""] + [f"- `{p}`" for p in comparison["plots"]]
+    return "\n".join(md) + "\n"
+
+
+# ------------------------------------------------------------------ CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="runs/main", help="where the runs, plots and comparison go")
+    parser.add_argument("--budget", type=float, default=None,
+                        help=f"training FLOPs per model (default {DEFAULT_BUDGET:g}; --quick: {QUICK_STEPS} tiny steps)")
+    parser.add_argument("--quick", action="store_true", help="tiny models, a few steps: a seconds-long end-to-end check")
+    parser.add_argument("--corpus", default=None, help="a prepared corpus dir (default: build data/starter)")
+    parser.add_argument("--eval-batches", type=int, default=8, help="batches per evaluation set (0: all)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--prompt", default=PROMPT, help="prompt for the samples")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.eval_batches < 0:
+        raise ValueError(f"--eval-batches: must be >= 0, got {args.eval_batches}")
+    main_job(args.out, args.budget, args.quick, args.corpus, args.eval_batches or None, args.threads,
+             args.prompt, progress=not args.no_progress and sys.stderr.isatty())
+    return 0
