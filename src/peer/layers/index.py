@@ -11,6 +11,8 @@ import math
 import torch
 from torch import nn
 
+from .kernels import pk_topk
+
 __all__ = ["ProductKeyIndex", "check_square"]
 
 
@@ -52,6 +54,12 @@ class ProductKeyIndex(nn.Module):
 
     def topk(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-k over all N product keys. q [T, h, key_dim] -> (scores, ids), each [T, h, k], best first."""
+        if pk_topk.available(q, self.keys):  # CPU kernel: chunked scores, pruned k^2 sums, sparse backward
+            return pk_topk.product_topk(q, self.keys, k)
+        return self.topk_reference(q, k)
+
+    def topk_reference(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`topk` in plain PyTorch (any device; autograd through the dense sub-key scores)."""
         s = self.subkey_scores(q)  # [T, h, 2, n]
         s_half, i_half = s.topk(k, dim=-1)  # eq. 5: top-k within each half, both halves at once
         # the k^2 candidate sums (s1_a + s2_b) contain the exact top-k over all a*n + b

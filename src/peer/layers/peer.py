@@ -24,6 +24,7 @@ from torch import nn
 
 from .index import ProductKeyIndex, check_square
 from .kernels import expert_mix
+from .kernels.workspace import advise_hugepages
 
 __all__ = ["PEER", "make_query_norm"]
 
@@ -189,7 +190,9 @@ class PEER(nn.Module):
 
 def _normal(rows: int, cols: int, std: float, dtype: torch.dtype) -> torch.Tensor:
     """An N(0, std^2) table, filled in place (no temporaries: a 1M x 512 table is 2 GB)."""
-    return torch.empty(rows, cols, dtype=dtype).normal_(0.0, std)
+    t = torch.empty(rows, cols, dtype=dtype)
+    advise_hugepages(t)  # 2 MB pages: faster random row reads (fewer TLB misses), cheaper first touch
+    return t.normal_(0.0, std)
 
 
 def _bn_single(bn: nn.BatchNorm1d, q: torch.Tensor) -> torch.Tensor:

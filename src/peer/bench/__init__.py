@@ -1,0 +1,1 @@
+"""Benchmarks behind ``peer bench``: the layer (``layer``) and full training steps (``train``)."""
