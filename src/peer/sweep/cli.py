@@ -48,7 +48,8 @@ def report(spec, metric_set: str = "val") -> int:
         return 1
     write_tables(spec, results)
     root: Path = spec.root
-    isoflop_figure(results, root / "isoflop.png", metric_set=metric_set)
+    png, md = root / f"{spec.name}.png", root / f"{spec.name}_tables.md"
+    isoflop_figure(results, png, metric_set=metric_set)
     t1 = table1_markdown(results, metric_set)
     ab = ablation_markdown(results, metric_set)
     order = method_ordering(results, metric_set)
@@ -58,7 +59,7 @@ def report(spec, metric_set: str = "val") -> int:
         for s, vs in sets.items():
             lines.append(f"- {budget:.0e} FLOPs, {s}: {' < '.join(vs)}")
     text = "\n".join(lines) + "\n"
-    (root / "tables.md").write_text(text, encoding="utf-8")
+    md.write_text(text, encoding="utf-8")
     print(text)
-    print(f"wrote {root / 'isoflop.png'}, {root / 'tables.md'}, {root / 'results.csv'}")
+    print(f"wrote {png}, {md}, {root / (spec.name + '_results.csv')}")
     return 0

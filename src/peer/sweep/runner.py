@@ -110,18 +110,24 @@ def _ensure_corpus(corpus: str, vocab_size: int, log) -> None:
 
 
 def collect(spec: SweepSpec) -> list[dict]:
-    """Every finished run's result under the sweep root."""
-    return [json.loads(p.read_text()) for p in sorted(spec.root.glob("*/*/*/result.json"))]
+    """Every finished run of this sweep (sweeps may share a root and reuse each other's runs)."""
+    wanted = {f"{budget_label(b)}/{v}/{s}" for b in spec.budgets for v in spec.variants for s in spec.sizes}
+    out = []
+    for p in sorted(spec.root.glob("*/*/*/result.json")):
+        r = json.loads(p.read_text())
+        if r.get("run_id") in wanted:
+            out.append(r)
+    return out
 
 
 def write_tables(spec: SweepSpec, results: list[dict]) -> None:
-    """``results.json`` (everything) and ``results.csv`` (one row per run, one column per eval set)."""
+    """``<name>_results.json`` (everything) and ``<name>_results.csv`` (one row per run, one column per eval set)."""
     root = spec.root
-    _atomic_write(root / "results.json", json.dumps(results, indent=2))
+    _atomic_write(root / f"{spec.name}_results.json", json.dumps(results, indent=2))
     sets = sorted({s for r in results for s in r.get("perplexity", {})})
     cols = ["run_id", "budget", "variant", "size", "d_model", "n_layers", "params_total", "params_active",
             "steps", "tokens", "flops", "train_seconds"]
-    tmp = root / "results.csv.tmp"
+    tmp = root / f"{spec.name}_results.csv.tmp"
     with open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(cols + [f"ppl_{s}" for s in sets] + ["usage", "unevenness"])
@@ -129,7 +135,7 @@ def write_tables(spec: SweepSpec, results: list[dict]) -> None:
             ex = next(iter(r.get("experts", {}).values()), {}) if r.get("experts") else {}
             w.writerow([r.get(c, "") for c in cols] + [f"{r['perplexity'].get(s, float('nan')):.4f}" for s in sets]
                        + [ex.get("usage", ""), ex.get("unevenness", "")])
-    os.replace(tmp, root / "results.csv")
+    os.replace(tmp, root / f"{spec.name}_results.csv")
 
 
 def budget_of(result: dict) -> str:
