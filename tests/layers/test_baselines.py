@@ -266,3 +266,17 @@ def test_pkm_errors():
         _pkm(query_norm="groupnorm")
     with pytest.raises(ValueError, match=r"dim=16"):
         _pkm()(torch.randn(4, 15))
+
+
+def test_empty_input_gives_empty_output():
+    """Zero tokens (e.g. an empty batch) pass through every sparse layer without error."""
+    import peer
+    from peer.layers import PKM, MoE
+
+    layers = [peer.PEER(16, num_experts=64, heads=2, topk=4, key_dim=8), PKM(16, num_memories=64, heads=2, topk=4, key_dim=8),
+              MoE(16, 32, num_experts=4), MoE(16, 32, num_experts=4, routing="token_choice")]
+    for layer in layers:
+        for train in (True, False):
+            layer.train(train)
+            y = layer(torch.randn(2, 0, 16))
+            assert y.shape == (2, 0, 16)

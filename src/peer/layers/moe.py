@@ -150,6 +150,9 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = check_dim(x, self.dim)
         T = xf.shape[0]
+        if T == 0:  # nothing to route: an empty output, and no balancing loss
+            self.aux_loss = xf.new_zeros(())
+            return xf.new_zeros(x.shape)
         slots, gates, probs = self.route(xf)
         xpad = torch.cat([xf, xf.new_zeros(1, self.dim)])  # row T: padding for empty slots
         out = self.experts(xpad[slots]) * gates.unsqueeze(-1).to(xf.dtype)  # [E, C, d]
