@@ -19,7 +19,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 __all__ = [
     "ConfigError", "PEERConfig", "PKMConfig", "MoEConfig", "ModelConfig", "DataConfig",
     "OptimConfig", "TrainConfig", "DistConfig", "Config", "load_config", "config_from_dict",
-    "config_to_dict", "apply_overrides", "validate",
+    "config_to_dict", "apply_overrides", "validate", "read_toml",
 ]
 
 
@@ -299,17 +299,20 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
+def read_toml(path: str | Path, kind: str = "config") -> dict:
+    """Parse a TOML file; a missing or malformed file is a ConfigError naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{kind} file {str(p)!r} does not exist")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{kind} file {str(p)!r} is not valid TOML: {e}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a TOML config (or start from defaults when ``path`` is None) and apply overrides."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from None
+    data = read_toml(path) if path is not None else {}
     cfg = config_from_dict(data)
     return apply_overrides(cfg, overrides) if overrides else cfg
 

@@ -27,11 +27,10 @@ Steps come from :func:`peer.flops.train_flops_per_step` (the one source of FLOP 
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import Config, ConfigError, apply_overrides, load_config
+from ..config import Config, ConfigError, apply_overrides, load_config, read_toml
 from ..flops import count_params, train_flops_per_step
 
 __all__ = ["SweepSpec", "PlannedRun", "load_sweep", "plan", "budget_label"]
@@ -95,12 +94,7 @@ def _str_list(value, name: str) -> list[str]:
 def load_sweep(path: str | Path) -> SweepSpec:
     """Read and validate a sweep TOML file; errors name the field."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"sweep file {str(p)!r} does not exist")
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"sweep file {str(p)!r} is not valid TOML: {e}") from None
+    data = read_toml(p, "sweep")
     known = {"sweep", "sizes", "variants"}
     for key in data:
         if key not in known:
