@@ -1,6 +1,6 @@
 """The main job: dense vs PEER at the same training FLOPs on the starter corpus, end to end.
 
-    peer main [--out runs/main] [--budget 6e12] [--quick]
+    peer main [--out runs/main] [--budget 1.5e13] [--quick]
 
 1. prepares the starter corpus (``peer data prepare``; a no-op when it is there),
 2. trains ``configs/dense.toml`` and ``configs/peer.toml`` (PEER in the middle block) with the same
@@ -30,7 +30,7 @@ from .config import Config, ConfigError, load_config
 __all__ = ["DEFAULT_BUDGET", "MODELS", "plan", "main_job", "format_table", "format_markdown", "add_arguments", "run"]
 
 # Training FLOPs per model: ~90 steps of 2048 tokens for the presets (see docs/mainjob.md for timings).
-DEFAULT_BUDGET = 6e12
+DEFAULT_BUDGET = 1.5e13  # ~640 steps of 2048 tokens per model: ~9 min on 2 idle cores incl. data prep
 MODELS = ("dense", "peer")
 PROMPT = "The state of the Union"
 
