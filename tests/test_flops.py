@@ -42,6 +42,9 @@ CONFIGS = {
     "pkm_ln": tiny("pkm", pkm__query_norm="layernorm"),
     "moe_ec": tiny("moe"),
     "moe_tc": tiny("moe", sparse_blocks="all", moe__routing="token_choice", moe__topk=2),
+    "peer_beside_every2": tiny("peer", sparse_blocks="every:2", sparse_placement="beside"),
+    "peer_shared_all": tiny("peer", sparse_blocks="all", share_experts=True),
+    "pkm_shared_beside": tiny("pkm", sparse_blocks=[0, 2], share_experts=True, sparse_placement="beside"),
 }
 
 
@@ -62,6 +65,8 @@ def test_param_count_matches_built_model(name):
     for i in range(cfg.n_layers):
         assert report.by_module[f"blocks.{i}.attn"][0] == _prefix_params(model, f"blocks.{i}.attn")
         assert report.by_module[f"blocks.{i}.ffn"][0] == _prefix_params(model, f"blocks.{i}.ffn")
+        if f"blocks.{i}.mem" in report.by_module:  # a sparse layer beside the FFW
+            assert report.by_module[f"blocks.{i}.mem"][0] == _prefix_params(model, f"blocks.{i}.mem") > 0
     norms = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.RMSNorm) for p in m.parameters())
     assert report.by_module["norms"][0] == norms
     # from the model == from its config
@@ -196,6 +201,15 @@ def test_sparse_flops_match_flop_counter():
     model = PeerLM(cfg).eval()
     counted = _counted(model, torch.randint(0, V, (B, T)))
     assert counted("blocks.1.ffn") == flops(cfg, T).by_module["blocks.1.ffn"] * B * T
+    # PEER beside the FFW pays both; a shared pool changes no FLOPs
+    for cfg in (CONFIGS["peer_beside_every2"], tiny("peer", sparse_blocks="all", share_experts=True)):
+        model = PeerLM(cfg).eval()
+        counted = _counted(model, torch.randint(0, V, (B, T)))
+        r = flops(cfg, T).by_module
+        for name in model.sparse_layers():
+            assert counted(name) == (r[name] - h * k * k) * B * T
+        if cfg.sparse_placement == "beside":
+            assert counted("blocks.1.ffn") == r["blocks.1.ffn"] * B * T == r["blocks.0.ffn"] * B * T
 
 
 # ------------------------------------------------------------------ reports

@@ -125,6 +125,74 @@ def test_sparse_blocks_get_the_sparse_layer(sparse, cls, blocks, ids):
     assert all(named[name] is mod for name, mod in layers.items())
 
 
+@pytest.mark.parametrize("blocks,n_layers,ids", [("every:2", 4, [1, 3]), ("every:3", 6, [2, 5]), ("every:1", 3, [0, 1, 2])])
+def test_every_kth_block(blocks, n_layers, ids):
+    cfg = tiny("peer", sparse_blocks=blocks, n_layers=n_layers)
+    assert cfg.sparse_block_ids() == ids
+    assert list(build(cfg).sparse_layers()) == [f"blocks.{i}.ffn" for i in ids]
+
+
+def test_beside_placement_adds_the_sparse_output_to_the_ffw():
+    """sparse_placement="beside": the block keeps its dense FFW and adds mem(norm2(x)) to it."""
+    model = build(tiny("peer", sparse_placement="beside")).eval()
+    block = model.blocks[1]
+    assert type(block.ffn) is DenseFFN and type(block.mem) is PEER
+    assert list(model.sparse_layers()) == ["blocks.1.mem"] and model.sparse_layers()["blocks.1.mem"] is block.mem
+    assert all(b.mem is None for i, b in enumerate(model.blocks) if i != 1)
+    x = torch.randn(2, T, 32)
+    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+    y, _ = block(x, cos, sin)
+    a = x + block.attn(block.norm1(x), cos, sin)
+    h = block.norm2(a)
+    torch.testing.assert_close(y, a + block.ffn(h) + block.mem(h))
+    assert not torch.allclose(y, a + block.ffn(h))  # the sparse layer contributes
+    # its v is scaled like the dense FFW's output (1/sqrt(2L)) and the dense FFW keeps GPT-2 init
+    ref = build(tiny("peer"))
+    assert math.isclose(block.mem.v.std().item(), ref.blocks[1].ffn.v.std().item(), rel_tol=0.1)
+
+
+@pytest.mark.parametrize("sparse", ["peer", "pkm"])
+def test_shared_pool_is_one_tensor_stepped_once(sparse):
+    cfg = tiny(sparse, sparse_blocks="all", share_experts=True)
+    model = build(cfg)
+    layers = list(model.sparse_layers().values())
+    tables = ("u", "v") if sparse == "peer" else ("values",)
+    for layer in layers[1:]:
+        for t in tables:
+            assert getattr(layer, t) is getattr(layers[0], t)
+        assert layer.index is layers[0].index
+        assert layer.query_proj is not layers[0].query_proj  # each block keeps its own query network
+    # the shared output table got the 1/sqrt(2L) residual scaling once, not once per block
+    ref = build(tiny(sparse, sparse_blocks="all"))
+    t = tables[-1]
+    torch.testing.assert_close(getattr(layers[0], t), getattr(ref.blocks[0].ffn, t))
+    # one parameter in the model, gradients from every block
+    n_unique = len({id(p) for p in model.parameters()})
+    assert n_unique == len(list(model.parameters()))
+    out = model(tokens(), tokens(seed=2))
+    out.loss.backward()
+    g_all = getattr(layers[0], t).grad.clone()
+    model.zero_grad()
+    for layer in layers[1:]:  # cut the other blocks' paths: the gradient shrinks
+        layer.forward = (lambda m: (lambda x: torch.zeros_like(x)))(layer)
+    model(tokens(), tokens(seed=2)).loss.backward()
+    assert not torch.allclose(getattr(layers[0], t).grad, g_all)
+
+
+def test_share_experts_needs_a_pool():
+    from peer.config import ConfigError, Config, config_from_dict, config_to_dict
+    d = config_to_dict(Config())
+    d["model"].update(sparse_layer="moe", share_experts=True)
+    with pytest.raises(ConfigError, match="model.share_experts"):
+        config_from_dict(d)
+    d["model"].update(sparse_layer="peer", sparse_blocks="every:9", share_experts=False)
+    with pytest.raises(ConfigError, match="model.sparse_blocks"):
+        config_from_dict(d)
+    d["model"].update(sparse_blocks="every:x")
+    with pytest.raises(ConfigError, match="model.sparse_blocks"):
+        config_from_dict(d)
+
+
 def test_dense_model_has_no_sparse_layers_and_swiglu():
     model = build(tiny(ffn_activation="swiglu"))
     assert model.sparse_layers() == {}

@@ -39,12 +39,13 @@ class PEERConfig:
     topk: int = 16
     key_dim: int = 128
     activation: Literal["gelu", "relu"] = "gelu"
-    score: Literal["softmax", "sigmoid"] = "softmax"
+    score: Literal["softmax", "sigmoid", "relu"] = "softmax"
     query_norm: Literal["batchnorm", "layernorm", "none"] = "batchnorm"
     shared_keys: bool = True
     glu: bool = False
     backend: Literal["auto", "reference", "fused", "triton"] = "auto"
     table_dtype: Literal["float32", "bfloat16"] = "float32"
+    value_init_scale: float = 1.0  # multiplies the init std of v (1: output std ~1 before the model's 1/sqrt(2L))
 
 
 @dataclass
@@ -85,8 +86,14 @@ class ModelConfig:
     norm_eps: float = 1e-6
     dropout: float = 0.0
     sparse_layer: Literal["none", "peer", "pkm", "moe"] = "none"
-    # "middle" (the paper), "all", or a list of block indices
+    # "middle" (the paper), "all", "every:K" (blocks K-1, 2K-1, ...), or a list of block indices
     sparse_blocks: Union[str, list[int]] = "middle"
+    # "replace": the sparse layer is the block's FFW (paper); "beside": it runs next to the dense
+    # FFW on the same normed input and the two outputs add (UltraMemV2, Kim & Jung 2020)
+    sparse_placement: Literal["replace", "beside"] = "replace"
+    # one expert pool (PEER u, v, product keys; PKM keys and values) shared by every sparse block,
+    # each block keeping its own query network (Memory Layers at Scale); PEER and PKM only
+    share_experts: bool = False
     peer: PEERConfig = field(default_factory=PEERConfig)
     pkm: PKMConfig = field(default_factory=PKMConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -103,6 +110,9 @@ class ModelConfig:
             return [self.n_layers // 2]
         if self.sparse_blocks == "all":
             return list(range(self.n_layers))
+        if isinstance(self.sparse_blocks, str) and self.sparse_blocks.startswith("every:"):
+            k = int(self.sparse_blocks.split(":", 1)[1])
+            return list(range(k - 1, self.n_layers, k))
         return sorted(set(int(i) for i in self.sparse_blocks))
 
 
@@ -133,6 +143,10 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     expert_lr_mult: float = 1.0  # u, v (and gates) of PEER; values of PKM
+    # how the expert multiplier moves over the run: "constant", or from expert_lr_mult at the first
+    # step to expert_lr_mult_final at the last ("linear" / "cosine"), on top of the base schedule
+    expert_lr_mult_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    expert_lr_mult_final: float = 1.0
     expert_weight_decay: float = 0.0
     key_lr_mult: float = 1.0  # product sub-keys
     key_weight_decay: float = 0.0
@@ -332,7 +346,12 @@ def validate(cfg: Config) -> Config:
     _check((m.d_model // m.n_heads) % 2 == 0, "model.n_heads", "d_model / n_heads must be even (rotary embeddings)")
     _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     if isinstance(m.sparse_blocks, str):
-        _check(m.sparse_blocks in ("middle", "all"), "model.sparse_blocks", f"'middle', 'all' or a list of block indices, got {m.sparse_blocks!r}")
+        every = m.sparse_blocks.startswith("every:") and m.sparse_blocks[6:].isdigit() and int(m.sparse_blocks[6:]) > 0
+        _check(m.sparse_blocks in ("middle", "all") or every, "model.sparse_blocks",
+               f"'middle', 'all', 'every:K' (K >= 1) or a list of block indices, got {m.sparse_blocks!r}")
+        if every:
+            _check(int(m.sparse_blocks[6:]) <= m.n_layers, "model.sparse_blocks",
+                   f"{m.sparse_blocks!r} selects no block of model.n_layers={m.n_layers}")
     else:
         for i in m.sparse_blocks:
             _check(0 <= i < m.n_layers, "model.sparse_blocks", f"block {i} is outside 0..{m.n_layers - 1}")
@@ -343,12 +362,17 @@ def validate(cfg: Config) -> Config:
         _check(p.key_dim > 0 and p.key_dim % 2 == 0, "model.peer.key_dim", f"must be a positive even number, got {p.key_dim}")
         _check(p.heads > 0, "model.peer.heads", "must be positive")
         _check(0 < p.topk <= r, "model.peer.topk", f"must be in 1..sqrt(num_experts)={r}, got {p.topk}")
+        _check(p.value_init_scale > 0 and math.isfinite(p.value_init_scale), "model.peer.value_init_scale",
+               f"must be a positive number, got {p.value_init_scale}")
     k = m.pkm
     r = math.isqrt(k.num_memories) if k.num_memories > 0 else 0
     if m.sparse_layer == "pkm":
         _check(k.num_memories > 0 and r * r == k.num_memories, "model.pkm.num_memories", f"must be a perfect square, got {k.num_memories}")
         _check(k.key_dim > 0 and k.key_dim % 2 == 0, "model.pkm.key_dim", f"must be a positive even number, got {k.key_dim}")
         _check(0 < k.topk <= r, "model.pkm.topk", f"must be in 1..sqrt(num_memories)={r}, got {k.topk}")
+    if m.share_experts:
+        _check(m.sparse_layer in ("peer", "pkm"), "model.share_experts",
+               f"shares a PEER or PKM pool; model.sparse_layer is {m.sparse_layer!r}")
     e = m.moe
     if m.sparse_layer == "moe":
         _check(e.num_experts > 0, "model.moe.num_experts", "must be positive")
@@ -368,6 +392,12 @@ def validate(cfg: Config) -> Config:
     _check(0 <= o.beta1 < 1, "optim.beta1", "must be in [0, 1)")
     _check(0 <= o.beta2 < 1, "optim.beta2", "must be in [0, 1)")
     _check(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+    for name in ("expert_lr_mult", "expert_lr_mult_final", "key_lr_mult"):
+        v = getattr(o, name)
+        _check(v >= 0 and math.isfinite(v), f"optim.{name}", f"must be a number >= 0 (0 freezes the group), got {v}")
+    for name in ("weight_decay", "expert_weight_decay", "key_weight_decay"):
+        v = getattr(o, name)
+        _check(v >= 0 and math.isfinite(v), f"optim.{name}", f"must be >= 0, got {v}")
     _check(cfg.data.vocab_size > 0, "data.vocab_size", "must be positive")
     _check(cfg.dist.timeout_s > 0, "dist.timeout_s", "must be positive")
     return cfg

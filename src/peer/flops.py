@@ -36,6 +36,11 @@ parameters one token uses: everything dense (embedding table included), plus for
     PKM   query projection + query norm + all sub-keys + h k d value weights.
     MoE   router + m experts (m as above; rounded to an integer).
 
+Placement and sharing: with ``sparse_placement="beside"`` a sparse block has both rows, its dense
+FFW (``blocks.i.ffn``) and the sparse layer (``blocks.i.mem``), and pays both FLOPs. With
+``share_experts`` the pool (PEER u, v, keys; PKM keys, values) is counted in the first sparse
+block's row only: the others hold their query networks (their FLOPs are unchanged).
+
 Note: ``peer.flops`` (the package attribute) is the function below; import this module's names
 with ``from peer.flops import count_params, FlopReport``.
 """
@@ -161,8 +166,25 @@ def moe_layer(d: int, d_ff: int, m) -> tuple[int, int, float]:
 
 def _ffn_layer(cfg: ModelConfig, block: int) -> tuple[int, int, float]:
     d = cfg.d_model
-    if block not in cfg.sparse_block_ids():
+    if block not in cfg.sparse_block_ids() or cfg.sparse_placement == "beside":
         return dense_ffn_layer(d, cfg.ffn_dim, cfg.ffn_activation)
+    return _sparse_layer(cfg)
+
+
+def _shared_pool(cfg: ModelConfig) -> tuple[int, int]:
+    """(total, active) parameters of the pool that ``share_experts`` shares (counted once)."""
+    d = cfg.d_model
+    if cfg.sparse_layer == "peer":
+        p = cfg.peer
+        keys = (1 if p.shared_keys else p.heads) * _sqrt(p.num_experts, "model.peer.num_experts") * p.key_dim
+        return keys + p.num_experts * (3 if p.glu else 2) * d, keys
+    p = cfg.pkm
+    keys = p.heads * _sqrt(p.num_memories, "model.pkm.num_memories") * p.key_dim
+    return keys + p.num_memories * d, keys
+
+
+def _sparse_layer(cfg: ModelConfig) -> tuple[int, int, float]:
+    d = cfg.d_model
     if cfg.sparse_layer == "peer":
         return peer_layer(d, cfg.peer)
     if cfg.sparse_layer == "pkm":
@@ -191,9 +213,16 @@ def _rows(cfg: ModelConfig, seq_len: int) -> dict[str, tuple[int, int, float]]:
     d, V, L = cfg.d_model, cfg.vocab_size, cfg.n_layers
     t_ctx = (seq_len + 1) / 2  # average causal context of a full sequence
     rows: dict[str, tuple[int, int, float]] = {"tok_emb": (V * d, V * d, 0.0)}
+    sparse = cfg.sparse_block_ids()
     for i in range(L):
         rows[f"blocks.{i}.attn"] = (4 * d * d, 4 * d * d, 2.0 * 4 * d * d + 2.0 * 2 * t_ctx * d)
         rows[f"blocks.{i}.ffn"] = _ffn_layer(cfg, i)
+        if i in sparse and cfg.sparse_placement == "beside":
+            rows[f"blocks.{i}.mem"] = _sparse_layer(cfg)
+        if cfg.share_experts and i in sparse and i != sparse[0]:
+            name = f"blocks.{i}.{'mem' if cfg.sparse_placement == 'beside' else 'ffn'}"
+            (t, a, fl), (pt, pa) = rows[name], _shared_pool(cfg)
+            rows[name] = (t - pt, a - pa, fl)
     norms = (2 * L + 1) * d  # two RMSNorms per block and the final one
     rows["norms"] = (norms, norms, 0.0)
     head = 0 if cfg.tie_embeddings else V * d

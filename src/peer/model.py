@@ -5,6 +5,7 @@
         x = x + attn(RMSNorm(x))                        causal self-attention, rotary q/k, SDPA
         x = x + ffw_b(RMSNorm(x))                       DenseFFN, or PEER / PKM / MoE for b in
                                                         cfg.sparse_block_ids() (paper: the middle block)
+        (cfg.sparse_placement="beside":  h = RMSNorm(x); x = x + DenseFFN(h) + sparse_b(h))
     logits = lm_head(RMSNorm(x))                        lm_head tied to tok_emb when cfg.tie_embeddings
 
 Auxiliary losses (one mechanism): right after a block calls its FFW, it reads
@@ -22,6 +23,10 @@ layer) ~ N(0, 0.02 / sqrt(2 * n_layers)). Sparse layers (PEER / PKM / MoE) keep 
 documented init, with one exception: the PEER output table ``v`` and the PKM value table (the
 sparse layers' residual outputs) are multiplied by 1 / sqrt(2 * n_layers), the same residual-branch
 scaling GPT-2 applies to its output projections.
+
+Shared pool (``cfg.share_experts``): every sparse block keeps its own query network (and norm)
+but uses the first sparse block's expert tables and product keys (one Parameter object, counted
+and stepped once; checkpoints store it once).
 
 KV cache for generation: ``cache = model.new_kv_cache(batch, max_len)``; ``model(idx, kv_cache=cache)``
 treats ``idx`` as the tokens at positions ``cache.length ..``, appends their keys/values and
@@ -122,10 +127,17 @@ class CausalSelfAttention(nn.Module):
 
 
 def make_ffn(cfg: ModelConfig, block_id: int) -> nn.Module:
-    """The FFW of block ``block_id``: the configured sparse layer for ``cfg.sparse_block_ids()``, else DenseFFN."""
+    """The FFW of block ``block_id``: the configured sparse layer for ``cfg.sparse_block_ids()`` (with
+    ``sparse_placement="replace"``), else DenseFFN."""
     d = cfg.d_model
-    if block_id not in cfg.sparse_block_ids():
+    if block_id not in cfg.sparse_block_ids() or cfg.sparse_placement == "beside":
         return DenseFFN(d, cfg.ffn_dim, activation=cfg.ffn_activation)
+    return make_sparse(cfg)
+
+
+def make_sparse(cfg: ModelConfig) -> nn.Module:
+    """The configured sparse layer (PEER / PKM / MoE)."""
+    d = cfg.d_model
     if cfg.sparse_layer == "peer":
         return PEER(d, **vars(cfg.peer))
     if cfg.sparse_layer == "pkm":
@@ -136,7 +148,8 @@ def make_ffn(cfg: ModelConfig, block_id: int) -> nn.Module:
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x)) (+ mem(norm(x)) when a
+    sparse layer sits beside the FFW)."""
 
     def __init__(self, cfg: ModelConfig, block_id: int):
         super().__init__()
@@ -144,12 +157,23 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg, block_id)
         self.norm2 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.ffn = make_ffn(cfg, block_id)
+        beside = cfg.sparse_placement == "beside" and block_id in cfg.sparse_block_ids()
+        self.mem = make_sparse(cfg) if beside else None
         self.ffn_dropout = nn.Dropout(cfg.dropout)
+
+    @property
+    def sparse(self) -> nn.Module:
+        """The block's sparse layer (``mem`` beside the FFW, else the FFW itself)."""
+        return self.mem if self.mem is not None else self.ffn
 
     def forward(self, x, cos, sin, cache=None, start=0) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = x + self.attn(self.norm1(x), cos, sin, cache, start)
-        x = x + self.ffn_dropout(self.ffn(self.norm2(x)))
-        return x, getattr(self.ffn, "aux_loss", None)  # set by the FFW during this forward (if any)
+        h = self.norm2(x)
+        y = self.ffn(h)
+        if self.mem is not None:
+            y = y + self.mem(h)
+        x = x + self.ffn_dropout(y)
+        return x, getattr(self.sparse, "aux_loss", None)  # set by the sparse FFW during this forward (if any)
 
 
 # --------------------------------------------------------------------------------------
@@ -169,6 +193,8 @@ class PeerLM(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.emb_dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        if cfg.share_experts:
+            _share_pool(list(self.sparse_layers().values()))
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -191,20 +217,23 @@ class PeerLM(nn.Module):
         for m in (self.tok_emb, self.lm_head, *(b.attn for b in self.blocks)):
             for mm in m.modules():
                 _init_gpt2(mm)
+        scaled: set[int] = set()  # a shared pool's table is scaled once
         for block in self.blocks:
             nn.init.normal_(block.attn.proj.weight, std=0.02 * scale)
-            if block.ffn in sparse:
-                table = _sparse_output_table(block.ffn)
-                if table is not None:
-                    table.mul_(scale)
-            else:
+            if block.ffn not in sparse:
                 out = _dense_output_linear(block.ffn)
                 nn.init.normal_(out.weight, std=0.02 * scale)
+            if block.sparse in sparse:
+                table = _sparse_output_table(block.sparse)
+                if table is not None and id(table) not in scaled:
+                    scaled.add(id(table))
+                    table.mul_(scale)
 
     # ------------------------------------------------------------------ API
     def sparse_layers(self) -> dict[str, nn.Module]:
         """name (as in ``named_modules``) -> PEER / PKM / MoE module, for the blocks in ``cfg.sparse_block_ids()``."""
-        return {f"blocks.{i}.ffn": self.blocks[i].ffn for i in self.config.sparse_block_ids()}
+        where = "mem" if self.config.sparse_placement == "beside" else "ffn"
+        return {f"blocks.{i}.{where}": self.blocks[i].sparse for i in self.config.sparse_block_ids()}
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
         """An empty KV cache for ``batch_size`` sequences of up to ``max_len`` (<= max_seq_len) positions."""
@@ -289,6 +318,16 @@ def _dense_output_linear(ffn: nn.Module) -> nn.Linear:
     if not isinstance(out, nn.Linear):
         raise ValueError(f"{type(ffn).__name__} has no Linear output layer 'w2'")
     return out
+
+
+def _share_pool(layers: list[nn.Module]) -> None:
+    """Point every layer's expert tables and product keys at the first layer's (see module docstring)."""
+    first = layers[0]
+    names = ("u", "v", "gate", "index") if isinstance(first, PEER) else ("index", "values")
+    for layer in layers[1:]:
+        for name in names:
+            if getattr(first, name, None) is not None:
+                setattr(layer, name, getattr(first, name))
 
 
 def _sparse_output_table(ffn: nn.Module) -> torch.Tensor | None:

@@ -35,7 +35,7 @@ def reference_loop(layer, x):
         for h in range(layer.heads):
             s = K[h] @ layer_eval_q[t, h]  # eq. 1: q(x)^T k_i for all i
             top, ids = s.topk(layer.topk)
-            g = top.softmax(0) if layer.score == "softmax" else top.sigmoid()  # eq. 2
+            g = {"softmax": lambda t: t.softmax(0), "sigmoid": torch.sigmoid, "relu": torch.relu}[layer.score](top)  # eq. 2
             for j, i in enumerate(ids.tolist()):
                 if layer.glu:
                     e = act(layer.gate[i] @ x[t]) * (layer.u[i] @ x[t]) * layer.v[i]
@@ -65,6 +65,24 @@ def test_sigmoid_weights():
     top, ids = brute_force(layer, x)
     assert torch.equal(idx, ids)
     assert torch.allclose(g, top.sigmoid(), atol=1e-6)
+
+
+def test_relu_weights_and_output():
+    """score="relu": g = max(0, q . k) of the retrieved scores, and the output follows eqs. 3, 6, 7 with it."""
+    layer = make(n=3, topk=3, score="relu").eval()  # top 3 of 9: some retrieved scores are negative
+    x = torch.randn(20, 16)
+    g, idx = layer.retrieve(x)
+    top, ids = brute_force(layer, x)
+    assert torch.equal(idx, ids)
+    assert torch.allclose(g, top.relu(), atol=1e-6)
+    assert (g == 0).any() and (g > 0).any()  # some retrieved scores are negative at init
+    assert torch.allclose(layer(x), reference_loop(layer, x), atol=1e-5)
+
+
+def test_value_init_scale_scales_only_v():
+    a, b = make(n=16, seed=3), make(n=16, seed=3, value_init_scale=0.25)
+    assert torch.equal(a.u, b.u) and torch.equal(a.query_proj.weight, b.query_proj.weight)
+    assert torch.allclose(b.v, 0.25 * a.v)
 
 
 def test_expert_id_convention():
@@ -178,7 +196,8 @@ def test_output_variance_order_one_at_init(n, heads, topk, score):
         (dict(key_dim=7), "key_dim"),
         (dict(num_experts=16, topk=5), "topk"),
         (dict(activation="tanh"), "activation"),
-        (dict(score="relu"), "score"),
+        (dict(score="tanh"), "score"),
+        (dict(value_init_scale=0.0), "value_init_scale"),
         (dict(query_norm="groupnorm"), "query_norm"),
         (dict(heads=0), "heads"),
         (dict(backend="cuda"), "backend"),

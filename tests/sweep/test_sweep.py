@@ -7,6 +7,8 @@ import pytest
 from peer.config import ConfigError
 from peer.flops import train_flops_per_step
 from peer.sweep import compute_optimal, load_sweep, method_ordering, plan, table1_markdown
+from peer.sweep.analysis import aggregate
+from peer.sweep.runner import collect
 
 SWEEP = """
 [sweep]
@@ -94,4 +96,62 @@ def test_compute_optimal_selection():
     assert order[1e12]["eval_ood"] == ["peer", "dense"]  # 35 (peer's optimal) < 41 (dense's optimal)
     assert order[1e13]["val"] == ["dense", "peer"]
     md = table1_markdown(results)
-    assert "**24.00**" in md and "25.00" in md and "**20.00**" in md
+    assert "**24.00 (1)**" in md and "25.00 (1)" in md and "**20.00 (1)**" in md
+
+
+def test_seeds_plan_one_run_per_seed(tmp_path):
+    p = tmp_path / "s.toml"
+    p.write_text(SWEEP.format(out=tmp_path / "res").replace('min_steps = 10', 'min_steps = 10\nseeds = [0, 3]'))
+    spec = load_sweep(p)
+    runs = [r for r in plan(spec) if not r.skipped]
+    ids = {r.run_id for r in runs}
+    assert "1e11/dense/small/seed0" in ids and "1e11/dense/small/seed3" in ids
+    for r in runs:
+        assert r.config.train.seed == r.seed and r.config.train.out_dir.endswith(f"/seed{r.seed}")
+        assert r.run_id == f"{r.point_id}/seed{r.seed}"
+    # the seeds of one point train the same model for the same steps
+    a, b = (next(r for r in runs if r.run_id == f"1e11/dense/small/seed{s}") for s in (0, 3))
+    assert a.steps == b.steps and a.config.model == b.config.model
+    # a sweep without seeds keeps the plain layout (no /seed<S>)
+    q = tmp_path / "plain.toml"
+    q.write_text(SWEEP.format(out=tmp_path / "res"))
+    assert all(r.run_id == r.point_id and r.seed == 0 for r in plan(load_sweep(q)))
+
+
+def test_bad_seeds(tmp_path):
+    for bad in ("[]", "[1, 1]", "[-1]", '["a"]', "3"):
+        p = tmp_path / "s.toml"
+        p.write_text(SWEEP.format(out=tmp_path / "res").replace('min_steps = 10', f'min_steps = 10\nseeds = {bad}'))
+        with pytest.raises(ConfigError, match="sweep.seeds"):
+            load_sweep(p)
+
+
+def test_collect_reads_seed_dirs(tmp_path):
+    import json
+    p = tmp_path / "s.toml"
+    p.write_text(SWEEP.format(out=tmp_path / "res").replace('min_steps = 10', 'min_steps = 10\nseeds = [0, 1]'))
+    spec = load_sweep(p)
+    for seed, ppl in ((0, 30.0), (1, 34.0), (2, 1.0)):  # seed 2 is not in this sweep
+        d = tmp_path / "res" / "1e11" / "dense" / "small" / f"seed{seed}"
+        d.mkdir(parents=True)
+        (d / "result.json").write_text(json.dumps(dict(_res(1e11, "dense", "small", ppl), seed=seed,
+                                                        run_id=f"1e11/dense/small/seed{seed}")))
+    got = collect(spec)
+    assert sorted(r["seed"] for r in got) == [0, 1]
+    (point,) = aggregate(got)
+    assert point["perplexity"]["val"] == 32.0 and point["n"]["val"] == 2
+    assert math.isclose(point["perplexity_std"]["val"], math.sqrt(8.0))
+
+
+def test_compute_optimal_uses_the_seed_mean():
+    """A size with one lucky seed but a worse mean must lose to the size with the better mean."""
+    runs = [dict(_res(1e12, "peer", "a", p), seed=i) for i, p in enumerate([20.0, 40.0, 42.0])]  # mean 34
+    runs += [dict(_res(1e12, "peer", "b", p), seed=i) for i, p in enumerate([30.0, 31.0, 32.0])]  # mean 31
+    best = compute_optimal(runs)
+    assert best[(1e12, "peer")]["size"] == "b"
+    assert best[(1e12, "peer")]["perplexity"]["val"] == 31.0
+    assert best[(1e12, "peer")]["seeds"] == [0, 1, 2]
+    md = table1_markdown(runs)
+    assert "31.00 ± 1.00 (3)" in md
+    order = method_ordering(runs)
+    assert order[1e12]["val"] == ["peer"]

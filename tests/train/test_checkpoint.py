@@ -40,6 +40,20 @@ def test_round_trip_keeps_weights_and_tying(tmp_path):
     assert b.lm_head.weight.data_ptr() == b.tok_emb.weight.data_ptr()  # still tied after loading
 
 
+def test_round_trip_keeps_a_shared_expert_pool(tmp_path):
+    cfg = _cfg("model.sparse_layer=peer", "model.n_layers=3", "model.sparse_blocks=all", "model.share_experts=true")
+    torch.manual_seed(0)
+    a = PeerLM(cfg.model)
+    ck = _save(tmp_path, a, cfg, 1)
+    torch.manual_seed(1)
+    b = PeerLM(cfg.model)
+    load_model_weights(ck, b)
+    for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), n
+    layers = list(b.sparse_layers().values())
+    assert all(m.u.data_ptr() == layers[0].u.data_ptr() and m.v is layers[0].v for m in layers)
+
+
 def test_state_round_trip_with_numpy(tmp_path):
     cfg = _cfg()
     model = PeerLM(cfg.model)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from peer.train.schedule import Schedule, lr_factor
+from peer.train.schedule import Schedule, expert_mult, lr_factor
 
 
 def test_warmup_is_linear_and_reaches_one():
@@ -46,3 +46,33 @@ def test_apply_uses_group_multipliers():
     assert lr == pytest.approx(2e-3 * 0.55)
     assert opt.param_groups[0]["lr"] == pytest.approx(2e-3 * 0.55)
     assert opt.param_groups[1]["lr"] == pytest.approx(2e-2 * 0.55)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_expert_multiplier_decays_from_start_to_final(kind):
+    vals = [expert_mult(s, 11, 10.0, 1.0, kind) for s in range(11)]
+    assert vals[0] == 10.0 and math.isclose(vals[-1], 1.0)
+    assert all(a > b for a, b in zip(vals, vals[1:]))  # strictly decreasing
+    mid = 5.5 if kind == "linear" else 5.5  # both pass the midpoint at half the run
+    assert math.isclose(vals[5], mid)
+    if kind == "cosine":
+        assert vals[1] > 1.0 + 9.0 * 0.9  # cosine stays high longer than linear at the start
+    assert expert_mult(3, 11, 10.0, 1.0, "constant") == 10.0
+
+
+def test_apply_decays_only_the_expert_group():
+    from peer.config import load_config
+    cfg = load_config(None, ["optim.expert_lr_mult=8", "optim.expert_lr_mult_schedule=linear",
+                             "optim.expert_lr_mult_final=2", "optim.key_lr_mult=3", "optim.warmup_steps=0",
+                             "optim.min_lr_ratio=1.0", "optim.lr=0.1"])
+    p = [torch.nn.Parameter(torch.zeros(2)) for _ in range(3)]
+    opt = torch.optim.AdamW([{"params": [p[0]], "name": "experts", "lr_mult": 8.0},
+                             {"params": [p[1]], "name": "keys", "lr_mult": 3.0},
+                             {"params": [p[2]], "name": "decay", "lr_mult": 1.0}])
+    sched = Schedule.from_config(cfg.optim, 5)
+    lrs = []
+    for step in range(5):
+        sched.apply(opt, step)
+        lrs.append([g["lr"] for g in opt.param_groups])
+    assert [round(r[0], 6) for r in lrs] == [0.8, 0.65, 0.5, 0.35, 0.2]
+    assert all(math.isclose(r[1], 0.3) and math.isclose(r[2], 0.1) for r in lrs)

@@ -3,6 +3,7 @@
     f(x) = sum_{heads h} sum_{i in I_h(x)} g_i(x) e_i(x)                        (eqs. 3, 7)
     I_h(x) = top-k_i { q_h(x)^T k_i },  k_i = [c_a; c'_b]  (product keys)      (eqs. 1, 4, 5)
     g_i(x) = softmax or sigmoid of q_h(x)^T k_i over the k retrieved i          (eq. 2)
+             (or ReLU, as Csordas et al. 2023 found better for PKM: g_i = max(0, q^T k_i))
     e_i(x) = act(u_i^T x) v_i                                                    (eq. 6)
 
 Initialisation (keeps Var[y] ~ Var[x] ~ 1 at init for any N, h, k):
@@ -10,8 +11,9 @@ Initialisation (keeps Var[y] ~ Var[x] ~ 1 at init for any N, h, k):
 - sub-keys ~ N(0, 1/key_dim), so a unit query scores ~N(0, 1) against a full key;
 - u_i ~ N(0, 1/d): u_i . x ~ N(0, 1) for unit-variance x (and so does a GLU gate);
 - v_i ~ N(0, 1/(h * S * E[act(z)^2])), z ~ N(0, 1), where S = sum_j g_j^2 over a head's top-k
-  (1/k for softmax over near-equal top scores, k for sigmoid of the top scores): each output
-  coordinate is a sum of h*k terms g_j act_j v_j, whose variance is then ~1.
+  (1/k for softmax over near-equal top scores, k for sigmoid or ReLU of the top scores): each output
+  coordinate is a sum of h*k terms g_j act_j v_j, whose variance is then ~1. ``value_init_scale``
+  multiplies that std (the LM further scales v by 1/sqrt(2 n_layers); see peer.model).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from .kernels.workspace import advise_hugepages
 __all__ = ["PEER", "make_query_norm"]
 
 _ACTS = ("gelu", "relu")
-_SCORES = ("softmax", "sigmoid")
+_SCORES = ("softmax", "sigmoid", "relu")
 _NORMS = ("batchnorm", "layernorm", "none")
 _BACKENDS = ("auto", "reference", "fused", "triton")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, torch.float32: torch.float32, torch.bfloat16: torch.bfloat16}
@@ -63,12 +65,13 @@ class PEER(nn.Module):
         topk: k experts per head; at most sqrt(N).
         key_dim: query/key width (even: it splits in two halves).
         activation: "gelu" or "relu" (sigma of eq. 6).
-        score: "softmax" (paper default) or "sigmoid" router scores over each head's top-k (eq. 2).
+        score: "softmax" (paper default), "sigmoid" or "relu" router scores over each head's top-k (eq. 2).
         query_norm: "batchnorm" (paper), "layernorm" or "none".
         shared_keys: one set of product keys for all heads (paper); False gives each head its own.
         glu: GLU experts: ``act(w_i . x) * (u_i . x) * v_i`` with an extra gate table w.
         backend: expert-mix kernel, see :func:`peer.layers.kernels.expert_mix`.
         table_dtype: storage dtype of u, v (and gate): float32 or bfloat16 (accumulation stays fp32).
+        value_init_scale: multiplies the init std of the output table v (default 1).
     """
 
     def __init__(
@@ -85,6 +88,7 @@ class PEER(nn.Module):
         glu: bool = False,
         backend: str = "auto",
         table_dtype: str | torch.dtype = "float32",
+        value_init_scale: float = 1.0,
     ):
         super().__init__()
         if not isinstance(dim, int) or dim <= 0:
@@ -102,6 +106,8 @@ class PEER(nn.Module):
         if table_dtype not in _DTYPES:
             raise ValueError(f"table_dtype must be one of 'float32', 'bfloat16', got {table_dtype!r}")
         tdtype = _DTYPES[table_dtype]
+        if not isinstance(value_init_scale, (int, float)) or not math.isfinite(value_init_scale) or value_init_scale <= 0:
+            raise ValueError(f"value_init_scale must be a positive number, got {value_init_scale!r}")
         self.dim, self.num_experts, self.heads, self.topk, self.key_dim = dim, num_experts, heads, topk, key_dim
         self.shared_keys, self.glu, self.query_norm_kind = bool(shared_keys), bool(glu), query_norm
 
@@ -112,7 +118,7 @@ class PEER(nn.Module):
         self.index = ProductKeyIndex(num_experts, key_dim, groups=1 if shared_keys else heads)
         # eq. 6: expert i is the neuron (u_i, v_i); GLU adds a gate vector per expert
         s = (1.0 / topk) if score == "softmax" else float(topk)
-        v_std = 1.0 / math.sqrt(heads * s * _ACT_SECOND_MOMENT[activation])
+        v_std = value_init_scale / math.sqrt(heads * s * _ACT_SECOND_MOMENT[activation])
         self.u = nn.Parameter(_normal(num_experts, dim, 1.0 / math.sqrt(dim), tdtype))
         self.v = nn.Parameter(_normal(num_experts, dim, v_std, tdtype))
         self.gate = nn.Parameter(_normal(num_experts, dim, 1.0 / math.sqrt(dim), tdtype)) if glu else None
@@ -163,7 +169,10 @@ class PEER(nn.Module):
     def _retrieve(self, xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q = self._query(xf)
         scores, idx = self.index.topk(q.float(), self.topk)  # eqs. 1, 4, 5: exact top-k over N keys
-        g = scores.softmax(dim=-1) if self.score == "softmax" else scores.sigmoid()  # eq. 2, per head
+        if self.score == "softmax":  # eq. 2, per head
+            g = scores.softmax(dim=-1)
+        else:
+            g = scores.sigmoid() if self.score == "sigmoid" else scores.relu()
         return g, idx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,17 +1,71 @@
-"""Compute-optimal selection and the paper's tables from sweep results (pure functions, no plotting)."""
+"""Compute-optimal selection and the paper's tables from sweep results (pure functions, no plotting).
+
+Seeds: the runs of one (budget, variant, size) point with different ``train.seed`` are first
+merged by :func:`aggregate` into one point whose ``perplexity`` is the mean over seeds, with
+``perplexity_std`` (sample std, ddof=1; 0 for one seed) and ``n``. Compute-optimal points are
+chosen on that mean; every table prints ``mean ± std (n)``.
+"""
 
 from __future__ import annotations
 
 import math
+import statistics
 
-__all__ = ["compute_optimal", "table1_markdown", "ablation_markdown", "method_ordering"]
+__all__ = ["aggregate", "compute_optimal", "table1_markdown", "ablation_markdown", "method_ordering", "fmt_ppl"]
+
+
+def _point_key(r: dict) -> tuple:
+    return (r["budget"], r["variant"], r["size"])
+
+
+def aggregate(results: list[dict]) -> list[dict]:
+    """One entry per (budget, variant, size): ``perplexity`` = mean over its seeds, ``perplexity_std``,
+    ``n``, ``seeds``, and expert usage/unevenness averaged per layer. Already aggregated entries pass through."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault(_point_key(r), []).append(r)
+    out = []
+    for key, runs in groups.items():
+        if len(runs) == 1 and "n" in runs[0]:
+            out.append(runs[0])
+            continue
+        runs = sorted(runs, key=lambda r: r.get("seed", 0))
+        sets = sorted({s for r in runs for s in r.get("perplexity", {})})
+        mean, std, n = {}, {}, {}
+        for s in sets:
+            vals = [r["perplexity"][s] for r in runs if s in r.get("perplexity", {})]
+            mean[s] = statistics.fmean(vals)
+            std[s] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            n[s] = len(vals)
+        experts = {}
+        for layer in sorted({name for r in runs for name in (r.get("experts") or {})}):
+            es = [r["experts"][layer] for r in runs if layer in (r.get("experts") or {})]
+            experts[layer] = {k: statistics.fmean(e[k] for e in es) for k in ("usage", "unevenness") if all(k in e for e in es)}
+        point = dict(runs[0])
+        point.update(perplexity=mean, perplexity_std=std, n=n, seeds=[r.get("seed", 0) for r in runs],
+                     experts=experts, runs=[r.get("run_id") for r in runs],
+                     train_seconds=statistics.fmean(r.get("train_seconds", 0.0) for r in runs))
+        point.pop("eval", None)
+        out.append(point)
+    return out
+
+
+def fmt_ppl(point: dict, s: str) -> str:
+    """``mean ± std (n)`` of a point's perplexity on set ``s`` (``-`` when missing)."""
+    p = point.get("perplexity", {}).get(s)
+    if p is None:
+        return "-"
+    n = point.get("n", {}).get(s, 1)
+    sd = point.get("perplexity_std", {}).get(s, 0.0)
+    return f"{p:.2f} ± {sd:.2f} ({n})" if n > 1 else f"{p:.2f} (1)"
 
 
 def compute_optimal(results: list[dict], metric_set: str = "val") -> dict[tuple[float, str], dict]:
-    """For each (budget, variant), the run with the lowest perplexity on ``metric_set`` (the paper's
-    compute-optimal model at that budget). Runs without that set, or with a non-finite value, are ignored."""
+    """For each (budget, variant), the point (size) with the lowest mean perplexity over seeds on
+    ``metric_set`` (the paper's compute-optimal model at that budget). Points without that set, or
+    with a non-finite value, are ignored."""
     best: dict[tuple[float, str], dict] = {}
-    for r in results:
+    for r in aggregate(results):
         ppl = r.get("perplexity", {}).get(metric_set)
         if ppl is None or not math.isfinite(ppl):
             continue
@@ -57,7 +111,7 @@ def table1_markdown(results: list[dict], metric_set: str = "val", order: list[st
             cells = []
             for s in sets:
                 p = r["perplexity"].get(s)
-                txt = "-" if p is None else f"{p:.2f}"
+                txt = fmt_ppl(r, s)
                 cells.append(f"**{txt}**" if p is not None and p == cols[s] else txt)
             lines.append(f"| {_fmt_budget(budget)} | {v} | {r['size']} ({r['params_active']:,}) | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -66,10 +120,11 @@ def table1_markdown(results: list[dict], metric_set: str = "val", order: list[st
 def ablation_markdown(results: list[dict], metric_set: str = "val") -> str:
     """One row per variant (best size per budget): perplexity, and expert usage/unevenness per sparse layer."""
     best = compute_optimal(results, metric_set)
-    lines = ["| budget | variant | size | ppl (" + metric_set + ") | usage % | unevenness |", "|---|---|---|---|---|---|"]
+    lines = ["| budget | variant | size | ppl (" + metric_set + "), mean ± std (seeds) | usage % | unevenness |",
+             "|---|---|---|---|---|---|"]
     for (budget, v), r in sorted(best.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         ex = list((r.get("experts") or {}).values())
         usage = ", ".join(f"{100 * e['usage']:.1f}" for e in ex) or "-"
         uneven = ", ".join(f"{e['unevenness']:.2f}" for e in ex) or "-"
-        lines.append(f"| {_fmt_budget(budget)} | {v} | {r['size']} | {r['perplexity'][metric_set]:.2f} | {usage} | {uneven} |")
+        lines.append(f"| {_fmt_budget(budget)} | {v} | {r['size']} | {fmt_ppl(r, metric_set)} | {usage} | {uneven} |")
     return "\n".join(lines) + "\n"

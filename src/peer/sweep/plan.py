@@ -11,6 +11,8 @@ compute-optimal (lowest validation perplexity) model. A sweep file says:
     max_params = 0                    # 0: no limit on active params
     base = "configs/sweep_base.toml"  # optional: a Config TOML every run starts from
     set = ["train.batch_size=16"]     # optional: overrides applied to every run
+    seeds = [0, 1, 2]                 # optional: every point trained once per seed (train.seed);
+                                      # run dirs then end in /seed<S>; tables give mean ± std (n)
 
     [[sizes]]                          # the backbone family (what the paper varies for dense)
     name = "d128_l4"
@@ -50,6 +52,8 @@ class SweepSpec:
     parallel: int = 1
     eval_batches: int = 40
     source: str = ""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    seeded: bool = False  # the sweep file lists seeds: run ids and dirs carry /seed<S>
 
     @property
     def root(self) -> Path:
@@ -70,10 +74,17 @@ class PlannedRun:
     params_total: int
     params_active: int
     skipped: str = ""  # why the run is not trained ("" = it is)
+    seed: int = 0
+    seeded: bool = False
+
+    @property
+    def point_id(self) -> str:
+        """The (budget, variant, size) point; its seeds share it."""
+        return f"{budget_label(self.budget)}/{self.variant}/{self.size}"
 
     @property
     def run_id(self) -> str:
-        return f"{budget_label(self.budget)}/{self.variant}/{self.size}"
+        return f"{self.point_id}/seed{self.seed}" if self.seeded else self.point_id
 
 
 def budget_label(budget: float) -> str:
@@ -100,7 +111,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
         if key not in known:
             raise ConfigError(f"{key}: unknown section; known sections: {', '.join(sorted(known))}")
     s = data.get("sweep", {})
-    allowed = {"name", "budgets", "base", "set", "min_steps", "max_params", "out_dir", "parallel", "eval_batches"}
+    allowed = {"name", "budgets", "base", "set", "min_steps", "max_params", "out_dir", "parallel", "eval_batches", "seeds"}
     for key in s:
         if key not in allowed:
             raise ConfigError(f"sweep.{key}: unknown setting; known: {', '.join(sorted(allowed))}")
@@ -121,12 +132,16 @@ def load_sweep(path: str | Path) -> SweepSpec:
         variants[name] = _str_list(entry.get("set"), f"variants.{name}.set")
     if not variants:
         raise ConfigError("variants: at least one [variants.NAME] table is required")
+    seeds = s.get("seeds", [0])
+    if (not isinstance(seeds, list) or not seeds or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in seeds)
+            or len(set(seeds)) != len(seeds)):
+        raise ConfigError(f"sweep.seeds: expected a non-empty list of distinct integers >= 0, got {seeds!r}")
     spec = SweepSpec(
         name=str(s.get("name", p.stem)), budgets=[float(b) for b in budgets], sizes=sizes, variants=variants,
         base=str(s.get("base", "")), overrides=_str_list(s.get("set"), "sweep.set"),
         min_steps=int(s.get("min_steps", 20)), max_params=int(s.get("max_params", 0)),
         out_dir=str(s.get("out_dir", "")), parallel=int(s.get("parallel", 1)),
-        eval_batches=int(s.get("eval_batches", 40)), source=str(p),
+        eval_batches=int(s.get("eval_batches", 40)), source=str(p), seeds=list(seeds), seeded="seeds" in s,
     )
     if spec.parallel < 1:
         raise ConfigError("sweep.parallel: must be >= 1")
@@ -136,38 +151,47 @@ def load_sweep(path: str | Path) -> SweepSpec:
 
 
 def plan(spec: SweepSpec) -> list[PlannedRun]:
-    """Every (budget, variant, size) with its step count; runs too big for the budget are marked skipped."""
+    """Every (budget, variant, size, seed) with its step count; runs too big for the budget are marked skipped."""
     base = load_config(spec.base or None)
     runs = []
     for budget in spec.budgets:
         for variant, vset in spec.variants.items():
             for size, sset in spec.sizes.items():
-                where = f"budget {budget_label(budget)}, variant {variant!r}, size {size!r}"
-                try:
-                    cfg = apply_overrides(base, [*spec.overrides, *sset, *vset, "train.steps=1"])
-                except ConfigError as e:
-                    raise ConfigError(f"{where}: {e}") from None
-                per_step = train_flops_per_step(cfg)
-                steps = int(math.floor(budget / per_step))
-                pc = count_params(cfg.model)
-                skipped = ""
-                if steps < spec.min_steps:
-                    skipped = f"only {steps} steps at this budget (< min_steps={spec.min_steps})"
-                elif spec.max_params and pc.active > spec.max_params:
-                    skipped = f"{pc.active} active params > max_params={spec.max_params}"
-                run_dir = spec.root / budget_label(budget) / variant / size
-                cfg = apply_overrides(cfg, [f"train.steps={max(steps, 1)}", "train.flops=0",
-                                            f"train.out_dir={run_dir.as_posix()}"])
-                tokens = steps * cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len
-                runs.append(PlannedRun(budget, variant, size, cfg, steps, per_step, tokens, pc.total, pc.active, skipped))
+                for seed in spec.seeds:
+                    runs.append(_plan_one(spec, base, budget, variant, vset, size, sset, seed))
     return runs
+
+
+def _plan_one(spec: SweepSpec, base: Config, budget: float, variant: str, vset: list[str], size: str,
+              sset: list[str], seed: int) -> PlannedRun:
+    where = f"budget {budget_label(budget)}, variant {variant!r}, size {size!r}"
+    try:
+        cfg = apply_overrides(base, [*spec.overrides, *sset, *vset, "train.steps=1", f"train.seed={seed}"])
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    per_step = train_flops_per_step(cfg)
+    steps = int(math.floor(budget / per_step))
+    pc = count_params(cfg.model)
+    skipped = ""
+    if steps < spec.min_steps:
+        skipped = f"only {steps} steps at this budget (< min_steps={spec.min_steps})"
+    elif spec.max_params and pc.active > spec.max_params:
+        skipped = f"{pc.active} active params > max_params={spec.max_params}"
+    run_dir = spec.root / budget_label(budget) / variant / size
+    if spec.seeded:
+        run_dir = run_dir / f"seed{seed}"
+    cfg = apply_overrides(cfg, [f"train.steps={max(steps, 1)}", "train.flops=0",
+                                f"train.out_dir={run_dir.as_posix()}"])
+    tokens = steps * cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len
+    return PlannedRun(budget, variant, size, cfg, steps, per_step, tokens, pc.total, pc.active, skipped,
+                      seed=seed, seeded=spec.seeded)
 
 
 def plan_table(runs: list[PlannedRun]) -> str:
     """A readable table of the plan: sizes, steps and tokens per budget and variant."""
-    head = f"{'budget':>8} {'variant':<14} {'size':<12} {'params':>10} {'active':>10} {'steps':>7} {'tokens':>11}  note"
+    head = f"{'budget':>8} {'variant':<14} {'size':<12} {'seed':>4} {'params':>10} {'active':>10} {'steps':>7} {'tokens':>11}  note"
     lines = [head, "-" * len(head)]
     for r in runs:
-        lines.append(f"{budget_label(r.budget):>8} {r.variant:<14} {r.size:<12} {r.params_total:>10,} "
+        lines.append(f"{budget_label(r.budget):>8} {r.variant:<14} {r.size:<12} {r.seed:>4} {r.params_total:>10,} "
                      f"{r.params_active:>10,} {r.steps:>7} {r.tokens:>11,}  {r.skipped}")
     return "\n".join(lines)

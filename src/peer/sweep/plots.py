@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .analysis import compute_optimal
+from .analysis import aggregate, compute_optimal
 
 __all__ = ["isoflop_figure"]
 
@@ -12,18 +12,20 @@ _MARKERS = {"dense": "o", "moe": "s", "pkm": "^", "peer": "D"}
 
 
 def isoflop_figure(results: list[dict], out: Path, metric_set: str = "val", x: str = "params_active") -> dict:
-    """One curve per (method, budget): perplexity on ``metric_set`` against ``x`` (active parameters by
-    default), compute-optimal points circled. Returns the plotted series for checking."""
+    """One curve per (method, budget): mean perplexity over seeds on ``metric_set`` against ``x`` (active
+    parameters by default), error bars of one std where a point has several seeds, compute-optimal
+    points circled. Returns the plotted series (x, mean, std) for checking."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series: dict[tuple[float, str], list[tuple[float, float]]] = {}
-    for r in results:
+    series: dict[tuple[float, str], list[tuple[float, float, float]]] = {}
+    for r in aggregate(results):
         p = r.get("perplexity", {}).get(metric_set)
         if p is not None:
-            series.setdefault((r["budget"], r["variant"]), []).append((r[x], p))
+            sd = r.get("perplexity_std", {}).get(metric_set, 0.0)
+            series.setdefault((r["budget"], r["variant"]), []).append((r[x], p, sd))
     for k in series:
         series[k].sort()
     best = compute_optimal(results, metric_set)
@@ -33,17 +35,18 @@ def isoflop_figure(results: list[dict], out: Path, metric_set: str = "val", x: s
     variants = sorted({v for _, v in series})
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (b, v), pts in sorted(series.items()):
-        xs, ys = zip(*pts)
+        xs, ys, sds = zip(*pts)
         ls = styles[budgets.index(b) % len(styles)]
         c = colors[variants.index(v) % len(colors)]
-        ax.plot(xs, ys, ls, marker=_MARKERS.get(v, "o"), color=c, label=f"{v} @ {b:.0e} FLOPs")
+        ax.errorbar(xs, ys, yerr=sds if any(sds) else None, fmt=ls, marker=_MARKERS.get(v, "o"), color=c,
+                    capsize=3, label=f"{v} @ {b:.0e} FLOPs")
         opt = best.get((b, v))
         if opt is not None:
             ax.scatter([opt[x]], [opt["perplexity"][metric_set]], s=180, facecolors="none", edgecolors=c, linewidths=2)
     ax.set_xscale("log")
     ax.set_xlabel("active parameters" if x == "params_active" else x)
     ax.set_ylabel(f"perplexity ({metric_set})")
-    ax.set_title("isoFLOP curves (circles: compute-optimal)")
+    ax.set_title("isoFLOP curves (mean ± std over seeds; circles: compute-optimal)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()

@@ -49,7 +49,8 @@ def run_one(config: dict, eval_batches: int, record: dict) -> dict:
 
 
 def _record(r: PlannedRun) -> dict:
-    return dict(run_id=r.run_id, budget=r.budget, variant=r.variant, size=r.size, steps=r.steps,
+    return dict(run_id=r.run_id, point_id=r.point_id, seed=r.seed, budget=r.budget, variant=r.variant, size=r.size,
+                steps=r.steps,
                 tokens=r.tokens, flops_per_step=r.flops_per_step, flops=r.steps * r.flops_per_step,
                 params_total=r.params_total, params_active=r.params_active,
                 d_model=r.config.model.d_model, n_layers=r.config.model.n_layers)
@@ -110,12 +111,18 @@ def _ensure_corpus(corpus: str, vocab_size: int, log) -> None:
 
 
 def collect(spec: SweepSpec) -> list[dict]:
-    """Every finished run of this sweep (sweeps may share a root and reuse each other's runs)."""
-    wanted = {f"{budget_label(b)}/{v}/{s}" for b in spec.budgets for v in spec.variants for s in spec.sizes}
+    """Every finished run of this sweep (sweeps may share a root and reuse each other's runs).
+
+    Runs of a seeded sweep live in ``<point>/seed<S>/``; a sweep without ``seeds`` reads the plain
+    ``<point>/`` layout. Results written before seeds existed count as seed 0 of their point."""
+    points = {f"{budget_label(b)}/{v}/{s}" for b in spec.budgets for v in spec.variants for s in spec.sizes}
+    wanted = {f"{p}/seed{seed}" for p in points for seed in spec.seeds} if spec.seeded else points
     out = []
-    for p in sorted(spec.root.glob("*/*/*/result.json")):
+    for p in sorted([*spec.root.glob("*/*/*/result.json"), *spec.root.glob("*/*/*/seed*/result.json")]):
         r = json.loads(p.read_text())
         if r.get("run_id") in wanted:
+            r.setdefault("seed", 0)
+            r.setdefault("point_id", r["run_id"].rsplit("/seed", 1)[0] if spec.seeded else r["run_id"])
             out.append(r)
     return out
 
@@ -125,7 +132,7 @@ def write_tables(spec: SweepSpec, results: list[dict]) -> None:
     root = spec.root
     _atomic_write(root / f"{spec.name}_results.json", json.dumps(results, indent=2))
     sets = sorted({s for r in results for s in r.get("perplexity", {})})
-    cols = ["run_id", "budget", "variant", "size", "d_model", "n_layers", "params_total", "params_active",
+    cols = ["run_id", "seed", "budget", "variant", "size", "d_model", "n_layers", "params_total", "params_active",
             "steps", "tokens", "flops", "train_seconds"]
     tmp = root / f"{spec.name}_results.csv.tmp"
     with open(tmp, "w", newline="") as fh:
