@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from .config import Config, ConfigError, load_config
+from .fsutil import atomic_write_text
 
 __all__ = ["DEFAULT_BUDGET", "MODELS", "plan", "main_job", "format_table", "format_markdown", "add_arguments", "run"]
 
@@ -52,21 +50,6 @@ def _configs_dir() -> Path:
 
 def _say(msg: str) -> None:
     print(msg, flush=True)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _atomic_copy(src: Path, dst: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.")
-    os.close(fd)
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 # ------------------------------------------------------------------ plan
@@ -103,34 +86,6 @@ def _prepare_corpus(corpus: Path, default: bool) -> None:
                                 "see `peer data prepare` / `peer data tokenize`")
 
 
-def _train_or_skip(cfg: Config) -> str:
-    """Train the run, resume it, or skip it when complete; returns "trained", "resumed" or "complete"."""
-    from .train import resolve_steps, train
-    from .train.checkpoint import latest_checkpoint, read_meta
-    from .train.loop import check_resume_config
-
-    run_dir, steps = Path(cfg.train.out_dir), resolve_steps(cfg)
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # lines of a run killed before its first checkpoint
-        # keep the tokenizer the run is trained with: `peer eval` / `peer generate` use it and
-        # refuse a corpus rebuilt since (see peer.eval.check_corpus_tokenizer)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_copy(Path(cfg.data.corpus) / "tokenizer.json", run_dir / "tokenizer.json")
-        train(cfg)
-        return "trained"
-    meta = read_meta(ckpt)
-    planned = meta["config"]["train"]["steps"]
-    if planned != steps:
-        raise ConfigError(f"{run_dir} holds a run planned for {planned} steps, this job needs {steps} "
-                          "(another --budget?): use another --out or remove that run")
-    check_resume_config(meta["config"], cfg, run_dir)
-    if int(meta["step"]) >= steps:
-        return "complete"
-    train(cfg, resume=True)
-    return "resumed"
-
-
 # ------------------------------------------------------------------ the job
 def main_job(out: str | Path = "runs/main", budget: float | None = None, quick: bool = False,
              corpus: str | Path | None = None, eval_batches: int | None = 8, threads: int = 0,
@@ -140,7 +95,7 @@ def main_job(out: str | Path = "runs/main", budget: float | None = None, quick: 
     from .eval import evaluate, run_tokenizer
     from .generate import sample
     from .plots import plot_curves
-    from .train import load_run, resolve_steps
+    from .train import load_run, resolve_steps, train_or_resume
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -160,11 +115,11 @@ def main_job(out: str | Path = "runs/main", budget: float | None = None, quick: 
         _say(f"== train {name}: {steps} steps x {cfg.train.batch_size * cfg.train.seq_len} tokens, "
              f"budget {budget:.3g} FLOPs -> {cfg.train.out_dir}")
         t = time.perf_counter()
-        status = _train_or_skip(cfg)
+        status = train_or_resume(cfg)
         if status != "complete":  # training wall time, summed over interrupted and resumed parts
             before = state.get(f"{name}_train_s", 0.0) if status == "resumed" else 0.0
             state[f"{name}_train_s"] = before + time.perf_counter() - t
-            _atomic_write(state_path, json.dumps(state, indent=1) + "\n")
+            atomic_write_text(state_path, json.dumps(state, indent=1) + "\n")
         _say(f"   {name}: {status}")
         results[name] = {"run_dir": cfg.train.out_dir, "status": status, "steps": steps,
                          "tokens": steps * cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len,
@@ -191,8 +146,8 @@ def main_job(out: str | Path = "runs/main", budget: float | None = None, quick: 
         "plots": sorted(str(p) for p in plots.glob("*.png")),
         "runs": {name: _summary(r, curves[name]) for name, r in results.items()},
     }
-    _atomic_write(out / "comparison.json", json.dumps(comparison, indent=1) + "\n")
-    _atomic_write(out / "comparison.md", format_markdown(comparison))
+    atomic_write_text(out / "comparison.json", json.dumps(comparison, indent=1) + "\n")
+    atomic_write_text(out / "comparison.md", format_markdown(comparison))
     print("\n" + format_table(comparison))
     for name, r in comparison["runs"].items():
         print(f"\n--- sample from {name} (temperature 0.8, top-k 50, top-p 0.95, seed 0) ---\n{prompt}{r['sample']}")

@@ -90,8 +90,60 @@ def test_cli_export_and_existing_dir(run_dir, tmp_path, capsys):
     assert cli_main(["export", str(ckpt), str(tmp_path / "a"), "--no-tokenizer"]) == 0
     assert (tmp_path / "a" / "model.safetensors").is_file() and not (tmp_path / "a" / "tokenizer.json").exists()
     assert cli_main(["export", str(run), str(tmp_path / "a")]) == 2
-    assert "exists and is not empty" in capsys.readouterr().err
+    assert "previous export" in capsys.readouterr().err
     assert cli_main(["export", str(run), str(tmp_path / "a"), "--overwrite"]) == 0
     assert (tmp_path / "a" / "tokenizer.json").is_file()
     assert json.loads((tmp_path / "a" / "config.json").read_text())["model_type"] == "peer"
     assert cli_main(["export", str(tmp_path / "nope"), str(tmp_path / "b")]) == 2
+
+
+def _tree(path):
+    return sorted((str(p.relative_to(path)), p.read_bytes() if p.is_file() else b"") for p in path.rglob("*")
+                  if p.name != ".peer.lock")
+
+
+def test_export_never_deletes_a_run_or_a_corpus(run_dir, tmp_path, capsys):
+    """`peer export RUN RUN --overwrite` (and into a folder holding a run, a corpus or other files) refuses
+    and leaves everything as it was; --overwrite replaces only a previous export."""
+    import shutil
+    run, _ = run_dir
+    before = _tree(run)
+    for target in (run, run.parent):  # the run itself, a folder that holds it
+        assert cli_main(["export", str(run), str(target), "--overwrite"]) == 2
+        assert "holds it" in capsys.readouterr().err
+    assert _tree(run) == before
+    other_run = tmp_path / "other_run"
+    shutil.copytree(run, other_run)
+    corpus = tmp_path / "corpus"
+    (corpus / "splits").mkdir(parents=True)
+    (corpus / "manifest.json").write_text("{}")
+    misc = tmp_path / "misc"
+    misc.mkdir()
+    (misc / "notes.txt").write_text("mine")
+    for target, what in ((other_run, "a training run"), (corpus, "a corpus"), (misc, "peer export did not write")):
+        snap = _tree(target)
+        assert cli_main(["export", str(run), str(target), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert what in err and err.count("\n") == 1, err
+        assert _tree(target) == snap
+    # an export with a user's file added is not an export any more
+    exp = tmp_path / "exp"
+    assert cli_main(["export", str(run), str(exp)]) == 0
+    (exp / "README.md").write_text("model card")
+    assert cli_main(["export", str(run), str(exp), "--overwrite"]) == 2
+    assert (exp / "README.md").read_text() == "model card"
+
+
+def test_export_files_follow_the_umask(run_dir, tmp_path):
+    import os
+    import stat
+    run, _ = run_dir
+    old = os.umask(0o022)
+    try:
+        out = export_run(run, tmp_path / "shared")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    for f in out.iterdir():
+        if f.name != ".peer.lock":
+            assert stat.S_IMODE(f.stat().st_mode) == 0o644, f

@@ -38,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--seed", type=int, default=0, help="seed of the train/val document shuffle")
     t.add_argument("--min-tokens", type=int, default=1024, help="fail if train has fewer tokens (default: 1024)")
     t.add_argument("--max-docs", type=int, default=None, help="read at most this many documents")
+    t.add_argument("--overwrite", action="store_true", help="replace a corpus already at --out")
 
     i = sub.add_parser("info", help="splits, documents and token counts of a corpus directory")
     i.add_argument("dir", nargs="?", default="data/starter")
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         from .userdata import build_corpus
 
         build_corpus(args.inputs, args.out, args.tokenizer, args.vocab_size, args.text_field, args.replace_errors,
-                     args.val_fraction, args.seed, args.min_tokens, args.max_docs)
+                     args.val_fraction, args.seed, args.min_tokens, args.max_docs, overwrite=args.overwrite)
     else:
         from .corpus import load_manifest
 

@@ -32,9 +32,10 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from ..fsutil import FolderLock, atomic_write_text
 from .sources import DEFAULT_SOURCES, DataError, Document, Source, clean_text, get_sources, sha256_file
 from .tokenizer import Tokenizer, load_tokenizer, train_tokenizer
-from .tokens import atomic_write_text, list_splits, token_dtype, write_split
+from .tokens import list_splits, token_dtype, write_split
 
 __all__ = ["FORMAT_VERSION", "prepare", "collect_documents", "dedupe", "check_disjoint", "write_corpus",
            "load_manifest", "corpus_is_complete"]
@@ -190,6 +191,21 @@ def _recipe(sources: Sequence[Source], vocab_size: int, tokenizer: str | None) -
                         for s in sources]}
 
 
+def check_corpus_target(out: str | Path, overwrite: bool, flag: str = "--overwrite") -> None:
+    """A corpus may be written to a missing or empty folder, over a partial (interrupted) corpus,
+    or over a complete corpus only with ``overwrite``; never into a run, sweep results or other files."""
+    from ..fsutil import folder_kind
+
+    kind = folder_kind(out)
+    if kind is None:
+        return
+    if kind != "corpus":
+        what = {"run": "a training run", "export": "an exported model", "sweep": "sweep results"}.get(kind, "other files")
+        raise DataError(f"{out}: holds {what}, not a corpus; choose another --out (nothing was changed)")
+    if (Path(out) / "manifest.json").is_file() and not overwrite:
+        raise DataError(f"{out}: already holds a corpus; pass {flag} to replace it, or choose another --out")
+
+
 def prepare(out: str | Path = "data/starter", cache_dir: str | Path = "data/cache", vocab_size: int = 8192,
             sources: Sequence[str | Source] | str = DEFAULT_SOURCES, tokenizer: str | Path | None = None,
             force: bool = False, log: Callable[[str], None] = print) -> dict:
@@ -197,9 +213,15 @@ def prepare(out: str | Path = "data/starter", cache_dir: str | Path = "data/cach
     if isinstance(sources, str) or any(isinstance(s, str) for s in sources):
         sources = get_sources(list(sources) if not isinstance(sources, str) else sources)
     recipe = _recipe(sources, vocab_size, None if tokenizer is None else str(tokenizer))
-    if not force and corpus_is_complete(out, recipe):
-        log(f"{out}: already prepared (manifest and files match); nothing to do")
-        return load_manifest(out)
+    with FolderLock(out, "corpus"):
+        if not force and corpus_is_complete(out, recipe):
+            log(f"{out}: already prepared (manifest and files match); nothing to do")
+            return load_manifest(out)
+        check_corpus_target(out, overwrite=force, flag="--force")
+        return _prepare(out, cache_dir, sources, recipe, tokenizer, vocab_size, log)
+
+
+def _prepare(out, cache_dir, sources, recipe, tokenizer, vocab_size, log) -> dict:
     t0 = time.perf_counter()
     archives, records = {}, []
     for src in sources:

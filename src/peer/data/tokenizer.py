@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .sources import DataError
-from .tokens import atomic_write_text
+from ..fsutil import atomic_write_text
 
 __all__ = ["EOS_TOKEN", "EOS_CANDIDATES", "Tokenizer", "train_tokenizer", "load_tokenizer"]
 

@@ -21,36 +21,15 @@ from typing import Sequence
 
 import numpy as np
 
+from ..fsutil import atomic_write_text, publish
 from .sources import DataError
 
 __all__ = ["token_dtype", "write_split", "open_tokens", "split_info", "list_splits", "eval_splits",
-           "atomic_write_text", "publish", "pack_documents"]
+           "pack_documents"]
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 65535 else np.uint32)
-
-
-def publish(tmp: str | Path, path: str | Path) -> None:
-    """Give a finished temp file the usual permissions (0666 less the umask) and move it into place."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to a temp file next to ``path``, then ``os.replace`` it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def pack_documents(docs_ids: Sequence[Sequence[int]], eos_id: int, dtype=np.int64) -> np.ndarray:

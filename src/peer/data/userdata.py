@@ -26,7 +26,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .corpus import dedupe, write_corpus
+from ..fsutil import FolderLock
+from .corpus import check_corpus_target, dedupe, write_corpus
 from .sources import DataError, Document
 from .tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from .tokens import pack_documents
@@ -183,8 +184,18 @@ def encode_texts(paths: str | Path | Sequence[str | Path], tokenizer: Tokenizer 
 def build_corpus(inputs: Iterable[str | Path], out: str | Path, tokenizer: Tokenizer | str | Path | None = None,
                  vocab_size: int = 8192, text_field: str = "text", replace_errors: bool = False,
                  val_fraction: float = 0.1, seed: int = 0, min_tokens: int = 1024, max_docs: int | None = None,
-                 log: Callable[[str], None] = print) -> dict:
-    """A corpus directory (train/val, tokenizer.json, manifest.json) from user inputs; returns the manifest."""
+                 log: Callable[[str], None] = print, overwrite: bool = False) -> dict:
+    """A corpus directory (train/val, tokenizer.json, manifest.json) from user inputs; returns the manifest.
+    An existing corpus at ``out`` is replaced only with ``overwrite``; a run or other files never."""
+    check_corpus_target(out, overwrite)  # before reading any input: a refused --out costs nothing
+    with FolderLock(out, "corpus"):
+        check_corpus_target(out, overwrite)
+        return _build_corpus(inputs, out, tokenizer, vocab_size, text_field, replace_errors, val_fraction, seed,
+                             min_tokens, max_docs, log)
+
+
+def _build_corpus(inputs, out, tokenizer, vocab_size, text_field, replace_errors, val_fraction, seed, min_tokens,
+                  max_docs, log) -> dict:
     inputs = [str(i) for i in inputs]
     docs = read_documents(inputs, text_field, replace_errors, max_docs)
     splits, dropped = dedupe(split_train_val(docs, val_fraction, seed))

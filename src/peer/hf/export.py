@@ -8,17 +8,21 @@ DIR holds ``config.json`` (PeerConfig), ``model.safetensors`` (the PeerLM state 
 ``generation_config.json`` and the run's tokenizer as a ``PreTrainedTokenizerFast``
 (``tokenizer.json`` + ``tokenizer_config.json``) whose end-of-text token doubles as BOS and PAD.
 The directory is written next to DIR under a temporary name and moved into place at the end.
+
+No data loss: DIR must be missing, empty, or (with ``overwrite``) a previous export — a folder that
+holds only the files an export writes. A run, a corpus, sweep results or any other folder is
+never replaced, whatever the flags; DIR may not be the run or hold it.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
 
+from ..fsutil import FolderLock, folder_kind, make_temp_dir, umask
 from .modeling import PeerForCausalLM
 
 __all__ = ["export_run", "save_tokenizer", "to_hf_tokenizer"]
@@ -57,14 +61,14 @@ def export_run(run: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: bo
     """Convert a run (latest checkpoint) or a checkpoint directory to a transformers directory ``out_dir``.
 
     ``tokenizer=False`` skips the tokenizer (otherwise a run without one is an error naming the
-    places looked at). An existing non-empty ``out_dir`` is an error unless ``overwrite``.
+    places looked at). An existing non-empty ``out_dir`` is an error unless it is a previous export
+    and ``overwrite`` is set (see the module docstring).
     """
     from ..eval import run_tokenizer
     from ..train import load_run
 
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ValueError(f"DIR {str(out)!r} exists and is not empty (pass --overwrite to replace it)")
+    check_export_target(run, out, overwrite)
     lm, cfg, meta = load_run(run)
     tok = run_tokenizer(run, cfg) if tokenizer else None
     ids = {}
@@ -76,15 +80,41 @@ def export_run(run: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: bo
     model.config.peer_source = {"checkpoint": str(meta.get("path", run)), "step": meta.get("step")}
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    tmp = make_temp_dir(out.parent, f".{out.name}.tmp-")
     try:
         model.save_pretrained(str(tmp))
         if tok is not None:
             save_tokenizer(tok, tmp, model_max_length=cfg.model.max_seq_len)
+        for f in tmp.rglob("*"):  # transformers writes through tempfile: give files the umask's mode
+            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask())
         if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
+            with FolderLock(out, "export folder"):
+                check_export_target(run, out, overwrite)  # re-checked under the lock, just before replacing
+                old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)  # a previous export (checked above): ours to delete
+        else:
+            os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def check_export_target(run: str | os.PathLike, out: Path, overwrite: bool) -> None:
+    """Refuse a DIR that would lose data: the run itself or a folder holding it, a run, a corpus,
+    sweep results, any non-export folder; a previous export only with ``overwrite``."""
+    src, dst = Path(run).resolve(), out.resolve()
+    if dst == src or dst in src.parents:
+        raise ValueError(f"DIR {str(out)!r} is the run {str(run)!r} or holds it: choose another export folder")
+    kind = folder_kind(out)
+    if kind is None:
+        return
+    if kind == "export":
+        if not overwrite:
+            raise ValueError(f"DIR {str(out)!r} holds a previous export (pass --overwrite to replace it)")
+        return
+    what = {"run": "a training run", "corpus": "a corpus", "sweep": "sweep results"}.get(kind, "files that peer export did not write")
+    raise ValueError(f"DIR {str(out)!r} holds {what}; peer export never replaces it (--overwrite replaces "
+                     "a previous export only): choose another folder")

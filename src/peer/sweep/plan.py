@@ -122,6 +122,8 @@ def load_sweep(path: str | Path) -> SweepSpec:
     for i, entry in enumerate(data.get("sizes", [])):
         if not isinstance(entry, dict) or "name" not in entry:
             raise ConfigError(f"sizes[{i}]: each size needs a name and a set list")
+        if set(entry) - {"name", "set"}:
+            raise ConfigError(f"sizes[{i}]: unknown key(s) {', '.join(sorted(set(entry) - {'name', 'set'}))}; known: name, set")
         sizes[str(entry["name"])] = _str_list(entry.get("set"), f"sizes[{i}].set")
     if not sizes:
         raise ConfigError("sizes: at least one [[sizes]] entry is required")
@@ -129,6 +131,9 @@ def load_sweep(path: str | Path) -> SweepSpec:
     for name, entry in (data.get("variants") or {}).items():
         if not isinstance(entry, dict):
             raise ConfigError(f"variants.{name}: expected a table with a set list")
+        if set(entry) - {"set"}:  # e.g. [variants.lr0.1] is the table lr0 holding a table "1": quote dotted names
+            raise ConfigError(f"variants.{name}: unknown key(s) {', '.join(map(repr, sorted(set(entry) - {'set'})))}; "
+                              "known: set (quote a variant name that holds a dot: [variants.\"lr0.1\"])")
         variants[name] = _str_list(entry.get("set"), f"variants.{name}.set")
     if not variants:
         raise ConfigError("variants: at least one [variants.NAME] table is required")

@@ -17,34 +17,27 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..config import config_from_dict, config_to_dict
+from ..fsutil import FolderLock, atomic_write_text
 from .plan import PlannedRun, SweepSpec, budget_label, plan
 
 __all__ = ["run_sweep", "collect", "write_tables", "run_one"]
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def run_one(config: dict, eval_batches: int, record: dict) -> dict:
     """Train (resuming if a checkpoint exists), evaluate, and write ``result.json``; returns the result."""
     from ..eval import evaluate
-    from ..train import train
+    from ..train import train_or_resume
 
     cfg = config_from_dict(config)
-    out = Path(cfg.train.out_dir)
-    resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
+    run_dir = Path(cfg.train.out_dir)
     t0 = time.time()
-    run_dir = train(cfg, resume=resume)
+    train_or_resume(cfg)
     train_s = time.time() - t0
     ev = evaluate(run_dir, max_batches=eval_batches)
     result = dict(record, train_seconds=round(train_s, 1), eval=ev,
                   perplexity={name: s["perplexity"] for name, s in ev["sets"].items()},
                   experts=ev.get("experts", {}))
-    _atomic_write(Path(run_dir) / "result.json", json.dumps(result, indent=2))
+    atomic_write_text(Path(run_dir) / "result.json", json.dumps(result, indent=2))
     return result
 
 
@@ -67,7 +60,7 @@ def _launch(r: PlannedRun, spec: SweepSpec, threads: int, log) -> dict | None:
     cfg["train"]["progress"] = False
     out.mkdir(parents=True, exist_ok=True)
     job = out / "sweep_job.json"
-    _atomic_write(job, json.dumps(dict(config=cfg, eval_batches=spec.eval_batches, record=_record(r))))
+    atomic_write_text(job, json.dumps(dict(config=cfg, eval_batches=spec.eval_batches, record=_record(r))))
     log(f"[run ] {r.run_id}: {r.steps} steps, {r.tokens:,} tokens, {r.params_active:,} active params")
     t0 = time.time()
     with open(out / "sweep.log", "a") as fh:
@@ -90,6 +83,11 @@ def run_sweep(spec: SweepSpec, only: list[str] | None = None, dry_run: bool = Fa
             log(f"[skip] {r.run_id}: {r.skipped}")
     if dry_run:
         return []
+    with FolderLock(spec.root, "sweep folder"):  # a second `peer sweep` on this root fails at once, naming the pid
+        return _run_locked(spec, todo, log)
+
+
+def _run_locked(spec: SweepSpec, todo: list[PlannedRun], log) -> list[dict]:
     for corpus, vocab in sorted({(r.config.data.corpus, r.config.model.vocab_size) for r in todo}):
         _ensure_corpus(corpus, vocab, log)
     cores = os.cpu_count() or 1
@@ -102,12 +100,14 @@ def run_sweep(spec: SweepSpec, only: list[str] | None = None, dry_run: bool = Fa
 
 
 def _ensure_corpus(corpus: str, vocab_size: int, log) -> None:
-    """Build the starter corpus at ``corpus`` with this vocabulary when it is not there (a no-op otherwise)."""
-    from ..data import corpus_is_complete, prepare
+    """Build the starter corpus at ``corpus`` with this vocabulary when nothing usable is there: a
+    folder that already holds a train split is used as it is (a user's corpus is never rebuilt)."""
+    from ..data import corpus_is_complete, list_splits, prepare
 
-    if not corpus_is_complete(corpus):
-        log(f"[data] preparing {corpus} (vocab {vocab_size})")
-        prepare(out=corpus, vocab_size=vocab_size)
+    if corpus_is_complete(corpus) or "train" in list_splits(corpus):
+        return
+    log(f"[data] preparing {corpus} (vocab {vocab_size})")
+    prepare(out=corpus, vocab_size=vocab_size)
 
 
 def collect(spec: SweepSpec) -> list[dict]:
@@ -130,7 +130,7 @@ def collect(spec: SweepSpec) -> list[dict]:
 def write_tables(spec: SweepSpec, results: list[dict]) -> None:
     """``<name>_results.json`` (everything) and ``<name>_results.csv`` (one row per run, one column per eval set)."""
     root = spec.root
-    _atomic_write(root / f"{spec.name}_results.json", json.dumps(results, indent=2))
+    atomic_write_text(root / f"{spec.name}_results.json", json.dumps(results, indent=2))
     sets = sorted({s for r in results for s in r.get("perplexity", {})})
     cols = ["run_id", "seed", "budget", "variant", "size", "d_model", "n_layers", "params_total", "params_active",
             "steps", "tokens", "flops", "train_seconds"]

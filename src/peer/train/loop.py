@@ -32,6 +32,8 @@ import logging
 import math
 import os
 import random
+import shutil
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -42,6 +44,7 @@ import torch.nn.functional as F
 
 from ..config import Config, ConfigError, config_from_dict, config_to_dict
 from ..dist import data_parallel as dpar
+from ..fsutil import FolderLock, atomic_write_text, publish
 from ..model import PeerLM
 from .checkpoint import (CheckpointError, checkpoint_name, clean_partial, capture_rng, latest_checkpoint,
                          list_checkpoints, load_model_weights, load_state, read_meta, resolve_checkpoint, restore_rng,
@@ -50,7 +53,7 @@ from .optim import build_optimizer, clip_grad_norm
 from .schedule import Schedule
 from .tomlw import dumps as toml_dumps
 
-__all__ = ["train", "load_run", "resolve_steps", "check_resume_config", "evaluate_loss", "TrainingDiverged",
+__all__ = ["train", "train_or_resume", "load_run", "resolve_steps", "check_resume_config", "evaluate_loss", "TrainingDiverged",
            "RESUME_MAY_CHANGE"]
 
 log = logging.getLogger("peer.train")
@@ -106,12 +109,6 @@ def check_resume_config(run_cfg: dict, cfg: Config, where: Path) -> None:
                           f"{', '.join(sorted(RESUME_MAY_CHANGE))} may change):\n  " + "\n  ".join(diffs))
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines logged after ``step`` (work lost with an interruption) and torn lines."""
     if not path.is_file():
@@ -123,7 +120,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 keep.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
-    _write_atomic(path, "".join(line + "\n" for line in keep))
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 # --------------------------------------------------------------------------------------
@@ -210,7 +207,48 @@ def train(cfg: Config, resume: bool = False, *, stop_after: int | None = None) -
     ``resume`` continues from the run's latest checkpoint. ``stop_after`` stops once that many
     steps are done, without a final checkpoint, as if the process were killed (for resume tests).
     Raises :class:`TrainingDiverged` on a NaN/inf loss, gradient or weights.
+
+    The run folder is locked for the whole call (:class:`peer.fsutil.FolderLock`, by the main
+    process under torchrun): a second ``train`` on the same folder fails at once, naming the pid.
     """
+    lock = FolderLock(cfg.train.out_dir, "run folder") if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+    with lock:
+        return _train(cfg, resume, stop_after)
+
+
+def train_or_resume(cfg: Config) -> str:
+    """Train the run, resume it from its latest checkpoint, or skip it when complete; returns
+    "trained", "resumed" or "complete" (``peer main`` and ``peer sweep`` use this)."""
+    from .checkpoint import latest_checkpoint, read_meta
+
+    run_dir, steps = Path(cfg.train.out_dir), resolve_steps(cfg)
+    with FolderLock(run_dir, "run folder"):
+        ckpt = latest_checkpoint(run_dir)  # a leftover partial (.tmp-step_*) is not a checkpoint
+        if ckpt is None:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # lines of a run killed before its first checkpoint
+            # keep the tokenizer the run is trained with: `peer eval` / `peer generate` use it and
+            # refuse a corpus rebuilt since (see peer.eval.check_corpus_tokenizer)
+            tok = Path(cfg.data.corpus) / "tokenizer.json"
+            if tok.is_file():
+                fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".tokenizer.json.")
+                os.close(fd)
+                shutil.copyfile(tok, tmp)
+                publish(tmp, run_dir / "tokenizer.json")
+            train(cfg)
+            return "trained"
+        meta = read_meta(ckpt)
+        planned = meta["config"]["train"]["steps"]
+        if planned != steps:
+            raise ConfigError(f"{run_dir} holds a run planned for {planned} steps, this one needs {steps} "
+                              "(another budget?): use another out dir or remove that run")
+        check_resume_config(meta["config"], cfg, run_dir)
+        if int(meta["step"]) >= steps:
+            return "complete"
+        train(cfg, resume=True)
+        return "resumed"
+
+
+def _train(cfg: Config, resume: bool, stop_after: int | None) -> Path:
     steps = resolve_steps(cfg)
     cfg = replace(cfg, train=replace(cfg.train, steps=steps))
     t = cfg.train
@@ -248,7 +286,7 @@ def train(cfg: Config, resume: bool = False, *, stop_after: int | None = None) -
     if denv.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         clean_partial(run_dir)
-        _write_atomic(run_dir / "config.toml", toml_dumps(config_to_dict(cfg)))
+        atomic_write_text(run_dir / "config.toml", toml_dumps(config_to_dict(cfg)))
     dpar.barrier()
 
     _seed_all(t.seed)
