@@ -38,12 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"peer {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
-    from .config import ConfigError
+    from .errors import PeerError
 
     try:
         return int(module.run(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"peer {name}: error: {e}", file=sys.stderr)
+    except (PeerError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError) as e:
+        # the project's own error types and bad paths: one line; anything else is a bug (traceback)
+        msg = f"{e.strerror}: {e.filename!r}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)
+        print(f"peer {name}: error: {msg}", file=sys.stderr)
         return 2
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
+from .errors import PeerError
+
 __all__ = [
     "ConfigError", "PEERConfig", "PKMConfig", "MoEConfig", "ModelConfig", "DataConfig",
     "OptimConfig", "TrainConfig", "DistConfig", "Config", "load_config", "config_from_dict",
@@ -23,7 +25,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(PeerError, ValueError):
     """A configuration field has a bad value; the message names the dotted field."""
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .metrics import perplexity, usage_stats
+from .errors import UsageError
 
 __all__ = ["evaluate", "evaluate_tokens", "run_tokenizer", "check_corpus_tokenizer", "format_report", "add_arguments", "run"]
 
@@ -60,7 +61,7 @@ def check_corpus_tokenizer(path: str | Path, corpus: str | Path) -> None:
     something else to this model."""
     saved, current = run_dir_of(path) / "tokenizer.json", Path(corpus) / "tokenizer.json"
     if saved.is_file() and current.is_file() and saved.read_bytes() != current.read_bytes():
-        raise ValueError(f"{current} differs from {saved}, the tokenizer this run was trained with: the corpus "
+        raise UsageError(f"{current} differs from {saved}, the tokenizer this run was trained with: the corpus "
                          "was rebuilt since training; retrain the run or evaluate on --text files only")
 
 
@@ -74,9 +75,9 @@ def evaluate_tokens(model, tokens: np.ndarray, seq_len: int, batch_size: int, ma
     from .data import eval_batches
 
     if len(tokens) < 2:
-        raise ValueError(f"need at least 2 tokens to evaluate, got {len(tokens)}")
+        raise UsageError(f"need at least 2 tokens to evaluate, got {len(tokens)}")
     if max_batches is not None and max_batches <= 0:
-        raise ValueError(f"max_batches must be positive, got {max_batches}")
+        raise UsageError(f"max_batches must be positive, got {max_batches}")
     device = next(model.parameters()).device
     if len(tokens) > seq_len:
         batches = eval_batches(tokens, batch_size, seq_len,
@@ -138,7 +139,7 @@ def evaluate(run_path: str | Path, texts: Iterable[str | Path] = (), max_batches
     else:
         model, cfg, meta = model_and_cfg
     if max_batches is not None and max_batches <= 0:
-        raise ValueError(f"--batches: must be positive, got {max_batches}")
+        raise UsageError(f"--batches: must be positive, got {max_batches}")
     model.eval()
     T, B = cfg.train.seq_len, cfg.train.batch_size
     corpus = Path(cfg.data.corpus)
@@ -165,7 +166,7 @@ def evaluate(run_path: str | Path, texts: Iterable[str | Path] = (), max_batches
         for name, kind, src in sets:
             tokens = open_tokens(corpus, src) if kind == "split" else _text_tokens(src, tokenizer)
             if len(tokens) < 2:
-                raise ValueError(f"{'split' if kind == 'split' else '--text'} {name!r} has fewer than 2 tokens")
+                raise UsageError(f"{'split' if kind == 'split' else '--text'} {name!r} has fewer than 2 tokens")
             for m in layers.values():
                 m.reset_usage()
             res = evaluate_tokens(model, tokens, T, B, max_batches)

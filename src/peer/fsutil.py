@@ -20,6 +20,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from .errors import PeerError
+
 __all__ = ["umask", "publish", "atomic_write_text", "make_temp_dir", "FolderLock", "FolderBusy", "folder_kind",
            "LOCK_NAME", "EXPORT_FILES"]
 
@@ -64,7 +66,7 @@ def make_temp_dir(parent: str | Path, prefix: str) -> Path:
     return tmp
 
 
-class FolderBusy(RuntimeError):
+class FolderBusy(PeerError, RuntimeError):
     """Another process holds the folder's lock."""
 
 

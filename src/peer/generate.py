@@ -13,6 +13,7 @@ import sys
 from typing import Callable
 
 import torch
+from .errors import UsageError
 
 __all__ = ["filter_logits", "generate_ids", "sample", "eos_token_id", "add_arguments", "run"]
 
@@ -29,11 +30,11 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
     so the most likely token always survives.
     """
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+        raise UsageError(f"temperature must be >= 0, got {temperature}")
     if not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
+        raise UsageError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
     if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {top_p}")
+        raise UsageError(f"top_p must be in (0, 1] (1 disables it), got {top_p}")
     logits = logits.float()
     neg_inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
     if temperature == 0:
@@ -85,9 +86,9 @@ def generate_ids(
     ``on_token(new_ids)`` is called after every token (for streaming).
     """
     if not ids:
-        raise ValueError("the prompt is empty: give at least one token (e.g. the end-of-text token)")
+        raise UsageError("the prompt is empty: give at least one token (e.g. the end-of-text token)")
     if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     filter_logits(torch.zeros(1), temperature, top_k, top_p)  # validate the settings up front
     was_training = model.training
     model.eval()
@@ -193,7 +194,7 @@ def sample(
     ids = _encode(tokenizer, prompt) if prompt else []
     if not ids:
         if eos is None:
-            raise ValueError("--prompt is empty and the tokenizer has no end-of-text token to start from")
+            raise UsageError("--prompt is empty and the tokenizer has no end-of-text token to start from")
         ids = [eos]
     streamer = _Streamer(tokenizer, stream) if stream is not None else None
     new = generate_ids(model, ids, max_new_tokens, temperature, top_k, top_p, seed, use_cache,

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .config import Config, ConfigError, load_config
 from .fsutil import atomic_write_text
+from .errors import UsageError
 
 __all__ = ["DEFAULT_BUDGET", "MODELS", "plan", "main_job", "format_table", "format_markdown", "add_arguments", "run"]
 
@@ -236,7 +237,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.eval_batches < 0:
-        raise ValueError(f"--eval-batches: must be >= 0, got {args.eval_batches}")
+        raise UsageError(f"--eval-batches: must be >= 0, got {args.eval_batches}")
     main_job(args.out, args.budget, args.quick, args.corpus, args.eval_batches or None, args.threads,
              args.prompt, progress=not args.no_progress and sys.stderr.isatty())
     return 0

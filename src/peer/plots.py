@@ -18,6 +18,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from .metrics import sorted_usage, usage_stats
+from .errors import UsageError
 
 __all__ = ["read_metrics", "curve_data", "plot_curves", "plot_usage", "add_arguments", "run"]
 
@@ -58,7 +59,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                raise UsageError(f"{path}:{n}: not valid JSON ({e.msg})") from None
     return records
 
 
@@ -96,10 +97,10 @@ def plot_curves(runs: Iterable[str | Path], out_dir: str | Path, names: Iterable
     validation loss as markers. Returns ``{name: curve_data(run)}``, the data that was drawn."""
     runs = [Path(r) for r in runs]
     if not runs:
-        raise ValueError("runs: give at least one run directory")
+        raise UsageError("runs: give at least one run directory")
     names = list(names) if names is not None else [r.resolve().name for r in runs]
     if len(names) != len(runs):
-        raise ValueError("names: need one name per run")
+        raise UsageError("names: need one name per run")
     data: dict[str, dict] = {}
     for name, r in zip(names, runs):
         key = name if name not in data else f"{name} ({r})"
@@ -134,7 +135,7 @@ def plot_usage(usage: Mapping[str, Any], path: str | Path, title: str = "Expert 
     uniform level 1/N dashed. Experts with zero weight fall off the log axis; the legend gives
     usage and unevenness (paper Table 2). Returns ``{layer: sorted z}``."""
     if not usage:
-        raise ValueError("usage: no sparse layers to plot")
+        raise UsageError("usage: no sparse layers to plot")
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     drawn: dict[str, np.ndarray] = {}

@@ -7,6 +7,7 @@ import argparse
 import torch
 
 from .common import parse_int_list, write_json
+from ..errors import UsageError
 
 __all__ = ["add_arguments", "run"]
 
@@ -60,10 +61,10 @@ def _plot(args) -> int:
         try:
             runs.append(json.loads(Path(f).read_text()))
         except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read results file {f}: {e}") from None
+            raise UsageError(f"cannot read results file {f}: {e}") from None
     results = [r for run in runs for r in run.get("results", [])]
     if not results:
-        raise ValueError("no results in " + ", ".join(args.inputs))
+        raise UsageError("no results in " + ", ".join(args.inputs))
     if "fwd+bwd" in results[0] or "fwd" in results[0]:
         from .layer import plot_layer
 
@@ -79,11 +80,11 @@ def run(args: argparse.Namespace) -> int:
     if args.what == "plot":
         return _plot(args)
     if args.threads < 0:
-        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+        raise UsageError(f"--threads must be >= 0, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.tokens <= 0 or args.dim <= 0:
-        raise ValueError(f"--tokens and --dim must be positive, got {args.tokens}, {args.dim}")
+        raise UsageError(f"--tokens and --dim must be positive, got {args.tokens}, {args.dim}")
     experts = parse_int_list(args.experts, "--experts")
     impls = [s.strip() for s in args.impls.split(",") if s.strip()]
     if args.what == "layer":
@@ -91,14 +92,14 @@ def run(args: argparse.Namespace) -> int:
 
         bad = [i for i in impls if i not in IMPLS]
         if bad:
-            raise ValueError(f"--impls: unknown {', '.join(bad)}; choose from {', '.join(IMPLS)}")
+            raise UsageError(f"--impls: unknown {', '.join(bad)}; choose from {', '.join(IMPLS)}")
         modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
         if not modes or any(m not in ("fwd", "fwd+bwd") for m in modes):
-            raise ValueError(f"--modes must list fwd and/or fwd+bwd, got {args.modes!r}")
+            raise UsageError(f"--modes must list fwd and/or fwd+bwd, got {args.modes!r}")
         if args.rounds <= 0:
-            raise ValueError(f"--rounds must be positive, got {args.rounds}")
+            raise UsageError(f"--rounds must be positive, got {args.rounds}")
         if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: no CUDA device here")
+            raise UsageError(f"--device {args.device}: no CUDA device here")
         res = bench_layer(experts, impls, args.tokens, args.dim, args.heads, args.topk, args.key_dim, args.rounds, modes,
                           args.table_dtype, args.device)
         print_layer(res)
@@ -111,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         from .train import bench_train, plot_train, print_train
 
         if args.steps <= 0:
-            raise ValueError(f"--steps must be positive, got {args.steps}")
+            raise UsageError(f"--steps must be positive, got {args.steps}")
         res = bench_train(experts, impls, args.tokens, args.dim, args.steps, args.table_dtype, args.force)
         print_train(res)
         if args.plot:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+from ..errors import UsageError
 
 __all__ = ["rss_bytes", "reset_peak_rss", "peak_rss_bytes", "measure", "machine_info", "write_json", "median",
            "fmt_bytes", "parse_int_list"]
@@ -122,7 +123,7 @@ def parse_int_list(text: str, name: str) -> list[int]:
     try:
         vals = [int(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"{name} must be a comma-separated list of integers, got {text!r}") from None
+        raise UsageError(f"{name} must be a comma-separated list of integers, got {text!r}") from None
     if not vals or any(v <= 0 for v in vals):
-        raise ValueError(f"{name} must list positive integers, got {text!r}")
+        raise UsageError(f"{name} must list positive integers, got {text!r}")
     return vals

@@ -26,6 +26,7 @@ import torch
 from peer.layers import PEER
 
 from .common import fmt_bytes, machine_info, measure, median
+from ..errors import UsageError
 
 __all__ = ["IMPLS", "bench_layer", "print_layer", "check_targets"]
 
@@ -112,7 +113,7 @@ def build_runners(impls, n: int, dim: int, heads: int, topk: int, key_dim: int,
             if pp is not None:
                 runners[name] = _Runner(name, pp)
         else:
-            raise ValueError(f"--impls: unknown implementation {name!r}; choose from {', '.join(IMPLS)}")
+            raise UsageError(f"--impls: unknown implementation {name!r}; choose from {', '.join(IMPLS)}")
     return runners
 
 
@@ -121,7 +122,7 @@ def bench_layer(experts, impls=IMPLS, tokens=4096, dim=512, heads=8, topk=16, ke
     """Run the layer benchmark; returns {"machine", "config", "results": [row per (n, impl)]}."""
     seq = min(512, tokens)
     if tokens % seq:
-        raise ValueError(f"--tokens must be a multiple of {seq}, got {tokens}")
+        raise UsageError(f"--tokens must be a multiple of {seq}, got {tokens}")
     results = []
     for n in experts:
         torch.manual_seed(0)

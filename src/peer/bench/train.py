@@ -26,6 +26,7 @@ import time
 import torch
 
 from .common import fmt_bytes, machine_info, median, peak_rss_bytes, rss_bytes
+from ..errors import UsageError
 
 __all__ = ["IMPLS", "bench_train", "print_train", "plot_train", "estimate_bytes"]
 
@@ -150,7 +151,7 @@ def bench_train(experts, impls=("fused-adamw", "fused-sparse", "fused-sparse-lit
     for n in experts:
         for impl in impls:
             if impl not in IMPLS:
-                raise ValueError(f"--impls: unknown implementation {impl!r}; choose from {', '.join(IMPLS)}")
+                raise UsageError(f"--impls: unknown implementation {impl!r}; choose from {', '.join(IMPLS)}")
             if impl == "peer-pytorch-adamw" and not _importable("PEER_pytorch"):
                 log(f"  {impl}: peer-pytorch is not installed (pip install peer-experts[bench]); skipped")
                 continue

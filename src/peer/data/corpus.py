@@ -191,9 +191,10 @@ def _recipe(sources: Sequence[Source], vocab_size: int, tokenizer: str | None) -
                         for s in sources]}
 
 
-def check_corpus_target(out: str | Path, overwrite: bool, flag: str = "--overwrite") -> None:
+def check_corpus_target(out: str | Path, overwrite: bool, flag: str = "--overwrite", mine: str = "") -> None:
     """A corpus may be written to a missing or empty folder, over a partial (interrupted) corpus,
-    or over a complete corpus only with ``overwrite``; never into a run, sweep results or other files."""
+    over a complete corpus that this command made (its manifest has the key ``mine``), or over any
+    other complete corpus only with ``overwrite``; never into a run, sweep results or other files."""
     from ..fsutil import folder_kind
 
     kind = folder_kind(out)
@@ -202,7 +203,14 @@ def check_corpus_target(out: str | Path, overwrite: bool, flag: str = "--overwri
     if kind != "corpus":
         what = {"run": "a training run", "export": "an exported model", "sweep": "sweep results"}.get(kind, "other files")
         raise DataError(f"{out}: holds {what}, not a corpus; choose another --out (nothing was changed)")
-    if (Path(out) / "manifest.json").is_file() and not overwrite:
+    manifest = Path(out) / "manifest.json"
+    if mine and manifest.is_file():
+        try:
+            if mine in json.loads(manifest.read_text(encoding="utf-8")):
+                return
+        except (OSError, ValueError):
+            pass
+    if manifest.is_file() and not overwrite:
         raise DataError(f"{out}: already holds a corpus; pass {flag} to replace it, or choose another --out")
 
 
@@ -217,7 +225,7 @@ def prepare(out: str | Path = "data/starter", cache_dir: str | Path = "data/cach
         if not force and corpus_is_complete(out, recipe):
             log(f"{out}: already prepared (manifest and files match); nothing to do")
             return load_manifest(out)
-        check_corpus_target(out, overwrite=force, flag="--force")
+        check_corpus_target(out, overwrite=force, flag="--force", mine="recipe")  # a starter corpus is ours to rebuild
         return _prepare(out, cache_dir, sources, recipe, tokenizer, vocab_size, log)
 
 

@@ -27,11 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from ..errors import PeerError
+
 __all__ = ["DataError", "Document", "Source", "SOURCES", "DEFAULT_SOURCES", "get_sources",
            "clean_text", "strip_gutenberg", "brown_detokenize", "sha256_file", "stable_bucket"]
 
 
-class DataError(ValueError):
+class DataError(PeerError, ValueError):
     """Bad data input or a failed fetch; the message names the file, source or argument."""
 
 

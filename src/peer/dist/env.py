@@ -20,13 +20,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..errors import PeerError
+
 __all__ = [
     "DistEnv", "DistributedError", "init_distributed", "teardown", "current_env", "choose_backend",
     "is_distributed", "get_rank", "get_world_size", "all_reduce_mean", "all_reduce_sum", "barrier",
 ]
 
 
-class DistributedError(RuntimeError):
+class DistributedError(PeerError, RuntimeError):
     """A collective failed: a peer rank died, timed out or disagreed; the message says which op."""
 
 

@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerFast
 
 from ..fsutil import FolderLock, folder_kind, make_temp_dir, umask
 from .modeling import PeerForCausalLM
+from ..errors import UsageError
 
 __all__ = ["export_run", "save_tokenizer", "to_hf_tokenizer"]
 
@@ -43,7 +44,7 @@ def to_hf_tokenizer(tokenizer, model_max_length: int | None = None) -> PreTraine
 
         eos = next((t for t in EOS_CANDIDATES if backend.token_to_id(t) is not None), None)
     if eos is None:
-        raise ValueError("tokenizer: no end-of-text token found (looked for <|endoftext|>, </s>, <eos>, ...)")
+        raise UsageError("tokenizer: no end-of-text token found (looked for <|endoftext|>, </s>, <eos>, ...)")
     kwargs = {"model_max_length": model_max_length} if model_max_length else {}
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, bos_token=eos, pad_token=eos,
                                    padding_side="right", model_input_names=["input_ids", "attention_mask"], **kwargs)
@@ -74,7 +75,7 @@ def export_run(run: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: bo
     ids = {}
     if tok is not None:
         if tok.vocab_size > cfg.model.vocab_size:
-            raise ValueError(f"the run's tokenizer has {tok.vocab_size} ids but model.vocab_size is {cfg.model.vocab_size}")
+            raise UsageError(f"the run's tokenizer has {tok.vocab_size} ids but model.vocab_size is {cfg.model.vocab_size}")
         ids = {"eos_token_id": tok.eos_id, "bos_token_id": tok.eos_id, "pad_token_id": tok.eos_id}
     model = PeerForCausalLM.from_peer_lm(lm, **ids).eval()
     model.config.peer_source = {"checkpoint": str(meta.get("path", run)), "step": meta.get("step")}
@@ -107,14 +108,14 @@ def check_export_target(run: str | os.PathLike, out: Path, overwrite: bool) -> N
     sweep results, any non-export folder; a previous export only with ``overwrite``."""
     src, dst = Path(run).resolve(), out.resolve()
     if dst == src or dst in src.parents:
-        raise ValueError(f"DIR {str(out)!r} is the run {str(run)!r} or holds it: choose another export folder")
+        raise UsageError(f"DIR {str(out)!r} is the run {str(run)!r} or holds it: choose another export folder")
     kind = folder_kind(out)
     if kind is None:
         return
     if kind == "export":
         if not overwrite:
-            raise ValueError(f"DIR {str(out)!r} holds a previous export (pass --overwrite to replace it)")
+            raise UsageError(f"DIR {str(out)!r} holds a previous export (pass --overwrite to replace it)")
         return
     what = {"run": "a training run", "corpus": "a corpus", "sweep": "sweep results"}.get(kind, "files that peer export did not write")
-    raise ValueError(f"DIR {str(out)!r} holds {what}; peer export never replaces it (--overwrite replaces "
+    raise UsageError(f"DIR {str(out)!r} holds {what}; peer export never replaces it (--overwrite replaces "
                      "a previous export only): choose another folder")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from ..errors import UsageError
 
 
 def add_arguments(parser) -> None:
@@ -19,7 +20,7 @@ def run(args) -> int:
     if args.action_or_file in ("plan", "plot", "run"):
         action, file = args.action_or_file, args.file
         if not file:
-            raise ValueError(f"peer sweep {action}: a sweep TOML file is required")
+            raise UsageError(f"peer sweep {action}: a sweep TOML file is required")
     else:
         action, file = "run", args.action_or_file
     spec = load_sweep(file)

@@ -29,6 +29,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..errors import PeerError
+
 __all__ = [
     "CheckpointError", "save_checkpoint", "list_checkpoints", "latest_checkpoint", "resolve_checkpoint",
     "read_meta", "verify_checksums", "load_model_weights", "load_state", "capture_rng", "restore_rng",
@@ -41,7 +43,7 @@ FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PeerError, ValueError):
     """A checkpoint is missing, corrupted or does not fit the model; the message names the file."""
 
 

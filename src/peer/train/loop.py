@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import Config, ConfigError, config_from_dict, config_to_dict
+from ..errors import PeerError
 from ..dist import data_parallel as dpar
 from ..fsutil import FolderLock, atomic_write_text, publish
 from ..model import PeerLM
@@ -66,7 +67,7 @@ RESUME_MAY_CHANGE = frozenset({
 })
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(PeerError, RuntimeError):
     """The loss (or the gradient / weights) became NaN or inf; the run stopped before applying it."""
 
     def __init__(self, message: str, step: int, checkpoint: Path | None):
