@@ -382,7 +382,7 @@ def validate(cfg: Config) -> Config:
         _check(e.capacity_factor > 0, "model.moe.capacity_factor", "must be positive")
     t = cfg.train
     _check(t.steps > 0 or t.flops > 0, "train.steps", "must be positive (or set train.flops)")
-    _check(t.flops >= 0, "train.flops", "must be >= 0")
+    _check(t.flops >= 0 and math.isfinite(t.flops), "train.flops", f"must be a finite number >= 0 (0: use train.steps), got {t.flops}")
     for name in ("batch_size", "grad_accum", "seq_len", "log_every", "ckpt_every", "keep_last"):
         _check(getattr(t, name) > 0, f"train.{name}", f"must be positive, got {getattr(t, name)}")
     _check(t.seq_len <= m.max_seq_len, "train.seq_len", f"must be <= model.max_seq_len={m.max_seq_len}, got {t.seq_len}")

@@ -20,7 +20,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import PeerError
+from .errors import PeerError, UsageError
 
 __all__ = ["umask", "publish", "atomic_write_text", "make_temp_dir", "FolderLock", "FolderBusy", "folder_kind",
            "LOCK_NAME", "EXPORT_FILES"]
@@ -89,6 +89,8 @@ class FolderLock:
     def __enter__(self) -> "FolderLock":
         import fcntl
 
+        if self.folder.exists() and not self.folder.is_dir():
+            raise UsageError(f"{self.what} {str(self.folder)!r} is a file, not a folder: choose another path")
         missing = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
         self.folder.mkdir(parents=True, exist_ok=True)
         self._key = str(self.folder.resolve())

@@ -45,11 +45,36 @@ def _choice(value, allowed, name):
     return value
 
 
+class QueryBatchNorm(nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` whose running statistics never take a non-finite value: a training batch
+    with a NaN/inf token leaves them as they were (its own output is still NaN, so the loss shows
+    it), and later evaluation is not poisoned. Branch-free (``torch.where``), same state dict.
+
+    The batch updates copies of the running statistics (autograd keeps those), which are then
+    written back only where finite."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.track_running_stats):
+            return super().forward(x)
+        mean, var = self.running_mean.clone(), self.running_var.clone()
+        if self.momentum is None:  # cumulative moving average, as nn.BatchNorm1d
+            factor = 1.0 / float(self.num_batches_tracked.item() + 1)
+        else:
+            factor = self.momentum
+        y = F.batch_norm(x, mean, var, self.weight, self.bias, True, factor, self.eps)
+        with torch.no_grad():
+            ok = torch.isfinite(mean).all() & torch.isfinite(var).all()
+            self.running_mean.copy_(torch.where(ok, mean, self.running_mean))
+            self.running_var.copy_(torch.where(ok, var, self.running_var))
+            self.num_batches_tracked.add_(ok.long())
+        return y
+
+
 def make_query_norm(kind: str, heads: int, key_dim: int) -> nn.Module:
     """The query normaliser: BatchNorm over all h*key_dim features (paper), per-head LayerNorm, or identity."""
     _choice(kind, _NORMS, "query_norm")
     if kind == "batchnorm":
-        return nn.BatchNorm1d(heads * key_dim)
+        return QueryBatchNorm(heads * key_dim)
     if kind == "layernorm":
         return nn.LayerNorm(key_dim)
     return nn.Identity()

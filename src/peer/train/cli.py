@@ -1,7 +1,8 @@
 """``peer train CONFIG.toml [--set key=value ...] [--resume] [--out DIR]``.
 
 CONFIG may also be a run directory: its ``config.toml`` is used and the run continues in place, e.g.
-``peer train runs/x --resume --set train.steps=2000``.
+``peer train runs/x --resume --set train.flops=0 train.steps=2000`` (with a FLOP budget set, an explicit
+train.steps is an error: the budget decides the length).
 """
 
 from __future__ import annotations
@@ -25,13 +26,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import load_config
+    from ..config import ConfigError, load_config
+    from ..dist.env import DistributedError
     from .loop import TrainingDiverged, resolve_steps, train
+    from .signals import Interrupted
 
     path, out = Path(args.config), args.out
     if path.is_dir():  # a run directory: its config, and (unless --out says otherwise) the run itself
         path, out = path / "config.toml", out if out is not None else str(path)
     cfg = load_config(path, args.overrides)
+    explicit_steps = [o for o in args.overrides if o.split("=", 1)[0].strip() == "train.steps"]
+    if explicit_steps and cfg.train.flops > 0:
+        raise ConfigError(f"--set {explicit_steps[-1]}: train.flops={cfg.train.flops:g} sets the length of this run "
+                          "(steps = budget / FLOPs per step), so train.steps would be ignored; add --set train.flops=0 "
+                          "to train for train.steps steps, or drop train.steps")
     if out is not None:
         cfg = replace(cfg, train=replace(cfg.train, out_dir=str(out)))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -42,14 +50,12 @@ def run(args: argparse.Namespace) -> int:
               f"tokens -> {cfg.train.out_dir}", file=sys.stderr)
     try:
         run_dir = train(cfg, resume=args.resume)
-    except TrainingDiverged as e:
+    except (TrainingDiverged, DistributedError) as e:  # diverged; a rank died or timed out
         print(f"peer train: error: {e}", file=sys.stderr)
         return 1
-    except RuntimeError as e:  # peer.dist.DistributedError: a rank died or timed out
-        if type(e).__name__ != "DistributedError":
-            raise
-        print(f"peer train: error: {e}", file=sys.stderr)
-        return 1
+    except Interrupted as e:  # SIGINT / SIGTERM: a checkpoint of the last step was saved
+        print(f"\npeer train: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         from .checkpoint import latest_checkpoint
 

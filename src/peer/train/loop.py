@@ -52,9 +52,10 @@ from .checkpoint import (CheckpointError, checkpoint_name, clean_partial, captur
                          save_checkpoint)
 from .optim import build_optimizer, clip_grad_norm
 from .schedule import Schedule
+from .signals import Interrupted, StopOnSignal
 from .tomlw import dumps as toml_dumps
 
-__all__ = ["train", "train_or_resume", "load_run", "resolve_steps", "check_resume_config", "evaluate_loss", "TrainingDiverged",
+__all__ = ["train", "train_or_resume", "check_device", "load_run", "resolve_steps", "check_resume_config", "evaluate_loss", "TrainingDiverged",
            "RESUME_MAY_CHANGE"]
 
 log = logging.getLogger("peer.train")
@@ -212,9 +213,27 @@ def train(cfg: Config, resume: bool = False, *, stop_after: int | None = None) -
     The run folder is locked for the whole call (:class:`peer.fsutil.FolderLock`, by the main
     process under torchrun): a second ``train`` on the same folder fails at once, naming the pid.
     """
+    check_device(cfg.train.device)  # before the lock: a bad device leaves no run folder behind
     lock = FolderLock(cfg.train.out_dir, "run folder") if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
     with lock:
         return _train(cfg, resume, stop_after)
+
+
+def check_device(device: str) -> None:
+    """``train.device`` must name a device this torch build can use; the error says what is available."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"train.device: {device!r} is not a device; use 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {device!r} requested but this torch build sees no CUDA device "
+                          f"(torch {torch.__version__}); use train.device=cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"train.device: {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"train.device: {device!r} requested but MPS is not available here; use train.device=cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"train.device: {device!r} is not supported; use 'cpu', 'cuda', 'cuda:N' or 'mps'")
 
 
 def train_or_resume(cfg: Config) -> str:
@@ -334,7 +353,20 @@ def _train(cfg: Config, resume: bool, stop_after: int | None) -> Path:
             "A resumed run replays the same batches exactly, so start a new run with a lower optim.lr, "
             "more optim.warmup_steps or a tighter optim.grad_clip.", step, last_good)
 
+    def save(done: int, record: dict | None) -> Path:
+        if not dpar.all_finite(model):
+            raise diverged("the weights (or BatchNorm statistics) became non-finite", done)
+        state = {"step": done, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                 "rng": capture_rng(), "batcher": batcher.state_dict(), "metrics": record}
+        meta_out = {"step": done, "tokens": done * tokens_per_step, "flops": done * flops_per_step,
+                    "config": config_to_dict(cfg), "metrics": record}
+        if denv.distributed or dpar.is_sharded_config(cfg):
+            return _save_distributed(run_dir, model, optimizer, state, meta_out, cfg, denv, done == steps)
+        return save_checkpoint(run_dir, model, state, meta_out, keep_last=t.keep_last)
+
+    stop = StopOnSignal(enabled=not denv.distributed)  # SIGINT/SIGTERM: checkpoint this step, then stop
     try:
+        stop.__enter__()
         for s in range(start, steps):
             t0 = time.perf_counter()
             lr = schedule.apply(optimizer, s)
@@ -370,17 +402,11 @@ def _train(cfg: Config, resume: bool, stop_after: int | None) -> Path:
                     for k, v in record.items():
                         if k not in ("step", "tokens", "flops"):
                             tb.add_scalar(f"train/{k}" if k != "val_loss" else "val/loss", v, done)
-            if done % t.ckpt_every == 0 or done == steps:
-                if not dpar.all_finite(model):
-                    raise diverged("the weights (or BatchNorm statistics) became non-finite", done)
-                state = {"step": done, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                         "rng": capture_rng(), "batcher": batcher.state_dict(), "metrics": record}
-                meta_out = {"step": done, "tokens": done * tokens_per_step, "flops": done * flops_per_step,
-                            "config": config_to_dict(cfg), "metrics": record}
-                if denv.distributed or dpar.is_sharded_config(cfg):
-                    last_good = _save_distributed(run_dir, model, optimizer, state, meta_out, cfg, denv, done == steps)
-                else:
-                    last_good = save_checkpoint(run_dir, model, state, meta_out, keep_last=t.keep_last)
+            if done % t.ckpt_every == 0 or done == steps or stop.requested:
+                last_good = save(done, record)
+            if stop.requested and done < steps:
+                raise Interrupted(f"stopped by {stop.name} after step {done} of {steps}; checkpoint saved: {last_good}; "
+                                  f"continue with: peer train {run_dir} --resume", stop.signum)
             if stop_after is not None and done >= stop_after:
                 break
     except RuntimeError as e:  # a failed collective (peer died / timed out) -> peer.dist.DistributedError
@@ -389,6 +415,7 @@ def _train(cfg: Config, resume: bool, stop_after: int | None) -> Path:
             raise
         raise err from e
     finally:
+        stop.__exit__(None, None, None)
         bar.close()
         if tb is not None:
             tb.close()

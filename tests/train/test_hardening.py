@@ -1,0 +1,168 @@
+"""Hardening of `peer train` (issue: no command loses data, every user error is one clear line):
+folder locks, devices and budgets that cannot run, stopping on SIGTERM with a checkpoint, and
+non-finite values that must not enter BatchNorm statistics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from peer.cli import main
+from peer.config import ConfigError, load_config
+from peer.fsutil import FolderBusy, FolderLock, folder_kind
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _base(corpus, out, *more):
+    return [str(ROOT / "configs" / "tiny.toml"), "--set", f"data.corpus={corpus}", "model.vocab_size=64",
+            "train.progress=false", "train.tensorboard=false", "train.threads=1", *more, "--out", str(out)]
+
+
+def _one_error_line(err: str) -> bool:
+    """Exactly one ``error:`` line and no traceback (a progress line before it is fine)."""
+    return "Traceback" not in err and sum("error:" in line for line in err.splitlines()) == 1
+
+
+def _hold_lock(folder: Path) -> subprocess.Popen:
+    """Another process that holds ``folder``'s lock until killed."""
+    code = ("import sys, time; from peer.fsutil import FolderLock\n"
+            f"with FolderLock({str(folder)!r}):\n    print('held', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_second_train_on_a_locked_run_folder_fails_naming_the_pid(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    holder = _hold_lock(out)
+    try:
+        assert main(["train", *_base(corpus, out, "--set", "train.steps=2")]) == 2
+        err = capsys.readouterr().err
+        assert f"pid {holder.pid}" in err and _one_error_line(err), err
+        assert not (out / "config.toml").exists() and not (out / "metrics.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["train", *_base(corpus, out, "--set", "train.steps=2")]) == 0  # released when the holder died
+
+
+def test_lock_is_reentrant_in_one_process_and_exclusive_across(tmp_path):
+    d = tmp_path / "x"
+    with FolderLock(d):
+        with FolderLock(d):  # nested: no deadlock
+            pass
+        code = f"from peer.fsutil import FolderLock\nwith FolderLock({str(d)!r}): pass"
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert r.returncode != 0 and "FolderBusy" in r.stderr and f"pid {os.getpid()}" in r.stderr
+    with FolderLock(d):  # released: this process can take it again
+        pass
+    assert issubclass(FolderBusy, __import__("peer.errors").errors.PeerError)
+
+
+@pytest.mark.parametrize("device,msg", [("cuda", "no CUDA device"), ("foo", "not a device"), ("cuda:7", "CUDA")])
+def test_unusable_device_is_one_line_and_leaves_no_folder(corpus, tmp_path, capsys, device, msg):
+    if torch.cuda.is_available() and device != "foo":
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "sub" / "run"
+    assert main(["train", *_base(corpus, out, "--set", f"train.device={device}", "train.steps=2")]) == 2
+    err = capsys.readouterr().err
+    assert "train.device" in err and msg in err and _one_error_line(err), err
+    assert not out.exists() and not out.parent.exists()
+
+
+def test_out_naming_a_file_is_one_line(corpus, tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("keep me")
+    assert main(["train", *_base(corpus, f, "--set", "train.steps=2")]) == 2
+    err = capsys.readouterr().err
+    assert "is a file" in err and _one_error_line(err)
+    assert f.read_text() == "keep me"
+
+
+def test_infinite_budget_and_steps_next_to_a_budget_are_errors(corpus, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="train.flops"):
+        load_config(ROOT / "configs" / "tiny.toml", ["train.flops=inf"])
+    assert main(["train", *_base(corpus, tmp_path / "r", "--set", "train.flops=1e9", "train.steps=5")]) == 2
+    err = capsys.readouterr().err
+    assert "train.steps" in err and "train.flops=0" in err and _one_error_line(err)
+    assert not (tmp_path / "r").exists()
+
+
+def test_internal_errors_keep_their_traceback(monkeypatch):
+    """The CLI turns the project's error types into one line, not every ValueError (a bug stays visible)."""
+    import peer.demo
+
+    def boom(args):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(peer.demo, "run", boom)
+    with pytest.raises(ValueError, match="internal bug"):
+        main(["demo"])
+
+
+def test_sigterm_saves_a_checkpoint_at_the_current_step_and_resume_finishes(corpus, tmp_path):
+    out = tmp_path / "run"
+    args = _base(corpus, out, "--set", "train.steps=100000", "train.ckpt_every=100000", "train.log_every=1")
+    proc = subprocess.Popen([sys.executable, "-m", "peer", "train", *args], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err and "--resume" in err
+    ckpts = sorted((out / "checkpoints").glob("step_*"))
+    assert len(ckpts) == 1  # none was due (ckpt_every is huge): this one is the signal's
+    step = json.loads((ckpts[0] / "meta.json").read_text())["step"]
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert step == logged[-1] >= 3  # the checkpoint is at the last finished step: no work is redone
+    assert main(["train", str(out), "--resume", "--set", "train.flops=0", f"train.steps={step + 2}"]) == 0
+    assert json.loads((out / "checkpoints" / f"step_{step + 2:07d}" / "meta.json").read_text())["step"] == step + 2
+
+
+@pytest.mark.parametrize("layer", ["peer", "pkm"])
+def test_a_nan_token_does_not_poison_batchnorm_statistics(layer):
+    from peer.layers import PEER
+    from peer.layers.pkm import PKM
+
+    torch.manual_seed(0)
+    m = PEER(16, num_experts=64, heads=2, topk=4, key_dim=8) if layer == "peer" else PKM(16, num_memories=64, heads=2, topk=4, key_dim=8)
+    m.train()
+    m(torch.randn(32, 16))
+    before = {k: v.clone() for k, v in m.query_norm.state_dict().items()}
+    x = torch.randn(32, 16)
+    x[3, 5] = float("nan")
+    y = m(x)
+    assert not torch.isfinite(y).all()  # the bad batch still shows (the loss turns NaN, training stops)
+    for k, v in m.query_norm.state_dict().items():
+        assert torch.equal(v, before[k]), k  # ... but the running statistics kept their values
+    m(torch.randn(32, 16))  # a clean batch updates them again
+    assert not torch.equal(m.query_norm.running_mean, before["running_mean"])
+    m.eval()
+    assert torch.isfinite(m(torch.randn(8, 16))).all()
+
+
+def test_folder_kind(tmp_path):
+    assert folder_kind(tmp_path / "missing") is None
+    (tmp_path / "empty").mkdir()
+    assert folder_kind(tmp_path / "empty") is None
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    assert folder_kind(tmp_path / "run") == "run"
+    (tmp_path / "c" / "splits").mkdir(parents=True)
+    assert folder_kind(tmp_path / "c") == "corpus"
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "config.json").write_text(json.dumps({"peer_source": {}}))
+    assert folder_kind(tmp_path / "e") == "export"
+    (tmp_path / "e" / "notes.txt").write_text("x")
+    assert folder_kind(tmp_path / "e") == "other"
