@@ -122,7 +122,7 @@ def main_job(out: str | Path = "runs/main", budget: float | None = None, quick: 
             state[f"{name}_train_s"] = before + time.perf_counter() - t
             atomic_write_text(state_path, json.dumps(state, indent=1) + "\n")
         _say(f"   {name}: {status}")
-        results[name] = {"run_dir": cfg.train.out_dir, "status": status, "steps": steps,
+        results[name] = {"run_dir": cfg.train.out_dir, "status": status, "steps": steps, "recipe": describe_recipe(cfg),
                          "tokens": steps * cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len,
                          "train_s": state.get(f"{name}_train_s")}
     timing["train_s"] = sum(r["train_s"] or 0.0 for r in results.values())
@@ -160,7 +160,8 @@ def main_job(out: str | Path = "runs/main", budget: float | None = None, quick: 
 def _summary(r: dict, curve: dict) -> dict:
     rep = r["report"]
     return {
-        "run_dir": r["run_dir"], "status": r["status"], "steps": r["steps"], "tokens": r["tokens"],
+        "run_dir": r["run_dir"], "status": r["status"], "recipe": r.get("recipe", ""), "steps": r["steps"],
+        "tokens": r["tokens"],
         "train_flops": r["flops"], "train_s": r["train_s"], "model": rep["model"], "params": rep["params"],
         "final_train_loss": float(curve["loss"][-1]) if len(curve["loss"]) else None,
         "final_val_loss": float(curve["val_loss"][-1]) if len(curve["val_loss"]) else None,
@@ -170,6 +171,23 @@ def _summary(r: dict, curve: dict) -> dict:
                     for layer, e in rep["experts"].items()},
         "sample": r["sample"],
     }
+
+
+def describe_recipe(cfg: Config) -> str:
+    """One line saying which recipe a run uses: backbone, lr, and the sparse layer's shape and options."""
+    m, o = cfg.model, cfg.optim
+    text = f"d_model {m.d_model}, {m.n_layers} blocks, lr {o.lr:g}, warmup {o.warmup_steps}"
+    if m.sparse_layer == "peer":
+        p = m.peer
+        n = int(round(p.num_experts ** 0.5))
+        where = m.sparse_blocks if isinstance(m.sparse_blocks, str) else ",".join(map(str, m.sparse_blocks))
+        text += (f"; PEER {n}^2 experts, h={p.heads}, k={p.topk}, key_dim={p.key_dim}, {p.query_norm}, {p.score}, "
+                 f"v init x{p.value_init_scale:g}, blocks {where} ({m.sparse_placement}"
+                 f"{', shared pool' if m.share_experts else ''}), expert lr x{o.expert_lr_mult:g}"
+                 + (f" -> x{o.expert_lr_mult_final:g} ({o.expert_lr_mult_schedule})" if o.expert_lr_mult_schedule != "constant" else ""))
+    elif m.sparse_layer != "none":
+        text += f"; {m.sparse_layer} in blocks {m.sparse_blocks}"
+    return text
 
 
 # ------------------------------------------------------------------ tables
@@ -202,7 +220,9 @@ def format_table(comparison: dict) -> str:
     w0 = max(len(label) for label, _ in rows)
     ws = [max(len(n), *(len(v[i]) for _, v in rows)) for i, n in enumerate(names)]
     head = f"{'':<{w0}}  " + "  ".join(f"{n:>{w}}" for n, w in zip(names, ws))
-    lines = [f"dense vs PEER at {comparison['budget_flops']:.3g} training FLOPs each", head, "-" * len(head)]
+    lines = [f"dense vs PEER at {comparison['budget_flops']:.3g} training FLOPs each (one seed each)"]
+    lines += [f"  recipe {n}: {comparison['runs'][n].get('recipe', '')}" for n in names]
+    lines += [head, "-" * len(head)]
     lines += [f"{label:<{w0}}  " + "  ".join(f"{v:>{w}}" for v, w in zip(vals, ws)) for label, vals in rows]
     return "\n".join(lines)
 
@@ -212,7 +232,8 @@ def format_markdown(comparison: dict) -> str:
     names, rows = _rows(comparison)
     md = [f"# Main job: dense vs PEER at {comparison['budget_flops']:.3g} training FLOPs", "",
           f"Corpus `{comparison['corpus']}`; perplexity over up to {comparison['eval_batches']} batches per set; "
-          f"wall time {comparison['timing']['total_s']:.0f} s.", "",
+          f"wall time {comparison['timing']['total_s']:.0f} s; one seed per model.", "",
+          *[f"- recipe **{n}**: {comparison['runs'][n].get('recipe', '')}" for n in names], "",
           "| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     md += [f"| {label} | " + " | ".join(vals) + " |" for label, vals in rows]
     md += ["", "## Samples", ""]
