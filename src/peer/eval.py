@@ -121,7 +121,7 @@ def _set_names(texts: Iterable[str | Path]) -> list[tuple[str, Path]]:
 
 # ------------------------------------------------------------------ the evaluation
 def evaluate(run_path: str | Path, texts: Iterable[str | Path] = (), max_batches: int | None = None,
-             plot_dir: str | Path | None = None, model_and_cfg=None) -> dict:
+             plot_dir: str | Path | None = None, model_and_cfg=None, corpus: str | Path | None = None) -> dict:
     """Evaluate a run (or checkpoint) on its corpus's evaluation splits and on ``texts``.
 
     Returns a JSON-able dict: ``run``, ``step``, ``params`` (total/active), ``flops_per_token``,
@@ -142,16 +142,19 @@ def evaluate(run_path: str | Path, texts: Iterable[str | Path] = (), max_batches
         raise UsageError(f"--batches: must be positive, got {max_batches}")
     model.eval()
     T, B = cfg.train.seq_len, cfg.train.batch_size
-    corpus = Path(cfg.data.corpus)
     text_sets = _set_names(texts)
     sets: list[tuple[str, str, object]] = []  # (name, kind, source)
-    if corpus.is_dir():
+    if corpus != "":  # "" (--corpus none): only the --text files
+        corpus = Path(cfg.data.corpus if corpus is None else corpus)
+        if not corpus.is_dir():
+            raise FileNotFoundError(f"data.corpus {str(corpus)!r} of this run does not exist (moved? pass "
+                                    "--corpus DIR; `peer data prepare` rebuilds the starter corpus; --corpus none "
+                                    "evaluates only the --text files)")
         check_corpus_tokenizer(run_path, corpus)
         splits = [cfg.data.val_split] + [s for s in eval_splits(corpus) if s != cfg.data.val_split]
         sets += [(s, "split", s) for s in splits]
     elif not text_sets:
-        raise FileNotFoundError(f"data.corpus {str(corpus)!r} of this run does not exist (run `peer data prepare` "
-                                "or pass --text files)")
+        raise UsageError("--corpus none: give --text files to evaluate")
     tokenizer = run_tokenizer(run_path, cfg) if text_sets else None
     sets += [(name, "text", p) for name, p in text_sets]
 
@@ -235,11 +238,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--batches", type=int, default=None, help="at most N batches per set")
     parser.add_argument("--plot-dir", default=None, help="write expert_usage.png here (default: RUN/plots)")
+    parser.add_argument("--corpus", default=None,
+                        help="the corpus dir (default: the run's data.corpus); 'none': only the --text files")
 
 
 def run(args: argparse.Namespace) -> int:
     plot_dir = args.plot_dir or str(run_dir_of(args.run) / "plots")
-    report = evaluate(args.run, texts=args.text, max_batches=args.batches, plot_dir=plot_dir)
+    corpus = "" if args.corpus == "none" else args.corpus
+    report = evaluate(args.run, texts=args.text, max_batches=args.batches, plot_dir=plot_dir, corpus=corpus)
     if args.json:
         json.dump(_jsonable(report), sys.stdout)
         sys.stdout.write("\n")

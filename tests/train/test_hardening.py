@@ -166,3 +166,38 @@ def test_folder_kind(tmp_path):
     assert folder_kind(tmp_path / "e") == "export"
     (tmp_path / "e" / "notes.txt").write_text("x")
     assert folder_kind(tmp_path / "e") == "other"
+
+
+def test_a_run_folder_is_portable(corpus, tmp_path, monkeypatch, capsys):
+    """Trained with a relative corpus path in one directory, the run resumes and evaluates from any other,
+    accepts the corpus spelled as an absolute path, still evaluates after being moved, and a missing
+    corpus is a clear error (never a silent drop of the corpus splits)."""
+    import shutil
+    work = tmp_path / "work"
+    shutil.copytree(corpus, work / "data" / "c")
+    monkeypatch.chdir(work)
+    args = [str(ROOT / "configs" / "tiny.toml"), "--set", "data.corpus=data/c", "model.vocab_size=64",
+            "train.progress=false", "train.tensorboard=false", "train.threads=1", "train.steps=2", "--out", "runs/r"]
+    assert main(["train", *args]) == 0
+    run = work / "runs" / "r"
+    assert f"corpus = \"{work / 'data' / 'c'}\"" in (run / "config.toml").read_text()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["train", str(run), "--resume", "--set", "train.steps=3"]) == 0
+    assert main(["train", str(run), "--resume", "--set", f"data.corpus={work / 'data' / 'c'}", "train.steps=4"]) == 0
+    assert main(["train", str(run), "--resume", "--set", f"data.corpus={work / 'data' / '.' / 'c'}", "train.steps=5"]) == 0
+    moved = tmp_path / "moved_run"
+    run.rename(moved)
+    capsys.readouterr()
+    assert main(["eval", str(moved), "--json"]) == 0
+    sets = json.loads(capsys.readouterr().out)["sets"]
+    assert "val" in sets
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 50)
+    (work / "data" / "c").rename(work / "data" / "gone")
+    assert main(["eval", str(moved), "--text", str(text)]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "--corpus" in err and _one_error_line(err)
+    assert main(["eval", str(moved), "--corpus", str(work / "data" / "gone"), "--json"]) == 0
+    assert "val" in json.loads(capsys.readouterr().out)["sets"]

@@ -101,11 +101,29 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# config fields that name files: stored absolute (a run works from any working directory), and
+# compared as resolved paths (an equivalent spelling of the same path is not a change)
+PATH_FIELDS = ("data.corpus", "data.tokenizer")
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """``cfg`` with ``data.corpus`` (and ``data.tokenizer`` when set) as absolute paths."""
+    d = cfg.data
+    tok = str(Path(d.tokenizer).expanduser().resolve()) if d.tokenizer else ""
+    return replace(cfg, data=replace(d, corpus=str(Path(d.corpus).expanduser().resolve()), tokenizer=tok))
+
+
+def _same(key: str, a, b) -> bool:
+    if key in PATH_FIELDS and isinstance(a, str) and isinstance(b, str) and a and b:
+        return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
+    return a == b
+
+
 def check_resume_config(run_cfg: dict, cfg: Config, where: Path) -> None:
     """ConfigError listing every field (outside RESUME_MAY_CHANGE) where ``cfg`` differs from the run's."""
     old, new = _flatten(run_cfg), _flatten(config_to_dict(cfg))
     diffs = [f"{k}: run has {old.get(k)!r}, now {new.get(k)!r}" for k in sorted(set(old) | set(new))
-             if k not in RESUME_MAY_CHANGE and old.get(k) != new.get(k)]
+             if k not in RESUME_MAY_CHANGE and not _same(k, old.get(k), new.get(k))]
     if diffs:
         raise ConfigError(f"cannot resume {where} with a different config (only "
                           f"{', '.join(sorted(RESUME_MAY_CHANGE))} may change):\n  " + "\n  ".join(diffs))
@@ -214,6 +232,7 @@ def train(cfg: Config, resume: bool = False, *, stop_after: int | None = None) -
     process under torchrun): a second ``train`` on the same folder fails at once, naming the pid.
     """
     check_device(cfg.train.device)  # before the lock: a bad device leaves no run folder behind
+    cfg = absolute_paths(cfg)  # the run's config.toml then works from any working directory
     lock = FolderLock(cfg.train.out_dir, "run folder") if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
     with lock:
         return _train(cfg, resume, stop_after)
