@@ -98,13 +98,13 @@ def _usage_layers(model) -> dict:
     return {name: m for name, m in model.sparse_layers().items() if hasattr(m, "record_usage") and hasattr(m, "reset_usage")}
 
 
-def _text_tokens(path: str | Path, tokenizer) -> np.ndarray:
+def _text_tokens(path: str | Path, tokenizer, replace_errors: bool = False) -> np.ndarray:
     from .data import encode_texts
 
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"--text {str(p)!r}: no such file")
-    enc = encode_texts([p], tokenizer)
+    enc = encode_texts([p], tokenizer, replace_errors=replace_errors)
     if isinstance(enc, dict):
         enc = list(enc.values())
     if isinstance(enc, (list, tuple)):
@@ -121,7 +121,8 @@ def _set_names(texts: Iterable[str | Path]) -> list[tuple[str, Path]]:
 
 # ------------------------------------------------------------------ the evaluation
 def evaluate(run_path: str | Path, texts: Iterable[str | Path] = (), max_batches: int | None = None,
-             plot_dir: str | Path | None = None, model_and_cfg=None, corpus: str | Path | None = None) -> dict:
+             plot_dir: str | Path | None = None, model_and_cfg=None, corpus: str | Path | None = None,
+             replace_errors: bool = False) -> dict:
     """Evaluate a run (or checkpoint) on its corpus's evaluation splits and on ``texts``.
 
     Returns a JSON-able dict: ``run``, ``step``, ``params`` (total/active), ``flops_per_token``,
@@ -167,7 +168,7 @@ def evaluate(run_path: str | Path, texts: Iterable[str | Path] = (), max_batches
         for m in layers.values():
             m.record_usage = True
         for name, kind, src in sets:
-            tokens = open_tokens(corpus, src) if kind == "split" else _text_tokens(src, tokenizer)
+            tokens = open_tokens(corpus, src) if kind == "split" else _text_tokens(src, tokenizer, replace_errors)
             if len(tokens) < 2:
                 raise UsageError(f"{'split' if kind == 'split' else '--text'} {name!r} has fewer than 2 tokens")
             for m in layers.values():
@@ -238,6 +239,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--batches", type=int, default=None, help="at most N batches per set")
     parser.add_argument("--plot-dir", default=None, help="write expert_usage.png here (default: RUN/plots)")
+    parser.add_argument("--replace-errors", action="store_true",
+                        help="--text files: replace bytes that are not UTF-8 with U+FFFD instead of failing")
     parser.add_argument("--corpus", default=None,
                         help="the corpus dir (default: the run's data.corpus); 'none': only the --text files")
 
@@ -245,7 +248,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     plot_dir = args.plot_dir or str(run_dir_of(args.run) / "plots")
     corpus = "" if args.corpus == "none" else args.corpus
-    report = evaluate(args.run, texts=args.text, max_batches=args.batches, plot_dir=plot_dir, corpus=corpus)
+    report = evaluate(args.run, texts=args.text, max_batches=args.batches, plot_dir=plot_dir, corpus=corpus,
+                      replace_errors=args.replace_errors)
     if args.json:
         json.dump(_jsonable(report), sys.stdout)
         sys.stdout.write("\n")

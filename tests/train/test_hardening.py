@@ -201,3 +201,27 @@ def test_a_run_folder_is_portable(corpus, tmp_path, monkeypatch, capsys):
     assert "does not exist" in err and "--corpus" in err and _one_error_line(err)
     assert main(["eval", str(moved), "--corpus", str(work / "data" / "gone"), "--json"]) == 0
     assert "val" in json.loads(capsys.readouterr().out)["sets"]
+
+
+def test_eval_text_that_is_not_utf8(tmp_path, capsys):
+    """The error suggests --replace-errors, and peer eval has that option."""
+    from peer.data.userdata import build_corpus
+
+    words = "the state of the union is strong and the people are free to speak and vote".split()
+    rng = __import__("random").Random(0)
+    for i in range(8):
+        (tmp_path / "in").mkdir(exist_ok=True)
+        (tmp_path / "in" / f"d{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(400)))
+    build_corpus([tmp_path / "in"], tmp_path / "c", vocab_size=300, min_tokens=100, log=lambda *_: None)
+    out = tmp_path / "r"
+    args = [str(ROOT / "configs" / "tiny.toml"), "--set", f"data.corpus={tmp_path / 'c'}", "model.vocab_size=300",
+            "train.progress=false", "train.tensorboard=false", "train.threads=1", "train.steps=2", "--out", str(out)]
+    assert main(["train", *args]) == 0
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine text " * 40 + b"\xff\xfe broken " + b"more text " * 40)
+    capsys.readouterr()
+    assert main(["eval", str(out), "--text", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "--replace-errors" in err and _one_error_line(err)
+    assert main(["eval", str(out), "--text", str(bad), "--replace-errors", "--json"]) == 0
+    assert "bad.txt" in json.loads(capsys.readouterr().out)["sets"]
