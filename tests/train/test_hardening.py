@@ -225,3 +225,22 @@ def test_eval_text_that_is_not_utf8(tmp_path, capsys):
     assert "--replace-errors" in err and _one_error_line(err)
     assert main(["eval", str(out), "--text", str(bad), "--replace-errors", "--json"]) == 0
     assert "bad.txt" in json.loads(capsys.readouterr().out)["sets"]
+
+
+def test_corrupted_latest_checkpoint_names_the_newest_intact_one(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *_base(corpus, out, "--set", "train.steps=4", "train.ckpt_every=2", "train.keep_last=3")]) == 0
+    latest = out / "checkpoints" / "step_0000004" / "model.safetensors"
+    data = bytearray(latest.read_bytes())
+    data[-5] ^= 0xFF
+    latest.write_bytes(bytes(data))
+    capsys.readouterr()
+    resume = ["train", str(out), "--resume", "--set", "train.flops=0", "train.steps=6"]
+    assert main(resume) == 2
+    err = capsys.readouterr().err
+    intact = out / "checkpoints" / "step_0000002"
+    assert "corrupted" in err and str(intact) in err and f"--from {intact}" in err and _one_error_line(err), err
+    assert latest.is_file()  # nothing was deleted
+    assert main([*resume, "--from", str(intact)]) == 0
+    assert json.loads((out / "checkpoints" / "step_0000006" / "meta.json").read_text())["step"] == 6
+    assert main(["train", *_base(corpus, tmp_path / "x", "--set", "train.steps=2"), "--from", str(intact)]) == 2

@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override a setting, e.g. --set train.flops=3e13 model.peer.topk=8 (repeatable)")
     parser.add_argument("--resume", action="store_true", help="continue the run in the output directory from its latest checkpoint")
+    parser.add_argument("--from", dest="from_checkpoint", default=None, metavar="CHECKPOINT",
+                        help="with --resume: continue from this checkpoint dir instead of the latest")
     parser.add_argument("--out", default=None, help="run directory (overrides train.out_dir)")
 
 
@@ -49,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"peer train: {steps} steps of {cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len} "
               f"tokens -> {cfg.train.out_dir}", file=sys.stderr)
     try:
-        run_dir = train(cfg, resume=args.resume)
+        if args.from_checkpoint and not args.resume:
+            raise ConfigError("--from: only with --resume (it names the checkpoint to continue from)")
+        run_dir = train(cfg, resume=args.resume, from_checkpoint=args.from_checkpoint)
     except (TrainingDiverged, DistributedError) as e:  # diverged; a rank died or timed out
         print(f"peer train: error: {e}", file=sys.stderr)
         return 1

@@ -49,7 +49,7 @@ from ..fsutil import FolderLock, atomic_write_text, publish
 from ..model import PeerLM
 from .checkpoint import (CheckpointError, checkpoint_name, clean_partial, capture_rng, latest_checkpoint,
                          list_checkpoints, load_model_weights, load_state, read_meta, resolve_checkpoint, restore_rng,
-                         save_checkpoint)
+                         save_checkpoint, verify_checksums)
 from .optim import build_optimizer, clip_grad_norm
 from .schedule import Schedule
 from .signals import Interrupted, StopOnSignal
@@ -221,7 +221,8 @@ def _forward_backward(model, batcher, cfg: Config, device: torch.device) -> tupl
     return ce_sum / n, aux_sum / n
 
 
-def train(cfg: Config, resume: bool = False, *, stop_after: int | None = None) -> Path:
+def train(cfg: Config, resume: bool = False, *, stop_after: int | None = None,
+          from_checkpoint: str | Path | None = None) -> Path:
     """Train ``PeerLM(cfg.model)`` on ``cfg.data`` and return the run directory.
 
     ``resume`` continues from the run's latest checkpoint. ``stop_after`` stops once that many
@@ -235,7 +236,7 @@ def train(cfg: Config, resume: bool = False, *, stop_after: int | None = None) -
     cfg = absolute_paths(cfg)  # the run's config.toml then works from any working directory
     lock = FolderLock(cfg.train.out_dir, "run folder") if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
     with lock:
-        return _train(cfg, resume, stop_after)
+        return _train(cfg, resume, stop_after, from_checkpoint)
 
 
 def check_device(device: str) -> None:
@@ -287,17 +288,42 @@ def train_or_resume(cfg: Config) -> str:
         return "resumed"
 
 
-def _train(cfg: Config, resume: bool, stop_after: int | None) -> Path:
+def resume_checkpoint(run_dir: Path, from_checkpoint: str | Path | None = None) -> tuple[Path, dict]:
+    """The checkpoint to resume from and its meta: ``from_checkpoint`` if given, else the latest. A
+    corrupted latest checkpoint is an error naming the newest intact one and the command that resumes
+    from it (nothing is deleted: the user decides)."""
+    if from_checkpoint is not None:
+        ckpt = resolve_checkpoint(from_checkpoint)
+        meta = read_meta(ckpt)
+        verify_checksums(ckpt, meta, tuple(meta["files"]))
+        return ckpt, meta
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts:
+        raise CheckpointError(f"{run_dir}: nothing to resume (no checkpoint under {run_dir / 'checkpoints'})")
+    try:
+        meta = read_meta(ckpts[-1])
+        verify_checksums(ckpts[-1], meta, tuple(meta["files"]))
+        return ckpts[-1], meta
+    except CheckpointError as e:
+        for older in reversed(ckpts[:-1]):
+            try:
+                m = read_meta(older)
+                verify_checksums(older, m, tuple(m["files"]))
+            except CheckpointError:
+                continue
+            raise CheckpointError(f"{e}; the newest intact checkpoint is {older} (step {m['step']}): resume from it "
+                                  f"with: peer train {run_dir} --resume --from {older}") from None
+        raise CheckpointError(f"{e}; no intact checkpoint is left in {run_dir / 'checkpoints'}") from None
+
+
+def _train(cfg: Config, resume: bool, stop_after: int | None, from_checkpoint=None) -> Path:
     steps = resolve_steps(cfg)
     cfg = replace(cfg, train=replace(cfg.train, steps=steps))
     t = cfg.train
     run_dir = Path(t.out_dir)
     ckpt = meta = None
     if resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise CheckpointError(f"{run_dir}: nothing to resume (no checkpoint under {run_dir / 'checkpoints'})")
-        meta = read_meta(ckpt)
+        ckpt, meta = resume_checkpoint(run_dir, from_checkpoint)
         check_resume_config(meta["config"], cfg, run_dir)
     elif list_checkpoints(run_dir):
         raise ConfigError(f"train.out_dir: {str(run_dir)!r} already holds a run with checkpoints; "
