@@ -209,3 +209,16 @@ set = ["model.sparse_layer=peer", "model.peer.num_experts=64", "model.peer.heads
     again = []
     run_sweep(spec, log=again.append)
     assert sum("[skip]" in line for line in again) == 4 and not any("[run ]" in line for line in again)
+
+
+def test_base_resolves_against_the_sweep_file(tmp_path, monkeypatch):
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "mybase.toml").write_text("[optim]\nlr = 0.0123\n")
+    p = tmp_path / "cfg" / "s.toml"
+    p.write_text(SWEEP.format(out=tmp_path / "res").replace('min_steps = 10', 'min_steps = 10\nbase = "mybase.toml"'))
+    monkeypatch.chdir(tmp_path)  # not the sweep file's folder
+    runs = plan(load_sweep(p))
+    assert all(r.config.optim.lr == 0.0123 for r in runs)
+    p.write_text(SWEEP.format(out=tmp_path / "res").replace('min_steps = 10', 'min_steps = 10\nbase = "nope.toml"'))
+    with pytest.raises(ConfigError, match="sweep.base"):
+        load_sweep(p)

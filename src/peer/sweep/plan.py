@@ -9,7 +9,8 @@ compute-optimal (lowest validation perplexity) model. A sweep file says:
     budgets = [3e12, 1e13]            # training FLOPs per run
     min_steps = 50                    # sizes that get fewer steps are skipped (too big)
     max_params = 0                    # 0: no limit on active params
-    base = "configs/sweep_base.toml"  # optional: a Config TOML every run starts from
+    base = "sweep_base.toml"          # optional: a Config TOML every run starts from (relative to
+                                      # this file; a path relative to the working directory also works)
     set = ["train.batch_size=16"]     # optional: overrides applied to every run
     seeds = [0, 1, 2]                 # optional: every point trained once per seed (train.seed);
                                       # run dirs then end in /seed<S>; tables give mean ± std (n)
@@ -143,7 +144,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
         raise ConfigError(f"sweep.seeds: expected a non-empty list of distinct integers >= 0, got {seeds!r}")
     spec = SweepSpec(
         name=str(s.get("name", p.stem)), budgets=[float(b) for b in budgets], sizes=sizes, variants=variants,
-        base=str(s.get("base", "")), overrides=_str_list(s.get("set"), "sweep.set"),
+        base=_resolve_base(p, str(s.get("base", ""))), overrides=_str_list(s.get("set"), "sweep.set"),
         min_steps=int(s.get("min_steps", 20)), max_params=int(s.get("max_params", 0)),
         out_dir=str(s.get("out_dir", "")), parallel=int(s.get("parallel", 1)),
         eval_batches=int(s.get("eval_batches", 40)), source=str(p), seeds=list(seeds), seeded="seeds" in s,
@@ -153,6 +154,19 @@ def load_sweep(path: str | Path) -> SweepSpec:
     if spec.min_steps < 1:
         raise ConfigError("sweep.min_steps: must be >= 1")
     return spec
+
+
+def _resolve_base(sweep_file: Path, base: str) -> str:
+    """``base`` relative to the sweep file, else to the working directory; a missing file names both."""
+    if not base or Path(base).is_absolute():
+        return base
+    here = sweep_file.parent / base
+    if here.is_file():
+        return str(here)
+    if Path(base).is_file():
+        return base
+    raise ConfigError(f"sweep.base: {base!r} is neither at {str(here)!r} (next to the sweep file) "
+                      f"nor at {str(Path(base).resolve())!r}")
 
 
 def plan(spec: SweepSpec) -> list[PlannedRun]:
