@@ -176,6 +176,24 @@ def test_beam_search_with_cache_equals_without():
 
 
 def test_generate_past_max_seq_len_is_a_clear_error():
+    """Checked up front (no token generated first), naming max_seq_len and how many tokens would fit."""
     model = tiny_model(max_seq_len=16)
-    with pytest.raises(ValueError, match="max_len"):
+    calls = []
+    real = model.forward
+    model.forward = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+    with pytest.raises(ValueError, match="max_seq_len=16.*at most 6 new tokens"):
         model.generate(torch.randint(0, V, (1, 10)), max_new_tokens=10, do_sample=False)
+    assert calls == []
+    out = model.generate(torch.randint(0, V, (1, 10)), max_new_tokens=6, do_sample=False)
+    assert out.shape[1] == 16
+
+
+def test_generate_with_a_padded_batch_is_a_clear_error():
+    model = tiny_model()
+    x = torch.randint(0, V, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 6:] = 0  # right padding: fine for a forward, not for generation (new tokens would follow the pads)
+    with pytest.raises(ValueError, match="equal length"):
+        model.generate(x, attention_mask=mask, max_new_tokens=2, do_sample=False)
+    out = model.generate(x, attention_mask=torch.ones_like(mask), max_new_tokens=2, do_sample=False)
+    assert out.shape == (2, 10)

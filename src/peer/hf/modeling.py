@@ -200,6 +200,28 @@ class PeerForCausalLM(PeerPreTrainedModel, GenerationMixin):
             inputs[_CACHE_FIELD] = past
         return inputs
 
+    def generate(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                 **kwargs):
+        """``GenerationMixin.generate`` with two checks up front: prompt + new tokens fit in
+        ``max_seq_len`` (the KV cache's size), and a batch has no padding (PeerLM has no attention
+        mask, so new tokens after a padded prompt would attend to the pads)."""
+        if input_ids is not None and input_ids.dim() == 2:
+            T = input_ids.shape[1]
+            gc = kwargs.get("generation_config") or self.generation_config
+            new = kwargs.get("max_new_tokens", getattr(gc, "max_new_tokens", None))
+            if new is None:
+                max_length = kwargs.get("max_length", getattr(gc, "max_length", None))
+                new = (max_length - T) if max_length else 0
+            if T + new > self.config.max_seq_len:
+                raise ValueError(f"generate: the prompt ({T} tokens) + max_new_tokens ({new}) exceed the model's "
+                                 f"max_seq_len={self.config.max_seq_len}; shorten the prompt or ask for at most "
+                                 f"{max(0, self.config.max_seq_len - T)} new tokens")
+            if attention_mask is not None and not bool(attention_mask.bool().all()):
+                raise ValueError("generate: this batch has padding; PeerLM has no attention mask, so batched "
+                                 "prompts must have equal length (generate one sequence at a time, or group "
+                                 "prompts by length)")
+        return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
     def _reorder_cache(self, past, beam_idx):  # transformers 4.x beam search
         past.reorder_cache(beam_idx)
         return past
