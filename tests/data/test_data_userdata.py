@@ -137,3 +137,21 @@ def test_hf_without_datasets(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import raises ImportError
     with pytest.raises(DataError, match=r"needs the `datasets` package \(pip install datasets\)"):
         read_documents("hf:wikitext")
+
+
+def test_split_is_bounded_by_size_not_document_count():
+    """A few documents of very different sizes: val gets at most val_fraction of the text (by
+    count, one of four documents could be the big one and hold ~95% of it)."""
+    from peer.data.sources import Document
+    big = Document("big", "word " * 20000)
+    small = [Document(f"s{i}", "tiny text here. " * 20) for i in range(3)]
+    for seed in range(6):
+        s = split_train_val([big, *small], 0.1, seed=seed)
+        val = sum(len(d.text) for d in s["val"])
+        total = sum(len(d.text) for d in [big, *small])
+        assert 0 < val <= 0.1 * total + 1
+    # no whole document fits in 10%: the largest is cut, nothing is lost
+    two = [Document("a", "alpha beta. " * 500), Document("b", "gamma delta. " * 600)]
+    s = split_train_val(two, 0.1)
+    assert [d.id for d in s["val"]] == ["b#val"]
+    assert sum(len(d.text) for d in s["train"] + s["val"]) == sum(len(d.text) for d in two)

@@ -151,22 +151,33 @@ def _cut(text: str, at: int) -> int:
 
 
 def split_train_val(docs: Sequence[Document], val_fraction: float = 0.1, seed: int = 0) -> dict[str, list[Document]]:
-    """Whole documents into ``train`` / ``val``; a lone document is cut into two documents."""
+    """Whole documents into ``train`` / ``val``, the val share bounded by size (characters, a proxy
+    for tokens known before the tokenizer exists): documents in a seeded random order go to val
+    while val stays within ``val_fraction`` of the text. When no whole document fits (a few large
+    ones, or a lone document) the largest one is cut into a train part and a val part."""
     if not 0 < val_fraction < 1:
         raise DataError(f"--val-fraction must be in (0, 1), got {val_fraction}")
     if not docs:
         raise DataError("no documents to split")
-    if len(docs) == 1:
-        d = docs[0]
-        at = _cut(d.text, int(len(d.text) * (1 - val_fraction)))
-        if at <= 0 or at >= len(d.text):
-            raise DataError(f"{d.id}: too short to split into train and val")
-        return {"train": [Document(f"{d.id}#train", d.text[:at], d.meta)],
-                "val": [Document(f"{d.id}#val", d.text[at:], d.meta)]}
-    n_val = min(len(docs) - 1, max(1, round(val_fraction * len(docs))))
-    val_idx = set(np.random.default_rng(seed).permutation(len(docs))[:n_val].tolist())
-    return {"train": [d for i, d in enumerate(docs) if i not in val_idx],
-            "val": [d for i, d in enumerate(docs) if i in val_idx]}
+    total = sum(len(d.text) for d in docs)
+    budget = val_fraction * total
+    val_idx: set[int] = set()
+    size = 0
+    for i in np.random.default_rng(seed).permutation(len(docs)).tolist():
+        if len(val_idx) < len(docs) - 1 and size + len(docs[i].text) <= budget:
+            val_idx.add(i)
+            size += len(docs[i].text)
+    if val_idx:
+        return {"train": [d for i, d in enumerate(docs) if i not in val_idx],
+                "val": [d for i, d in enumerate(docs) if i in val_idx]}
+    big = max(range(len(docs)), key=lambda i: len(docs[i].text))
+    d = docs[big]
+    at = _cut(d.text, int(len(d.text) - budget))
+    if at <= 0 or at >= len(d.text):
+        raise DataError(f"{d.id}: too short to split into train and val")
+    rest = [x for i, x in enumerate(docs) if i != big]
+    return {"train": [*rest, Document(f"{d.id}#train", d.text[:at], d.meta)],
+            "val": [Document(f"{d.id}#val", d.text[at:], d.meta)]}
 
 
 def _as_tokenizer(tokenizer: Tokenizer | str | Path) -> Tokenizer:
@@ -205,7 +216,12 @@ def _build_corpus(inputs, out, tokenizer, vocab_size, text_field, replace_errors
         tok, how = _as_tokenizer(tokenizer), {"trained": False, "from": str(tokenizer)}
     else:
         tok, how = train_tokenizer([d.text for d in splits["train"]], vocab_size), {"trained": True}
-    log(f"{len(docs)} documents; tokenizer with {tok.vocab_size} ids")
+    chars = {k: sum(len(d.text) for d in v) for k, v in splits.items()}
+    log(f"{len(docs)} documents; split: train {len(splits['train'])} documents ({chars['train']:,} characters), "
+        f"val {len(splits['val'])} ({chars['val']:,} characters, {chars['val'] / max(1, sum(chars.values())):.1%}"
+        f"{'; cut from ' + splits['val'][0].id.rsplit('#', 1)[0] if splits['val'][0].id.endswith('#val') else ''}); "
+        f"tokenizer with {tok.vocab_size} ids")
     extra = {"inputs": inputs, "tokenizer": how, "duplicates_dropped": dropped,
-             "split_rule": f"val: {val_fraction:g} of the documents (seed {seed}); train: the rest"}
+             "split_rule": f"val: whole documents up to {val_fraction:g} of the text (seed {seed}; the largest "
+                           "document is cut when none fits); train: the rest"}
     return write_corpus(out, splits, tok, extra, log, min_train_tokens=min_tokens)
