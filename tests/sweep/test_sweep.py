@@ -222,3 +222,22 @@ def test_base_resolves_against_the_sweep_file(tmp_path, monkeypatch):
     p.write_text(SWEEP.format(out=tmp_path / "res").replace('min_steps = 10', 'min_steps = 10\nbase = "nope.toml"'))
     with pytest.raises(ConfigError, match="sweep.base"):
         load_sweep(p)
+
+
+def test_compare_two_points_in_nats(tmp_path, capsys):
+    import json
+    from peer.cli import main as cli_main
+    for side, ppls in (("a", [100.0, 110.0, 105.0]), ("b", [120.0, 121.0, 119.0])):
+        for seed, p in enumerate(ppls):
+            d = tmp_path / side / f"seed{seed}"
+            d.mkdir(parents=True)
+            (d / "result.json").write_text(json.dumps({"perplexity": {"val": p, "ood": p * 2}}))
+    assert cli_main(["sweep", "compare", str(tmp_path / "a"), str(tmp_path / "b"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    la, lb = [math.log(p) for p in (100, 110, 105)], [math.log(p) for p in (120, 121, 119)]
+    import statistics as st
+    sp = math.sqrt((2 * st.stdev(la) ** 2 + 2 * st.stdev(lb) ** 2) / 4)
+    assert math.isclose(res["val"]["gap"], st.fmean(la) - st.fmean(lb))
+    assert math.isclose(res["val"]["pooled_std"], sp) and res["val"]["gap_in_std"] < -2
+    assert math.isclose(res["ood"]["gap"], res["val"]["gap"])  # a constant factor is a constant shift in nats
+    assert cli_main(["sweep", "compare", str(tmp_path / "a"), str(tmp_path / "nope")]) == 2

@@ -1,4 +1,5 @@
-"""``peer sweep SWEEP.toml`` (plan, train, evaluate), ``peer sweep plan SWEEP.toml``, ``peer sweep plot SWEEP.toml``."""
+"""``peer sweep SWEEP.toml`` (plan, train, evaluate), ``peer sweep plan SWEEP.toml``, ``peer sweep plot SWEEP.toml``,
+``peer sweep compare POINT_A POINT_B`` (seeded comparison of two points on every evaluation set)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ from ..errors import UsageError
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("action_or_file", help="'plan', 'plot', or a sweep TOML file (runs the sweep)")
-    parser.add_argument("file", nargs="?", help="the sweep TOML file (after 'plan' or 'plot')")
+    parser.add_argument("action_or_file", help="'plan', 'plot', 'compare', or a sweep TOML file (runs the sweep)")
+    parser.add_argument("file", nargs="?", help="the sweep TOML file (after 'plan' or 'plot'); point A (after 'compare')")
+    parser.add_argument("other", nargs="?", help="point B (after 'compare')")
+    parser.add_argument("--names", default="A,B", help="compare: the two sides' names (default: A,B)")
+    parser.add_argument("--json", action="store_true", help="compare: print JSON")
     parser.add_argument("--only", action="append", default=[], help="run only runs whose id contains this (repeatable)")
     parser.add_argument("--parallel", type=int, default=0, help="runs at a time (default: the sweep file's)")
     parser.add_argument("--metric-set", default="val", help="evaluation set that picks compute-optimal models")
@@ -17,6 +21,17 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from .plan import load_sweep, plan, plan_table
 
+    if args.action_or_file == "compare":
+        import json
+
+        from .compare import compare, format_compare, load_point
+
+        if not (args.file and args.other):
+            raise UsageError("peer sweep compare: give two points (folders of result.json files), A and B")
+        res = compare(load_point(args.file), load_point(args.other))
+        names = (args.names.split(",") + ["A", "B"])[:2]
+        print(json.dumps(res, indent=1) if args.json else format_compare(res, *names))
+        return 0
     if args.action_or_file in ("plan", "plot", "run"):
         action, file = args.action_or_file, args.file
         if not file:
@@ -40,6 +55,7 @@ def run(args) -> int:
 def report(spec, metric_set: str = "val") -> int:
     """Write Fig. 1 (PNG), Table 1 and the ablation table (Markdown) under the sweep root; print them."""
     from .analysis import ablation_markdown, method_ordering, table1_markdown
+    from .plan import budget_label
     from .plots import isoflop_figure
     from .runner import collect, write_tables
 
@@ -58,7 +74,7 @@ def report(spec, metric_set: str = "val") -> int:
              "\n## Ordering (best first)\n"]
     for budget, sets in order.items():
         for s, vs in sets.items():
-            lines.append(f"- {budget:.0e} FLOPs, {s}: {' < '.join(vs)}")
+            lines.append(f"- {budget_label(budget)} FLOPs, {s}: {' < '.join(vs)}")
     text = "\n".join(lines) + "\n"
     md.write_text(text, encoding="utf-8")
     print(text)
