@@ -244,3 +244,12 @@ def test_corrupted_latest_checkpoint_names_the_newest_intact_one(corpus, tmp_pat
     assert main([*resume, "--from", str(intact)]) == 0
     assert json.loads((out / "checkpoints" / "step_0000006" / "meta.json").read_text())["step"] == 6
     assert main(["train", *_base(corpus, tmp_path / "x", "--set", "train.steps=2"), "--from", str(intact)]) == 2
+
+
+def test_bench_with_a_missing_optional_implementation_is_one_line(capsys):
+    import importlib.util
+    if importlib.util.find_spec("PEER_pytorch") is not None:
+        pytest.skip("peer-pytorch is installed here")
+    assert main(["bench", "layer", "--impls", "peer-pytorch", "--experts", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "peer-pytorch is not installed" in err and _one_error_line(err)

@@ -17,8 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     layer = sub.add_parser("layer", help="forward and forward+backward of one layer, implementations side by side")
     layer.add_argument("--experts", default="128,256,512,1024",
                        help="comma-separated n; each run uses N = n^2 experts (default 128,256,512,1024)")
-    layer.add_argument("--impls", default="dense,pkm,reference,fused,fused-sparse,peer-pytorch",
-                       help="implementations (see `peer.bench.layer`); missing optional ones are skipped")
+    layer.add_argument("--impls", default=None,
+                       help="implementations (see `peer.bench.layer`; default dense,pkm,reference,fused,fused-sparse,"
+                            "peer-pytorch, skipping peer-pytorch when it is not installed; named explicitly, a "
+                            "missing one is an error)")
     layer.add_argument("--modes", default="fwd,fwd+bwd", help="fwd, fwd+bwd or both")
     layer.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (medians are reported)")
     _common(layer)
@@ -32,8 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     train = sub.add_parser("train", help="full training steps (fwd, bwd, optimizer) vs N, each in a fresh process")
     train.add_argument("--experts", default="128,256,512", help="comma-separated n (N = n^2)")
-    train.add_argument("--impls", default="fused-adamw,fused-sparse,fused-sparse-lite,peer-pytorch-adamw",
-                       help="implementations (see `peer.bench.train`)")
+    train.add_argument("--impls", default=None,
+                       help="implementations (see `peer.bench.train`; default fused-adamw,fused-sparse,"
+                            "fused-sparse-lite,peer-pytorch-adamw; named explicitly, a missing one is an error)")
     train.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     train.add_argument("--table-dtype", default="float32", choices=["float32", "bfloat16"])
     train.add_argument("--force", action="store_true", help="run even when the memory estimate exceeds what is free")
@@ -86,7 +89,16 @@ def run(args: argparse.Namespace) -> int:
     if args.tokens <= 0 or args.dim <= 0:
         raise UsageError(f"--tokens and --dim must be positive, got {args.tokens}, {args.dim}")
     experts = parse_int_list(args.experts, "--experts")
-    impls = [s.strip() for s in args.impls.split(",") if s.strip()]
+    defaults = {"layer": "dense,pkm,reference,fused,fused-sparse,peer-pytorch",
+                "train": "fused-adamw,fused-sparse,fused-sparse-lite,peer-pytorch-adamw"}
+    explicit = getattr(args, "impls", None) is not None
+    impls = [s.strip() for s in (args.impls if explicit else defaults.get(args.what, "")).split(",") if s.strip()]
+    if explicit and any(i.startswith("peer-pytorch") for i in impls):
+        import importlib.util
+
+        if importlib.util.find_spec("PEER_pytorch") is None:
+            raise UsageError("--impls peer-pytorch: the PyPI package peer-pytorch is not installed "
+                             "(pip install peer-pytorch, or this project's 'bench' extra)")
     if args.what == "layer":
         from .layer import IMPLS, bench_layer, check_targets, plot_layer, print_layer
 
