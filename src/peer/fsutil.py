@@ -114,8 +114,10 @@ class FolderLock:
                 raise FolderBusy(f"{self.what} {str(self.folder)!r} is in use by another process"
                                  f"{f' (pid {holder})' if holder else ''}; wait for it to finish or stop it") from None
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        mine = f"{os.getpid()}\n".encode()
+        if os.pread(fd, 64, 0) != mine:  # leave the file untouched when it already names us (a no-op stays one)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, mine, 0)
         self._fd = fd
         self._created = missing
         FolderLock._held[self._key] = 1
