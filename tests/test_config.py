@@ -55,3 +55,19 @@ def test_missing_and_invalid_file(tmp_path):
     bad.write_text("[model\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+def test_presets_are_found_from_any_directory(tmp_path, monkeypatch):
+    """The presets ship inside the package (an installed wheel has no ./configs): from a directory
+    without them, configs/NAME.toml and NAME.toml resolve to the shipped copies, sweeps included."""
+    from peer.config import PRESETS_DIR, find_preset, load_config
+    from peer.sweep import load_sweep, plan
+
+    assert (PRESETS_DIR / "peer.toml").is_file() and (PRESETS_DIR / "recipe" / "d64_1.5e13.toml").is_file()
+    monkeypatch.chdir(tmp_path)
+    assert find_preset("configs/peer.toml") == PRESETS_DIR / "peer.toml" == find_preset("peer.toml")
+    assert load_config("configs/peer.toml").model.sparse_layer == "peer"
+    spec = load_sweep("configs/sweep.toml")
+    assert plan(spec)[0].config.model.vocab_size == 2048  # its base, next to the sweep file
+    (tmp_path / "peer.toml").write_text("[model]\nd_model = 32\nn_heads = 2\n")
+    assert load_config("peer.toml").model.d_model == 32  # a file here wins over the preset

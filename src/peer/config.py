@@ -21,7 +21,7 @@ from .errors import PeerError
 __all__ = [
     "ConfigError", "PEERConfig", "PKMConfig", "MoEConfig", "ModelConfig", "DataConfig",
     "OptimConfig", "TrainConfig", "DistConfig", "Config", "load_config", "config_from_dict",
-    "config_to_dict", "apply_overrides", "validate", "read_toml",
+    "config_to_dict", "apply_overrides", "validate", "read_toml", "find_preset", "PRESETS_DIR",
 ]
 
 
@@ -315,9 +315,25 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
-def read_toml(path: str | Path, kind: str = "config") -> dict:
-    """Parse a TOML file; a missing or malformed file is a ConfigError naming it."""
+PRESETS_DIR = Path(__file__).resolve().parent / "configs"  # shipped in the wheel; ./configs links here in a checkout
+
+
+def find_preset(path: str | Path) -> Path:
+    """``path`` if it exists, else the shipped preset of that name: ``configs/peer.toml``,
+    ``peer.toml`` or ``configs/recipe/x.toml`` resolve to the package's copy when the working
+    directory has none (an installed wheel has no ``configs/`` folder)."""
     p = Path(path)
+    if p.exists() or p.is_absolute():
+        return p
+    parts = p.parts[1:] if p.parts and p.parts[0] == "configs" else p.parts
+    shipped = PRESETS_DIR.joinpath(*parts) if parts else PRESETS_DIR
+    return shipped if shipped.is_file() else p
+
+
+def read_toml(path: str | Path, kind: str = "config") -> dict:
+    """Parse a TOML file (or the shipped preset of that name, see :func:`find_preset`); a missing or
+    malformed file is a ConfigError naming it."""
+    p = find_preset(path)
     if not p.is_file():
         raise ConfigError(f"{kind} file {str(p)!r} does not exist")
     try:

@@ -45,8 +45,9 @@ QUICK_STEPS = 6  # the quick budget: this many steps of the quick dense model
 
 def _configs_dir() -> Path:
     """configs/ of the source tree (editable install), else ./configs."""
-    here = Path(__file__).resolve().parents[2] / "configs"
-    return here if (here / "dense.toml").is_file() else Path("configs")
+    from .config import PRESETS_DIR
+
+    return PRESETS_DIR
 
 
 def _say(msg: str) -> None:

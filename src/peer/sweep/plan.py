@@ -33,7 +33,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import Config, ConfigError, apply_overrides, load_config, read_toml
+from ..config import Config, ConfigError, apply_overrides, find_preset, load_config, read_toml
 from ..flops import count_params, train_flops_per_step
 
 __all__ = ["SweepSpec", "PlannedRun", "load_sweep", "plan", "budget_label"]
@@ -105,7 +105,7 @@ def _str_list(value, name: str) -> list[str]:
 
 def load_sweep(path: str | Path) -> SweepSpec:
     """Read and validate a sweep TOML file; errors name the field."""
-    p = Path(path)
+    p = find_preset(path)
     data = read_toml(p, "sweep")
     known = {"sweep", "sizes", "variants"}
     for key in data:
