@@ -19,6 +19,7 @@ import numpy as np
 
 from .metrics import sorted_usage, usage_stats
 from .errors import UsageError
+from .fsutil import publish
 
 __all__ = ["read_metrics", "curve_data", "plot_curves", "plot_usage", "add_arguments", "run"]
 
@@ -39,7 +40,7 @@ def _save(fig, path: Path) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
+        publish(tmp, path)  # the umask's mode (mkstemp makes 0600 files)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

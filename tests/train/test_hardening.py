@@ -253,3 +253,18 @@ def test_bench_with_a_missing_optional_implementation_is_one_line(capsys):
     assert main(["bench", "layer", "--impls", "peer-pytorch", "--experts", "16"]) == 2
     err = capsys.readouterr().err
     assert "peer-pytorch is not installed" in err and _one_error_line(err)
+
+
+def test_checkpoints_and_plots_follow_the_umask(corpus, tmp_path):
+    import stat
+    out = tmp_path / "run"
+    old = os.umask(0o022)
+    try:
+        assert main(["train", *_base(corpus, out, "--set", "train.steps=2")]) == 0
+        assert main(["plot", str(out), "--out", str(tmp_path / "plots")]) == 0
+    finally:
+        os.umask(old)
+    files = [*(out / "checkpoints").glob("*/*"), *(tmp_path / "plots").glob("*.png")]
+    assert any(f.suffix == ".png" for f in files) and any(f.name == "model.safetensors" for f in files)
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f

@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import PeerError
+from ..fsutil import umask
 
 __all__ = [
     "CheckpointError", "save_checkpoint", "list_checkpoints", "latest_checkpoint", "resolve_checkpoint",
@@ -191,6 +192,7 @@ def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, state: dict, me
             os.replace(src, tmp / name)
         files = {}
         for name in ((MODEL_FILE,) if write_model else ()) + (STATE_FILE,):
+            os.chmod(tmp / name, 0o666 & ~umask())  # safetensors writes through a 0600 temp file
             _fsync(tmp / name)
             files[name] = _sha256(tmp / name)
         full_meta = {"format_version": FORMAT_VERSION, **meta, "files": files, "tied": aliases,
