@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .errors import PeerError, UsageError
 
-__all__ = ["umask", "publish", "atomic_write_text", "make_temp_dir", "FolderLock", "FolderBusy", "folder_kind",
+__all__ = ["umask", "publish", "atomic_write_text", "atomic_copy", "make_temp_dir", "FolderLock", "FolderBusy", "folder_kind",
            "LOCK_NAME", "EXPORT_FILES"]
 
 LOCK_NAME = ".peer.lock"
@@ -54,6 +54,21 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         publish(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_copy(src: str | Path, dst: str | Path) -> None:
+    """Copy ``src`` to a temp file next to ``dst``, then publish it there (umask's mode)."""
+    import shutil
+
+    dst = Path(dst)
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.")
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        publish(tmp, dst)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -32,8 +32,6 @@ import logging
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -45,7 +43,7 @@ import torch.nn.functional as F
 from ..config import Config, ConfigError, config_from_dict, config_to_dict
 from ..errors import PeerError
 from ..dist import data_parallel as dpar
-from ..fsutil import FolderLock, atomic_write_text, publish
+from ..fsutil import FolderLock, atomic_copy, atomic_write_text
 from ..model import PeerLM
 from .checkpoint import (CheckpointError, checkpoint_name, clean_partial, capture_rng, latest_checkpoint,
                          list_checkpoints, load_model_weights, load_state, read_meta, resolve_checkpoint, restore_rng,
@@ -259,8 +257,6 @@ def check_device(device: str) -> None:
 def train_or_resume(cfg: Config) -> str:
     """Train the run, resume it from its latest checkpoint, or skip it when complete; returns
     "trained", "resumed" or "complete" (``peer main`` and ``peer sweep`` use this)."""
-    from .checkpoint import latest_checkpoint, read_meta
-
     run_dir, steps = Path(cfg.train.out_dir), resolve_steps(cfg)
     with FolderLock(run_dir, "run folder"):
         ckpt = latest_checkpoint(run_dir)  # a leftover partial (.tmp-step_*) is not a checkpoint
@@ -270,10 +266,7 @@ def train_or_resume(cfg: Config) -> str:
             # refuse a corpus rebuilt since (see peer.eval.check_corpus_tokenizer)
             tok = Path(cfg.data.corpus) / "tokenizer.json"
             if tok.is_file():
-                fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".tokenizer.json.")
-                os.close(fd)
-                shutil.copyfile(tok, tmp)
-                publish(tmp, run_dir / "tokenizer.json")
+                atomic_copy(tok, run_dir / "tokenizer.json")
             train(cfg)
             return "trained"
         meta = read_meta(ckpt)
