@@ -76,7 +76,7 @@ class MoEConfig:
 class ModelConfig:
     """Decoder-only transformer. ``sparse_layer`` replaces the FFW of ``sparse_blocks``."""
 
-    vocab_size: int = 8192
+    vocab_size: int = 8192  # 0: the size of the corpus's tokenizer (resolved when a run starts)
     d_model: int = 256
     n_layers: int = 4
     n_heads: int = 4
@@ -357,7 +357,8 @@ def _check(cond: bool, name: str, msg: str) -> None:
 def validate(cfg: Config) -> Config:
     """Cross-field checks; raises ConfigError naming the field."""
     m = cfg.model
-    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+    _check(m.vocab_size >= 0, "model.vocab_size", f"must be positive, or 0 for the corpus tokenizer's size, got {m.vocab_size}")
+    for name in ("d_model", "n_layers", "n_heads", "max_seq_len"):
         _check(getattr(m, name) > 0, f"model.{name}", f"must be positive, got {getattr(m, name)}")
     _check(m.d_ff >= 0, "model.d_ff", "must be >= 0 (0 means 4 * d_model)")
     _check(m.d_model % m.n_heads == 0, "model.n_heads", f"must divide model.d_model={m.d_model}, got {m.n_heads}")

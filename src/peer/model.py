@@ -186,6 +186,9 @@ class PeerLM(nn.Module):
         super().__init__()
         if not isinstance(cfg, ModelConfig):
             raise ValueError(f"cfg must be a peer.config.ModelConfig, got {type(cfg).__name__}")
+        if cfg.vocab_size <= 0:
+            raise ValueError(f"model.vocab_size={cfg.vocab_size}: a model needs a vocabulary size "
+                             "(0 means the corpus tokenizer's; peer.train.with_corpus_vocab resolves it)")
         if cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2:
             raise ValueError(f"model.n_heads={cfg.n_heads} must divide model.d_model={cfg.d_model} "
                              "into an even head dimension (rotary embeddings)")

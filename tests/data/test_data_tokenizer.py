@@ -101,3 +101,23 @@ def test_user_tokenizer_eos(tmp_path):
 def test_vocab_too_small():
     with pytest.raises(DataError, match="vocab_size=100"):
         train_tokenizer(["abc"], vocab_size=100)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab1'.,_é日 ")), max_size=400), st.integers(1, 10), st.integers(1, 30))
+def test_pieces_without_whitespace_stay_bounded_and_exact(tiny_tokenizer, text, size, hard):
+    """Past ``hard`` chars without whitespace, cuts fall at class boundaries, still exact."""
+    text = text.replace(" ", "") + "ab1,.x9"  # mostly whitespace-free, with class boundaries
+    pieces = _pieces(text, size, hard)
+    assert "".join(pieces) == text
+    assert all(len(p) <= max(hard, size) for p in pieces)
+    assert [i for p in pieces for i in tiny_tokenizer.encode(p)] == tiny_tokenizer.encode(text)
+
+
+def test_pieces_of_one_huge_word_are_bounded():
+    """A 2M-char text with no whitespace and no class boundary is cut anyway (memory bound)."""
+    from peer.data.tokenizer import HARD_PIECE
+
+    pieces = _pieces("x" * (2 << 20))
+    assert len(pieces) == 8 and max(map(len, pieces)) == HARD_PIECE
+    assert len(_pieces("ab1" * 1_000_000)) >= 3_000_000 // HARD_PIECE

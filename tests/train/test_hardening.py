@@ -268,3 +268,27 @@ def test_checkpoints_and_plots_follow_the_umask(corpus, tmp_path):
     assert any(f.suffix == ".png" for f in files) and any(f.name == "model.safetensors" for f in files)
     for f in files:
         assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+
+
+def test_vocab_size_zero_is_taken_from_the_corpus_tokenizer(tmp_path):
+    """tiny.toml ships vocab_size = 0: a run takes the corpus tokenizer's size and stores it."""
+    from conftest import make_corpus
+    from peer.data import train_tokenizer
+    from peer.train import train
+    from peer.train.loop import with_corpus_vocab
+
+    corpus = make_corpus(tmp_path / "corpus")
+    tok = train_tokenizer(["some text to learn a few merges from, " * 40], vocab_size=300)
+    assert tok.vocab_size >= 64  # the synthetic corpus holds ids < 64
+    cfg = load_config(ROOT / "configs" / "tiny.toml", [
+        f"data.corpus='{corpus}'", f"train.out_dir='{tmp_path / 'run'}'", "train.steps=1",
+        "train.progress=false", "train.tensorboard=false", "train.threads=1"])
+    assert cfg.model.vocab_size == 0
+    with pytest.raises(ConfigError, match="model.vocab_size: 0 takes the size of the run's tokenizer"):
+        with_corpus_vocab(cfg)  # the corpus has no tokenizer.json yet: no guess
+    tok.save(corpus / "tokenizer.json")
+    assert with_corpus_vocab(cfg).model.vocab_size == tok.vocab_size
+    run = train(cfg)
+    assert f"vocab_size = {tok.vocab_size}" in (run / "config.toml").read_text()
+    missing = load_config(ROOT / "configs" / "tiny.toml", [f"data.corpus='{tmp_path / 'not-yet'}'"])
+    assert with_corpus_vocab(missing).model.vocab_size == missing.data.vocab_size  # what `prepare` builds

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from ..config import Config, ConfigError, apply_overrides, find_preset, load_config, read_toml
 from ..flops import count_params, train_flops_per_step
+from ..train.loop import with_corpus_vocab
 
 __all__ = ["SweepSpec", "PlannedRun", "load_sweep", "plan", "budget_label"]
 
@@ -188,6 +189,7 @@ def _plan_one(spec: SweepSpec, base: Config, budget: float, variant: str, vset: 
         cfg = apply_overrides(base, [*spec.overrides, *sset, *vset, "train.steps=1", f"train.seed={seed}"])
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
+    cfg = with_corpus_vocab(cfg)
     per_step = train_flops_per_step(cfg)
     steps = int(math.floor(budget / per_step))
     pc = count_params(cfg.model)

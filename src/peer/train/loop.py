@@ -111,6 +111,27 @@ def absolute_paths(cfg: Config) -> Config:
     return replace(cfg, data=replace(d, corpus=str(Path(d.corpus).expanduser().resolve()), tokenizer=tok))
 
 
+def with_corpus_vocab(cfg: Config) -> Config:
+    """``cfg`` with ``model.vocab_size=0`` ("the corpus's") replaced by the size of the tokenizer
+    the run uses (``data.tokenizer``, else the corpus's own). A corpus not prepared yet counts
+    as the one ``peer data prepare`` builds (``data.vocab_size``); the train-time id check
+    (``_open_split``) still guards the run."""
+    if cfg.model.vocab_size:
+        return cfg
+    from ..data import load_tokenizer
+
+    corpus = Path(cfg.data.corpus)
+    where = Path(cfg.data.tokenizer) if cfg.data.tokenizer else corpus / "tokenizer.json"
+    if where.is_file():
+        vocab = load_tokenizer(where).vocab_size
+    elif cfg.data.tokenizer or corpus.is_dir():
+        raise ConfigError(f"model.vocab_size: 0 takes the size of the run's tokenizer, but {str(where)!r} "
+                          "does not exist; set model.vocab_size or data.tokenizer")
+    else:
+        vocab = cfg.data.vocab_size
+    return replace(cfg, model=replace(cfg.model, vocab_size=vocab))
+
+
 def _same(key: str, a, b) -> bool:
     if key in PATH_FIELDS and isinstance(a, str) and isinstance(b, str) and a and b:
         return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
@@ -231,7 +252,7 @@ def train(cfg: Config, resume: bool = False, *, stop_after: int | None = None,
     process under torchrun): a second ``train`` on the same folder fails at once, naming the pid.
     """
     check_device(cfg.train.device)  # before the lock: a bad device leaves no run folder behind
-    cfg = absolute_paths(cfg)  # the run's config.toml then works from any working directory
+    cfg = with_corpus_vocab(absolute_paths(cfg))  # the run's config.toml then works from any directory
     lock = FolderLock(cfg.train.out_dir, "run folder") if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
     with lock:
         return _train(cfg, resume, stop_after, from_checkpoint)
@@ -257,6 +278,7 @@ def check_device(device: str) -> None:
 def train_or_resume(cfg: Config) -> str:
     """Train the run, resume it from its latest checkpoint, or skip it when complete; returns
     "trained", "resumed" or "complete" (``peer main`` and ``peer sweep`` use this)."""
+    cfg = with_corpus_vocab(cfg)
     run_dir, steps = Path(cfg.train.out_dir), resolve_steps(cfg)
     with FolderLock(run_dir, "run folder"):
         ckpt = latest_checkpoint(run_dir)  # a leftover partial (.tmp-step_*) is not a checkpoint
