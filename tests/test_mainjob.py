@@ -106,9 +106,13 @@ def test_main_quick_end_to_end_skip_and_resume(tmp_path, capsys):
         assert (out / "plots" / png).stat().st_size > 1000
     assert (out / "comparison.md").read_text().count("| perplexity") == 2
 
-    # re-running retrains nothing
+    # trained side by side (the default): one process per run, each with its log
+    assert "side by side" in printed and "recipe: d_model 64" in printed
+    assert all((out / n / "train.log").is_file() for n in ("dense", "peer"))
+
+    # re-running retrains nothing (one after the other this time: the same runs)
     before = {n: (out / n / "metrics.jsonl").read_bytes() for n in ("dense", "peer")}
-    assert main(args) == 0
+    assert main(args + ["--parallel", "1"]) == 0
     again = json.loads((out / "comparison.json").read_text())
     assert {r["status"] for r in again["runs"].values()} == {"complete"}
     assert {n: (out / n / "metrics.jsonl").read_bytes() for n in ("dense", "peer")} == before

@@ -3,7 +3,8 @@
     peer main [--out runs/main] [--budget 1.5e13] [--quick]
 
 1. prepares the starter corpus (``peer data prepare``; a no-op when it is there),
-2. trains ``configs/dense.toml`` and ``configs/peer.toml`` (PEER in the middle block) with the same
+2. trains ``configs/dense.toml`` and ``configs/peer.toml`` (PEER in the middle block) side by side
+   (one process each, the cores split; ``--parallel 1``: one after the other) with the same
    FLOP budget ``train.flops`` (steps = budget / FLOPs per step, the paper's isoFLOP protocol),
 3. evaluates both on every evaluation set (perplexity; PEER's expert usage and unevenness),
 4. prints a side-by-side table, writes ``comparison.json`` / ``comparison.md`` and plots
@@ -18,13 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 from .config import Config, ConfigError, load_config
 from .fsutil import atomic_write_text
-from .errors import UsageError
+from .errors import PeerError, UsageError
 
 __all__ = ["DEFAULT_BUDGET", "MODELS", "plan", "main_job", "format_table", "format_markdown", "add_arguments", "run"]
 
@@ -91,7 +96,7 @@ def _prepare_corpus(corpus: Path, default: bool) -> None:
 # ------------------------------------------------------------------ the job
 def main_job(out: str | Path = "runs/main", budget: float | None = None, quick: bool = False,
              corpus: str | Path | None = None, eval_batches: int | None = 8, threads: int = 0,
-             prompt: str = PROMPT, max_new_tokens: int = 60, progress: bool = True) -> dict:
+             prompt: str = PROMPT, max_new_tokens: int = 60, progress: bool = True, parallel: int = 2) -> dict:
     """Run the main job (see the module docstring); returns the comparison written to comparison.json."""
     from .data import load_tokenizer
     from .eval import evaluate, run_tokenizer
@@ -111,22 +116,40 @@ def main_job(out: str | Path = "runs/main", budget: float | None = None, quick: 
     state_path = out / "mainjob_state.json"
     state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.is_file() else {}
 
+    side_by_side = parallel > 1 and len(cfgs) > 1
+    if side_by_side:  # one process per run, the cores split between them (never two full thread pools)
+        each = max(1, (threads or os.cpu_count() or 2) // len(cfgs))
+        _say(f"== train {', '.join(cfgs)} side by side, {each} thread(s) each; logs in <run>/train.log")
+        cfgs = {n: replace(c, train=replace(c.train, threads=each, progress=False)) for n, c in cfgs.items()}
+    for name, cfg in cfgs.items():
+        _say(f"== train {name}: {resolve_steps(cfg)} steps x {cfg.train.batch_size * cfg.train.seq_len} tokens, "
+             f"budget {budget:.3g} FLOPs -> {cfg.train.out_dir}")
+        _say(f"   recipe: {describe_recipe(cfg)}")
+
+    def train_one(name: str) -> tuple[str, float]:
+        t = time.perf_counter()
+        status = _train_in_process(cfgs[name]) if side_by_side else train_or_resume(cfgs[name])
+        _say(f"   {name}: {status} ({time.perf_counter() - t:.0f} s)")
+        return status, time.perf_counter() - t
+
+    if side_by_side:
+        with ThreadPoolExecutor(len(cfgs)) as pool:
+            done = dict(zip(cfgs, pool.map(train_one, cfgs)))
+    else:
+        done = {name: train_one(name) for name in cfgs}
     results: dict[str, dict] = {}
     for name, cfg in cfgs.items():
-        steps = resolve_steps(cfg)
-        _say(f"== train {name}: {steps} steps x {cfg.train.batch_size * cfg.train.seq_len} tokens, "
-             f"budget {budget:.3g} FLOPs -> {cfg.train.out_dir}")
-        t = time.perf_counter()
-        status = train_or_resume(cfg)
+        status, seconds = done[name]
         if status != "complete":  # training wall time, summed over interrupted and resumed parts
             before = state.get(f"{name}_train_s", 0.0) if status == "resumed" else 0.0
-            state[f"{name}_train_s"] = before + time.perf_counter() - t
+            state[f"{name}_train_s"] = before + seconds
             atomic_write_text(state_path, json.dumps(state, indent=1) + "\n")
-        _say(f"   {name}: {status}")
+        steps = resolve_steps(cfg)
         results[name] = {"run_dir": cfg.train.out_dir, "status": status, "steps": steps, "recipe": describe_recipe(cfg),
                          "tokens": steps * cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len,
                          "train_s": state.get(f"{name}_train_s")}
     timing["train_s"] = sum(r["train_s"] or 0.0 for r in results.values())
+    timing["train_wall_s"] = time.perf_counter() - t0 - timing["prepare_s"]
 
     t = time.perf_counter()
     plots = out / "plots"
@@ -156,6 +179,24 @@ def main_job(out: str | Path = "runs/main", budget: float | None = None, quick: 
     print(f"\nwrote {out / 'comparison.json'}, {out / 'comparison.md'} and plots in {plots} "
           f"({timing['total_s']:.0f} s in all)")
     return comparison
+
+
+def _train_in_process(cfg: Config) -> str:
+    """``train_or_resume(cfg)`` in a child process (``peer.train.worker``), output in ``<run>/train.log``."""
+    from .config import config_to_dict
+
+    run_dir = Path(cfg.train.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    job = run_dir / "train_job.json"
+    atomic_write_text(job, json.dumps({"config": config_to_dict(cfg)}, indent=1))
+    with open(run_dir / "train.log", "a", encoding="utf-8") as log:
+        proc = subprocess.run([sys.executable, "-m", "peer.train.worker", str(job)], stdout=log, stderr=subprocess.STDOUT)
+    status = json.loads(job.read_text(encoding="utf-8")).get("status")
+    if proc.returncode != 0 or status is None:
+        tail = (run_dir / "train.log").read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:]
+        raise PeerError(f"training {run_dir} failed (exit {proc.returncode}): {tail[0] if tail else 'no output'}; "
+                        f"see {run_dir / 'train.log'}")
+    return status
 
 
 def _summary(r: dict, curve: dict) -> dict:
@@ -252,7 +293,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny models, a few steps: a seconds-long end-to-end check")
     parser.add_argument("--corpus", default=None, help="a prepared corpus dir (default: build data/starter)")
     parser.add_argument("--eval-batches", type=int, default=8, help="batches per evaluation set (0: all)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads in all (0: torch's default)")
+    parser.add_argument("--parallel", type=int, default=2,
+                        help="train the two runs side by side, each with 1/parallel of the threads (default 2; 1: one after the other)")
     parser.add_argument("--prompt", default=PROMPT, help="prompt for the samples")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -260,6 +303,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.eval_batches < 0:
         raise UsageError(f"--eval-batches: must be >= 0, got {args.eval_batches}")
+    if args.parallel < 1:
+        raise UsageError(f"--parallel: must be >= 1, got {args.parallel}")
     main_job(args.out, args.budget, args.quick, args.corpus, args.eval_batches or None, args.threads,
-             args.prompt, progress=not args.no_progress and sys.stderr.isatty())
+             args.prompt, progress=not args.no_progress and sys.stderr.isatty(), parallel=args.parallel)
     return 0
