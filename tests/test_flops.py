@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import peer
 from peer.config import Config, ModelConfig
+from peer.config import load_config as load_config_fn
 from peer.flops import FlopReport, ParamReport, count_params, flops, train_flops_per_step
 from peer.model import PeerLM
 
@@ -229,7 +230,13 @@ def test_table_lists_modules_aligned():
 
 def test_package_exports_and_errors():
     cfg = CONFIGS["dense"]
-    assert peer.flops(cfg, 8) == flops(cfg, 8) and peer.count_params(cfg) == count_params(cfg)
+    assert peer.count_flops(cfg, 8) == flops(cfg, 8) and peer.count_params(cfg) == count_params(cfg)
+    import peer.flops as flops_module
+
+    assert peer.flops is flops_module and callable(peer.flops.flops)  # the module is not shadowed
+    assert peer.load_config is load_config_fn and callable(peer.train_or_resume) and callable(peer.evaluate)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        peer.nope
     with pytest.raises(ValueError, match="seq_len"):
         flops(cfg, 33)
     with pytest.raises(ValueError, match="seq_len"):

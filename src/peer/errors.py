@@ -8,7 +8,7 @@ anything else is a bug and keeps its traceback.
       CheckpointError(ValueError) peer.train.checkpoint: a missing, corrupt or mismatched checkpoint
       FolderBusy                 peer.fsutil: another process holds a run / sweep / corpus folder
       TrainingDiverged           peer.train: NaN/inf; the run stopped at its last good checkpoint
-      DistributedError           peer.dist: a rank died or timed out
+      DistributedError           peer.distributed: a rank died or timed out
 """
 
 from __future__ import annotations

@@ -184,7 +184,7 @@ def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, state: dict, me
     tmp.mkdir()
     try:
         aliases = {}
-        if write_model:  # model_state: e.g. the full weights gathered from a sharded run (peer.dist)
+        if write_model:  # model_state: e.g. the full weights gathered from a sharded run (peer.distributed)
             tensors, aliases = _dedupe(model.state_dict() if model_state is None else model_state)
             save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
         torch.save(_pack(state), tmp / STATE_FILE)
@@ -256,7 +256,7 @@ def load_model_weights(ckpt: str | Path, model: torch.nn.Module, meta: dict | No
     meta = read_meta(ckpt) if meta is None else meta
     path = ckpt / MODEL_FILE
     if MODEL_FILE not in meta["files"] and (ckpt / "dcp").is_dir():  # sharded checkpoint, not exported
-        from ..dist.checkpoint import load_model_dcp
+        from ..distributed.checkpoint import load_model_dcp
 
         try:
             load_model_dcp(ckpt / "dcp", model)

@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..config import ConfigError, load_config
-    from ..dist.env import DistributedError
+    from ..distributed.env import DistributedError
     from .loop import TrainingDiverged, resolve_steps, train
     from .signals import Interrupted
 

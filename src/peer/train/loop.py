@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from ..config import Config, ConfigError, config_from_dict, config_to_dict
 from ..errors import PeerError
-from ..dist import data_parallel as dpar
+from ..distributed import data_parallel as dpar
 from ..fsutil import FolderLock, atomic_copy, atomic_write_text
 from ..model import PeerLM
 from .checkpoint import (CheckpointError, checkpoint_name, clean_partial, capture_rng, latest_checkpoint,
@@ -381,8 +381,8 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, from_checkpoint=No
     start = 0
     if ckpt is not None:
         state = load_state(ckpt, meta)
-        if (ckpt / "dcp").is_dir():  # sharded checkpoint (peer.dist.checkpoint): loads on any number of ranks
-            from ..dist.checkpoint import load_sharded
+        if (ckpt / "dcp").is_dir():  # sharded checkpoint (peer.distributed.checkpoint): loads on any number of ranks
+            from ..distributed.checkpoint import load_sharded
 
             load_sharded(ckpt / "dcp", model, optimizer)
         else:
@@ -469,7 +469,7 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, from_checkpoint=No
                                   f"continue with: peer train {run_dir} --resume", stop.signum)
             if stop_after is not None and done >= stop_after:
                 break
-    except RuntimeError as e:  # a failed collective (peer died / timed out) -> peer.dist.DistributedError
+    except RuntimeError as e:  # a failed collective (peer died / timed out) -> peer.distributed.DistributedError
         err = dpar.explain_failure(e, denv)
         if err is e:
             raise
@@ -492,7 +492,7 @@ def _save_distributed(run_dir: Path, model, optimizer, state: dict, meta: dict, 
     model_state = extra = None
     write_model = True
     if dpar.is_sharded_config(cfg):
-        from ..dist.checkpoint import full_model_state, save_sharded
+        from ..distributed.checkpoint import full_model_state, save_sharded
 
         state = {k: v for k, v in state.items() if k != "optimizer"}  # in dcp/
         tmp = run_dir / "checkpoints" / f".tmp-dcp-{name}"

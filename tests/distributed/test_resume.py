@@ -21,7 +21,7 @@ import torch
 
 from dist_harness import (CASES, ROOT, STEPS, close_metrics, free_port, make_corpus, read_metrics, spawn, tiny_config,
                           tiny_overrides)
-from peer.dist.checkpoint import load_model_dcp
+from peer.distributed.checkpoint import load_model_dcp
 from peer.model import PeerLM
 from peer.train import load_run, train
 from peer.train.checkpoint import list_checkpoints

@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 
 from dist_harness import spawn
-from peer.dist import (ExpertShardedPEER, comm_floats_per_token, gather_full_state, shard_bounds,
+from peer.distributed import (ExpertShardedPEER, comm_floats_per_token, gather_full_state, shard_bounds,
                        shard_peer_layer, unshard_peer_layer)
-from peer.dist.data_parallel import reduce_usage
+from peer.distributed.data_parallel import reduce_usage
 from peer.layers import PEER
 
 TOL = dict(rtol=1e-5, atol=1e-6)

@@ -12,7 +12,7 @@ import torch
 
 from dist_harness import CASES, STEPS, close_metrics, make_corpus, read_metrics, spawn, tiny_config
 from peer.config import ConfigError
-from peer.dist import data_parallel as dpar
+from peer.distributed import data_parallel as dpar
 from peer.train import load_run, train
 
 
