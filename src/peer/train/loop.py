@@ -51,7 +51,7 @@ from .checkpoint import (CheckpointError, checkpoint_name, clean_partial, captur
 from .optim import build_optimizer, clip_grad_norm
 from .schedule import Schedule
 from .signals import Interrupted, StopOnSignal
-from .tomlw import dumps as toml_dumps
+from tomli_w import dumps as toml_dumps
 
 __all__ = ["train", "train_or_resume", "check_device", "load_run", "resolve_steps", "check_resume_config", "evaluate_loss", "TrainingDiverged",
            "RESUME_MAY_CHANGE"]
