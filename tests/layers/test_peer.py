@@ -238,3 +238,29 @@ def test_million_experts_builds_and_runs():
     g, idx = layer.eval().retrieve(x[0, :4])
     top, ids = brute_force(layer, x[0, :4])
     assert torch.equal(torch.sort(idx, -1).values, torch.sort(ids, -1).values)
+
+
+def test_reference_backend_never_calls_the_fused_top_k(monkeypatch):
+    """backend="reference" is plain PyTorch end to end: retrieval too, not only the expert mix."""
+    from peer.layers.kernels import pk_topk
+
+    def boom(*a, **k):
+        raise AssertionError("the C++ top-k was called for backend='reference'")
+
+    monkeypatch.setattr(pk_topk, "product_topk", boom)
+    layer = make(backend="reference")
+    layer(torch.randn(7, 16)).sum().backward()
+    auto = make(backend="auto")
+    if pk_topk.available(torch.ones(1), auto.index.keys):  # the patch does catch the kernel when it is used
+        with pytest.raises(AssertionError, match="C\\+\\+ top-k"):
+            auto(torch.randn(7, 16))
+
+
+def test_float64_layer_routes_in_float64_and_passes_gradcheck():
+    """A float64 layer scores keys in float64 (no float32 round trip), so gradcheck holds."""
+    torch.manual_seed(0)
+    layer = make(n=16, heads=2, topk=3, backend="reference").double().eval()
+    x = torch.randn(4, 16, dtype=torch.float64, requires_grad=True)
+    g, _ = layer.retrieve(x)
+    assert g.dtype == torch.float64
+    assert torch.autograd.gradcheck(lambda t: layer(t), (x,), eps=1e-6, atol=1e-5)

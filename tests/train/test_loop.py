@@ -35,8 +35,6 @@ RESUME_CASES = {
 
 @pytest.mark.parametrize("case", sorted(RESUME_CASES))
 def test_resume_is_bitwise_exact(tiny, case):
-    if case == "peer_sparse":
-        pytest.importorskip("peer.train.sparse_optim")
     over = [*RESUME_CASES[case], "train.ckpt_every=3", "train.eval_every=4", "train.keep_last=5"]
     full = train(tiny(*over, out="full"))
     # killed after step 8 (checkpoints at 3 and 6, none at 8): the resume restarts from 6

@@ -52,9 +52,12 @@ class ProductKeyIndex(nn.Module):
         s = torch.einsum("thsd,hsnd->thsn", q2, keys)
         return s
 
-    def topk(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact top-k over all N product keys. q [T, h, key_dim] -> (scores, ids), each [T, h, k], best first."""
-        if pk_topk.available(q, self.keys):  # CPU kernel: chunked scores, pruned k^2 sums, sparse backward
+    def topk(self, q: torch.Tensor, k: int, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k over all N product keys. q [T, h, key_dim] -> (scores, ids), each [T, h, k], best first.
+
+        ``fused=False`` always takes :meth:`topk_reference` (the layers' ``backend="reference"``).
+        """
+        if fused and pk_topk.available(q, self.keys):  # CPU kernel: chunked scores, pruned k^2 sums, sparse backward
             return pk_topk.product_topk(q, self.keys, k)
         return self.topk_reference(q, k)
 

@@ -193,7 +193,9 @@ class PEER(nn.Module):
 
     def _retrieve(self, xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q = self._query(xf)
-        scores, idx = self.index.topk(q.float(), self.topk)  # eqs. 1, 4, 5: exact top-k over N keys
+        # eqs. 1, 4, 5: exact top-k over N keys, in at least float32 (bf16 would pick other experts)
+        q = q.to(torch.promote_types(q.dtype, torch.float32))
+        scores, idx = self.index.topk(q, self.topk, fused=self.backend != "reference")
         if self.score == "softmax":  # eq. 2, per head
             g = scores.softmax(dim=-1)
         else:

@@ -99,7 +99,8 @@ class PKM(nn.Module):
         return w.view(*lead, self.heads, self.topk), idx.view(*lead, self.heads, self.topk)
 
     def _retrieve(self, xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores, idx = self.index.topk(self._query(xf).float(), self.topk)  # exact top-k per head
+        q = self._query(xf)
+        scores, idx = self.index.topk(q.to(torch.promote_types(q.dtype, torch.float32)), self.topk)  # exact top-k per head
         return scores.softmax(dim=-1), idx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,9 +23,7 @@ a dense AdamW; :class:`MultiOptimizer` presents both as one optimizer.
 
 from __future__ import annotations
 
-import importlib
 import logging
-import warnings
 
 import torch
 from torch import nn
@@ -79,13 +77,6 @@ def _adamw(groups: list[dict], optim_cfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, **kwargs)
 
 
-def _sparse_module():
-    try:
-        return importlib.import_module("peer.train.sparse_optim")
-    except ImportError:
-        return None
-
-
 def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.Optimizer:
     """AdamW over :func:`param_groups` (fused where the device supports it).
 
@@ -95,16 +86,13 @@ def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.Optimizer:
     groups = param_groups(model, optim_cfg)
     expert = [g for g in groups if g["name"] == "experts"]
     if optim_cfg.sparse_experts and expert:
-        mod = _sparse_module()
-        if mod is None:
-            warnings.warn("optim.sparse_experts=true but peer.train.sparse_optim is not available; "
-                          "stepping expert tables with the dense AdamW", stacklevel=2)
-        else:
-            o = optim_cfg
-            sparse = mod.SparseRowAdamW(expert, lr=o.lr * o.expert_lr_mult, betas=(o.beta1, o.beta2), eps=o.eps,
-                                        weight_decay=o.expert_weight_decay)
-            rest = [g for g in groups if g["name"] != "experts"]
-            return MultiOptimizer([_adamw(rest, optim_cfg), sparse] if rest else [sparse])
+        from .sparse_optim import SparseRowAdamW  # our own module: an ImportError here is a bug, not a fallback
+
+        o = optim_cfg
+        sparse = SparseRowAdamW(expert, lr=o.lr * o.expert_lr_mult, betas=(o.beta1, o.beta2), eps=o.eps,
+                                weight_decay=o.expert_weight_decay)
+        rest = [g for g in groups if g["name"] != "experts"]
+        return MultiOptimizer([_adamw(rest, optim_cfg), sparse] if rest else [sparse])
     return _adamw(groups, optim_cfg)
 
 
@@ -144,5 +132,7 @@ def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
     the sparse COO row gradients that :mod:`peer.train.sparse_optim` asks for go to its clipping."""
     params = [p for p in params if p.grad is not None]
     if any(p.grad.is_sparse for p in params):
-        return _sparse_module().clip_grad_norm_(params, max_norm)
+        from .sparse_optim import clip_grad_norm_
+
+        return clip_grad_norm_(params, max_norm)
     return torch.nn.utils.clip_grad_norm_(params, max_norm)
