@@ -121,3 +121,15 @@ def test_pieces_of_one_huge_word_are_bounded():
     pieces = _pieces("x" * (2 << 20))
     assert len(pieces) == 8 and max(map(len, pieces)) == HARD_PIECE
     assert len(_pieces("ab1" * 1_000_000)) >= 3_000_000 // HARD_PIECE
+
+
+def test_encode_arrays_equals_encode_in_small_groups(tiny_tokenizer):
+    """Grouped encoding (bounded memory) gives the same ids, as arrays of the asked dtype."""
+    import numpy as np
+    from data_fakes import fake_text
+
+    texts = ["\n\n".join(fake_text(i, 3000) for i in range(4)), "", "x" * 70_000, "short"]
+    arrays = tiny_tokenizer.encode_arrays(texts, np.uint16, group_chars=1000)
+    assert [a.dtype for a in arrays] == [np.uint16] * 4
+    assert [a.tolist() for a in arrays] == [tiny_tokenizer.encode(t) for t in texts[:2]] + [
+        [i for p in _pieces(texts[2]) for i in tiny_tokenizer.encode(p)], tiny_tokenizer.encode("short")]

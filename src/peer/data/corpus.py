@@ -113,8 +113,8 @@ def write_corpus(out: str | Path, splits: dict[str, list[Document]], tokenizer: 
     for name in sorted(splits, key=lambda n: (n != "train", n != "val", n)):
         t0 = time.perf_counter()
         docs = splits[name]
-        encoded[name] = [np.asarray(ids, dtype=dtype) for i in range(0, len(docs), 64)  # 64 docs at a time:
-                         for ids in tokenizer.encode_batch([d.text for d in docs[i: i + 64]])]  # bounded memory
+        encoded[name] = [ids for i in range(0, len(docs), 64)  # 64 docs at a time, long ones in pieces:
+                         for ids in tokenizer.encode_arrays([d.text for d in docs[i: i + 64]], dtype)]  # bounded memory
         log(f"  encoded {name:<22} {len(splits[name]):>5} docs "
             f"{sum(len(e) + 1 for e in encoded[name]):>10,} tokens  ({time.perf_counter() - t0:.1f}s)")
     n_train = sum(len(e) + 1 for e in encoded["train"])

@@ -17,6 +17,8 @@ import re
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
+
 from .sources import DataError
 from ..fsutil import atomic_write_text
 
@@ -50,17 +52,24 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Ids of each text. Long texts are encoded in pieces when that is exact (see ``_pieces``)."""
+        return [a.tolist() for a in self.encode_arrays(texts)]
+
+    def encode_arrays(self, texts: list[str], dtype=np.int64, group_chars: int = 1 << 21) -> list[np.ndarray]:
+        """Ids of each text as one ``dtype`` array, like :meth:`encode_batch` but with bounded memory:
+        pieces go to the backend about ``group_chars`` chars at a time and only their ids are kept."""
         if not self._piecewise:
-            return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
-        pieces = [_pieces(t) for t in texts]
-        flat = self.backend.encode_batch([p for ps in pieces for p in ps], add_special_tokens=False)
-        out, i = [], 0
-        for ps in pieces:
-            ids: list[int] = []
-            for e in flat[i: i + len(ps)]:
-                ids += e.ids
-            out.append(ids)
-            i += len(ps)
+            return [np.asarray(e.ids, dtype=dtype) for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        out = []
+        for text in texts:
+            parts, group, size = [], [], 0
+            for piece in _pieces(text) + [None]:
+                if group and (piece is None or size + len(piece) > group_chars):
+                    parts += [np.asarray(e.ids, dtype=dtype) for e in self.backend.encode_batch(group, add_special_tokens=False)]
+                    group, size = [], 0
+                if piece is not None:
+                    group.append(piece)
+                    size += len(piece)
+            out.append(np.concatenate(parts) if parts else np.zeros(0, dtype=dtype))
         return out
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:

@@ -189,7 +189,7 @@ def encode_texts(paths: str | Path | Sequence[str | Path], tokenizer: Tokenizer 
     """User text as one int64 token array: each document followed by the EOS id (``peer eval --text``)."""
     tok = _as_tokenizer(tokenizer)
     docs = read_documents(paths, text_field=text_field, replace_errors=replace_errors)
-    return pack_documents(tok.encode_batch([d.text for d in docs]), tok.eos_id, np.int64)
+    return pack_documents(tok.encode_arrays([d.text for d in docs]), tok.eos_id, np.int64)
 
 
 def build_corpus(inputs: Iterable[str | Path], out: str | Path, tokenizer: Tokenizer | str | Path | None = None,
