@@ -92,6 +92,16 @@ def test_evaluate_tokens_equals_manual_forward():
     assert short["nll"] == pytest.approx(-float(logp[torch.arange(8), torch.tensor(toks[1:9].astype(np.int64))].sum()), rel=1e-5)
 
 
+def test_evaluate_tokens_progress_bar_counts_the_batches(capsys):
+    """With a label, a progress bar on stderr counts the batches (3 windows in batches of 2: 2)."""
+    model = tiny_model()
+    toks = np.random.default_rng(0).integers(0, 97, size=61).astype(np.uint16)
+    res = evaluate_tokens(model, toks, seq_len=16, batch_size=2, progress="val")
+    err = capsys.readouterr().err
+    assert "val:" in err and "/2 [" in err  # the bar knows the total
+    assert res == evaluate_tokens(model, toks, seq_len=16, batch_size=2)  # the numbers do not change
+
+
 # ------------------------------------------------------------------ plots return what they drew
 def _write_metrics(run: Path, rows):
     run.mkdir(parents=True)

@@ -66,12 +66,14 @@ def check_corpus_tokenizer(path: str | Path, corpus: str | Path) -> None:
 
 
 @torch.no_grad()
-def evaluate_tokens(model, tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int | None = None) -> dict:
+def evaluate_tokens(model, tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int | None = None,
+                    progress: str | None = None) -> dict:
     """Summed next-token NLL over non-overlapping windows; ``{"tokens", "windows", "nll", "loss", "perplexity"}``.
 
     The windows are ``peer.data.eval_batches``'s (the training loop's validation loss uses the same):
     every full window of ``seq_len`` targets in order, in batches of ``batch_size``; ``max_batches``
-    caps the batches. A text shorter than one window is scored as one shorter window."""
+    caps the batches. A text shorter than one window is scored as one shorter window. ``progress``:
+    a label for a progress bar over the batches (on stderr), or None for none."""
     from .data import eval_batches
 
     if len(tokens) < 2:
@@ -86,6 +88,11 @@ def evaluate_tokens(model, tokens: np.ndarray, seq_len: int, batch_size: int, ma
         t = torch.from_numpy(np.asarray(tokens, dtype=np.int64))[None]
         batches = [(t[:, :-1], t[:, 1:])]
     nll, count, windows = 0.0, 0, 0
+    if progress is not None:
+        from tqdm.auto import tqdm
+
+        total = -(-max(1, (len(tokens) - 1) // seq_len) // batch_size)
+        batches = tqdm(batches, desc=progress, total=min(total, max_batches or total), unit="batch", leave=False)
     for x, y in batches:
         logits = model(x.to(device)).logits
         nll += float(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum"))
@@ -122,7 +129,7 @@ def _set_names(texts: Iterable[str | Path]) -> list[tuple[str, Path]]:
 # ------------------------------------------------------------------ the evaluation
 def evaluate(run_path: str | Path, texts: Iterable[str | Path] = (), max_batches: int | None = None,
              plot_dir: str | Path | None = None, model_and_cfg=None, corpus: str | Path | None = None,
-             replace_errors: bool = False) -> dict:
+             replace_errors: bool = False, progress: bool = False) -> dict:
     """Evaluate a run (or checkpoint) on its corpus's evaluation splits and on ``texts``.
 
     Returns a JSON-able dict: ``run``, ``step``, ``params`` (total/active), ``flops_per_token``,
@@ -173,7 +180,7 @@ def evaluate(run_path: str | Path, texts: Iterable[str | Path] = (), max_batches
                 raise UsageError(f"{'split' if kind == 'split' else '--text'} {name!r} has fewer than 2 tokens")
             for m in layers.values():
                 m.reset_usage()
-            res = evaluate_tokens(model, tokens, T, B, max_batches)
+            res = evaluate_tokens(model, tokens, T, B, max_batches, progress=name if progress else None)
             report_sets[name] = {"kind": kind, **res}
             for lname, m in layers.items():
                 w = m.usage.detach().cpu().double().numpy().copy()
@@ -243,13 +250,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--text files: replace bytes that are not UTF-8 with U+FFFD instead of failing")
     parser.add_argument("--corpus", default=None,
                         help="the corpus dir (default: the run's data.corpus); 'none': only the --text files")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: one when stderr is a terminal)")
 
 
 def run(args: argparse.Namespace) -> int:
     plot_dir = args.plot_dir or str(run_dir_of(args.run) / "plots")
     corpus = "" if args.corpus == "none" else args.corpus
     report = evaluate(args.run, texts=args.text, max_batches=args.batches, plot_dir=plot_dir, corpus=corpus,
-                      replace_errors=args.replace_errors)
+                      replace_errors=args.replace_errors, progress=not args.no_progress and sys.stderr.isatty())
     if args.json:
         json.dump(_jsonable(report), sys.stdout)
         sys.stdout.write("\n")
