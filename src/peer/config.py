@@ -354,6 +354,17 @@ def _check(cond: bool, name: str, msg: str) -> None:
         raise ConfigError(f"{name}: {msg}")
 
 
+def _check_keys(num_keys: int, key_dim: int, topk: int, heads: int, prefix: str, keys_name: str) -> None:
+    """The layers' own product-key check (peer.layers.index.check_product_keys), as a ConfigError."""
+    from .layers.index import check_product_keys
+
+    try:
+        check_product_keys(num_keys, key_dim, topk, heads, prefix, keys_name)
+    except ValueError as e:
+        name, _, msg = str(e).partition(" must ")
+        raise ConfigError(f"{name}: must {msg}") from None
+
+
 def validate(cfg: Config) -> Config:
     """Cross-field checks; raises ConfigError naming the field."""
     m = cfg.model
@@ -375,20 +386,13 @@ def validate(cfg: Config) -> Config:
         for i in m.sparse_blocks:
             _check(0 <= i < m.n_layers, "model.sparse_blocks", f"block {i} is outside 0..{m.n_layers - 1}")
     p = m.peer
-    r = math.isqrt(p.num_experts) if p.num_experts > 0 else 0
     if m.sparse_layer == "peer":
-        _check(p.num_experts > 0 and r * r == p.num_experts, "model.peer.num_experts", f"must be a perfect square, got {p.num_experts}")
-        _check(p.key_dim > 0 and p.key_dim % 2 == 0, "model.peer.key_dim", f"must be a positive even number, got {p.key_dim}")
-        _check(p.heads > 0, "model.peer.heads", "must be positive")
-        _check(0 < p.topk <= r, "model.peer.topk", f"must be in 1..sqrt(num_experts)={r}, got {p.topk}")
+        _check_keys(p.num_experts, p.key_dim, p.topk, p.heads, "model.peer.", "num_experts")
         _check(p.value_init_scale > 0 and math.isfinite(p.value_init_scale), "model.peer.value_init_scale",
                f"must be a positive number, got {p.value_init_scale}")
     k = m.pkm
-    r = math.isqrt(k.num_memories) if k.num_memories > 0 else 0
     if m.sparse_layer == "pkm":
-        _check(k.num_memories > 0 and r * r == k.num_memories, "model.pkm.num_memories", f"must be a perfect square, got {k.num_memories}")
-        _check(k.key_dim > 0 and k.key_dim % 2 == 0, "model.pkm.key_dim", f"must be a positive even number, got {k.key_dim}")
-        _check(0 < k.topk <= r, "model.pkm.topk", f"must be in 1..sqrt(num_memories)={r}, got {k.topk}")
+        _check_keys(k.num_memories, k.key_dim, k.topk, k.heads, "model.pkm.", "num_memories")
     if m.share_experts:
         _check(m.sparse_layer in ("peer", "pkm"), "model.share_experts",
                f"shares a PEER or PKM pool; model.sparse_layer is {m.sparse_layer!r}")

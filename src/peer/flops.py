@@ -113,10 +113,9 @@ def _format(head: tuple, rows: list[tuple], total: tuple) -> str:
 # Per-layer formulas: each returns (params total, params active, forward FLOPs per token)
 # --------------------------------------------------------------------------------------
 def _sqrt(n: int, name: str) -> int:
-    r = math.isqrt(n) if n > 0 else 0
-    if r * r != n:
-        raise ValueError(f"{name} must be a positive perfect square, got {n}")
-    return r
+    from .layers.index import check_square
+
+    return check_square(n, name)
 
 
 def _norm_params(kind: str, heads: int, key_dim: int) -> int:

@@ -13,15 +13,34 @@ from torch import nn
 
 from .kernels import pk_topk
 
-__all__ = ["ProductKeyIndex", "check_square"]
+__all__ = ["ProductKeyIndex", "check_square", "check_product_keys"]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def check_square(n: int, name: str) -> int:
     """Return sqrt(n); ValueError naming ``name`` when n is not a positive perfect square."""
-    r = math.isqrt(n) if isinstance(n, int) and n > 0 else 0
+    r = math.isqrt(n) if _is_int(n) and n > 0 else 0
     if r * r != n or r == 0:
         raise ValueError(f"{name} must be a positive perfect square (e.g. 1024**2), got {n!r}")
     return r
+
+
+def check_product_keys(num_keys: int, key_dim: int, topk: int | None = None, heads: int | None = None,
+                       prefix: str = "", keys_name: str = "num_experts") -> int:
+    """The one check of a product-key shape (PEER, PKM, their configs and FLOP counts): N a positive
+    perfect square, key_dim positive and even (two halves), 1 <= topk <= sqrt(N), heads >= 1.
+    Returns sqrt(N); a ValueError names the field (``prefix + name``) and the allowed values."""
+    n = check_square(num_keys, prefix + keys_name)
+    if not _is_int(key_dim) or key_dim <= 0 or key_dim % 2:
+        raise ValueError(f"{prefix}key_dim must be a positive even integer, got {key_dim!r}")
+    if topk is not None and (not _is_int(topk) or not 0 < topk <= n):
+        raise ValueError(f"{prefix}topk must be an integer in 1..sqrt({keys_name})={n}, got {topk!r}")
+    if heads is not None and (not _is_int(heads) or heads <= 0):
+        raise ValueError(f"{prefix}heads must be a positive integer, got {heads!r}")
+    return n
 
 
 class ProductKeyIndex(nn.Module):
@@ -32,9 +51,7 @@ class ProductKeyIndex(nn.Module):
 
     def __init__(self, num_keys: int, key_dim: int, groups: int = 1, name: str = "num_experts"):
         super().__init__()
-        self.n = check_square(num_keys, name)
-        if not isinstance(key_dim, int) or key_dim <= 0 or key_dim % 2:
-            raise ValueError(f"key_dim must be a positive even integer, got {key_dim!r}")
+        self.n = check_product_keys(num_keys, key_dim, keys_name=name)
         self.num_keys, self.key_dim, self.groups = num_keys, key_dim, groups
         half = key_dim // 2
         # Init: sub-keys ~ N(0, 1/key_dim), so that a unit-variance query scores ~N(0, 1) against a full key.

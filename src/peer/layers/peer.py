@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .index import ProductKeyIndex, check_square
+from .index import ProductKeyIndex, check_product_keys
 from .kernels import expert_mix
 from .kernels.workspace import advise_hugepages
 
@@ -118,13 +118,7 @@ class PEER(nn.Module):
         super().__init__()
         if not isinstance(dim, int) or dim <= 0:
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
-        n = check_square(num_experts, "num_experts")
-        if not isinstance(heads, int) or heads <= 0:
-            raise ValueError(f"heads must be a positive integer, got {heads!r}")
-        if not isinstance(key_dim, int) or key_dim <= 0 or key_dim % 2:
-            raise ValueError(f"key_dim must be a positive even integer, got {key_dim!r}")
-        if not isinstance(topk, int) or not 0 < topk <= n:
-            raise ValueError(f"topk must be an integer in 1..sqrt(num_experts)={n}, got {topk!r}")
+        check_product_keys(num_experts, key_dim, topk, heads)
         self.activation = _choice(activation, _ACTS, "activation")
         self.score = _choice(score, _SCORES, "score")
         self.backend = _choice(backend, _BACKENDS, "backend")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dense import check_dim, check_positive_int
-from .index import ProductKeyIndex, check_square
+from .index import ProductKeyIndex, check_product_keys
 from .peer import _bn_single, make_query_norm
 
 __all__ = ["PKM"]
@@ -51,12 +51,7 @@ class PKM(nn.Module):
     ):
         super().__init__()
         check_positive_int(dim, "dim")
-        n = check_square(num_memories, "num_memories")
-        check_positive_int(heads, "heads")
-        if isinstance(key_dim, bool) or not isinstance(key_dim, int) or key_dim <= 0 or key_dim % 2:
-            raise ValueError(f"key_dim must be a positive even integer, got {key_dim!r}")
-        if isinstance(topk, bool) or not isinstance(topk, int) or not 0 < topk <= n:
-            raise ValueError(f"topk must be an integer in 1..sqrt(num_memories)={n}, got {topk!r}")
+        check_product_keys(num_memories, key_dim, topk, heads, keys_name="num_memories")
         self.dim, self.num_memories, self.heads, self.topk, self.key_dim = dim, num_memories, heads, topk, key_dim
         self.query_norm_kind = query_norm
 
