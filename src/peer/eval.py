@@ -23,7 +23,7 @@ from typing import Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from .model import summed_nll
 
 from .metrics import perplexity, usage_stats
 from .errors import UsageError
@@ -87,16 +87,12 @@ def evaluate_tokens(model, tokens: np.ndarray, seq_len: int, batch_size: int, ma
     else:  # shorter than one window
         t = torch.from_numpy(np.asarray(tokens, dtype=np.int64))[None]
         batches = [(t[:, :-1], t[:, 1:])]
-    nll, count, windows = 0.0, 0, 0
     if progress is not None:
         from tqdm.auto import tqdm
 
         total = -(-max(1, (len(tokens) - 1) // seq_len) // batch_size)
         batches = tqdm(batches, desc=progress, total=min(total, max_batches or total), unit="batch", leave=False)
-    for x, y in batches:
-        logits = model(x.to(device)).logits
-        nll += float(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum"))
-        count, windows = count + y.numel(), windows + y.shape[0]
+    nll, count, windows = summed_nll(model, batches, device)
     return {"tokens": count, "windows": windows, "nll": nll, "loss": nll / count, "perplexity": perplexity(nll, count)}
 
 

@@ -47,7 +47,6 @@ with ``from peer.flops import count_params, FlopReport``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from .config import Config, ModelConfig

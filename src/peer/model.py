@@ -35,6 +35,7 @@ advances ``cache.length``. Logits equal those of a full-sequence forward (eval m
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -48,7 +49,7 @@ from .layers.moe import MoE
 from .layers.peer import PEER
 from .layers.pkm import PKM
 
-__all__ = ["PeerLM", "LMOutput", "KVCache"]
+__all__ = ["PeerLM", "LMOutput", "KVCache", "summed_nll"]
 
 
 @dataclass
@@ -343,3 +344,23 @@ def _sparse_output_table(ffn: nn.Module) -> torch.Tensor | None:
     if isinstance(values, nn.Parameter):
         return values
     return None
+
+
+@torch.no_grad()
+def summed_nll(model: nn.Module, batches, device: torch.device | str = "cpu",
+               autocast=contextlib.nullcontext) -> tuple[float, int, int]:
+    """Summed next-token cross-entropy over ``(x, y)`` batches in eval mode, softmax in float32:
+    ``(nll, targets, windows)``. The one evaluation loss: the training loop's ``val_loss`` and
+    ``peer eval``'s perplexities both come from here. ``autocast``: a context factory (bf16 runs)."""
+    was_training = model.training
+    model.eval()
+    nll, count, windows = 0.0, 0, 0
+    try:
+        for x, y in batches:
+            with autocast():
+                logits = model(x.to(device)).logits
+            nll += float(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum"))
+            count, windows = count + y.numel(), windows + y.shape[0]
+    finally:
+        model.train(was_training)
+    return nll, count, windows

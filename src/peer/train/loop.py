@@ -38,13 +38,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..config import Config, ConfigError, config_from_dict, config_to_dict
 from ..errors import PeerError
 from ..distributed import data_parallel as dpar
 from ..fsutil import FolderLock, atomic_copy, atomic_write_text
-from ..model import PeerLM
+from ..model import PeerLM, summed_nll
 from .checkpoint import (CheckpointError, checkpoint_name, clean_partial, capture_rng, latest_checkpoint,
                          list_checkpoints, load_model_weights, load_state, read_meta, resolve_checkpoint, restore_rng,
                          save_checkpoint, verify_checksums)
@@ -183,21 +182,10 @@ def _open_split(cfg: Config, split: str, required: bool):
     return tokens
 
 
-@torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, batches, cfg: Config, device: torch.device) -> float:
     """Mean cross-entropy per target over ``batches`` (a re-iterable of ``(x, y)``), in eval mode."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for x, y in batches:
-            with _autocast(cfg, device):
-                logits = model(x.to(device)).logits
-            ce = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum")
-            total, count = total + ce.item(), count + y.numel()
-    finally:
-        model.train(was_training)
-    return total / max(count, 1)
+    nll, count, _ = summed_nll(model, batches, device, lambda: _autocast(cfg, device))
+    return nll / max(count, 1)
 
 
 def _autocast(cfg: Config, device: torch.device):
