@@ -81,7 +81,8 @@ CASES = {
     # LayerNorm queries: under plain data parallelism BatchNorm would normalise per rank
     "ddp": ["model.sparse_layer=peer", "model.peer.query_norm=layernorm", "dist.data_parallel='ddp'",
             "train.grad_accum=2"],
-    "fsdp": ["model.sparse_layer=peer", "model.peer.query_norm=layernorm", "dist.data_parallel='fsdp'"],
+    "fsdp": ["model.sparse_layer=peer", "model.peer.query_norm=layernorm", "dist.data_parallel='fsdp'",
+             "train.grad_accum=2"],
     # expert parallelism gathers the tokens, so BatchNorm sees the whole global batch
     "ep": ["model.sparse_layer=peer", "model.peer.query_norm=batchnorm", "dist.expert_parallel=true"],
     # ... and the row-wise AdamW of peer.train.sparse_optim on the row shards (sparse gradients)

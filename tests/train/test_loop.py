@@ -180,3 +180,34 @@ def test_bad_corpus_errors_name_the_field(tiny, tmp_path):
         train(tiny("model.vocab_size=16"))
     with pytest.raises(ConfigError, match="data.train_split.*too small"):
         train(tiny("train.batch_size=64"))
+
+
+def test_gradient_accumulation_syncs_only_the_last_micro_batch(tiny):
+    """Under DDP the gradient all-reduce runs once per step: no_sync around all micro-batches but the last."""
+    import contextlib
+
+    from peer.data import Batcher, open_tokens
+    from peer.model import PeerLM
+    from peer.train.loop import _forward_backward
+
+    cfg = tiny("train.grad_accum=3")
+    model = PeerLM(cfg.model)
+    entered = []
+
+    class FakeDDP(torch.nn.Module):  # DDP's interface: forward + no_sync()
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, *a):
+            return self.m(*a)
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            entered.append("no_sync")
+            yield
+
+    batcher = Batcher(open_tokens(cfg.data.corpus, "train"), cfg.train.batch_size, cfg.train.seq_len, seed=0)
+    _forward_backward(FakeDDP(model), batcher, cfg, torch.device("cpu"))
+    assert entered == ["no_sync", "no_sync"]
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

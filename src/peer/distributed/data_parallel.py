@@ -22,6 +22,8 @@ over sharded ones (expert rows, FSDP shards) whose squared norms are summed over
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 
 import torch
@@ -108,6 +110,17 @@ def wrap_model(model: nn.Module, cfg: Config, env: DistEnv) -> nn.Module:
         DDP._set_params_and_buffers_to_ignore_for_model(model, names)
     device_ids = [torch.device(env.device).index] if str(env.device).startswith("cuda") else None
     return DDP(model, device_ids=device_ids)
+
+
+def grad_sync(module: nn.Module, last: bool):
+    """The context for one micro-batch's forward + backward under gradient accumulation: gradients
+    are averaged across ranks only on the ``last`` one (DDP's ``no_sync`` on the others; FSDP2's
+    ``set_requires_gradient_sync``). Nothing to do on one process or for expert-sharded rows."""
+    if hasattr(module, "no_sync"):  # DDP
+        return contextlib.nullcontext() if last else module.no_sync()
+    if hasattr(module, "set_requires_gradient_sync"):  # FSDP2 (fully_shard)
+        module.set_requires_gradient_sync(last)
+    return contextlib.nullcontext()
 
 
 def finish(env: DistEnv) -> None:

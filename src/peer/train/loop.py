@@ -217,11 +217,12 @@ def _forward_backward(model, batcher, cfg: Config, device: torch.device) -> tupl
     cross-entropy and the mean auxiliary loss of the micro-batches."""
     n = cfg.train.grad_accum
     ce_sum = aux_sum = 0.0
-    for _ in range(n):
+    for i in range(n):
         x, y = batcher.next()
-        with _autocast(cfg, device):
-            out = model(x.to(device), y.to(device))
-        (out.loss / n).backward()
+        with dpar.grad_sync(model, last=i == n - 1):  # one gradient all-reduce per step, not per micro-batch
+            with _autocast(cfg, device):
+                out = model(x.to(device), y.to(device))
+            (out.loss / n).backward()
         aux = out.aux_loss.detach().float().item()
         ce_sum += out.loss.detach().float().item() - aux
         aux_sum += aux
