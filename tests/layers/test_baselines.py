@@ -242,9 +242,9 @@ def test_pkm_usage_accumulates_router_weights():
     assert m.usage.shape == (256,) and m.usage.sum() == 0
 
 
-def test_pkm_tags_and_init_scale():
+def test_pkm_parameter_roles_and_init_scale():
     m = _pkm(dim=32, heads=4, topk=8, key_dim=16)
-    assert m.values._is_expert_table and m.index.keys._is_product_key
+    assert m.expert_parameters() == [m.values] and m.key_parameters() == [m.index.keys]
     assert m.index.groups == 4
     var = m(torch.randn(512, 32)).var().item()
     assert 0.3 < var < 3.0  # documented init: Var[y] ~ 1

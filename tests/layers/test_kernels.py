@@ -71,8 +71,7 @@ def test_sparse_table_grads_hold_exactly_the_retrieved_rows(engine):
     idx = torch.randint(0, N, (T, m))
     dy = torch.randn(T, d)
     dense = _grads(reference_expert_mix(x, u, v, idx, g), [u, v], dy)
-    u._sparse_grad = v._sparse_grad = True
-    gu, gv = torch.autograd.grad(fused.expert_mix(x, u, v, idx, g), [u, v], dy)
+    gu, gv = torch.autograd.grad(fused.expert_mix(x, u, v, idx, g, sparse_grad=True), [u, v], dy)
     for sp, ref in ((gu, dense[0]), (gv, dense[1])):
         assert sp.is_sparse and sp.is_coalesced() and sp.shape == (N, d)
         assert torch.equal(sp.indices()[0], torch.unique(idx))  # every retrieved row, nothing else
@@ -233,8 +232,7 @@ _TRITON_SCRIPT = textwrap.dedent("""
                     dy = torch.randn(T, d)
                     yr = reference_expert_mix(x, ups[0], ups[1], idx, g, act, ups[2] if glu else None)
                     ref = torch.autograd.grad(yr, [x, g] + ups[:3 if glu else 2], dy)
-                    for t in ts: t._sparse_grad = sparse
-                    y = triton_kernel.expert_mix(x, u, v, idx, g, act, gate)
+                    y = triton_kernel.expert_mix(x, u, v, idx, g, act, gate, sparse_grad=sparse)
                     got = torch.autograd.grad(y, [x, g] + ts[:3 if glu else 2], dy)
                     assert torch.allclose(y, yr, atol=1e-5 * float(yr.abs().max()), rtol=1e-5), (act, glu, sparse, dt)
                     for k, (a, b) in enumerate(zip(got, ref)):
@@ -270,9 +268,7 @@ def test_triton_on_cuda_equals_reference(glu, sparse):
     gate = ts[2] if glu else None
     y_ref = reference_expert_mix(x, ts[0], ts[1], idx, g, "gelu", gate)
     ref = _grads(y_ref, [x, g, *ts], dy)
-    for t in ts:
-        t._sparse_grad = sparse
-    y = triton_kernel.expert_mix(x, ts[0], ts[1], idx, g, "gelu", gate)
+    y = triton_kernel.expert_mix(x, ts[0], ts[1], idx, g, "gelu", gate, sparse_grad=sparse)
     assert _close(y, y_ref, 1e-4)
     for a, b in zip(_grads(y, [x, g, *ts], dy), ref):
         assert _close(a, b, 1e-4)

@@ -270,14 +270,15 @@ def test_checkpoints_and_plots_follow_the_umask(corpus, tmp_path):
         assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
 
 
-def test_vocab_size_zero_is_taken_from_the_corpus_tokenizer(tmp_path):
+def test_vocab_size_zero_is_taken_from_the_corpus_tokenizer(corpus, tmp_path):
     """tiny.toml ships vocab_size = 0: a run takes the corpus tokenizer's size and stores it."""
-    from conftest import make_corpus
+    import shutil
+
     from peer.data import train_tokenizer
     from peer.train import train
     from peer.train.loop import with_corpus_vocab
 
-    corpus = make_corpus(tmp_path / "corpus")
+    corpus = Path(shutil.copytree(corpus, tmp_path / "corpus"))  # a copy: a tokenizer is added below
     tok = train_tokenizer(["some text to learn a few merges from, " * 40], vocab_size=300)
     assert tok.vocab_size >= 64  # the synthetic corpus holds ids < 64
     cfg = load_config(ROOT / "configs" / "tiny.toml", [

@@ -61,7 +61,9 @@ def test_pkm_values_are_expert_tables():
     model = PeerLM(cfg.model)
     by = _groups_by_name(param_groups(model, cfg.optim))
     assert "experts" in by and "keys" in by
-    assert all(getattr(p, "_is_expert_table", False) for p in by["experts"]["params"])
+    (pkm,) = model.sparse_layers().values()
+    assert [id(p) for p in by["experts"]["params"]] == [id(pkm.values)]
+    assert [id(p) for p in by["keys"]["params"]] == [id(pkm.index.keys)]
 
 
 def test_multipliers_act_on_the_update():

@@ -73,7 +73,7 @@ class _Runner:
 def _peer_setup(layer: PEER, backend: str, sparse: bool, reference_index: bool):
     def setup():
         layer.backend = backend
-        layer.u._sparse_grad = layer.v._sparse_grad = sparse
+        layer.sparse_grad = sparse
         if reference_index:
             layer.index.topk = layer.index.topk_reference
         else:

@@ -44,10 +44,6 @@ __all__ = [
 _COLLECTIVE_HINTS = ("gloo", "nccl", "connection reset", "connection closed", "timed out", "c10d", "processgroup")
 
 
-# parameter tags read by the optimizer groups and by clipping (peer.layers, peer.train.optim)
-_TAGS = ("_is_expert_table", "_is_product_key", "_is_expert_shard")
-
-
 def setup(cfg: Config) -> DistEnv:
     """Join the torchrun process group (when WORLD_SIZE > 1) and check the batch split."""
     env = init_distributed(cfg.dist.backend, cfg.train.device, cfg.dist.timeout_s)
@@ -94,15 +90,11 @@ def wrap_model(model: nn.Module, cfg: Config, env: DistEnv) -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        tags = {n: {t: True for t in _TAGS if getattr(p, t, False)} for n, p in model.named_parameters()}
         mesh = init_device_mesh(torch.device(env.device).type, (env.world_size,))
         for block in getattr(model, "blocks", []):
             fully_shard(block, mesh=mesh, ignored_params={p for p in block.parameters() if p in shards} or None)
         fully_shard(model, mesh=mesh, ignored_params=shards or None)
-        for n, p in model.named_parameters():  # fully_shard makes new (DTensor) parameters: keep the tags
-            for t in tags.get(n, {}):
-                setattr(p, t, True)
-        return model
+        return model  # the optimizer groups ask the layers (expert_parameters()), so new DTensors need no tags
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     if shards:  # expert rows are not replicated: DDP must neither broadcast nor average them
@@ -142,8 +134,8 @@ def _comm_device() -> torch.device:
     return torch.device(env.device) if env.backend == "nccl" else torch.device("cpu")
 
 
-def _sq_norms(params) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sums of squared gradient entries: (replicated, sharded-local)."""
+def _sq_norms(params, shards) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums of squared gradient entries: (replicated, sharded-local); ``shards``: ids of row-sharded params."""
     from torch.distributed.tensor import DTensor
 
     rep, shard = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
@@ -159,22 +151,23 @@ def _sq_norms(params) -> tuple[torch.Tensor, torch.Tensor]:
                 shard += local
             else:
                 rep += local
-        elif getattr(p, "_is_expert_shard", False):
+        elif id(p) in shards:
             shard += g.detach().float().pow(2).sum().double().cpu()
         else:
             rep += g.detach().float().pow(2).sum().double().cpu()
     return rep, shard
 
 
-def clip_grad_norm(params, max_norm: float) -> float:
+def clip_grad_norm(params, max_norm: float, shards=()) -> float:
     """Clip to the GLOBAL grad norm ``sqrt(sum of squares over every parameter on every rank)``.
 
     Replicated gradients (DDP, after its average) count once; sharded ones (expert rows,
     FSDP shards) are summed over ranks with one all-reduce. Same result as
     ``torch.nn.utils.clip_grad_norm_`` on the unsharded model; returns the norm before clipping.
+    ``shards``: the expert-sharded parameters (:func:`expert_shards` of the model).
     """
     params = [p for p in params if p.grad is not None]
-    rep, shard = _sq_norms(params)
+    rep, shard = _sq_norms(params, {id(p) for p in shards})
     if is_distributed():
         shard = all_reduce_sum(shard.to(_comm_device())).cpu()
     total = math.sqrt(float(rep + shard))

@@ -198,13 +198,14 @@ class ExpertShardedPEER(nn.Module):
     _flat, query, _query = PEER._flat, PEER.query, PEER._query
     retrieve, _retrieve, product_keys = PEER.retrieve, PEER._retrieve, PEER.product_keys
     _accumulate_usage, reset_usage = PEER._accumulate_usage, PEER.reset_usage
+    expert_parameters, key_parameters = PEER.expert_parameters, PEER.key_parameters
 
     def __init__(self, layer: PEER, group=None, data_parallel: bool = False):
         super().__init__()
         if not isinstance(layer, PEER):
             raise ValueError(f"layer must be a peer.layers.PEER, got {type(layer).__name__}")
         for name in ("dim", "num_experts", "heads", "topk", "key_dim", "activation", "score", "shared_keys",
-                     "glu", "query_norm_kind", "backend"):
+                     "glu", "query_norm_kind", "backend", "sparse_grad"):
             setattr(self, name, getattr(layer, name))
         self.table_dtype = layer.u.dtype
         self.group, self.data_parallel = group, bool(data_parallel)
@@ -218,9 +219,7 @@ class ExpertShardedPEER(nn.Module):
                 self.register_parameter(name, None)
                 continue
             p = nn.Parameter(full.detach()[self.shard_start:self.shard_end].clone(), requires_grad=full.requires_grad)
-            p._is_expert_table = True  # optimizer groups: expert tables
-            p._is_expert_shard = True  # sharded: not replicated, not averaged by DDP
-            setattr(self, name, p)
+            setattr(self, name, p)  # this rank's rows: not replicated, not averaged by DDP (expert_shards)
         self.record_usage = False
         self.register_buffer("usage", torch.zeros(0, dtype=torch.float64), persistent=False)
 
@@ -234,7 +233,7 @@ class ExpertShardedPEER(nn.Module):
         return dict(dim=self.dim, num_experts=self.num_experts, heads=self.heads, topk=self.topk,
                     key_dim=self.key_dim, activation=self.activation, score=self.score,
                     query_norm=self.query_norm_kind, shared_keys=self.shared_keys, glu=self.glu,
-                    backend=self.backend, table_dtype=self.table_dtype)
+                    backend=self.backend, table_dtype=self.table_dtype, sparse_grad=self.sparse_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -252,8 +251,7 @@ class ExpertShardedPEER(nn.Module):
         elif multi:
             xf, g = _CopyToGroup.apply(self.group, xf, g)  # backward: sum dx, dg over the group
         u, v, gate = tables
-        sparse = bool(getattr(self.u, "_sparse_grad", False))  # set by peer.train.sparse_optim
-        y = sharded_expert_mix(xf, u, v, idx, g, self.shard_start, self.activation, gate, self.group, sparse)
+        y = sharded_expert_mix(xf, u, v, idx, g, self.shard_start, self.activation, gate, self.group, self.sparse_grad)
         if multi:
             y = _ScatterTokens.apply(y, self.group) if self.data_parallel else _SumReduce.apply(y, self.group)
         return y.view(*lead, self.dim)
@@ -278,8 +276,8 @@ def shard_model(model: nn.Module, group=None, data_parallel: bool = True) -> lis
 
 
 def expert_shards(model: nn.Module) -> list[nn.Parameter]:
-    """The row-sharded parameters of ``model`` (tagged ``_is_expert_shard``)."""
-    return [p for p in model.parameters() if getattr(p, "_is_expert_shard", False)]
+    """The row-sharded parameters of ``model``: the expert tables of its :class:`ExpertShardedPEER` layers."""
+    return [p for m in model.modules() if isinstance(m, ExpertShardedPEER) for p in m.expert_parameters()]
 
 
 # ------------------------------------------------------------------ export

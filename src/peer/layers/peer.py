@@ -97,6 +97,9 @@ class PEER(nn.Module):
         backend: expert-mix kernel, see :func:`peer.layers.kernels.expert_mix`.
         table_dtype: storage dtype of u, v (and gate): float32 or bfloat16 (accumulation stays fp32).
         value_init_scale: multiplies the init std of the output table v (default 1).
+        sparse_grad: the tables' gradients are sparse COO rows (only the retrieved ones), as
+            ``nn.Embedding(sparse=True)``; for a row-wise optimizer such as
+            :class:`peer.train.sparse_optim.SparseRowAdamW`. Fused and triton backends only.
     """
 
     def __init__(
@@ -114,6 +117,7 @@ class PEER(nn.Module):
         backend: str = "auto",
         table_dtype: str | torch.dtype = "float32",
         value_init_scale: float = 1.0,
+        sparse_grad: bool = False,
     ):
         super().__init__()
         if not isinstance(dim, int) or dim <= 0:
@@ -129,6 +133,7 @@ class PEER(nn.Module):
             raise ValueError(f"value_init_scale must be a positive number, got {value_init_scale!r}")
         self.dim, self.num_experts, self.heads, self.topk, self.key_dim = dim, num_experts, heads, topk, key_dim
         self.shared_keys, self.glu, self.query_norm_kind = bool(shared_keys), bool(glu), query_norm
+        self.sparse_grad = bool(sparse_grad)
 
         # eq. 7: h independent query networks, as one projection to h * key_dim
         self.query_proj = nn.Linear(dim, heads * key_dim, bias=False)
@@ -141,10 +146,6 @@ class PEER(nn.Module):
         self.u = nn.Parameter(_normal(num_experts, dim, 1.0 / math.sqrt(dim), tdtype))
         self.v = nn.Parameter(_normal(num_experts, dim, v_std, tdtype))
         self.gate = nn.Parameter(_normal(num_experts, dim, 1.0 / math.sqrt(dim), tdtype)) if glu else None
-        for p in (self.u, self.v, self.gate):
-            if p is not None:
-                p._is_expert_table = True  # optimizer groups: expert tables
-        self.index.keys._is_product_key = True
         # Expert usage accounting (paper Table 2), off by default
         self.record_usage = False
         self.register_buffer("usage", torch.zeros(0, dtype=torch.float64), persistent=False)
@@ -153,7 +154,16 @@ class PEER(nn.Module):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_experts={self.num_experts}, heads={self.heads}, topk={self.topk}, "
                 f"key_dim={self.key_dim}, activation={self.activation!r}, score={self.score!r}, "
-                f"query_norm={self.query_norm_kind!r}, shared_keys={self.shared_keys}, glu={self.glu}")
+                f"query_norm={self.query_norm_kind!r}, shared_keys={self.shared_keys}, glu={self.glu}"
+                + (", sparse_grad=True" if self.sparse_grad else ""))
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """The expert tables (u, v, and the GLU gate): the optimizer's ``experts`` group."""
+        return [p for p in (self.u, self.v, self.gate) if p is not None]
+
+    def key_parameters(self) -> list[nn.Parameter]:
+        """The product sub-keys: the optimizer's ``keys`` group."""
+        return [self.index.keys]
 
     def _flat(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != self.dim:
@@ -204,7 +214,7 @@ class PEER(nn.Module):
             self._accumulate_usage(g, idx)
         # eqs. 3, 6, 7: sum over heads and their top-k of g_i * act(u_i . x) * v_i
         y = expert_mix(xf, self.u, self.v, idx.flatten(1), g.flatten(1).to(xf.dtype), self.activation,
-                       self.gate, backend=self.backend)
+                       self.gate, backend=self.backend, sparse_grad=self.sparse_grad)
         return y.view(*lead, self.dim)
 
     # ------------------------------------------------------------------ usage (Table 2)

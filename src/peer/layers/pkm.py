@@ -59,8 +59,6 @@ class PKM(nn.Module):
         self.query_norm = make_query_norm(query_norm, heads, key_dim)  # validates query_norm
         self.index = ProductKeyIndex(num_memories, key_dim, groups=heads, name="num_memories")
         self.values = nn.Parameter(torch.empty(num_memories, dim).normal_(0.0, math.sqrt(topk / heads)))
-        self.values._is_expert_table = True  # optimizer groups: value table (own lr)
-        self.index.keys._is_product_key = True
         # memory usage accounting (as PEER's, paper Table 2), off by default
         self.record_usage = False
         self.register_buffer("usage", torch.zeros(0, dtype=torch.float64), persistent=False)
@@ -69,6 +67,14 @@ class PKM(nn.Module):
     def num_experts(self) -> int:
         """The number of memories (named as PEER's for usage/unevenness code)."""
         return self.num_memories
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """The value table: the optimizer's ``experts`` group (its own lr, as XLM's PKM)."""
+        return [self.values]
+
+    def key_parameters(self) -> list[nn.Parameter]:
+        """The product sub-keys: the optimizer's ``keys`` group."""
+        return [self.index.keys]
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_memories={self.num_memories}, heads={self.heads}, topk={self.topk}, "

@@ -363,6 +363,9 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, from_checkpoint=No
         torch.set_num_threads(t.threads)
     device = torch.device(t.device)
     model = PeerLM(cfg.model).to(device)
+    for layer in model.sparse_layers().values():  # row-wise AdamW wants sparse row gradients (nn.Embedding style)
+        if hasattr(layer, "sparse_grad"):
+            layer.sparse_grad = bool(cfg.optim.sparse_experts)
     fwd = dpar.wrap_model(model, cfg, denv)  # DDP / FSDP2 / expert-sharded PEER; `model` on one process
     optimizer = build_optimizer(model, cfg.optim)
     schedule = Schedule.from_config(cfg.optim, steps)
@@ -389,6 +392,7 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, from_checkpoint=No
 
     bar = tqdm(total=steps, initial=start, disable=not (t.progress and denv.is_main), unit="step", dynamic_ncols=True)
     params = [p for p in model.parameters() if p.requires_grad]
+    shards = dpar.expert_shards(model)
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
     metrics_path = run_dir / "metrics.jsonl"
     model.train()
@@ -422,7 +426,7 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, from_checkpoint=No
             loss, aux_loss = dpar.mean_over_ranks(*_forward_backward(fwd, batcher, cfg, device))
             if not math.isfinite(loss + aux_loss):
                 raise diverged(f"loss is {loss + aux_loss}", s + 1)
-            grad_norm = (dpar.clip_grad_norm(params, clip) if denv.distributed  # global norm over shards
+            grad_norm = (dpar.clip_grad_norm(params, clip, shards) if denv.distributed  # global norm over shards
                          else clip_grad_norm(params, clip).item())
             if not math.isfinite(grad_norm):
                 raise diverged(f"gradient norm is {grad_norm}", s + 1)

@@ -2,9 +2,9 @@
 
 Groups (every trainable parameter lands in exactly one; empty groups are dropped):
 
-    experts     tensors tagged ``_is_expert_table`` (PEER u, v, gate; PKM values)
+    experts     the layers' ``expert_parameters()`` (PEER u, v, gate; PKM values)
                 lr * optim.expert_lr_mult, weight decay optim.expert_weight_decay
-    keys        tensors tagged ``_is_product_key`` (PEER / PKM sub-keys)
+    keys        the layers' ``key_parameters()`` (PEER / PKM sub-keys)
                 lr * optim.key_lr_mult, weight decay optim.key_weight_decay
     decay       the backbone's matrices (ndim >= 2): attention, FFW, routers, query networks, and the
                 token embedding (tied to the output head, so it is the output projection too;
@@ -37,14 +37,18 @@ GROUP_NAMES = ("decay", "no_decay", "experts", "keys")
 def param_groups(model: nn.Module, optim_cfg) -> list[dict]:
     """Split ``model``'s trainable parameters into the groups above (module docstring)."""
     buckets: dict[str, list[nn.Parameter]] = {n: [] for n in GROUP_NAMES}
+    experts, keys = set(), set()  # asked of the layers: PEER / PKM expert_parameters(), key_parameters()
+    for m in model.modules():
+        experts |= {id(p) for p in getattr(m, "expert_parameters", lambda: [])()}
+        keys |= {id(p) for p in getattr(m, "key_parameters", lambda: [])()}
     seen: set[int] = set()
     for _, p in model.named_parameters():  # named_parameters() already yields tied tensors once
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        if getattr(p, "_is_expert_table", False):
+        if id(p) in experts:
             buckets["experts"].append(p)
-        elif getattr(p, "_is_product_key", False):
+        elif id(p) in keys:
             buckets["keys"].append(p)
         elif p.ndim >= 2:
             buckets["decay"].append(p)

@@ -2,9 +2,10 @@
 
 A PEER step at N = 1024^2 retrieves a few hundred thousand of the N rows of u and v; a dense
 optimizer still reads and writes all N rows of the parameter, both moments and a dense gradient.
-:class:`SparseRowAdamW` marks its tables ``p._sparse_grad = True``, so the fused expert kernel
-hands them a sparse COO gradient with just the retrieved rows (see
-:mod:`peer.layers.kernels.fused`), and updates only those rows, like the embedding optimizers
+A PEER layer built with ``sparse_grad=True`` (``layer.sparse_grad``; the trainer sets it for
+``optim.sparse_experts``) has the fused expert kernel hand its tables a sparse COO gradient with
+just the retrieved rows (see :mod:`peer.layers.kernels.fused`); :class:`SparseRowAdamW` updates
+only those rows (a dense gradient works too), like the embedding optimizers
 of FBGEMM/TorchRec (which go one step further and apply the update inside the backward).
 
 Semantics (lazy AdamW, as TensorFlow's LazyAdam and torch.optim.SparseAdam): at step t, for every
@@ -53,12 +54,10 @@ class SparseRowAdamW(torch.optim.Optimizer):
         lr, betas, eps, weight_decay: as torch.optim.AdamW (decoupled weight decay).
         state_dtype: moment storage, "float32" / "bfloat16" / None (= the parameter's dtype).
         rowwise: one second moment per row instead of per element.
-        sparse_grad: mark the parameters ``_sparse_grad = True`` so the fused PEER kernel
-            produces sparse row gradients for them (other backends still give dense ones).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 *, state_dtype=None, rowwise: bool = False, sparse_grad: bool = True):
+                 *, state_dtype=None, rowwise: bool = False):
         if not lr >= 0:
             raise ValueError(f"lr must be >= 0, got {lr!r}")
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
@@ -75,8 +74,6 @@ class SparseRowAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.dim() != 2:
                     raise ValueError(f"SparseRowAdamW: params must be 2-D tables [rows, dim], got shape {tuple(p.shape)}")
-                if sparse_grad:
-                    p._sparse_grad = True
 
     def _init_state(self, p: torch.Tensor) -> dict:
         dtype = self.state_dtype or p.dtype

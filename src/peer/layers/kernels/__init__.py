@@ -39,11 +39,14 @@ def expert_mix(
     activation: str = "gelu",
     gate: torch.Tensor | None = None,
     backend: str = "auto",
+    sparse_grad: bool = False,
 ) -> torch.Tensor:
     """x [T, d]; u, v, gate [N, d]; idx (int64) and g [T, m] -> y [T, d].
 
     backend: "reference" (gather, autograd), "fused" (custom autograd, no [T, m, d] tensor),
     "triton" (GPU kernel), or "auto" (the fastest available for the device).
+    sparse_grad: the fused and triton backends then return sparse COO row gradients for the
+    tables (the reference's gradients stay dense).
     """
     if backend == "auto":
         backend = _auto_backend(x)
@@ -52,11 +55,11 @@ def expert_mix(
     if backend == "fused":
         from .fused import expert_mix as fused_mix
 
-        return fused_mix(x, u, v, idx, g, activation, gate)
+        return fused_mix(x, u, v, idx, g, activation, gate, sparse_grad)
     if backend == "triton":
         from .triton_kernel import expert_mix as triton_mix
 
-        return triton_mix(x, u, v, idx, g, activation, gate)
+        return triton_mix(x, u, v, idx, g, activation, gate, sparse_grad)
     raise ValueError(f"backend must be one of 'auto', 'reference', 'fused', 'triton', got {backend!r}")
 
 

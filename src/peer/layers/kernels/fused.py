@@ -17,9 +17,9 @@ expert id (one bag per expert, so duplicates, e.g. two heads of a token picking 
 simply add up) and each bag sums x[t] (or dy[t]) with the per-pair coefficients.
 
 The gradient of a table is dense ([N, d], what torch.optim expects; zero except the U rows) or,
-when the table is marked ``table._sparse_grad = True`` (done by
-:class:`peer.train.sparse_optim.SparseRowAdamW`), a coalesced sparse COO tensor of the U rows,
-which a row-wise optimizer consumes without touching the other N - U rows. Gradient buffers are
+with ``sparse_grad=True`` (the layer's ``sparse_grad``, as ``nn.Embedding(sparse=True)``), a
+coalesced sparse COO tensor of the U rows, which a row-wise optimizer
+(:class:`peer.train.sparse_optim.SparseRowAdamW`) consumes without touching the other N - U rows. Gradient buffers are
 recycled (see :mod:`.workspace`): a new one is made only while the previous one is still held.
 
 Tables may be bfloat16: rows are widened to x's dtype as they are read, so with fp32 x every
@@ -41,12 +41,13 @@ __all__ = ["expert_mix", "advise_hugepages", "empty_hugepage", "WORKSPACE"]
 CHUNK_ROWS = 4096
 
 
-def expert_mix(x, u, v, idx, g, activation="gelu", gate=None):
+def expert_mix(x, u, v, idx, g, activation="gelu", gate=None, sparse_grad=False):
     """y[t] = sum_j g[t, j] * act(u[idx[t, j]] . x[t]) * v[idx[t, j]]; the contract of the reference."""
-    return mix(x, u, v, idx, g, activation, gate, engine="cpp" if _use_cpp(x, u, v, gate) else "torch")
+    return mix(x, u, v, idx, g, activation, gate, engine="cpp" if _use_cpp(x, u, v, gate) else "torch",
+               sparse_grad=sparse_grad)
 
 
-def mix(x, u, v, idx, g, activation, gate, engine: str):
+def mix(x, u, v, idx, g, activation, gate, engine: str, sparse_grad: bool = False):
     """The fused expert mix computed by ``engine``: "cpp" (fused_cpu.cpp), "torch" or "triton"."""
     if x.dim() != 2 or idx.dim() != 2 or g.shape != idx.shape or x.shape[0] != idx.shape[0]:
         raise ValueError(f"expert_mix: need x [T, d], idx and g [T, m]; got x {tuple(x.shape)}, "
@@ -61,7 +62,8 @@ def mix(x, u, v, idx, g, activation, gate, engine: str):
         lo, hi = torch.aminmax(idx)
         if lo < 0 or hi >= u.shape[0]:
             raise ValueError(f"expert_mix: idx must lie in [0, {u.shape[0]}), got [{int(lo)}, {int(hi)}]")
-    return _ExpertMix.apply(x.contiguous(), g.to(x.dtype).contiguous(), idx, u, v, gate, activation, engine)
+    return _ExpertMix.apply(x.contiguous(), g.to(x.dtype).contiguous(), idx, u, v, gate, activation, engine,
+                            bool(sparse_grad))
 
 
 def _use_cpp(x, u, v, gate) -> bool:
@@ -81,7 +83,7 @@ def _engine(name: str):
 
 class _ExpertMix(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, g, idx, u, v, gate, activation, engine):
+    def forward(ctx, x, g, idx, u, v, gate, activation, engine, sparse_grad):
         T, d = x.shape
         m = idx.shape[1]
         y, h = x.new_empty(T, d), x.new_empty(T, m)
@@ -91,7 +93,7 @@ class _ExpertMix(torch.autograd.Function):
             eng.forward(x, g, idx, u, v, gate, y, h, hg, activation == "gelu")
         else:
             _forward_torch(x, g, idx, u, v, gate, activation, y, h, hg)
-        ctx.activation, ctx.engine = activation, engine
+        ctx.activation, ctx.engine, ctx.sparse_grad = activation, engine, sparse_grad
         ctx.save_for_backward(x, g, idx, u, v, gate, h, hg)
         return y
 
@@ -99,7 +101,7 @@ class _ExpertMix(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         x, g, idx, u, v, gate, h, hg = ctx.saved_tensors
-        need_x, need_g, _, need_u, need_v, need_gate, _, _ = ctx.needs_input_grad
+        need_x, need_g, _, need_u, need_v, need_gate, _, _, _ = ctx.needs_input_grad
         dy = dy.contiguous().to(x.dtype)
         T, d = x.shape
         m = idx.shape[1]
@@ -115,8 +117,8 @@ class _ExpertMix(torch.autograd.Function):
             _backward_torch(x, dy, g, idx, u, v, gate, h, hg, dx, dg, coef_u, coef_v, coef_w, ctx.activation)
         wanted = [(x, coef_u) if need_u else None, (dy, coef_v) if need_v else None,
                   (x, coef_w) if need_gate else None]
-        grads = _table_grads((u, v, gate), wanted, idx, eng)
-        return dx, (dg if need_g else None), None, *grads, None, None
+        grads = _table_grads((u, v, gate), wanted, idx, eng, ctx.sparse_grad)
+        return dx, (dg if need_g else None), None, *grads, None, None, None
 
 
 # ------------------------------------------------------------------------------ the PyTorch path
@@ -200,11 +202,12 @@ def sort_pairs(idx: torch.Tensor):
     return rows, perm, offsets
 
 
-def _table_grads(tables, wanted, idx, eng) -> list:
+def _table_grads(tables, wanted, idx, eng, sparse: bool = False) -> list:
     """Gradients of the tables: row i = sum over the pairs retrieving expert i of coef[pair] * src[token].
 
     ``wanted[k]`` is (src [T, d], coef [T, m]) or None (no gradient for tables[k]); ``eng`` is the
-    kernel module (cpu_ext / triton_kernel) or None for the PyTorch path."""
+    kernel module (cpu_ext / triton_kernel) or None for the PyTorch path; ``sparse``: sparse COO
+    row gradients instead of dense ones."""
     if all(w is None for w in wanted):
         return [None] * len(tables)
     m = idx.shape[1]
@@ -215,7 +218,6 @@ def _table_grads(tables, wanted, idx, eng) -> list:
             grads.append(None)
             continue
         src, coef = w
-        sparse = bool(getattr(table, "_sparse_grad", False))
         if eng is not None and not sparse and table.dtype == src.dtype:  # rows straight into the dense gradient
             grad = WORKSPACE.take(table, "dense", table.shape, table.dtype, zero=True)
             eng.table_grads(perm, offsets, m, [(src, coef, grad)], out_rows=rows)

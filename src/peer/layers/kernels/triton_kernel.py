@@ -32,15 +32,15 @@ def available() -> bool:
     return triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def expert_mix(x, u, v, idx, g, activation="gelu", gate=None):
+def expert_mix(x, u, v, idx, g, activation="gelu", gate=None, sparse_grad=False):
     """The expert mix on the Triton kernels (same contract as the reference)."""
     if not available():
         raise RuntimeError("backend 'triton' needs the triton package and a CUDA device (or TRITON_INTERPRET=1)")
     from .fused import mix
 
     if x.dtype != torch.float32:  # the kernels keep h and the coefficients in x's dtype: compute in fp32
-        return mix(x.float(), u, v, idx, g.float(), activation, gate, engine="triton").to(x.dtype)
-    return mix(x, u, v, idx, g.float(), activation, gate, engine="triton")
+        return mix(x.float(), u, v, idx, g.float(), activation, gate, engine="triton", sparse_grad=sparse_grad).to(x.dtype)
+    return mix(x, u, v, idx, g.float(), activation, gate, engine="triton", sparse_grad=sparse_grad)
 
 
 def _blocks(m: int, d: int) -> tuple[int, int]:
