@@ -188,12 +188,25 @@ def test_generate_past_max_seq_len_is_a_clear_error():
     assert out.shape[1] == 16
 
 
-def test_generate_with_a_padded_batch_is_a_clear_error():
+def test_generate_with_a_padded_batch_equals_each_row_alone():
+    """Right- or left-padded prompts: each row's result is that of its real tokens generated alone,
+    right-padded with pad_token_id to one tensor."""
     model = tiny_model()
-    x = torch.randint(0, V, (2, 8))
-    mask = torch.ones(2, 8, dtype=torch.long)
-    mask[1, 6:] = 0  # right padding: fine for a forward, not for generation (new tokens would follow the pads)
-    with pytest.raises(ValueError, match="equal length"):
-        model.generate(x, attention_mask=mask, max_new_tokens=2, do_sample=False)
-    out = model.generate(x, attention_mask=torch.ones_like(mask), max_new_tokens=2, do_sample=False)
-    assert out.shape == (2, 10)
+    model.generation_config.pad_token_id = 0
+    x = torch.randint(1, V, (3, 8))
+    right = torch.ones(3, 8, dtype=torch.long)
+    right[1, 6:] = 0
+    right[2, 3:] = 0
+    kw = dict(max_new_tokens=4, do_sample=False)
+    out = model.generate(x, attention_mask=right, **kw)
+    alone = [model.generate(x[i, : int(right[i].sum())][None], **kw)[0] for i in range(3)]
+    assert out.shape == (3, 12)
+    for i, a in enumerate(alone):
+        assert torch.equal(out[i, : a.numel()], a) and bool((out[i, a.numel():] == 0).all())
+    left_x, left = x.clone(), torch.ones(3, 8, dtype=torch.long)
+    left_x[1], left[1, :2] = torch.cat([torch.zeros(2, dtype=torch.long), x[1, :6]]), 0  # row 1 left-padded
+    out_left = model.generate(left_x, attention_mask=left, **kw)
+    assert torch.equal(out_left[1, :10], alone[1])
+    assert model.generate(x, attention_mask=torch.ones_like(right), **kw).shape == (3, 12)  # unpadded: one batch
+    with pytest.raises(ValueError, match="return_dict_in_generate"):
+        model.generate(x, attention_mask=right, return_dict_in_generate=True, **kw)

@@ -12,8 +12,9 @@ The loss is the mean next-token cross-entropy (``-100`` labels ignored) plus the
 of the FFW modules (e.g. the token-choice MoE's load-balancing loss), exactly PeerLM's loss; the
 auxiliary part is also returned as ``aux_loss``.
 
-Padding: PeerLM has no attention mask, so only right padding is allowed (the padded positions come
-after every real token and cannot influence them); a mask with a 0 before a 1 raises ValueError.
+Padding: PeerLM has no attention mask, so a forward allows only right padding (the padded positions
+come after every real token and cannot influence them); a mask with a 0 before a 1 raises
+ValueError. ``generate`` takes a batch padded on either side and generates it one row at a time.
 """
 
 from __future__ import annotations
@@ -202,9 +203,11 @@ class PeerForCausalLM(PeerPreTrainedModel, GenerationMixin):
 
     def generate(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                  **kwargs):
-        """``GenerationMixin.generate`` with two checks up front: prompt + new tokens fit in
-        ``max_seq_len`` (the KV cache's size), and a batch has no padding (PeerLM has no attention
-        mask, so new tokens after a padded prompt would attend to the pads)."""
+        """``GenerationMixin.generate`` with two additions. The length is checked up front: prompt +
+        new tokens must fit in ``max_seq_len`` (the KV cache's size). A padded batch (a 0 anywhere in
+        ``attention_mask``, padding on either side) is generated one sequence at a time from its
+        real tokens, since PeerLM has no attention mask (new tokens would attend to the pads); the
+        results are right-padded with ``pad_token_id`` (else ``eos_token_id``) to one tensor."""
         if input_ids is not None and input_ids.dim() == 2:
             T = input_ids.shape[1]
             gc = kwargs.get("generation_config") or self.generation_config
@@ -217,10 +220,31 @@ class PeerForCausalLM(PeerPreTrainedModel, GenerationMixin):
                                  f"max_seq_len={self.config.max_seq_len}; shorten the prompt or ask for at most "
                                  f"{max(0, self.config.max_seq_len - T)} new tokens")
             if attention_mask is not None and not bool(attention_mask.bool().all()):
-                raise ValueError("generate: this batch has padding; PeerLM has no attention mask, so batched "
-                                 "prompts must have equal length (generate one sequence at a time, or group "
-                                 "prompts by length)")
+                return self._generate_rows(input_ids, attention_mask.bool(), gc, kwargs)
         return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def _generate_rows(self, input_ids, mask, gc, kwargs):
+        """A padded batch, one row at a time (see :meth:`generate`)."""
+        if kwargs.get("return_dict_in_generate", getattr(gc, "return_dict_in_generate", False)):
+            raise ValueError("generate: a padded batch is generated one sequence at a time, which cannot "
+                             "return_dict_in_generate; generate the sequences separately")
+        if "max_length" in kwargs and "max_new_tokens" not in kwargs:
+            raise ValueError("generate: with a padded batch give max_new_tokens (max_length would differ per sequence)")
+        pad = gc.pad_token_id if gc.pad_token_id is not None else gc.eos_token_id
+        if isinstance(pad, (list, tuple)):
+            pad = pad[0]
+        if pad is None:
+            raise ValueError("generate: a padded batch needs pad_token_id (or eos_token_id) to pad the results")
+        rows = []
+        for ids, m in zip(input_ids, mask):
+            real = ids[m][None]
+            if real.shape[1] == 0:
+                raise ValueError("generate: a row of attention_mask has no real token")
+            rows.append(super().generate(input_ids=real, attention_mask=torch.ones_like(real), **kwargs)[0])
+        out = input_ids.new_full((len(rows), max(r.numel() for r in rows)), int(pad))
+        for i, r in enumerate(rows):
+            out[i, : r.numel()] = r
+        return out
 
     def _reorder_cache(self, past, beam_idx):  # transformers 4.x beam search
         past.reorder_cache(beam_idx)
