@@ -264,3 +264,11 @@ def test_float64_layer_routes_in_float64_and_passes_gradcheck():
     g, _ = layer.retrieve(x)
     assert g.dtype == torch.float64
     assert torch.autograd.gradcheck(lambda t: layer(t), (x,), eps=1e-6, atol=1e-5)
+
+
+def test_input_dtype_mismatch_is_one_clear_error():
+    layer = make()
+    with pytest.raises(ValueError, match="input dtype torch.float64 differs from the layer's torch.float32"):
+        layer(torch.randn(3, 16, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed dtypes are autocast's job
+        assert layer(torch.randn(3, 16)).shape == (3, 16)

@@ -15,11 +15,19 @@ __all__ = ["DenseFFN", "check_dim"]
 _ACTS = ("gelu", "swiglu")
 
 
-def check_dim(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Return ``x`` flattened to [T, dim]; ValueError when its last dimension is not ``dim``."""
+def check_dim(x: torch.Tensor, dim: int, like: torch.Tensor | None = None) -> torch.Tensor:
+    """Return ``x`` flattened to [T, dim]; ValueError when its last dimension is not ``dim`` or, given
+    ``like`` (a parameter of the layer), when its dtype or device differs from it (dtypes may
+    differ under autocast)."""
     if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != dim:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"input must have shape [..., dim={dim}], got {shape}")
+    if like is not None:
+        if x.device != like.device:
+            raise ValueError(f"input is on {x.device}, the layer on {like.device}: move one (layer.to(...) or x.to(...))")
+        if x.dtype != like.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"input dtype {x.dtype} differs from the layer's {like.dtype}: cast one "
+                             f"(layer.to({x.dtype}) or x.to({like.dtype})), or run under torch.autocast")
     return x.reshape(-1, dim)
 
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dense import check_dim
 from .index import ProductKeyIndex, check_product_keys
 from .kernels import expert_mix
 from .kernels.workspace import advise_hugepages
@@ -166,10 +167,7 @@ class PEER(nn.Module):
         return [self.index.keys]
 
     def _flat(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != self.dim:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"input must have shape [..., dim={self.dim}], got {shape}")
-        return x.reshape(-1, self.dim)
+        return check_dim(x, self.dim, like=self.query_proj.weight)
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         """q(x) of eq. 1 for every head, after the query norm: [..., heads, key_dim]."""

@@ -84,7 +84,7 @@ class PKM(nn.Module):
     def query(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised queries of every head: [..., heads, key_dim]."""
         lead = x.shape[:-1]
-        return self._query(check_dim(x, self.dim)).view(*lead, self.heads, self.key_dim)
+        return self._query(check_dim(x, self.dim, like=self.query_proj.weight)).view(*lead, self.heads, self.key_dim)
 
     def _query(self, xf: torch.Tensor) -> torch.Tensor:
         q = self.query_proj(xf)  # [T, h*key_dim]
@@ -96,7 +96,7 @@ class PKM(nn.Module):
     def retrieve(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax weights and memory ids, each [..., heads, topk], best first."""
         lead = x.shape[:-1]
-        w, idx = self._retrieve(check_dim(x, self.dim))
+        w, idx = self._retrieve(check_dim(x, self.dim, like=self.query_proj.weight))
         return w.view(*lead, self.heads, self.topk), idx.view(*lead, self.heads, self.topk)
 
     def _retrieve(self, xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,7 +105,7 @@ class PKM(nn.Module):
         return scores.softmax(dim=-1), idx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = check_dim(x, self.dim)
+        xf = check_dim(x, self.dim, like=self.query_proj.weight)
         w, idx = self._retrieve(xf)  # [T, h, k]
         if self.record_usage:
             self._accumulate_usage(w, idx)
