@@ -94,7 +94,7 @@ def test_main_quick_end_to_end_skip_and_resume(tmp_path, capsys):
         assert r["status"] == "trained"
         assert (out / name / "tokenizer.json").read_bytes() == (corpus / "tokenizer.json").read_bytes()
         # the table's perplexities are those of `peer eval` on the same run
-        rep = evaluate(out / name, max_batches=8)
+        rep = evaluate(out / name, max_batches=40)
         assert r["perplexity"] == {s: v["perplexity"] for s, v in rep["sets"].items()}
         assert list(r["perplexity"]) == ["val", "eval_verse"]
         assert "perplexity val" in printed and f"{r['perplexity']['val']:.2f}" in printed

@@ -33,8 +33,10 @@ from .errors import PeerError, UsageError
 
 __all__ = ["DEFAULT_BUDGET", "MODELS", "plan", "main_job", "format_table", "format_markdown", "add_arguments", "run"]
 
-# Training FLOPs per model: ~90 steps of 2048 tokens for the presets (see docs/mainjob.md for timings).
-DEFAULT_BUDGET = 1.5e13  # ~640 steps of 2048 tokens per model: ~9 min on 2 idle cores incl. data prep
+# Training FLOPs per model (see docs/mainjob.md for timings): 2309 steps of 2048 tokens for dense,
+# 2030 for PEER (its sub-key scoring costs FLOPs), side by side ~17 min on 2 idle cores.
+DEFAULT_BUDGET = 1.5e13
+EVAL_BATCHES = 40  # per evaluation set, as the recipe study (docs/recipe.md): the same numbers as its seed-0 runs
 MODELS = ("dense", "peer")
 PROMPT = "The state of the Union"
 
@@ -95,7 +97,7 @@ def _prepare_corpus(corpus: Path, default: bool) -> None:
 
 # ------------------------------------------------------------------ the job
 def main_job(out: str | Path = "runs/main", budget: float | None = None, quick: bool = False,
-             corpus: str | Path | None = None, eval_batches: int | None = 8, threads: int = 0,
+             corpus: str | Path | None = None, eval_batches: int | None = EVAL_BATCHES, threads: int = 0,
              prompt: str = PROMPT, max_new_tokens: int = 60, progress: bool = True, parallel: int = 2) -> dict:
     """Run the main job (see the module docstring); returns the comparison written to comparison.json."""
     from .data import load_tokenizer
@@ -292,7 +294,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"training FLOPs per model (default {DEFAULT_BUDGET:g}; --quick: {QUICK_STEPS} tiny steps)")
     parser.add_argument("--quick", action="store_true", help="tiny models, a few steps: a seconds-long end-to-end check")
     parser.add_argument("--corpus", default=None, help="a prepared corpus dir (default: build data/starter)")
-    parser.add_argument("--eval-batches", type=int, default=8, help="batches per evaluation set (0: all)")
+    parser.add_argument("--eval-batches", type=int, default=EVAL_BATCHES, help=f"batches per evaluation set (default {EVAL_BATCHES}; 0: all)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads in all (0: torch's default)")
     parser.add_argument("--parallel", type=int, default=2,
                         help="train the two runs side by side, each with 1/parallel of the threads (default 2; 1: one after the other)")
