@@ -61,7 +61,7 @@ def test_presets_are_found_from_any_directory(tmp_path, monkeypatch):
     """The presets ship inside the package (an installed wheel has no ./configs): from a directory
     without them, configs/NAME.toml and NAME.toml resolve to the shipped copies, sweeps included."""
     from peer.config import PRESETS_DIR, find_preset, load_config
-    from peer.sweep import load_sweep, plan
+    from peer.experiments.sweep import load_sweep, plan
 
     assert (PRESETS_DIR / "peer.toml").is_file() and (PRESETS_DIR / "recipe" / "d64_1.5e13.toml").is_file()
     monkeypatch.chdir(tmp_path)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from peer.config import ConfigError
-from peer.mainjob import DEFAULT_BUDGET, format_markdown, format_table, main_job, plan
+from peer.experiments.mainjob import DEFAULT_BUDGET, format_markdown, format_table, main_job, plan
 
 WORDS = "the a of and to in is was for on that with people nation law war peace states congress union".split()
 

@@ -18,9 +18,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("peer.generate", "sample text from a trained run"),
     "plot": ("peer.plots", "training curves (loss vs tokens and FLOPs) as PNG"),
     "bench": ("peer.bench.cli", "benchmark PEER layers and training steps"),
-    "sweep": ("peer.sweep.cli", "isoFLOP sweeps and ablations"),
+    "sweep": ("peer.experiments.sweep.cli", "isoFLOP sweeps and ablations"),
     "export": ("peer.hf.cli", "export a run to a Hugging Face transformers directory"),
-    "main": ("peer.mainjob", "the main job: prepare data, train dense and PEER at equal FLOPs, evaluate, compare"),
+    "main": ("peer.experiments.mainjob", "the main job: prepare data, train dense and PEER at equal FLOPs, evaluate, compare"),
 }
 
 

@@ -6,9 +6,9 @@ import pytest
 
 from peer.config import ConfigError
 from peer.flops import train_flops_per_step
-from peer.sweep import compute_optimal, load_sweep, method_ordering, plan, table1_markdown
-from peer.sweep.analysis import aggregate
-from peer.sweep.runner import collect
+from peer.experiments.sweep import compute_optimal, load_sweep, method_ordering, plan, table1_markdown
+from peer.experiments.sweep.analysis import aggregate
+from peer.experiments.sweep.runner import collect
 
 SWEEP = """
 [sweep]
@@ -163,8 +163,8 @@ def test_seeded_sweep_end_to_end(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    from peer.sweep.cli import report
-    from peer.sweep.runner import run_sweep
+    from peer.experiments.sweep.cli import report
+    from peer.experiments.sweep.runner import run_sweep
 
     spec_ = importlib.util.spec_from_file_location("train_fixtures", Path(__file__).parents[1] / "train" / "conftest.py")
     fixtures = importlib.util.module_from_spec(spec_)

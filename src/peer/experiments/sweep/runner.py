@@ -16,8 +16,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..config import config_from_dict, config_to_dict
-from ..fsutil import FolderLock, atomic_write_text
+from ...config import config_from_dict, config_to_dict
+from ...fsutil import FolderLock, atomic_write_text
 from .plan import PlannedRun, SweepSpec, budget_label, plan
 
 __all__ = ["run_sweep", "collect", "write_tables", "run_one"]
@@ -25,8 +25,8 @@ __all__ = ["run_sweep", "collect", "write_tables", "run_one"]
 
 def run_one(config: dict, eval_batches: int, record: dict) -> dict:
     """Train (resuming if a checkpoint exists), evaluate, and write ``result.json``; returns the result."""
-    from ..eval import evaluate
-    from ..train import train_or_resume
+    from ...eval import evaluate
+    from ...train import train_or_resume
 
     cfg = config_from_dict(config)
     if cfg.train.threads > 0:  # also when training is skipped (complete): side-by-side evals must not oversubscribe
@@ -68,7 +68,7 @@ def _launch(r: PlannedRun, spec: SweepSpec, threads: int, log) -> dict | None:
     log(f"[run ] {r.run_id}: {r.steps} steps, {r.tokens:,} tokens, {r.params_active:,} active params")
     t0 = time.time()
     with open(out / "sweep.log", "a") as fh:
-        proc = subprocess.run([sys.executable, "-m", "peer.sweep.worker", str(job)], stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.run([sys.executable, "-m", "peer.experiments.sweep.worker", str(job)], stdout=fh, stderr=subprocess.STDOUT)
     if proc.returncode != 0 or not done.is_file():
         log(f"[FAIL] {r.run_id}: exit {proc.returncode}; see {out / 'sweep.log'}")
         return None
@@ -106,7 +106,7 @@ def _run_locked(spec: SweepSpec, todo: list[PlannedRun], log) -> list[dict]:
 def _ensure_corpus(corpus: str, vocab_size: int, log) -> None:
     """Build the starter corpus at ``corpus`` with this vocabulary when nothing usable is there: a
     folder that already holds a train split is used as it is (a user's corpus is never rebuilt)."""
-    from ..data import corpus_is_complete, list_splits, prepare
+    from ...data import corpus_is_complete, list_splits, prepare
 
     if corpus_is_complete(corpus) or "train" in list_splits(corpus):
         return

@@ -18,7 +18,7 @@ import math
 import statistics
 from pathlib import Path
 
-from ..errors import UsageError
+from ...errors import UsageError
 
 __all__ = ["load_point", "compare", "format_compare"]
 

@@ -1,4 +1,4 @@
-"""``python -m peer.sweep.worker JOB.json``: one sweep run in its own process (train, evaluate, result.json)."""
+"""``python -m peer.experiments.sweep.worker JOB.json``: one sweep run in its own process (train, evaluate, result.json)."""
 
 import json
 import sys

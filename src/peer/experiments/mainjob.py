@@ -27,9 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from .config import Config, ConfigError, load_config
-from .fsutil import atomic_write_text
-from .errors import PeerError, UsageError
+from ..config import Config, ConfigError, load_config
+from ..fsutil import atomic_write_text
+from ..errors import PeerError, UsageError
 
 __all__ = ["DEFAULT_BUDGET", "MODELS", "plan", "main_job", "format_table", "format_markdown", "add_arguments", "run"]
 
@@ -52,7 +52,7 @@ QUICK_STEPS = 6  # the quick budget: this many steps of the quick dense model
 
 def _configs_dir() -> Path:
     """configs/ of the source tree (editable install), else ./configs."""
-    from .config import PRESETS_DIR
+    from ..config import PRESETS_DIR
 
     return PRESETS_DIR
 
@@ -65,7 +65,7 @@ def _say(msg: str) -> None:
 def plan(out: str | Path, corpus: str | Path, vocab_size: int, budget: float | None = None, quick: bool = False,
          threads: int = 0, progress: bool = True) -> dict[str, Config]:
     """The two run configs: the presets with the corpus, out dirs and the shared FLOP budget."""
-    from .flops import train_flops_per_step
+    from ..flops import train_flops_per_step
 
     out, cfgs = Path(out), {}
     base = [f"data.corpus={json.dumps(str(corpus))}", f"model.vocab_size={vocab_size}",
@@ -86,7 +86,7 @@ def plan(out: str | Path, corpus: str | Path, vocab_size: int, budget: float | N
 
 def _prepare_corpus(corpus: Path, default: bool) -> None:
     """The starter corpus at its default place is built (or found); any other --corpus must exist."""
-    from .data import list_splits, prepare
+    from ..data import list_splits, prepare
 
     if default:
         prepare(out=corpus, log=_say)
@@ -100,11 +100,11 @@ def main_job(out: str | Path = "runs/main", budget: float | None = None, quick: 
              corpus: str | Path | None = None, eval_batches: int | None = EVAL_BATCHES, threads: int = 0,
              prompt: str = PROMPT, max_new_tokens: int = 60, progress: bool = True, parallel: int = 2) -> dict:
     """Run the main job (see the module docstring); returns the comparison written to comparison.json."""
-    from .data import load_tokenizer
-    from .eval import evaluate, run_tokenizer
-    from .generate import sample
-    from .plots import plot_curves
-    from .train import load_run, resolve_steps, train_or_resume
+    from ..data import load_tokenizer
+    from ..eval import evaluate, run_tokenizer
+    from ..generate import sample
+    from ..plots import plot_curves
+    from ..train import load_run, resolve_steps, train_or_resume
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -185,7 +185,7 @@ def main_job(out: str | Path = "runs/main", budget: float | None = None, quick: 
 
 def _train_in_process(cfg: Config) -> str:
     """``train_or_resume(cfg)`` in a child process (``peer.train.worker``), output in ``<run>/train.log``."""
-    from .config import config_to_dict
+    from ..config import config_to_dict
 
     run_dir = Path(cfg.train.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

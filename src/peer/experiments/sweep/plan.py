@@ -33,9 +33,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import Config, ConfigError, apply_overrides, find_preset, load_config, read_toml
-from ..flops import count_params, train_flops_per_step
-from ..train.loop import with_corpus_vocab
+from ...config import Config, ConfigError, apply_overrides, find_preset, load_config, read_toml
+from ...flops import count_params, train_flops_per_step
+from ...train.loop import with_corpus_vocab
 
 __all__ = ["SweepSpec", "PlannedRun", "load_sweep", "plan", "budget_label"]
 
