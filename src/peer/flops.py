@@ -118,7 +118,7 @@ def _sqrt(n: int, name: str) -> int:
 
 
 def _norm_params(kind: str, heads: int, key_dim: int) -> int:
-    """Affine parameters of the query norm (see peer.layers.peer.make_query_norm)."""
+    """Affine parameters of the query norm (see peer.layers.router.make_query_norm)."""
     return {"batchnorm": 2 * heads * key_dim, "layernorm": 2 * key_dim, "none": 0}[kind]
 
 

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.peer import PEER
+from ..layers.router import ProductKeyRouter
 from .env import _collective
 
 __all__ = [
@@ -187,18 +188,16 @@ def sharded_expert_mix(x, u, v, idx, g, start, activation="gelu", gate=None, gro
 
 
 # ------------------------------------------------------------------ the layer
-class ExpertShardedPEER(nn.Module):
+class ExpertShardedPEER(ProductKeyRouter):
     """A PEER layer whose expert tables hold only this rank's rows; see the module docstring.
 
     Build it with :func:`shard_peer_layer`. Parameter names equal the full layer's (``u``, ``v``,
     ``gate`` hold rows [shard_start, shard_end)), so a full state dict maps onto it row-wise.
     """
 
-    # retrieval (eqs. 1, 2, 4, 5) and usage accounting are the full layer's code on replicated parameters
-    _flat, query, _query = PEER._flat, PEER.query, PEER._query
-    retrieve, _retrieve, product_keys = PEER.retrieve, PEER._retrieve, PEER.product_keys
-    _accumulate_usage, reset_usage = PEER._accumulate_usage, PEER.reset_usage
-    expert_parameters, key_parameters = PEER.expert_parameters, PEER.key_parameters
+    # retrieval (eqs. 1, 2, 4, 5) and usage accounting: the router's code (peer.layers.router) on the
+    # full layer's replicated query network, norm and keys
+    expert_parameters = PEER.expert_parameters
 
     def __init__(self, layer: PEER, group=None, data_parallel: bool = False):
         super().__init__()

@@ -21,67 +21,23 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .dense import check_dim
-from .index import ProductKeyIndex, check_product_keys
+from .index import check_product_keys
+from .router import ProductKeyRouter, _choice
 from .kernels import expert_mix
 from .kernels.workspace import advise_hugepages
 
-__all__ = ["PEER", "make_query_norm"]
+__all__ = ["PEER"]
 
 _ACTS = ("gelu", "relu")
-_SCORES = ("softmax", "sigmoid", "relu")
-_NORMS = ("batchnorm", "layernorm", "none")
 _BACKENDS = ("auto", "reference", "fused", "triton")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, torch.float32: torch.float32, torch.bfloat16: torch.bfloat16}
 # E[act(z)^2] for z ~ N(0, 1)
 _ACT_SECOND_MOMENT = {"relu": 0.5, "gelu": 0.4252}
 
 
-def _choice(value, allowed, name):
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-    return value
-
-
-class QueryBatchNorm(nn.BatchNorm1d):
-    """``nn.BatchNorm1d`` whose running statistics never take a non-finite value: a training batch
-    with a NaN/inf token leaves them as they were (its own output is still NaN, so the loss shows
-    it), and later evaluation is not poisoned. Branch-free (``torch.where``), same state dict.
-
-    The batch updates copies of the running statistics (autograd keeps those), which are then
-    written back only where finite."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and self.track_running_stats):
-            return super().forward(x)
-        mean, var = self.running_mean.clone(), self.running_var.clone()
-        if self.momentum is None:  # cumulative moving average, as nn.BatchNorm1d
-            factor = 1.0 / float(self.num_batches_tracked.item() + 1)
-        else:
-            factor = self.momentum
-        y = F.batch_norm(x, mean, var, self.weight, self.bias, True, factor, self.eps)
-        with torch.no_grad():
-            ok = torch.isfinite(mean).all() & torch.isfinite(var).all()
-            self.running_mean.copy_(torch.where(ok, mean, self.running_mean))
-            self.running_var.copy_(torch.where(ok, var, self.running_var))
-            self.num_batches_tracked.add_(ok.long())
-        return y
-
-
-def make_query_norm(kind: str, heads: int, key_dim: int) -> nn.Module:
-    """The query normaliser: BatchNorm over all h*key_dim features (paper), per-head LayerNorm, or identity."""
-    _choice(kind, _NORMS, "query_norm")
-    if kind == "batchnorm":
-        return QueryBatchNorm(heads * key_dim)
-    if kind == "layernorm":
-        return nn.LayerNorm(key_dim)
-    return nn.Identity()
-
-
-class PEER(nn.Module):
+class PEER(ProductKeyRouter):
     """A PEER layer: ``num_experts`` single-neuron experts, retrieved ``topk`` per head by ``heads`` heads.
 
     Args:
@@ -125,7 +81,6 @@ class PEER(nn.Module):
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
         check_product_keys(num_experts, key_dim, topk, heads)
         self.activation = _choice(activation, _ACTS, "activation")
-        self.score = _choice(score, _SCORES, "score")
         self.backend = _choice(backend, _BACKENDS, "backend")
         if table_dtype not in _DTYPES:
             raise ValueError(f"table_dtype must be one of 'float32', 'bfloat16', got {table_dtype!r}")
@@ -133,23 +88,18 @@ class PEER(nn.Module):
         if not isinstance(value_init_scale, (int, float)) or not math.isfinite(value_init_scale) or value_init_scale <= 0:
             raise ValueError(f"value_init_scale must be a positive number, got {value_init_scale!r}")
         self.dim, self.num_experts, self.heads, self.topk, self.key_dim = dim, num_experts, heads, topk, key_dim
-        self.shared_keys, self.glu, self.query_norm_kind = bool(shared_keys), bool(glu), query_norm
+        self.shared_keys, self.glu = bool(shared_keys), bool(glu)
         self.sparse_grad = bool(sparse_grad)
 
-        # eq. 7: h independent query networks, as one projection to h * key_dim
-        self.query_proj = nn.Linear(dim, heads * key_dim, bias=False)
-        self.query_norm = make_query_norm(query_norm, heads, key_dim)
-        # eqs. 4-5: product keys, one set shared by all heads (or one per head)
-        self.index = ProductKeyIndex(num_experts, key_dim, groups=1 if shared_keys else heads)
+        # eqs. 1, 2, 4, 5, 7: h query networks, their norm, product keys shared by all heads (or one
+        # set per head), router scores, usage accounting (peer.layers.router)
+        self._init_router(num_experts, query_norm, 1 if shared_keys else heads, score)
         # eq. 6: expert i is the neuron (u_i, v_i); GLU adds a gate vector per expert
         s = (1.0 / topk) if score == "softmax" else float(topk)
         v_std = value_init_scale / math.sqrt(heads * s * _ACT_SECOND_MOMENT[activation])
         self.u = nn.Parameter(_normal(num_experts, dim, 1.0 / math.sqrt(dim), tdtype))
         self.v = nn.Parameter(_normal(num_experts, dim, v_std, tdtype))
         self.gate = nn.Parameter(_normal(num_experts, dim, 1.0 / math.sqrt(dim), tdtype)) if glu else None
-        # Expert usage accounting (paper Table 2), off by default
-        self.record_usage = False
-        self.register_buffer("usage", torch.zeros(0, dtype=torch.float64), persistent=False)
 
     # ------------------------------------------------------------------ public API
     def extra_repr(self) -> str:
@@ -162,48 +112,6 @@ class PEER(nn.Module):
         """The expert tables (u, v, and the GLU gate): the optimizer's ``experts`` group."""
         return [p for p in (self.u, self.v, self.gate) if p is not None]
 
-    def key_parameters(self) -> list[nn.Parameter]:
-        """The product sub-keys: the optimizer's ``keys`` group."""
-        return [self.index.keys]
-
-    def _flat(self, x: torch.Tensor) -> torch.Tensor:
-        return check_dim(x, self.dim, like=self.query_proj.weight)
-
-    def query(self, x: torch.Tensor) -> torch.Tensor:
-        """q(x) of eq. 1 for every head, after the query norm: [..., heads, key_dim]."""
-        lead = x.shape[:-1]
-        return self._query(self._flat(x)).view(*lead, self.heads, self.key_dim)
-
-    def _query(self, xf: torch.Tensor) -> torch.Tensor:
-        q = self.query_proj(xf)  # [T, h*key_dim]
-        if self.query_norm_kind == "batchnorm":
-            # one token in training mode has no batch statistics: fall back to the running ones
-            q = _bn_single(self.query_norm, q) if (self.training and q.shape[0] == 1) else self.query_norm(q)
-            return q.view(-1, self.heads, self.key_dim)
-        q = q.view(-1, self.heads, self.key_dim)
-        return self.query_norm(q)
-
-    def product_keys(self) -> torch.Tensor:
-        """All N full keys: [heads, N, key_dim], or [1, N, key_dim] with shared keys. Row i = expert i."""
-        return self.index.full_keys()
-
-    def retrieve(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Router weights g and expert ids, each [..., heads, topk] (eqs. 1, 2, 4, 5)."""
-        lead = x.shape[:-1]
-        g, idx = self._retrieve(self._flat(x))
-        return g.view(*lead, self.heads, self.topk), idx.view(*lead, self.heads, self.topk)
-
-    def _retrieve(self, xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q = self._query(xf)
-        # eqs. 1, 4, 5: exact top-k over N keys, in at least float32 (bf16 would pick other experts)
-        q = q.to(torch.promote_types(q.dtype, torch.float32))
-        scores, idx = self.index.topk(q, self.topk, fused=self.backend != "reference")
-        if self.score == "softmax":  # eq. 2, per head
-            g = scores.softmax(dim=-1)
-        else:
-            g = scores.sigmoid() if self.score == "sigmoid" else scores.relu()
-        return g, idx
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         xf = self._flat(x)
@@ -215,24 +123,9 @@ class PEER(nn.Module):
                        self.gate, backend=self.backend, sparse_grad=self.sparse_grad)
         return y.view(*lead, self.dim)
 
-    # ------------------------------------------------------------------ usage (Table 2)
-    @torch.no_grad()
-    def _accumulate_usage(self, g: torch.Tensor, idx: torch.Tensor) -> None:
-        if self.usage.numel() != self.num_experts:
-            self.usage = torch.zeros(self.num_experts, dtype=torch.float64, device=g.device)
-        self.usage.index_add_(0, idx.flatten(), g.flatten().to(torch.float64))
-
-    def reset_usage(self) -> None:
-        self.usage = torch.zeros(self.num_experts, dtype=torch.float64, device=self.u.device)
-
 
 def _normal(rows: int, cols: int, std: float, dtype: torch.dtype) -> torch.Tensor:
     """An N(0, std^2) table, filled in place (no temporaries: a 1M x 512 table is 2 GB)."""
     t = torch.empty(rows, cols, dtype=dtype)
     advise_hugepages(t)  # 2 MB pages: faster random row reads (fewer TLB misses), cheaper first touch
     return t.normal_(0.0, std)
-
-
-def _bn_single(bn: nn.BatchNorm1d, q: torch.Tensor) -> torch.Tensor:
-    """BatchNorm on a single token in training mode has no batch statistics: use the running ones."""
-    return F.batch_norm(q, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)

@@ -21,14 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dense import check_dim, check_positive_int
-from .index import ProductKeyIndex, check_product_keys
-from .peer import _bn_single, make_query_norm
+from .dense import check_positive_int
+from .index import check_product_keys
+from .router import ProductKeyRouter
 
 __all__ = ["PKM"]
 
 
-class PKM(nn.Module):
+class PKM(ProductKeyRouter):
     """A product-key memory layer ``R^d -> R^d`` with ``num_memories`` value vectors.
 
     Args:
@@ -53,15 +53,9 @@ class PKM(nn.Module):
         check_positive_int(dim, "dim")
         check_product_keys(num_memories, key_dim, topk, heads, keys_name="num_memories")
         self.dim, self.num_memories, self.heads, self.topk, self.key_dim = dim, num_memories, heads, topk, key_dim
-        self.query_norm_kind = query_norm
-
-        self.query_proj = nn.Linear(dim, heads * key_dim, bias=False)
-        self.query_norm = make_query_norm(query_norm, heads, key_dim)  # validates query_norm
-        self.index = ProductKeyIndex(num_memories, key_dim, groups=heads, name="num_memories")
+        # queries, their norm, one set of product keys per head, softmax scores, usage (peer.layers.router)
+        self._init_router(num_memories, query_norm, heads, "softmax", keys_name="num_memories")
         self.values = nn.Parameter(torch.empty(num_memories, dim).normal_(0.0, math.sqrt(topk / heads)))
-        # memory usage accounting (as PEER's, paper Table 2), off by default
-        self.record_usage = False
-        self.register_buffer("usage", torch.zeros(0, dtype=torch.float64), persistent=False)
 
     @property
     def num_experts(self) -> int:
@@ -72,40 +66,12 @@ class PKM(nn.Module):
         """The value table: the optimizer's ``experts`` group (its own lr, as XLM's PKM)."""
         return [self.values]
 
-    def key_parameters(self) -> list[nn.Parameter]:
-        """The product sub-keys: the optimizer's ``keys`` group."""
-        return [self.index.keys]
-
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_memories={self.num_memories}, heads={self.heads}, topk={self.topk}, "
                 f"key_dim={self.key_dim}, query_norm={self.query_norm_kind!r}")
 
-    # ------------------------------------------------------------------ retrieval
-    def query(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised queries of every head: [..., heads, key_dim]."""
-        lead = x.shape[:-1]
-        return self._query(check_dim(x, self.dim, like=self.query_proj.weight)).view(*lead, self.heads, self.key_dim)
-
-    def _query(self, xf: torch.Tensor) -> torch.Tensor:
-        q = self.query_proj(xf)  # [T, h*key_dim]
-        if self.query_norm_kind == "batchnorm":
-            q = _bn_single(self.query_norm, q) if (self.training and q.shape[0] == 1) else self.query_norm(q)
-            return q.view(-1, self.heads, self.key_dim)
-        return self.query_norm(q.view(-1, self.heads, self.key_dim))
-
-    def retrieve(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Softmax weights and memory ids, each [..., heads, topk], best first."""
-        lead = x.shape[:-1]
-        w, idx = self._retrieve(check_dim(x, self.dim, like=self.query_proj.weight))
-        return w.view(*lead, self.heads, self.topk), idx.view(*lead, self.heads, self.topk)
-
-    def _retrieve(self, xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q = self._query(xf)
-        scores, idx = self.index.topk(q.to(torch.promote_types(q.dtype, torch.float32)), self.topk)  # exact top-k per head
-        return scores.softmax(dim=-1), idx
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = check_dim(x, self.dim, like=self.query_proj.weight)
+        xf = self._flat(x)
         w, idx = self._retrieve(xf)  # [T, h, k]
         if self.record_usage:
             self._accumulate_usage(w, idx)
@@ -113,13 +79,3 @@ class PKM(nn.Module):
         y = F.embedding_bag(idx.flatten(1), self.values, per_sample_weights=w.flatten(1).to(self.values.dtype),
                             mode="sum")
         return y.view(*x.shape[:-1], self.dim)
-
-    # ------------------------------------------------------------------ usage (Table 2)
-    @torch.no_grad()
-    def _accumulate_usage(self, w: torch.Tensor, idx: torch.Tensor) -> None:
-        if self.usage.numel() != self.num_memories:
-            self.usage = torch.zeros(self.num_memories, dtype=torch.float64, device=w.device)
-        self.usage.index_add_(0, idx.flatten(), w.flatten().to(torch.float64))
-
-    def reset_usage(self) -> None:
-        self.usage = torch.zeros(self.num_memories, dtype=torch.float64, device=self.values.device)
