@@ -211,7 +211,11 @@ def test_token_choice_aux_loss_is_added_to_loss():
     model = build(cfg)
     x, y = tokens(), tokens(seed=2)
     out = model(x, targets=y)
-    per_layer = [m.aux_loss for m in model.sparse_layers().values()]
+    hs = {}  # each MoE's input in this forward, to recompute its loss alone
+    for name, m in model.sparse_layers().items():
+        m.register_forward_pre_hook(lambda mod, a, name=name: hs.__setitem__(name, a[0]))
+    out = model(x, targets=y)
+    per_layer = [m.forward_with_aux(hs[n])[1] for n, m in model.sparse_layers().items()]
     assert len(per_layer) == 3 and all(a.item() > 0 for a in per_layer)
     torch.testing.assert_close(out.aux_loss, sum(per_layer))
     ce = F.cross_entropy(out.logits.reshape(-1, V), y.reshape(-1))

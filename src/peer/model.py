@@ -8,10 +8,11 @@
         (cfg.sparse_placement="beside":  h = RMSNorm(x); x = x + DenseFFN(h) + sparse_b(h))
     logits = lm_head(RMSNorm(x))                        lm_head tied to tok_emb when cfg.tie_embeddings
 
-Auxiliary losses (one mechanism): right after a block calls its FFW, it reads
-``getattr(ffw, "aux_loss", None)`` (a scalar tensor, already weighted, that the FFW sets on every
-forward, e.g. the token-choice MoE's load-balancing loss). The model sums them into
-``LMOutput.aux_loss`` and adds that sum to the mean cross-entropy in ``LMOutput.loss``.
+Auxiliary losses (one mechanism): a sparse FFW that has one (the token-choice MoE's load-balancing
+loss) sets ``has_aux = True`` and returns ``(y, aux)`` from ``ffw(h, return_aux=True)``, aux a
+weighted scalar, and the block returns it
+beside its output. The model sums them into ``LMOutput.aux_loss`` and adds that sum to the mean
+cross-entropy in ``LMOutput.loss``; nothing is read off module attributes.
 
 Rotary embeddings use the "rotate-half" convention (GPT-NeoX / Hugging Face Llama): the head
 dimension is split into two halves (x1, x2) rotated as (x1 cos - x2 sin, x2 cos + x1 sin) with
@@ -170,11 +171,19 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, cache=None, start=0) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = x + self.attn(self.norm1(x), cos, sin, cache, start)
         h = self.norm2(x)
-        y = self.ffn(h)
+        y, aux = _with_aux(self.ffn, h)
         if self.mem is not None:
-            y = y + self.mem(h)
+            m, aux = _with_aux(self.mem, h)
+            y = y + m
         x = x + self.ffn_dropout(y)
-        return x, getattr(self.sparse, "aux_loss", None)  # set by the sparse FFW during this forward (if any)
+        return x, aux
+
+
+def _with_aux(ffw: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An FFW's output and its auxiliary loss (None when it has none); called as a module (hooks run)."""
+    if getattr(ffw, "has_aux", False):
+        return ffw(h, return_aux=True)
+    return ffw(h), None
 
 
 # --------------------------------------------------------------------------------------

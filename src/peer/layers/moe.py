@@ -55,8 +55,9 @@ class MoE(nn.Module):
         aux_loss_weight: weight of the token-choice load-balancing loss.
         activation: "gelu" (paper), "relu" or "swiglu" (adds a gate matrix per expert).
 
-    After each forward ``self.aux_loss`` holds the weighted load-balancing loss (token choice) or a
-    zero scalar (expert choice, which is balanced by construction).
+    :meth:`forward_with_aux` returns the output and the weighted load-balancing loss (token choice)
+    or a zero scalar (expert choice, which is balanced by construction); ``forward`` the output
+    alone. No loss is kept on the module.
     """
 
     def __init__(
@@ -90,7 +91,6 @@ class MoE(nn.Module):
         self.w1 = nn.Parameter(_uniform(num_experts, dim, hidden))
         self.w2 = nn.Parameter(_uniform(num_experts, hidden, dim))
         self.w3 = nn.Parameter(_uniform(num_experts, dim, hidden)) if activation == "swiglu" else None
-        self.aux_loss: torch.Tensor | None = None
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, hidden={self.hidden}, num_experts={self.num_experts}, routing={self.routing!r}, "
@@ -147,21 +147,27 @@ class MoE(nn.Module):
             h = F.gelu(h) if self.activation == "gelu" else F.relu(h)
         return torch.bmm(h, self.w2.to(xs.dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    has_aux = True  # forward(x, return_aux=True) -> (y, aux): peer.model's blocks collect it
+
+    def forward_with_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output like ``x``, weighted auxiliary loss: a scalar)."""
+        return self(x, return_aux=True)
+
+    def forward(self, x: torch.Tensor, return_aux: bool = False):
+        y, aux = self._forward(x)
+        return (y, aux) if return_aux else y
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         xf = check_dim(x, self.dim)
         T = xf.shape[0]
         if T == 0:  # nothing to route: an empty output, and no balancing loss
-            self.aux_loss = xf.new_zeros(())
-            return xf.new_zeros(x.shape)
+            return xf.new_zeros(x.shape), xf.new_zeros(())
         slots, gates, probs = self.route(xf)
         xpad = torch.cat([xf, xf.new_zeros(1, self.dim)])  # row T: padding for empty slots
         out = self.experts(xpad[slots]) * gates.unsqueeze(-1).to(xf.dtype)  # [E, C, d]
         y = out.new_zeros(T + 1, self.dim).index_add_(0, slots.flatten(), out.flatten(0, 1))[:T]
-        if self.routing == "token_choice":
-            self.aux_loss = self.load_balancing_loss(probs)
-        else:
-            self.aux_loss = probs.new_zeros(())
-        return y.view(*x.shape[:-1], self.dim)
+        aux = self.load_balancing_loss(probs) if self.routing == "token_choice" else probs.new_zeros(())
+        return y.view(*x.shape[:-1], self.dim), aux
 
 
 def _uniform(e: int, fan_in: int, fan_out: int) -> torch.Tensor:
