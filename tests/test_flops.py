@@ -12,24 +12,15 @@ import peer
 from peer.config import Config, ModelConfig
 from peer.config import load_config as load_config_fn
 from peer.flops import FlopReport, ParamReport, count_params, flops, train_flops_per_step
+from tiny_configs import tiny_model_config
+
 from peer.model import PeerLM
 
 V = 96
 
 
 def tiny(sparse_layer="none", **kw) -> ModelConfig:
-    cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=3, n_heads=4, max_seq_len=32, sparse_layer=sparse_layer)
-    cfg.peer.num_experts, cfg.peer.heads, cfg.peer.topk, cfg.peer.key_dim = 64, 2, 4, 8
-    cfg.peer.backend = "reference"
-    cfg.pkm.num_memories, cfg.pkm.heads, cfg.pkm.topk, cfg.pkm.key_dim = 49, 3, 5, 6
-    cfg.moe.num_experts = 4
-    for key, value in kw.items():
-        obj = cfg
-        *path, last = key.split("__")
-        for p in path:
-            obj = getattr(obj, p)
-        setattr(obj, last, value)
-    return cfg
+    return tiny_model_config(V, 32, (49, 3, 5, 6), sparse_layer, **kw)
 
 
 CONFIGS = {

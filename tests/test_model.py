@@ -13,24 +13,15 @@ from peer.layers import PEER
 from peer.layers.dense import DenseFFN
 from peer.layers.moe import MoE
 from peer.layers.pkm import PKM
+from tiny_configs import tiny_model_config
+
 from peer.model import KVCache, PeerLM
 
 V, T = 64, 12
 
 
 def tiny(sparse_layer="none", **kw) -> ModelConfig:
-    cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=3, n_heads=4, max_seq_len=16, sparse_layer=sparse_layer)
-    cfg.peer.num_experts, cfg.peer.heads, cfg.peer.topk, cfg.peer.key_dim = 64, 2, 4, 8
-    cfg.peer.backend = "reference"
-    cfg.pkm.num_memories, cfg.pkm.heads, cfg.pkm.topk, cfg.pkm.key_dim = 64, 2, 4, 8
-    cfg.moe.num_experts = 4
-    for key, value in kw.items():
-        obj = cfg
-        *path, last = key.split("__")
-        for p in path:
-            obj = getattr(obj, p)
-        setattr(obj, last, value)
-    return cfg
+    return tiny_model_config(V, 16, (64, 2, 4, 8), sparse_layer, **kw)
 
 
 def build(cfg, seed=0) -> PeerLM:

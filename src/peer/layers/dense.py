@@ -31,6 +31,13 @@ def check_dim(x: torch.Tensor, dim: int, like: torch.Tensor | None = None) -> to
     return x.reshape(-1, dim)
 
 
+def check_choice(value, allowed, name: str):
+    """``value`` if it is one of ``allowed``, else a ValueError naming ``name`` and the allowed values."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+    return value
+
+
 def check_positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -27,18 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dense import check_dim, check_positive_int
+from .dense import check_choice as _choice, check_dim, check_positive_int
 
 __all__ = ["MoE"]
 
 _ROUTINGS = ("expert_choice", "token_choice")
 _ACTS = ("gelu", "relu", "swiglu")
-
-
-def _choice(value, allowed, name):
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-    return value
 
 
 class MoE(nn.Module):

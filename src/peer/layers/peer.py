@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from .index import check_product_keys
-from .router import ProductKeyRouter, _choice
+from .dense import check_choice as _choice
+from .router import ProductKeyRouter
 from .kernels import expert_mix
 from .kernels.workspace import advise_hugepages
 

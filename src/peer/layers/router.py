@@ -16,19 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dense import check_dim
+from .dense import check_choice as _choice, check_dim
 from .index import ProductKeyIndex
 
 __all__ = ["ProductKeyRouter", "QueryBatchNorm", "make_query_norm", "SCORES", "QUERY_NORMS"]
 
 SCORES = ("softmax", "sigmoid", "relu")
 QUERY_NORMS = ("batchnorm", "layernorm", "none")
-
-
-def _choice(value, allowed, name):
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-    return value
 
 
 class QueryBatchNorm(nn.BatchNorm1d):
