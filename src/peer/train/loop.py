@@ -40,15 +40,14 @@ import numpy as np
 import torch
 
 from ..config import Config, ConfigError, config_from_dict, config_to_dict
-from ..errors import PeerError
 from ..distributed import data_parallel as dpar
 from ..fsutil import FolderLock, atomic_copy, atomic_write_text
 from ..model import PeerLM, summed_nll
-from .checkpoint import (CheckpointError, checkpoint_name, clean_partial, capture_rng, latest_checkpoint,
-                         list_checkpoints, load_model_weights, load_state, read_meta, resolve_checkpoint, restore_rng,
-                         save_checkpoint, verify_checksums)
+from .checkpoint import (CheckpointError, clean_partial, latest_checkpoint, list_checkpoints, load_model_weights,
+                         load_state, read_meta, resolve_checkpoint, restore_rng, verify_checksums)
 from .optim import build_optimizer, clip_grad_norm
 from .schedule import Schedule
+from .parts import Saver, StepLog, TrainingDiverged
 from .signals import Interrupted, StopOnSignal
 from tomli_w import dumps as toml_dumps
 
@@ -63,14 +62,6 @@ RESUME_MAY_CHANGE = frozenset({
     "train.steps", "train.flops", "train.out_dir", "train.progress", "train.tensorboard", "train.log_every",
     "train.eval_every", "train.eval_batches", "train.ckpt_every", "train.keep_last",
 })
-
-
-class TrainingDiverged(PeerError, RuntimeError):
-    """The loss (or the gradient / weights) became NaN or inf; the run stopped before applying it."""
-
-    def __init__(self, message: str, step: int, checkpoint: Path | None):
-        super().__init__(message)
-        self.step, self.checkpoint = step, checkpoint
 
 
 # --------------------------------------------------------------------------------------
@@ -321,6 +312,9 @@ def resume_checkpoint(run_dir: Path, from_checkpoint: str | Path | None = None) 
 
 
 def _train(cfg: Config, resume: bool, stop_after: int | None, from_checkpoint=None) -> Path:
+    """The run, in parts: plan and check (here), data (:func:`_open_data`), model and optimizer
+    (:func:`_build`), restore (:func:`_restore`), then the loop: one step (:func:`_step`), the
+    step's record (:class:`~peer.train.parts.StepLog`), checkpoints and the divergence stop (:class:`~peer.train.parts.Saver`)."""
     steps = resolve_steps(cfg)
     cfg = replace(cfg, train=replace(cfg.train, steps=steps))
     t = cfg.train
@@ -333,9 +327,60 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, from_checkpoint=No
         raise ConfigError(f"train.out_dir: {str(run_dir)!r} already holds a run with checkpoints; "
                           "pass --resume to continue it, or choose another --out")
     denv = dpar.setup(cfg)  # torch.distributed under torchrun (WORLD_SIZE > 1), else one process
-    from .. import data
-    from ..flops import train_flops_per_step
+    batcher, val_batches = _open_data(cfg, denv)
+    if denv.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        clean_partial(run_dir)
+        atomic_write_text(run_dir / "config.toml", toml_dumps(config_to_dict(cfg)))
+    dpar.barrier()
 
+    _seed_all(t.seed)
+    if t.threads > 0:
+        torch.set_num_threads(t.threads)
+    device = torch.device(t.device)
+    model, fwd, optimizer, schedule = _build(cfg, denv, device, steps)
+    start = _restore(ckpt, meta, model, optimizer, batcher, run_dir, denv) if ckpt is not None else 0
+    log_ = StepLog(cfg, run_dir, start, steps, denv, tb=_open_tb(run_dir, start if resume else None)
+                    if t.tensorboard and denv.is_main else None)
+    saver = Saver(cfg, run_dir, model, optimizer, schedule, batcher, denv, last_good=ckpt)
+    params = [p for p in model.parameters() if p.requires_grad]
+    clip = (params, dpar.expert_shards(model), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
+    model.train()
+    stop = StopOnSignal(enabled=not denv.distributed)  # SIGINT/SIGTERM: checkpoint this step, then stop
+    try:
+        stop.__enter__()
+        for s in range(start, steps):
+            t0 = time.perf_counter()
+            loss, aux_loss, lr, grad_norm = _step(fwd, optimizer, schedule, batcher, cfg, device, denv, clip, s, saver)
+            done = s + 1
+            record = log_.step(done, time.perf_counter() - t0, loss, aux_loss, lr, grad_norm)
+            if val_batches is not None and ((t.eval_every and done % t.eval_every == 0) or done == steps):
+                record = log_.val(done, record, evaluate_loss(fwd, val_batches, cfg, device))
+            log_.write(record)
+            if done % t.ckpt_every == 0 or done == steps or stop.requested:
+                saver.save(done, record)
+            if stop.requested and done < steps:
+                raise Interrupted(f"stopped by {stop.name} after step {done} of {steps}; checkpoint saved: "
+                                  f"{saver.last_good}; continue with: peer train {run_dir} --resume", stop.signum)
+            if stop_after is not None and done >= stop_after:
+                break
+    except RuntimeError as e:  # a failed collective (peer died / timed out) -> peer.distributed.DistributedError
+        err = dpar.explain_failure(e, denv)
+        if err is e:
+            raise
+        raise err from e
+    finally:
+        stop.__exit__(None, None, None)
+        log_.close()
+        dpar.finish(denv)
+    return run_dir
+
+
+def _open_data(cfg: Config, denv):
+    """The training batcher (this rank's share of each global batch) and the validation batches."""
+    from .. import data
+
+    t = cfg.train
     train_tokens = _open_split(cfg, cfg.data.train_split, required=True)
     val_tokens = _open_split(cfg, cfg.data.val_split, required=False)
     val_batches = None
@@ -350,153 +395,54 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, from_checkpoint=No
                                rank=denv.rank, world_size=denv.world_size)  # train.batch_size is global
     except ValueError as e:
         raise ConfigError(f"data.train_split: split {cfg.data.train_split!r} of {cfg.data.corpus!r}: {e}") from None
-    flops_per_step = train_flops_per_step(cfg)
-    tokens_per_step = t.batch_size * t.grad_accum * t.seq_len
-    if denv.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        clean_partial(run_dir)
-        atomic_write_text(run_dir / "config.toml", toml_dumps(config_to_dict(cfg)))
-    dpar.barrier()
+    return batcher, val_batches
 
-    _seed_all(t.seed)
-    if t.threads > 0:
-        torch.set_num_threads(t.threads)
-    device = torch.device(t.device)
+
+def _build(cfg: Config, denv, device: torch.device, steps: int):
+    """The model (``model``: the PeerLM; ``fwd``: what to call, DDP-wrapped or sharded), its
+    optimizer and its learning-rate schedule."""
     model = PeerLM(cfg.model).to(device)
     for layer in model.sparse_layers().values():  # row-wise AdamW wants sparse row gradients (nn.Embedding style)
         if hasattr(layer, "sparse_grad"):
             layer.sparse_grad = bool(cfg.optim.sparse_experts)
     fwd = dpar.wrap_model(model, cfg, denv)  # DDP / FSDP2 / expert-sharded PEER; `model` on one process
-    optimizer = build_optimizer(model, cfg.optim)
-    schedule = Schedule.from_config(cfg.optim, steps)
-
-    start = 0
-    if ckpt is not None:
-        state = load_state(ckpt, meta)
-        if (ckpt / "dcp").is_dir():  # sharded checkpoint (peer.distributed.checkpoint): loads on any number of ranks
-            from ..distributed.checkpoint import load_sharded
-
-            load_sharded(ckpt / "dcp", model, optimizer)
-        else:
-            load_model_weights(ckpt, model, meta)
-            optimizer.load_state_dict(state["optimizer"])
-        batcher.load_state_dict(dpar.rebatch_state(state["batcher"], batcher))
-        restore_rng(state["rng"])
-        start = int(state["step"])
-        if denv.is_main:
-            _truncate_metrics(run_dir / "metrics.jsonl", start)
-        log.info("resumed %s at step %d", ckpt, start)
-    last_good = ckpt
-    tb = _open_tb(run_dir, start if resume else None) if t.tensorboard and denv.is_main else None
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=steps, initial=start, disable=not (t.progress and denv.is_main), unit="step", dynamic_ncols=True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    shards = dpar.expert_shards(model)
-    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-    metrics_path = run_dir / "metrics.jsonl"
-    model.train()
-    busy, step_last = 0.0, start  # seconds spent in training steps since the last log (no eval/checkpoint)
-
-    def diverged(what: str, step: int) -> TrainingDiverged:
-        where = (f"the last good checkpoint is kept: {last_good}" if last_good
-                 else "no checkpoint was written yet")
-        return TrainingDiverged(
-            f"{what} at step {step}; the run is stopped and nothing of this step was saved ({where}). "
-            "A resumed run replays the same batches exactly, so start a new run with a lower optim.lr, "
-            "more optim.warmup_steps or a tighter optim.grad_clip.", step, last_good)
-
-    def save(done: int, record: dict | None) -> Path:
-        if not dpar.all_finite(model):
-            raise diverged("the weights (or BatchNorm statistics) became non-finite", done)
-        state = {"step": done, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                 "rng": capture_rng(), "batcher": batcher.state_dict(), "metrics": record}
-        meta_out = {"step": done, "tokens": done * tokens_per_step, "flops": done * flops_per_step,
-                    "config": config_to_dict(cfg), "metrics": record}
-        if denv.distributed or dpar.is_sharded_config(cfg):
-            return _save_distributed(run_dir, model, optimizer, state, meta_out, cfg, denv, done == steps)
-        return save_checkpoint(run_dir, model, state, meta_out, keep_last=t.keep_last)
-
-    stop = StopOnSignal(enabled=not denv.distributed)  # SIGINT/SIGTERM: checkpoint this step, then stop
-    try:
-        stop.__enter__()
-        for s in range(start, steps):
-            t0 = time.perf_counter()
-            lr = schedule.apply(optimizer, s)
-            loss, aux_loss = dpar.mean_over_ranks(*_forward_backward(fwd, batcher, cfg, device))
-            if not math.isfinite(loss + aux_loss):
-                raise diverged(f"loss is {loss + aux_loss}", s + 1)
-            grad_norm = (dpar.clip_grad_norm(params, clip, shards) if denv.distributed  # global norm over shards
-                         else clip_grad_norm(params, clip).item())
-            if not math.isfinite(grad_norm):
-                raise diverged(f"gradient norm is {grad_norm}", s + 1)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            busy += time.perf_counter() - t0
-            done = s + 1
-            bar.update(1)
-
-            record = None
-            if done % t.log_every == 0 or done == steps:
-                tps = (done - step_last) * tokens_per_step / max(busy, 1e-9)
-                busy, step_last = 0.0, done
-                record = {"step": done, "loss": loss, "lr": lr, "tokens": done * tokens_per_step,
-                          "flops": done * flops_per_step, "tokens_per_s": tps, "grad_norm": grad_norm}
-                if aux_loss:
-                    record["aux_loss"] = aux_loss
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
-            if val_batches is not None and ((t.eval_every and done % t.eval_every == 0) or done == steps):
-                record = record or {"step": done, "tokens": done * tokens_per_step, "flops": done * flops_per_step}
-                record["val_loss"] = evaluate_loss(fwd, val_batches, cfg, device)
-            if record is not None and denv.is_main:
-                with open(metrics_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
-                if tb is not None:
-                    for k, v in record.items():
-                        if k not in ("step", "tokens", "flops"):
-                            tb.add_scalar(f"train/{k}" if k != "val_loss" else "val/loss", v, done)
-            if done % t.ckpt_every == 0 or done == steps or stop.requested:
-                last_good = save(done, record)
-            if stop.requested and done < steps:
-                raise Interrupted(f"stopped by {stop.name} after step {done} of {steps}; checkpoint saved: {last_good}; "
-                                  f"continue with: peer train {run_dir} --resume", stop.signum)
-            if stop_after is not None and done >= stop_after:
-                break
-    except RuntimeError as e:  # a failed collective (peer died / timed out) -> peer.distributed.DistributedError
-        err = dpar.explain_failure(e, denv)
-        if err is e:
-            raise
-        raise err from e
-    finally:
-        stop.__exit__(None, None, None)
-        bar.close()
-        if tb is not None:
-            tb.close()
-        dpar.finish(denv)
-    return run_dir
+    return model, fwd, build_optimizer(model, cfg.optim), Schedule.from_config(cfg.optim, steps)
 
 
-def _save_distributed(run_dir: Path, model, optimizer, state: dict, meta: dict, cfg: Config, denv, final: bool) -> Path:
-    """A checkpoint of a multi-rank or sharded run. Sharded state (expert rows, FSDP) goes through
-    torch.distributed.checkpoint from every rank into ``dcp/``; rank 0 writes the rest and renames
-    the directory into place after every rank has written. The final checkpoint of a sharded run
-    also gets the full ``model.safetensors`` (gathered on rank 0), for load_run / peer eval."""
-    name = checkpoint_name(int(meta["step"]))
-    model_state = extra = None
-    write_model = True
-    if dpar.is_sharded_config(cfg):
-        from ..distributed.checkpoint import full_model_state, save_sharded
+def _restore(ckpt: Path, meta: dict, model, optimizer, batcher, run_dir: Path, denv) -> int:
+    """Load a checkpoint into the model, optimizer, batcher and RNGs; returns its step."""
+    state = load_state(ckpt, meta)
+    if (ckpt / "dcp").is_dir():  # sharded checkpoint (peer.distributed.checkpoint): loads on any number of ranks
+        from ..distributed.checkpoint import load_sharded
 
-        state = {k: v for k, v in state.items() if k != "optimizer"}  # in dcp/
-        tmp = run_dir / "checkpoints" / f".tmp-dcp-{name}"
-        save_sharded(tmp, model, optimizer)
-        model_state = full_model_state(model) if final else None
-        write_model, extra = final, {"dcp": tmp}
+        load_sharded(ckpt / "dcp", model, optimizer)
+    else:
+        load_model_weights(ckpt, model, meta)
+        optimizer.load_state_dict(state["optimizer"])
+    batcher.load_state_dict(dpar.rebatch_state(state["batcher"], batcher))
+    restore_rng(state["rng"])
+    start = int(state["step"])
     if denv.is_main:
-        save_checkpoint(run_dir, model, state, meta, keep_last=cfg.train.keep_last, model_state=model_state,
-                        write_model=write_model, extra_dirs=extra)
-    dpar.barrier()
-    return run_dir / "checkpoints" / name
+        _truncate_metrics(run_dir / "metrics.jsonl", start)
+    log.info("resumed %s at step %d", ckpt, start)
+    return start
+
+
+def _step(fwd, optimizer, schedule, batcher, cfg: Config, device, denv, clip, s: int, saver) -> tuple:
+    """Optimizer step ``s`` (0-based): lr, forward + backward of the micro-batches, finiteness checks,
+    clipping to the global grad norm, update. Returns (loss, aux_loss, lr, grad_norm)."""
+    lr = schedule.apply(optimizer, s)
+    loss, aux_loss = dpar.mean_over_ranks(*_forward_backward(fwd, batcher, cfg, device))
+    if not math.isfinite(loss + aux_loss):
+        raise saver.diverged(f"loss is {loss + aux_loss}", s + 1)
+    params, shards, max_norm = clip
+    grad_norm = (dpar.clip_grad_norm(params, max_norm, shards) if denv.distributed  # global norm over shards
+                 else clip_grad_norm(params, max_norm).item())
+    if not math.isfinite(grad_norm):
+        raise saver.diverged(f"gradient norm is {grad_norm}", s + 1)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, aux_loss, lr, grad_norm
 
 
 # --------------------------------------------------------------------------------------

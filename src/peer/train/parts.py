@@ -1,0 +1,141 @@
+"""The training loop's stateful parts (``peer.train.loop._train`` drives them):
+
+- :class:`StepLog` - the run's record: ``metrics.jsonl``, TensorBoard, the progress bar;
+- :class:`Saver` - checkpoints (single-process or sharded), never of non-finite weights, and
+  the divergence stop that names the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import Config, config_to_dict
+from ..errors import PeerError
+from ..distributed import data_parallel as dpar
+from .checkpoint import capture_rng, checkpoint_name, save_checkpoint
+
+__all__ = ["StepLog", "Saver", "save_distributed", "TrainingDiverged"]
+
+
+class TrainingDiverged(PeerError, RuntimeError):
+    """The loss (or the gradient / weights) became NaN or inf; the run stopped before applying it."""
+
+    def __init__(self, message: str, step: int, checkpoint: Path | None):
+        super().__init__(message)
+        self.step, self.checkpoint = step, checkpoint
+
+class StepLog:
+    """The run's record: a line of ``metrics.jsonl`` every ``train.log_every`` steps (loss, lr, tokens,
+    FLOPs, throughput over the training steps only, grad norm; ``val_loss`` on eval steps), the
+    same scalars in TensorBoard, and the progress bar."""
+
+    def __init__(self, cfg: Config, run_dir: Path, start: int, steps: int, denv, tb=None):
+        from tqdm.auto import tqdm
+        from ..flops import train_flops_per_step
+
+        t = cfg.train
+        self.every, self.steps, self.denv, self.tb = t.log_every, steps, denv, tb
+        self.tokens_per_step = t.batch_size * t.grad_accum * t.seq_len
+        self.flops_per_step = train_flops_per_step(cfg)
+        self.path = run_dir / "metrics.jsonl"
+        self.busy, self.last = 0.0, start  # seconds in training steps since the last line (no eval/checkpoint)
+        self.bar = tqdm(total=steps, initial=start, disable=not (t.progress and denv.is_main), unit="step",
+                        dynamic_ncols=True)
+
+    def _base(self, done: int) -> dict:
+        return {"step": done, "tokens": done * self.tokens_per_step, "flops": done * self.flops_per_step}
+
+    def step(self, done: int, seconds: float, loss: float, aux_loss: float, lr: float, grad_norm: float) -> dict | None:
+        self.busy += seconds
+        self.bar.update(1)
+        if done % self.every and done != self.steps:
+            return None
+        tps = (done - self.last) * self.tokens_per_step / max(self.busy, 1e-9)
+        self.busy, self.last = 0.0, done
+        record = {"step": done, "loss": loss, "lr": lr, "tokens": done * self.tokens_per_step,
+                  "flops": done * self.flops_per_step, "tokens_per_s": tps, "grad_norm": grad_norm}
+        if aux_loss:
+            record["aux_loss"] = aux_loss
+        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
+        return record
+
+    def val(self, done: int, record: dict | None, val_loss: float) -> dict:
+        record = record or self._base(done)
+        record["val_loss"] = val_loss
+        return record
+
+    def write(self, record: dict | None) -> None:
+        if record is None or not self.denv.is_main:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k not in ("step", "tokens", "flops"):
+                    self.tb.add_scalar(f"train/{k}" if k != "val_loss" else "val/loss", v, record["step"])
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Saver:
+    """Checkpoints (never of non-finite weights) and the divergence stop, which names the last good one."""
+
+    def __init__(self, cfg: Config, run_dir: Path, model, optimizer, schedule, batcher, denv, last_good=None):
+        from ..flops import train_flops_per_step
+
+        self.cfg, self.run_dir, self.model, self.optimizer = cfg, run_dir, model, optimizer
+        self.schedule, self.batcher, self.denv, self.last_good = schedule, batcher, denv, last_good
+        t = cfg.train
+        self.tokens_per_step, self.flops_per_step = t.batch_size * t.grad_accum * t.seq_len, train_flops_per_step(cfg)
+
+    def diverged(self, what: str, step: int) -> TrainingDiverged:
+        where = (f"the last good checkpoint is kept: {self.last_good}" if self.last_good
+                 else "no checkpoint was written yet")
+        return TrainingDiverged(
+            f"{what} at step {step}; the run is stopped and nothing of this step was saved ({where}). "
+            "A resumed run replays the same batches exactly, so start a new run with a lower optim.lr, "
+            "more optim.warmup_steps or a tighter optim.grad_clip.", step, self.last_good)
+
+    def save(self, done: int, record: dict | None) -> Path:
+        cfg = self.cfg
+        if not dpar.all_finite(self.model):
+            raise self.diverged("the weights (or BatchNorm statistics) became non-finite", done)
+        state = {"step": done, "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+                 "rng": capture_rng(), "batcher": self.batcher.state_dict(), "metrics": record}
+        meta_out = {"step": done, "tokens": done * self.tokens_per_step, "flops": done * self.flops_per_step,
+                    "config": config_to_dict(cfg), "metrics": record}
+        if self.denv.distributed or dpar.is_sharded_config(cfg):
+            self.last_good = save_distributed(self.run_dir, self.model, self.optimizer, state, meta_out, cfg,
+                                               self.denv, done == cfg.train.steps)
+        else:
+            self.last_good = save_checkpoint(self.run_dir, self.model, state, meta_out, keep_last=cfg.train.keep_last)
+        return self.last_good
+
+
+def save_distributed(run_dir: Path, model, optimizer, state: dict, meta: dict, cfg: Config, denv, final: bool) -> Path:
+    """A checkpoint of a multi-rank or sharded run. Sharded state (expert rows, FSDP) goes through
+    torch.distributed.checkpoint from every rank into ``dcp/``; rank 0 writes the rest and renames
+    the directory into place after every rank has written. The final checkpoint of a sharded run
+    also gets the full ``model.safetensors`` (gathered on rank 0), for load_run / peer eval."""
+    name = checkpoint_name(int(meta["step"]))
+    model_state = extra = None
+    write_model = True
+    if dpar.is_sharded_config(cfg):
+        from ..distributed.checkpoint import full_model_state, save_sharded
+
+        state = {k: v for k, v in state.items() if k != "optimizer"}  # in dcp/
+        tmp = run_dir / "checkpoints" / f".tmp-dcp-{name}"
+        save_sharded(tmp, model, optimizer)
+        model_state = full_model_state(model) if final else None
+        write_model, extra = final, {"dcp": tmp}
+    if denv.is_main:
+        save_checkpoint(run_dir, model, state, meta, keep_last=cfg.train.keep_last, model_state=model_state,
+                        write_model=write_model, extra_dirs=extra)
+    dpar.barrier()
+    return run_dir / "checkpoints" / name
+
+
