@@ -241,3 +241,16 @@ def test_compare_two_points_in_nats(tmp_path, capsys):
     assert math.isclose(res["val"]["pooled_std"], sp) and res["val"]["gap_in_std"] < -2
     assert math.isclose(res["ood"]["gap"], res["val"]["gap"])  # a constant factor is a constant shift in nats
     assert cli_main(["sweep", "compare", str(tmp_path / "a"), str(tmp_path / "nope")]) == 2
+
+
+def test_compare_one_seed_each_has_no_pooled_std(tmp_path, capsys):
+    """With n = 1 on both sides the pooled std is undefined: the table says "-", not nan."""
+    import json
+    from peer.cli import main as cli_main
+    for side, p in (("a", 100.0), ("b", 120.0)):
+        d = tmp_path / side / "seed0"
+        d.mkdir(parents=True)
+        (d / "result.json").write_text(json.dumps({"perplexity": {"val": p}}))
+    assert cli_main(["sweep", "compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| val")][0]
+    assert "nan" not in row and row.endswith("| - | - |")

@@ -65,5 +65,10 @@ def format_compare(res: dict[str, dict], name_a: str = "A", name_b: str = "B") -
     for s, r in res.items():
         lines.append(f"| {s} | {r['ppl_a']:.1f} ({r['mean_a']:.3f} ± {r['std_a']:.3f}, {r['n_a']}) | "
                      f"{r['ppl_b']:.1f} ({r['mean_b']:.3f} ± {r['std_b']:.3f}, {r['n_b']}) | {r['gap']:+.3f} | "
-                     f"{r['pooled_std']:.3f} | {r['gap_in_std']:+.1f} |")
+                     f"{_num(r['pooled_std'], '.3f')} | {_num(r['gap_in_std'], '+.1f')} |")
     return "\n".join(lines)
+
+
+def _num(v: float, fmt: str) -> str:
+    """``v`` formatted, or "-" when undefined (one seed on each side has no pooled std)."""
+    return format(v, fmt) if math.isfinite(v) else "-"
