@@ -259,6 +259,8 @@ def train_or_resume(cfg: Config) -> str:
     """Train the run, resume it from its latest checkpoint, or skip it when complete; returns
     "trained", "resumed" or "complete" (``peer main`` and ``peer sweep`` use this)."""
     cfg = with_corpus_vocab(cfg)
+    if cfg.train.threads > 0:  # also for a complete run: what the caller evaluates next runs on these threads
+        torch.set_num_threads(cfg.train.threads)
     run_dir, steps = Path(cfg.train.out_dir), resolve_steps(cfg)
     with FolderLock(run_dir, "run folder"):
         ckpt = latest_checkpoint(run_dir)  # a leftover partial (.tmp-step_*) is not a checkpoint

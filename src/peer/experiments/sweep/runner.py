@@ -29,10 +29,6 @@ def run_one(config: dict, eval_batches: int, record: dict) -> dict:
     from ...train import train_or_resume
 
     cfg = config_from_dict(config)
-    if cfg.train.threads > 0:  # also when training is skipped (complete): side-by-side evals must not oversubscribe
-        import torch
-
-        torch.set_num_threads(cfg.train.threads)
     run_dir = Path(cfg.train.out_dir)
     t0 = time.time()
     train_or_resume(cfg)
