@@ -242,12 +242,12 @@ def test_million_experts_builds_and_runs():
 
 def test_reference_backend_never_calls_the_fused_top_k(monkeypatch):
     """backend="reference" is plain PyTorch end to end: retrieval too, not only the expert mix."""
-    from peer.layers.kernels import pk_topk
+    from peer.ops import topk as pk_topk
 
     def boom(*a, **k):
         raise AssertionError("the C++ top-k was called for backend='reference'")
 
-    monkeypatch.setattr(pk_topk, "product_topk", boom)
+    monkeypatch.setattr("peer.ops.product_topk", boom)
     layer = make(backend="reference")
     layer(torch.randn(7, 16)).sum().backward()
     auto = make(backend="auto")

@@ -7,17 +7,18 @@ import pytest
 import torch
 
 from peer.layers import PEER
-from peer.layers.kernels import cpu_ext
+from peer.train import adamw_kernel
 from peer.train.sparse_optim import SparseRowAdamW, clip_grad_norm_, coalesced
 
-PATHS = [pytest.param("cpp", marks=pytest.mark.skipif(cpu_ext.lib() is None, reason="no C++ compiler")), "torch"]
+PATHS = [pytest.param("cpp", marks=pytest.mark.skipif(adamw_kernel.LIB.get() is None, reason="no C++ compiler")),
+         "torch"]
 HP = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
 
 
 @pytest.fixture
 def path(request, monkeypatch):
     if request.param == "torch":
-        monkeypatch.setitem(cpu_ext._state, "lib", None)
+        monkeypatch.setenv("PEER_NO_CPP_KERNEL", "1")
     return request.param
 
 

@@ -101,8 +101,6 @@ def _build(spec: dict):
 
         model = PEER(dim, n * n, 8, min(16, n), 128, backend="reference" if impl == "reference-adamw" else "fused",
                      table_dtype=spec["table_dtype"]).train()
-        if impl == "reference-adamw":
-            model.index.topk = model.index.topk_reference
     loss_fn = lambda: torch.nn.functional.mse_loss(model(x), target)  # noqa: E731
     if impl in ("fused-sparse", "fused-sparse-lite"):
         from peer.train.optim import MultiOptimizer

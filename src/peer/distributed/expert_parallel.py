@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers.peer import PEER
+from ..layers.peer import PEER, normal_rows_
 from ..layers.router import ProductKeyRouter
 from .env import _collective
 
@@ -219,8 +219,22 @@ class ExpertShardedPEER(ProductKeyRouter):
                 continue
             p = nn.Parameter(full.detach()[self.shard_start:self.shard_end].clone(), requires_grad=full.requires_grad)
             setattr(self, name, p)  # this rank's rows: not replicated, not averaged by DDP (expert_shards)
+        self.table_stds = dict(layer.table_stds)
         self.record_usage = False
-        self.register_buffer("usage", torch.zeros(0, dtype=torch.float64), persistent=False)
+        self.register_buffer("usage", torch.zeros(0, dtype=torch.float64, device=layer.u.device), persistent=False)
+
+    @torch.no_grad()
+    def reset_parameters(self, pool: bool = True) -> None:
+        """:meth:`PEER.reset_parameters` of the full layer, keeping this rank's rows: every rank draws the
+        whole tables in chunks (:func:`peer.layers.peer.normal_rows_`) and keeps rows [shard_start,
+        shard_end), so a model built on the meta device, sharded, ``to_empty``'d and initialised holds
+        exactly the unsharded model's values while allocating only this rank's rows."""
+        self._reset_router(pool)
+        for name in _TABLES:
+            t = getattr(self, name)
+            if t is not None:
+                normal_rows_(t if pool else None, self.table_stds[name], self.shard_start, self.num_experts,
+                             self.dim, t.dtype)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_experts={self.num_experts}, heads={self.heads}, topk={self.topk}, "

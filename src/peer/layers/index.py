@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from .kernels import pk_topk
+from peer import ops
 
 __all__ = ["ProductKeyIndex", "check_square", "check_product_keys"]
 
@@ -49,13 +49,20 @@ class ProductKeyIndex(nn.Module):
     ``groups`` is 1 when all heads share keys (the paper) or ``heads`` otherwise.
     """
 
-    def __init__(self, num_keys: int, key_dim: int, groups: int = 1, name: str = "num_experts"):
+    def __init__(self, num_keys: int, key_dim: int, groups: int = 1, name: str = "num_experts", device=None,
+                 dtype=None):
         super().__init__()
         self.n = check_product_keys(num_keys, key_dim, keys_name=name)
         self.num_keys, self.key_dim, self.groups = num_keys, key_dim, groups
-        half = key_dim // 2
-        # Init: sub-keys ~ N(0, 1/key_dim), so that a unit-variance query scores ~N(0, 1) against a full key.
-        self.keys = nn.Parameter(torch.randn(groups, 2, self.n, half) / math.sqrt(key_dim))
+        self.keys = nn.Parameter(torch.empty(groups, 2, self.n, key_dim // 2, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, write: bool = True) -> None:
+        """Sub-keys ~ N(0, 1/key_dim), so that a unit-variance query scores ~N(0, 1) against a full key.
+        ``write=False`` draws the same numbers from the generator and discards them."""
+        keys = self.keys if write else torch.empty_like(self.keys)
+        keys.normal_().div_(math.sqrt(self.key_dim))
 
     def subkey_scores(self, q: torch.Tensor) -> torch.Tensor:
         """q [T, h, key_dim] -> scores [T, h, 2, n] of each half against its sub-key set."""
@@ -69,13 +76,13 @@ class ProductKeyIndex(nn.Module):
         s = torch.einsum("thsd,hsnd->thsn", q2, keys)
         return s
 
-    def topk(self, q: torch.Tensor, k: int, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def topk(self, q: torch.Tensor, k: int, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-k over all N product keys. q [T, h, key_dim] -> (scores, ids), each [T, h, k], best first.
 
-        ``fused=False`` always takes :meth:`topk_reference` (the layers' ``backend="reference"``).
+        ``backend`` as the layers' (:mod:`peer.ops`): "reference" always takes :meth:`topk_reference`.
         """
-        if fused and pk_topk.available(q, self.keys):  # CPU kernel: chunked scores, pruned k^2 sums, sparse backward
-            return pk_topk.product_topk(q, self.keys, k)
+        if ops.topk_engine(backend, q, self.keys) == "cpp":  # chunked scores, pruned k^2 sums, sparse backward
+            return ops.product_topk(q, self.keys, k)
         return self.topk_reference(q, k)
 
     def topk_reference(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -64,6 +64,8 @@ class MoE(nn.Module):
         capacity_factor: float = 1.0,
         aux_loss_weight: float = 0.01,
         activation: str = "gelu",
+        device=None,
+        dtype=None,
     ):
         super().__init__()
         check_positive_int(dim, "dim")
@@ -80,11 +82,19 @@ class MoE(nn.Module):
         self.dim, self.hidden, self.num_experts, self.topk = dim, hidden, num_experts, topk
         self.capacity_factor, self.aux_loss_weight = float(capacity_factor), float(aux_loss_weight)
 
-        self.router = nn.Linear(dim, num_experts, bias=False)
+        self.router = nn.Linear(dim, num_experts, bias=False, device=device, dtype=dtype)
         # batched expert weights; init as nn.Linear's default, U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-        self.w1 = nn.Parameter(_uniform(num_experts, dim, hidden))
-        self.w2 = nn.Parameter(_uniform(num_experts, hidden, dim))
-        self.w3 = nn.Parameter(_uniform(num_experts, dim, hidden)) if activation == "swiglu" else None
+        kw = dict(device=device, dtype=dtype)
+        self.w1 = nn.Parameter(_uniform_(torch.empty(num_experts, dim, hidden, **kw)))
+        self.w2 = nn.Parameter(_uniform_(torch.empty(num_experts, hidden, dim, **kw)))
+        self.w3 = nn.Parameter(_uniform_(torch.empty(num_experts, dim, hidden, **kw))) if activation == "swiglu" else None
+
+    def reset_parameters(self) -> None:
+        """Initialise again as the constructor did (same draws from the generator, same order)."""
+        self.router.reset_parameters()
+        for w in (self.w1, self.w2, self.w3):
+            if w is not None:
+                _uniform_(w)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, hidden={self.hidden}, num_experts={self.num_experts}, routing={self.routing!r}, "
@@ -164,6 +174,8 @@ class MoE(nn.Module):
         return y.view(*x.shape[:-1], self.dim), aux
 
 
-def _uniform(e: int, fan_in: int, fan_out: int) -> torch.Tensor:
-    bound = 1.0 / math.sqrt(fan_in)
-    return torch.empty(e, fan_in, fan_out).uniform_(-bound, bound)
+@torch.no_grad()
+def _uniform_(w: torch.Tensor) -> torch.Tensor:
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)) in place, for batched weights [experts, fan_in, fan_out]."""
+    bound = 1.0 / math.sqrt(w.shape[1])
+    return w.uniform_(-bound, bound)

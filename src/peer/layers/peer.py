@@ -26,10 +26,12 @@ from torch import nn
 from .index import check_product_keys
 from .dense import check_choice as _choice
 from .router import ProductKeyRouter
-from .kernels import expert_mix
-from .kernels.workspace import advise_hugepages
+from peer.ops import expert_mix
+from peer.ops.workspace import advise_hugepages
 
-__all__ = ["PEER"]
+__all__ = ["PEER", "TABLES", "normal_rows_"]
+
+TABLES = ("u", "v", "gate")  # the expert tables, in the order they are initialised
 
 _ACTS = ("gelu", "relu")
 _BACKENDS = ("auto", "reference", "fused", "triton")
@@ -52,7 +54,7 @@ class PEER(ProductKeyRouter):
         query_norm: "batchnorm" (paper), "layernorm" or "none".
         shared_keys: one set of product keys for all heads (paper); False gives each head its own.
         glu: GLU experts: ``act(w_i . x) * (u_i . x) * v_i`` with an extra gate table w.
-        backend: expert-mix kernel, see :func:`peer.layers.kernels.expert_mix`.
+        backend: "auto", "reference", "fused" or "triton"; see :mod:`peer.ops` (the expert mix and top-k).
         table_dtype: storage dtype of u, v (and gate): float32 or bfloat16 (accumulation stays fp32).
         value_init_scale: multiplies the init std of the output table v (default 1).
         sparse_grad: the tables' gradients are sparse COO rows (only the retrieved ones), as
@@ -76,6 +78,8 @@ class PEER(ProductKeyRouter):
         table_dtype: str | torch.dtype = "float32",
         value_init_scale: float = 1.0,
         sparse_grad: bool = False,
+        device=None,
+        dtype=None,
     ):
         super().__init__()
         if not isinstance(dim, int) or dim <= 0:
@@ -94,13 +98,14 @@ class PEER(ProductKeyRouter):
 
         # eqs. 1, 2, 4, 5, 7: h query networks, their norm, product keys shared by all heads (or one
         # set per head), router scores, usage accounting (peer.layers.router)
-        self._init_router(num_experts, query_norm, 1 if shared_keys else heads, score)
+        self._init_router(num_experts, query_norm, 1 if shared_keys else heads, score, device=device, dtype=dtype)
         # eq. 6: expert i is the neuron (u_i, v_i); GLU adds a gate vector per expert
         s = (1.0 / topk) if score == "softmax" else float(topk)
         v_std = value_init_scale / math.sqrt(heads * s * _ACT_SECOND_MOMENT[activation])
-        self.u = nn.Parameter(_normal(num_experts, dim, 1.0 / math.sqrt(dim), tdtype))
-        self.v = nn.Parameter(_normal(num_experts, dim, v_std, tdtype))
-        self.gate = nn.Parameter(_normal(num_experts, dim, 1.0 / math.sqrt(dim), tdtype)) if glu else None
+        self.table_stds = {"u": 1.0 / math.sqrt(dim), "v": v_std, "gate": 1.0 / math.sqrt(dim)}  # init std of each
+        self.u = nn.Parameter(_normal(num_experts, dim, self.table_stds["u"], tdtype, device))
+        self.v = nn.Parameter(_normal(num_experts, dim, v_std, tdtype, device))
+        self.gate = nn.Parameter(_normal(num_experts, dim, self.table_stds["gate"], tdtype, device)) if glu else None
 
     # ------------------------------------------------------------------ public API
     def extra_repr(self) -> str:
@@ -108,6 +113,19 @@ class PEER(ProductKeyRouter):
                 f"key_dim={self.key_dim}, activation={self.activation!r}, score={self.score!r}, "
                 f"query_norm={self.query_norm_kind!r}, shared_keys={self.shared_keys}, glu={self.glu}"
                 + (", sparse_grad=True" if self.sparse_grad else ""))
+
+    @torch.no_grad()
+    def reset_parameters(self, pool: bool = True) -> None:
+        """Initialise every parameter again exactly as the constructor did: the same draws from the
+        default generator in the same order, so ``torch.manual_seed(s)`` then a layer built on the
+        ``meta`` device, ``to_empty()`` and ``reset_parameters()`` equals a layer built eagerly after
+        ``torch.manual_seed(s)``. ``pool=False`` draws but does not write the expert pool (keys and
+        tables), for a layer whose pool is shared with an earlier one."""
+        self._reset_router(pool)
+        for name in TABLES:
+            t = getattr(self, name)
+            if t is not None:
+                normal_rows_(t if pool else None, self.table_stds[name], 0, self.num_experts, self.dim, t.dtype)
 
     def expert_parameters(self) -> list[nn.Parameter]:
         """The expert tables (u, v, and the GLU gate): the optimizer's ``experts`` group."""
@@ -125,8 +143,37 @@ class PEER(ProductKeyRouter):
         return y.view(*lead, self.dim)
 
 
-def _normal(rows: int, cols: int, std: float, dtype: torch.dtype) -> torch.Tensor:
+def _normal(rows: int, cols: int, std: float, dtype: torch.dtype, device=None) -> torch.Tensor:
     """An N(0, std^2) table, filled in place (no temporaries: a 1M x 512 table is 2 GB)."""
-    t = torch.empty(rows, cols, dtype=dtype)
+    t = torch.empty(rows, cols, dtype=dtype, device=device)
     advise_hugepages(t)  # 2 MB pages: faster random row reads (fewer TLB misses), cheaper first touch
     return t.normal_(0.0, std)
+
+
+_CHUNK_VALUES = 1 << 22  # values drawn per chunk by normal_rows_ (16 MB of fp32)
+
+
+@torch.no_grad()
+def normal_rows_(out: torch.Tensor | None, std: float, start: int, rows: int, cols: int, dtype=None) -> None:
+    """Fill ``out`` [n, cols] with rows [start, start + n) of the N(0, std^2) [rows, cols] table that one
+    ``normal_`` call would draw from the default generator, without materialising the whole table: it
+    is drawn in chunks of rows. (The CPU ``normal_`` consumes the generator in order, so chunks whose
+    sizes are multiples of 16 values give the same numbers as one call; tested.) ``out=None`` only
+    draws, keeping the generator where the whole table would leave it. An expert-parallel rank
+    initialises its rows of a table this way, equal to the unsharded layer's."""
+    n = 0 if out is None else out.shape[0]
+    if out is not None and start == 0 and n == rows:
+        out.normal_(0.0, std)
+        return
+    chunk = max(16, _CHUNK_VALUES // max(cols, 1) // 16 * 16)
+    bounds = list(range(0, rows, chunk)) + [rows]
+    if len(bounds) > 2 and (bounds[-1] - bounds[-2]) * cols < 16:
+        del bounds[-2]  # a last chunk of < 16 values would take normal_'s scalar path: merge it
+    device = out.device if out is not None else None
+    size = max(e - s for s, e in zip(bounds, bounds[1:]))
+    buf = torch.empty(size, cols, dtype=dtype if out is None else out.dtype, device=device)
+    for s, e in zip(bounds, bounds[1:]):
+        b = buf[: e - s].normal_(0.0, std)
+        lo, hi = max(s, start), min(e, start + n)
+        if lo < hi:
+            out[lo - start:hi - start].copy_(b[lo - s:hi - s])

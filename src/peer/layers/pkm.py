@@ -48,14 +48,28 @@ class PKM(ProductKeyRouter):
         topk: int = 32,
         key_dim: int = 256,
         query_norm: str = "batchnorm",
+        device=None,
+        dtype=None,
     ):
         super().__init__()
         check_positive_int(dim, "dim")
         check_product_keys(num_memories, key_dim, topk, heads, keys_name="num_memories")
         self.dim, self.num_memories, self.heads, self.topk, self.key_dim = dim, num_memories, heads, topk, key_dim
         # queries, their norm, one set of product keys per head, softmax scores, usage (peer.layers.router)
-        self._init_router(num_memories, query_norm, heads, "softmax", keys_name="num_memories")
-        self.values = nn.Parameter(torch.empty(num_memories, dim).normal_(0.0, math.sqrt(topk / heads)))
+        self._init_router(num_memories, query_norm, heads, "softmax", keys_name="num_memories", device=device,
+                          dtype=dtype)
+        self.values = nn.Parameter(torch.empty(num_memories, dim, device=device, dtype=dtype))
+        self._reset_values()
+
+    def _reset_values(self, write: bool = True) -> None:
+        with torch.no_grad():
+            (self.values if write else torch.empty_like(self.values)).normal_(0.0, math.sqrt(self.topk / self.heads))
+
+    def reset_parameters(self, pool: bool = True) -> None:
+        """Initialise again as the constructor did (same draws, same order); ``pool=False`` draws but keeps
+        the keys and values (a pool shared with an earlier layer)."""
+        self._reset_router(pool)
+        self._reset_values(pool)
 
     @property
     def num_experts(self) -> int:

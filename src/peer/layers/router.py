@@ -50,13 +50,13 @@ class QueryBatchNorm(nn.BatchNorm1d):
         return y
 
 
-def make_query_norm(kind: str, heads: int, key_dim: int) -> nn.Module:
+def make_query_norm(kind: str, heads: int, key_dim: int, device=None, dtype=None) -> nn.Module:
     """The query normaliser: BatchNorm over all h*key_dim features (paper), per-head LayerNorm, or identity."""
     _choice(kind, QUERY_NORMS, "query_norm")
     if kind == "batchnorm":
-        return QueryBatchNorm(heads * key_dim)
+        return QueryBatchNorm(heads * key_dim, device=device, dtype=dtype)
     if kind == "layernorm":
-        return nn.LayerNorm(key_dim)
+        return nn.LayerNorm(key_dim, device=device, dtype=dtype)
     return nn.Identity()
 
 
@@ -76,14 +76,24 @@ class ProductKeyRouter(nn.Module):
     score = "softmax"
 
     def _init_router(self, num_keys: int, query_norm: str, key_groups: int, score: str = "softmax",
-                     keys_name: str = "num_experts") -> None:
+                     keys_name: str = "num_experts", device=None, dtype=None) -> None:
         self.score = _choice(score, SCORES, "score")
         self.query_norm_kind = query_norm
-        self.query_proj = nn.Linear(self.dim, self.heads * self.key_dim, bias=False)  # eq. 7
-        self.query_norm = make_query_norm(query_norm, self.heads, self.key_dim)
-        self.index = ProductKeyIndex(num_keys, self.key_dim, groups=key_groups, name=keys_name)  # eqs. 4-5
+        kw = dict(device=device, dtype=dtype)
+        self.query_proj = nn.Linear(self.dim, self.heads * self.key_dim, bias=False, **kw)  # eq. 7
+        self.query_norm = make_query_norm(query_norm, self.heads, self.key_dim, **kw)
+        self.index = ProductKeyIndex(num_keys, self.key_dim, groups=key_groups, name=keys_name, **kw)  # eqs. 4-5
         self.record_usage = False  # usage accounting (paper Table 2), off by default
-        self.register_buffer("usage", torch.zeros(0, dtype=torch.float64), persistent=False)
+        self.register_buffer("usage", torch.zeros(0, dtype=torch.float64, device=device), persistent=False)
+
+    def _reset_router(self, pool: bool = True) -> None:
+        """Re-initialise the query network, its norm and the keys as :meth:`_init_router` did (same draws
+        from the generator, same order); ``pool=False`` draws the keys but keeps them (a shared pool)."""
+        self.query_proj.reset_parameters()
+        if hasattr(self.query_norm, "reset_parameters"):
+            self.query_norm.reset_parameters()
+        self.index.reset_parameters(write=pool)
+        self.usage = torch.zeros(0, dtype=torch.float64, device=self.query_proj.weight.device)
 
     def key_parameters(self) -> list[nn.Parameter]:
         """The product sub-keys: the optimizer's ``keys`` group."""
@@ -119,7 +129,7 @@ class ProductKeyRouter(nn.Module):
         q = self._query(xf)
         # eqs. 1, 4, 5: exact top-k over N keys, in at least float32 (bf16 would pick other experts)
         q = q.to(torch.promote_types(q.dtype, torch.float32))
-        scores, idx = self.index.topk(q, self.topk, fused=self.backend != "reference")
+        scores, idx = self.index.topk(q, self.topk, backend=self.backend)
         if self.score == "softmax":  # eq. 2, per head
             return scores.softmax(dim=-1), idx
         return (scores.sigmoid() if self.score == "sigmoid" else scores.relu()), idx

@@ -4,7 +4,7 @@ A PEER step at N = 1024^2 retrieves a few hundred thousand of the N rows of u an
 optimizer still reads and writes all N rows of the parameter, both moments and a dense gradient.
 A PEER layer built with ``sparse_grad=True`` (``layer.sparse_grad``; the trainer sets it for
 ``optim.sparse_experts``) has the fused expert kernel hand its tables a sparse COO gradient with
-just the retrieved rows (see :mod:`peer.layers.kernels.fused`); :class:`SparseRowAdamW` updates
+just the retrieved rows (see :mod:`peer.ops.mix`); :class:`SparseRowAdamW` updates
 only those rows (a dense gradient works too), like the embedding optimizers
 of FBGEMM/TorchRec (which go one step further and apply the update inside the backward).
 
@@ -37,8 +37,9 @@ from collections.abc import Iterable
 
 import torch
 
-from peer.layers.kernels import cpu_ext
-from peer.layers.kernels.workspace import empty_hugepage
+from peer.ops.workspace import empty_hugepage
+
+from . import adamw_kernel
 
 __all__ = ["SparseRowAdamW", "clip_grad_norm_", "coalesced"]
 
@@ -139,9 +140,8 @@ def _grad_rows(grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
 def _adamw_rows(p, m, v, g, rows, lr, b1, b2, eps, wd, bc1, bc2, rowwise) -> None:
     if rows is not None and rows.numel() == 0:
         return
-    if (p.device.type == "cpu" and p.is_contiguous() and p.dtype in (torch.float32, torch.bfloat16)
-            and cpu_ext.lib() is not None):
-        cpu_ext.adamw_rows(p, m, v, g, rows, lr, b1, b2, eps, wd, bc1, bc2, rowwise)
+    if adamw_kernel.available(p):
+        torch.ops.peer.adamw_rows(p, m, v, g, rows, lr, b1, b2, eps, wd, bc1, bc2, rowwise)
         return
     # PyTorch path (other devices, no compiler): gather the rows, update, scatter back
     idx = rows if rows is not None else torch.arange(p.shape[0], device=p.device)

@@ -11,18 +11,21 @@ import torch
 
 from peer.layers import PEER
 from peer.layers.index import ProductKeyIndex
-from peer.layers.kernels import cpu_ext, expert_mix, fused, pk_topk, reference_expert_mix
+from peer import ops
+from peer.ops import KernelUnavailable, cpu, expert_mix, fused_mix, reference_expert_mix, topk, torch_engine
 
-HAS_CPP = cpu_ext.lib() is not None
+HAS_CPP = cpu.available()
 ENGINES = [pytest.param("cpp", marks=pytest.mark.skipif(not HAS_CPP, reason="no C++ compiler: kernel not built")),
            "torch"]
+FAST = "cpp" if HAS_CPP else "torch"
 
 
 @pytest.fixture
 def engine(request, monkeypatch):
-    """Run the test on one path of the fused backend: the C++ kernel or the pure-PyTorch fallback."""
+    """Run the test on one engine of the fused backend: the C++ kernels, or the torch engine (the
+    C++ library disabled, as PEER_NO_CPP_KERNEL=1 does, so layers take the torch engine too)."""
     if request.param == "torch":
-        monkeypatch.setitem(cpu_ext._state, "lib", None)
+        monkeypatch.setenv("PEER_NO_CPP_KERNEL", "1")
     return request.param
 
 
@@ -57,7 +60,7 @@ def test_fused_equals_reference(engine, activation, glu, T, d, N, m):
     y_ref = reference_expert_mix(x, u, v, idx, g, activation, gate)
     dy = torch.randn_like(y_ref)
     g_ref = _grads(y_ref, params, dy)
-    y = fused.expert_mix(x, u, v, idx, g, activation, gate)
+    y = fused_mix(x, u, v, idx, g, activation, gate, engine=engine)
     assert _close(y, y_ref, 1e-5)
     for a, b in zip(_grads(y, params, dy), g_ref):
         assert _close(a, b, 2e-5)
@@ -71,7 +74,7 @@ def test_sparse_table_grads_hold_exactly_the_retrieved_rows(engine):
     idx = torch.randint(0, N, (T, m))
     dy = torch.randn(T, d)
     dense = _grads(reference_expert_mix(x, u, v, idx, g), [u, v], dy)
-    gu, gv = torch.autograd.grad(fused.expert_mix(x, u, v, idx, g, sparse_grad=True), [u, v], dy)
+    gu, gv = torch.autograd.grad(fused_mix(x, u, v, idx, g, sparse_grad=True, engine=engine), [u, v], dy)
     for sp, ref in ((gu, dense[0]), (gv, dense[1])):
         assert sp.is_sparse and sp.is_coalesced() and sp.shape == (N, d)
         assert torch.equal(sp.indices()[0], torch.unique(idx))  # every retrieved row, nothing else
@@ -92,7 +95,7 @@ def test_bf16_tables_accumulate_in_fp32(engine, glu):
     ref_params = [x, g, u32, v32] + ([gate32] if glu else [])
     y_ref = reference_expert_mix(x, u32, v32, idx, g, "gelu", gate32)
     g_ref = _grads(y_ref, ref_params, dy)
-    y = fused.expert_mix(x, u, v, idx, g, "gelu", gate)
+    y = fused_mix(x, u, v, idx, g, "gelu", gate, engine=engine)
     assert y.dtype == torch.float32
     assert _close(y, y_ref, 1e-5)
     got = _grads(y, [x, g, u, v] + ([gate] if glu else []), dy)
@@ -139,13 +142,13 @@ def test_bad_inputs_are_named():
     x, u, v = torch.randn(4, 8), torch.randn(10, 8), torch.randn(10, 8)
     g, idx = torch.rand(4, 3), torch.randint(0, 10, (4, 3))
     with pytest.raises(ValueError, match="idx must lie in"):
-        fused.expert_mix(x, u, v, idx + 10, g)
+        fused_mix(x, u, v, idx + 10, g, engine=FAST)
     with pytest.raises(ValueError, match="idx and g"):
-        fused.expert_mix(x, u, v, idx, g[:, :2])
+        fused_mix(x, u, v, idx, g[:, :2], engine=FAST)
     with pytest.raises(ValueError, match="activation"):
-        fused.expert_mix(x, u, v, idx, g, "tanh")
+        fused_mix(x, u, v, idx, g, "tanh", engine=FAST)
     with pytest.raises(ValueError, match="table v"):
-        fused.expert_mix(x, u, torch.randn(10, 7), idx, g)
+        fused_mix(x, u, torch.randn(10, 7), idx, g, engine=FAST)
 
 
 def test_gradient_buffers_are_recycled_but_never_overwritten_while_held():
@@ -156,7 +159,7 @@ def test_gradient_buffers_are_recycled_but_never_overwritten_while_held():
     ids = [torch.randint(0, N, (T, m)) for _ in range(3)]
 
     def grad_u(idx):
-        return torch.autograd.grad(fused.expert_mix(x, u, v, idx, g), [u], dy)[0]
+        return torch.autograd.grad(fused_mix(x, u, v, idx, g, engine=FAST), [u], dy)[0]
 
     held = grad_u(ids[0])
     snapshot = held.clone()
@@ -174,8 +177,8 @@ def test_gradient_buffers_are_recycled_but_never_overwritten_while_held():
 @pytest.mark.skipif(not HAS_CPP, reason="no C++ compiler: kernel not built")
 def test_cpp_sort_pairs_groups_pairs_by_expert():
     idx = torch.randint(0, 37, (50, 6))
-    rows, perm, offsets = cpu_ext.sort_pairs(idx, 37)
-    rows_t, perm_t, offsets_t = fused.sort_pairs(idx)
+    rows, perm, offsets = cpu.sort_pairs(idx, 37)
+    rows_t, perm_t, offsets_t = torch_engine.sort_pairs(idx, 37)
     assert torch.equal(rows, rows_t) and torch.equal(offsets, offsets_t)
     flat = idx.flatten()
     for r in range(rows.numel()):
@@ -191,7 +194,7 @@ def test_cpp_sort_pairs_groups_pairs_by_expert():
 def test_fast_topk_equals_reference(groups, T, h, n, kd, k):
     index = ProductKeyIndex(n * n, kd, groups)
     q = torch.randn(T, h, kd, requires_grad=True)
-    s1, i1 = pk_topk.product_topk(q, index.keys, k)
+    s1, i1 = topk.product_topk(q, index.keys, k)
     s2, i2 = index.topk_reference(q, k)
     assert torch.equal(s1, s2)  # same values, best first
     assert torch.equal(i1.sort(-1).values, i2.sort(-1).values)
@@ -216,8 +219,8 @@ def test_index_topk_matches_brute_force_over_all_keys():
 # ---------------------------------------------------------------------------- Triton (interpreter)
 _TRITON_SCRIPT = textwrap.dedent("""
     import torch
-    from peer.layers.kernels import reference_expert_mix, triton_kernel
-    assert triton_kernel.available()
+    from peer.ops import fused_mix, reference_expert_mix, triton
+    assert triton.available()
     torch.manual_seed(0)
     T, d, N, m = 5, 24, 40, 6
     for act in ("gelu", "relu"):
@@ -232,7 +235,7 @@ _TRITON_SCRIPT = textwrap.dedent("""
                     dy = torch.randn(T, d)
                     yr = reference_expert_mix(x, ups[0], ups[1], idx, g, act, ups[2] if glu else None)
                     ref = torch.autograd.grad(yr, [x, g] + ups[:3 if glu else 2], dy)
-                    y = triton_kernel.expert_mix(x, u, v, idx, g, act, gate, sparse_grad=sparse)
+                    y = fused_mix(x, u, v, idx, g, act, gate, sparse_grad=sparse, engine="triton")
                     got = torch.autograd.grad(y, [x, g] + ts[:3 if glu else 2], dy)
                     assert torch.allclose(y, yr, atol=1e-5 * float(yr.abs().max()), rtol=1e-5), (act, glu, sparse, dt)
                     for k, (a, b) in enumerate(zip(got, ref)):
@@ -255,8 +258,6 @@ def test_triton_kernel_under_interpreter_equals_reference():
 @pytest.mark.parametrize("glu", [False, True])
 @pytest.mark.parametrize("sparse", [False, True])
 def test_triton_on_cuda_equals_reference(glu, sparse):
-    from peer.layers.kernels import triton_kernel
-
     T, d, N, m = 64, 128, 1000, 16
     dev = "cuda"
     x = torch.randn(T, d, device=dev, requires_grad=True)
@@ -268,19 +269,44 @@ def test_triton_on_cuda_equals_reference(glu, sparse):
     gate = ts[2] if glu else None
     y_ref = reference_expert_mix(x, ts[0], ts[1], idx, g, "gelu", gate)
     ref = _grads(y_ref, [x, g, *ts], dy)
-    y = triton_kernel.expert_mix(x, ts[0], ts[1], idx, g, "gelu", gate, sparse_grad=sparse)
+    y = expert_mix(x, ts[0], ts[1], idx, g, "gelu", gate, backend="triton", sparse_grad=sparse)
     assert _close(y, y_ref, 1e-4)
     for a, b in zip(_grads(y, [x, g, *ts], dy), ref):
         assert _close(a, b, 1e-4)
 
 
-def test_failed_build_falls_back_to_pytorch(monkeypatch, tmp_path):
-    """No working compiler: a warning, no library, and the fused backend still equals the reference."""
+@pytest.fixture
+def broken_compiler(monkeypatch, tmp_path):
+    """The C++ library rebuilt with a compiler that always fails (and a fresh cache), then restored."""
     monkeypatch.setenv("CXX", "false")
     monkeypatch.setenv("PEER_KERNEL_CACHE", str(tmp_path))
-    with pytest.warns(UserWarning, match="PyTorch path"):
-        assert cpu_ext._build() is None
-    monkeypatch.setitem(cpu_ext._state, "lib", None)
+    monkeypatch.setattr(ops, "_warned", set())
+    cpu.LIB.reset()
+    yield
+    monkeypatch.undo()
+    cpu.LIB.reset()
+
+
+def test_failed_build_is_an_error_for_fused_and_the_reference_for_auto(broken_compiler):
+    """No working compiler: backend="fused" says so (with the compiler's message); "auto" warns once
+    and computes with the reference, which it equals."""
     x, g, idx = torch.randn(6, 8), torch.rand(6, 3), torch.randint(0, 10, (6, 3))
     u, v = torch.randn(10, 8), torch.randn(10, 8)
-    assert _close(fused.expert_mix(x, u, v, idx, g), reference_expert_mix(x, u, v, idx, g), 1e-5)
+    with pytest.raises(KernelUnavailable, match="building cpu_kernels failed"):
+        expert_mix(x, u, v, idx, g, backend="fused")
+    with pytest.warns(UserWarning, match="reference"):
+        assert ops.mix_engine("auto", x, (u, v)) == "reference"
+    assert _close(expert_mix(x, u, v, idx, g, backend="auto"), reference_expert_mix(x, u, v, idx, g), 1e-5)
+    with pytest.warns(UserWarning, match="top-k with the PyTorch reference"):
+        assert ops.topk_engine("auto", torch.randn(2, 1, 4), torch.randn(1, 2, 3, 2)) == "reference"
+    with pytest.raises(KernelUnavailable):
+        ops.topk_engine("fused", torch.randn(2, 1, 4), torch.randn(1, 2, 3, 2))
+
+
+def test_disabled_kernels_give_the_torch_engine(monkeypatch):
+    monkeypatch.setenv("PEER_NO_CPP_KERNEL", "1")
+    x, u = torch.randn(3, 4), torch.randn(9, 4)
+    assert ops.mix_engine("fused", x, (u, u)) == "torch" and ops.mix_engine("auto", x, (u, u)) == "torch"
+    assert ops.mix_engine("fused", x.double(), (u.double(), u.double())) == "torch"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.mix_engine("fast", x, (u, u))

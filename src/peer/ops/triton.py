@@ -6,8 +6,8 @@
     grads   : one program per distinct expert (pairs sorted by expert with torch.sort):
               row = sum over its pairs of coef * x[token] (or * dy[token]); no atomics, deterministic
 
-The autograd Function, the gradient layout (dense or sparse rows) and the buffers are shared with
-the CPU path (:mod:`.fused`). Tested on the CPU with ``TRITON_INTERPRET=1`` against the reference;
+The custom ops, the gradient layout (dense or sparse rows) and the buffers are shared with the CPU
+engine (:mod:`peer.ops.mix`). Tested on the CPU with ``TRITON_INTERPRET=1`` against the reference;
 :func:`available` is False when triton is missing, or when there is neither a CUDA device nor the
 interpreter.
 """
@@ -18,29 +18,20 @@ import os
 
 import torch
 
+from .torch_engine import sort_pairs  # torch.sort groups the pairs on the GPU too
+
 try:
     import triton
     import triton.language as tl
 except ImportError:  # importable without triton; available() says False
     triton = None
 
-__all__ = ["available", "expert_mix", "forward", "backward", "table_grads"]
+__all__ = ["available", "forward", "backward", "sort_pairs", "table_grads"]
 
 
 def available() -> bool:
     """True when the kernels can run: triton is installed and a GPU or the interpreter is there."""
     return triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
-
-
-def expert_mix(x, u, v, idx, g, activation="gelu", gate=None, sparse_grad=False):
-    """The expert mix on the Triton kernels (same contract as the reference)."""
-    if not available():
-        raise RuntimeError("backend 'triton' needs the triton package and a CUDA device (or TRITON_INTERPRET=1)")
-    from .fused import mix
-
-    if x.dtype != torch.float32:  # the kernels keep h and the coefficients in x's dtype: compute in fp32
-        return mix(x.float(), u, v, idx, g.float(), activation, gate, engine="triton", sparse_grad=sparse_grad).to(x.dtype)
-    return mix(x, u, v, idx, g.float(), activation, gate, engine="triton", sparse_grad=sparse_grad)
 
 
 def _blocks(m: int, d: int) -> tuple[int, int]:

@@ -1,5 +1,5 @@
-// CPU kernel of the row-wise (lazy) AdamW of peer.train.sparse_optim, built with fused_cpu.cpp by
-// cpu_ext.py: torch.optim.AdamW's arithmetic on selected rows of fp32/bf16 tables, fp32 or bf16
+// CPU kernel of the row-wise (lazy) AdamW of peer.train.sparse_optim, built by adamw_kernel.py
+// (peer.ops.build): torch.optim.AdamW's arithmetic on selected rows of fp32/bf16 tables, fp32 or bf16
 // moments, optionally one second moment per row.
 #include "fused_cpu_common.h"
 

@@ -1,0 +1,120 @@
+"""PEER's operators: the expert mix (paper eqs. 3, 6, 7) and the product-key top-k (eqs. 4, 5).
+
+Each fast operator is a ``torch.library`` custom op with a fake (meta) implementation and a
+registered autograd formula, so ``torch.compile`` (``fullgraph=True``), FakeTensor and
+``torch.library.opcheck`` see it (:mod:`.mix`, :mod:`.topk`). Who computes is an *engine*, one
+per backend: "cpp" (:mod:`.cpu`, C++ built once per machine by :mod:`.build`), "triton"
+(:mod:`.triton`, the GPU), "torch" (:mod:`.torch_engine`, the same algorithm in PyTorch for the
+other dtypes and devices). This module is the one place that chooses:
+
+    backend      CPU, fp32 x (fp32/bf16 tables)          other dtypes / devices
+    "reference"  gather + einsum, autograd (the oracle)  same
+    "fused"      cpp; KernelUnavailable if it cannot     torch engine (CUDA: torch engine)
+                 be built (PEER_NO_CPP_KERNEL=1: torch)
+    "triton"     triton (interpreter), else an error     triton on CUDA, else an error
+    "auto"       cpp; if it cannot be built, the         CUDA: triton if installed, else torch
+                 reference, with one warning
+
+Every engine is tested against :func:`reference_expert_mix` (values and every gradient).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from . import build, cpu, topk
+from . import triton as triton_engine
+from .build import KernelUnavailable
+from .mix import fused_mix
+from .reference import expert_mix as reference_expert_mix
+from .topk import product_topk
+
+__all__ = ["expert_mix", "reference_expert_mix", "fused_mix", "product_topk", "available_backends",
+           "mix_engine", "topk_engine", "KernelUnavailable"]
+
+BACKENDS = ("auto", "reference", "fused", "triton")
+_warned: set[str] = set()
+
+
+def available_backends() -> list[str]:
+    """The backends that run here ("fused" always: its torch engine needs nothing)."""
+    return ["reference", "fused"] + (["triton"] if triton_engine.available() else [])
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+
+
+def _cpu_kernel(backend: str, what: str) -> bool:
+    """Whether the C++ kernels run ``what``: True when built; for "fused" a failed build raises; for
+    "auto" it warns once and the caller takes the reference."""
+    if cpu.available():
+        return True
+    if backend == "fused":
+        cpu.LIB.require()
+    if cpu.LIB.error and what not in _warned:
+        _warned.add(what)
+        why = " ".join(cpu.LIB.error.split())[:300]
+        warnings.warn(f"peer: the C++ kernels are unavailable ({why}); backend='auto' computes the {what} with "
+                      "the PyTorch reference", stacklevel=4)
+    return False
+
+
+def mix_engine(backend: str, x: torch.Tensor, tables) -> str:
+    """The engine of the expert mix for ``backend``: "reference", "cpp", "torch" or "triton"."""
+    _check_backend(backend)
+    if backend == "reference":
+        return "reference"
+    if backend == "triton":
+        if not triton_engine.available():
+            raise KernelUnavailable("backend 'triton' needs the triton package and a CUDA device "
+                                    "(or TRITON_INTERPRET=1)")
+        return "triton"
+    if x.device.type != "cpu":
+        return "triton" if backend == "auto" and x.is_cuda and triton_engine.available() else "torch"
+    tables = [t for t in tables if t is not None]
+    kernel_dtypes = (x.dtype == torch.float32 and tables[0].dtype in (torch.float32, torch.bfloat16)
+                     and all(t.device.type == "cpu" and t.dtype == tables[0].dtype and t.is_contiguous()
+                             for t in tables))
+    if not kernel_dtypes or build.disabled():
+        return "torch"
+    return "cpp" if _cpu_kernel(backend, "expert mix") else "reference"
+
+
+def topk_engine(backend: str, q: torch.Tensor, keys: torch.Tensor) -> str:
+    """The engine of the product-key top-k: "cpp" or "reference" (PyTorch, any device)."""
+    _check_backend(backend)
+    if backend == "reference" or not (q.device.type == "cpu" and keys.device.type == "cpu"
+                                      and q.dtype == torch.float32 and keys.dtype == torch.float32):
+        return "reference"
+    if build.disabled():
+        return "reference"
+    return "cpp" if _cpu_kernel("auto" if backend == "triton" else backend, "product-key top-k") else "reference"
+
+
+def expert_mix(
+    x: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    idx: torch.Tensor,
+    g: torch.Tensor,
+    activation: str = "gelu",
+    gate: torch.Tensor | None = None,
+    backend: str = "auto",
+    sparse_grad: bool = False,
+) -> torch.Tensor:
+    """y[t] = sum_j g[t, j] * act(u[idx[t, j]] . x[t]) * v[idx[t, j]]: x [T, d]; u, v, gate [N, d];
+    idx (int64) and g [T, m] -> y [T, d].
+
+    backend: see the table in this module's docstring. sparse_grad: the fused backends return
+    sparse COO row gradients for the tables (the reference's stay dense)."""
+    engine = mix_engine(backend, x, (u, v, gate))
+    if engine == "reference":
+        return reference_expert_mix(x, u, v, idx, g, activation, gate)
+    if engine == "triton" and x.dtype != torch.float32:  # the kernels keep h and the coefficients in fp32
+        return fused_mix(x.float(), u, v, idx, g.float(), activation, gate, sparse_grad, engine).to(x.dtype)
+    return fused_mix(x, u, v, idx, g, activation, gate, sparse_grad, engine)
+
