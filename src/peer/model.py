@@ -192,7 +192,10 @@ def _with_aux(ffw: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 class PeerLM(nn.Module):
     """Decoder-only LM; ``cfg.sparse_layer`` (PEER / PKM / MoE) replaces the FFW of ``cfg.sparse_block_ids()``."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, device: torch.device | str | None = None):
+        """``device="meta"`` builds the structure without memory or initialisation (torchtitan's order:
+        meta -> shard (e.g. :func:`peer.distributed.shard_model`) -> ``to_empty(device=...)`` ->
+        :meth:`init_weights`); any other device builds and initialises there."""
         super().__init__()
         if not isinstance(cfg, ModelConfig):
             raise ValueError(f"cfg must be a peer.config.ModelConfig, got {type(cfg).__name__}")
@@ -203,21 +206,47 @@ class PeerLM(nn.Module):
             raise ValueError(f"model.n_heads={cfg.n_heads} must divide model.d_model={cfg.d_model} "
                              "into an even head dimension (rotary embeddings)")
         self.config = cfg
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            self._build(cfg)
+        self._init_weights()
+
+    def _build(self, cfg: ModelConfig) -> None:
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.emb_dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        if cfg.share_experts:
-            _share_pool(list(self.sparse_layers().values()))
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.tok_emb.weight
+        self._tie()
         cos, sin = rotary_tables(cfg.max_seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self._init_weights()
+
+    def _tie(self) -> None:
+        """The parameters one object serves twice: a shared expert pool, tied embeddings. (``to_empty``
+        gives each use its own tensor; :meth:`init_weights` ties them again.)"""
+        if self.config.share_experts:
+            _share_pool(list(self.sparse_layers().values()))
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
 
     # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter and buffer again exactly as the constructor did: each module's
+        ``reset_parameters`` in construction order (the same draws from the default generator), a
+        shared expert pool drawn for each layer but kept from the first, then the backbone init. So
+        ``torch.manual_seed(s)``; ``PeerLM(cfg, device="meta")``; ``to_empty(device="cpu")``;
+        ``init_weights()`` equals ``torch.manual_seed(s)``; ``PeerLM(cfg)`` (tested), expert-sharded
+        layers included (each rank keeps its rows of the same tables)."""
+        self._tie()
+        pool_owner = next(iter(self.sparse_layers().values()), None) if self.config.share_experts else None
+        _reset_in_order(self, pool_owner)
+        self._init_weights()
+        cos, sin = rotary_tables(self.config.max_seq_len, self.config.d_model // self.config.n_heads,
+                                 self.config.rope_theta)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
     @torch.no_grad()
     def _init_weights(self) -> None:
         """GPT-2-like backbone init; sparse layers keep theirs, output tables scaled (see module docstring)."""
@@ -325,6 +354,20 @@ def _init_gpt2(m: nn.Module) -> None:
         nn.init.normal_(m.weight, std=0.02)
 
 
+def _reset_in_order(module: nn.Module, pool_owner: nn.Module | None) -> None:
+    """Call ``reset_parameters`` of the modules under ``module`` in registration (= construction) order;
+    a module that has one initialises its whole subtree. Sparse layers after ``pool_owner`` (a shared
+    pool) draw their pool without writing it, as their constructors' draws were discarded."""
+    for child in module.children():
+        reset = getattr(child, "reset_parameters", None)
+        if reset is None:
+            _reset_in_order(child, pool_owner)
+        elif pool_owner is not None and child is not pool_owner and hasattr(child, "_reset_router"):
+            reset(pool=False)
+        else:
+            reset()
+
+
 def _dense_output_linear(ffn: nn.Module) -> nn.Linear:
     """The output (residual) projection of a DenseFFN: ``w2`` (``d_ff -> d``)."""
     out = getattr(ffn, "w2", None)
@@ -344,8 +387,9 @@ def _share_pool(layers: list[nn.Module]) -> None:
 
 
 def _sparse_output_table(ffn: nn.Module) -> torch.Tensor | None:
-    """The residual output table of a sparse layer: PEER ``v``, PKM values; None for MoE (left as is)."""
-    if isinstance(ffn, PEER):
+    """The residual output table of a sparse layer: PEER ``v`` (also of an expert-sharded PEER: its
+    rows), PKM values; None for MoE (left as is)."""
+    if isinstance(getattr(ffn, "v", None), nn.Parameter):
         return ffn.v
     values = getattr(ffn, "values", None)
     if isinstance(values, nn.Embedding):

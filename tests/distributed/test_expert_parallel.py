@@ -163,3 +163,34 @@ def test_comm_volume_is_independent_of_num_experts():
 def test_rejects_non_peer_layer():
     with pytest.raises(ValueError, match="layer must be"):
         shard_peer_layer(torch.nn.Linear(2, 2))
+
+
+def _meta_worker(rank: int, world: int) -> None:
+    from peer.config import ModelConfig, PEERConfig
+    from peer.distributed.expert_parallel import expert_shards, shard_model
+    from peer.model import PeerLM
+
+    cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=8, sparse_layer="peer",
+                      peer=PEERConfig(num_experts=49, heads=2, topk=3, key_dim=6, glu=True))
+    torch.manual_seed(7)
+    full = PeerLM(cfg)  # the reference: every rank builds the whole model eagerly
+    model = PeerLM(cfg, device="meta")
+    shard_model(model, dist.group.WORLD)
+    shards = expert_shards(model)
+    assert shards and all(p.is_meta for p in model.parameters())
+    model.to_empty(device="cpu")
+    torch.manual_seed(7)
+    model.init_weights()
+    layer = next(m for m in model.modules() if isinstance(m, ExpertShardedPEER))
+    s, e = layer.shard_start, layer.shard_end
+    assert layer.u.shape[0] == e - s < 49  # only this rank's rows are allocated
+    want = full.state_dict()
+    for name, t in model.state_dict().items():
+        expect = want[name][s:e] if any(t is p for p in shards) or name.split(".")[-1] in ("u", "v", "gate") else want[name]
+        assert torch.equal(t, expect), (rank, name)
+
+
+def test_meta_shard_init_equals_the_full_models_rows():
+    """meta -> shard -> to_empty -> init_weights on 2 ranks: each rank holds exactly its rows of the
+    eagerly built model's tables, and everything else equal."""
+    spawn(_meta_worker, 2)

@@ -37,7 +37,7 @@ from .env import DistEnv, DistributedError, _collective, all_reduce_sum, barrier
 from .expert_parallel import ExpertShardedPEER, expert_shards, shard_model
 
 __all__ = [
-    "setup", "check_config", "finish", "per_rank_batch", "wrap_model", "unwrap", "is_sharded_config", "clip_grad_norm",
+    "setup", "check_config", "finish", "per_rank_batch", "shard_experts", "wrap_model", "unwrap", "is_sharded_config", "clip_grad_norm",
     "mean_over_ranks", "all_finite", "reduce_usage", "rebatch_state", "explain_failure", "barrier",
 ]
 
@@ -74,6 +74,12 @@ def is_sharded_config(cfg: Config) -> bool:
     return bool(cfg.dist.expert_parallel) or cfg.dist.data_parallel == "fsdp"
 
 
+def shard_experts(model: nn.Module) -> list[str]:
+    """Make every PEER of ``model`` an :class:`ExpertShardedPEER` over all ranks (tokens gathered:
+    data-parallel ranks); works on a model built on the meta device. Returns the layers' names."""
+    return shard_model(model, dist.group.WORLD, data_parallel=True)
+
+
 def wrap_model(model: nn.Module, cfg: Config, env: DistEnv) -> nn.Module:
     """Shard / wrap ``model`` for ``env`` as ``cfg.dist`` says; returns the module to call for forward.
 
@@ -82,9 +88,8 @@ def wrap_model(model: nn.Module, cfg: Config, env: DistEnv) -> nn.Module:
     """
     if env.world_size <= 1:
         return model
-    group = dist.group.WORLD
     if cfg.dist.expert_parallel:
-        shard_model(model, group, data_parallel=True)
+        shard_experts(model)  # a no-op when the trainer built the model sharded already
     shards = set(expert_shards(model))
     if cfg.dist.data_parallel == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh

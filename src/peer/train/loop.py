@@ -403,7 +403,16 @@ def _open_data(cfg: Config, denv):
 def _build(cfg: Config, denv, device: torch.device, steps: int):
     """The model (``model``: the PeerLM; ``fwd``: what to call, DDP-wrapped or sharded), its
     optimizer and its learning-rate schedule."""
-    model = PeerLM(cfg.model).to(device)
+    if denv.world_size > 1 and cfg.dist.expert_parallel:
+        # meta -> shard -> allocate -> init (torchtitan's order): a rank allocates only its rows of the expert
+        # tables, initialised as the full model's (PeerLM.init_weights replays the constructor's draws, on the CPU)
+        model = PeerLM(cfg.model, device="meta")
+        dpar.shard_experts(model)
+        model.to_empty(device="cpu")
+        model.init_weights()
+        model = model.to(device)
+    else:
+        model = PeerLM(cfg.model).to(device)
     for layer in model.sparse_layers().values():  # row-wise AdamW wants sparse row gradients (nn.Embedding style)
         if hasattr(layer, "sparse_grad"):
             layer.sparse_grad = bool(cfg.optim.sparse_experts)
