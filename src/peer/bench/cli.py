@@ -13,7 +13,7 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="what", metavar="{layer,train,plot}", required=True)
+    sub = parser.add_subparsers(dest="what", metavar="{layer,train,step,plot}", required=True)
     layer = sub.add_parser("layer", help="forward and forward+backward of one layer, implementations side by side")
     layer.add_argument("--experts", default="128,256,512,1024",
                        help="comma-separated n; each run uses N = n^2 experts (default 128,256,512,1024)")
@@ -42,6 +42,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--force", action="store_true", help="run even when the memory estimate exceeds what is free")
     train.add_argument("--plot", default=None, help="write tokens/s and peak RSS vs N (log scale) to this PNG")
     _common(train)
+
+    step = sub.add_parser("step", help="the main job's training step, dense vs PEER presets side by side")
+    step.add_argument("--presets", default="dense,peer", help="comma-separated presets or TOML files; ratios are "
+                                                              "to the first (default dense,peer)")
+    step.add_argument("--rounds", type=int, default=10, help="interleaved timed rounds (medians are reported)")
+    step.add_argument("--compile", action="store_true", help="also time each side under torch.compile(fullgraph=True)")
+    step.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    step.add_argument("--out", default=None, help="write the results as JSON here")
 
     plot = sub.add_parser("plot", help="plot saved results (--out JSON files of `layer` or `train` runs) together")
     plot.add_argument("inputs", nargs="+", help="JSON files written by --out (all of one kind)")
@@ -86,6 +94,17 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--threads must be >= 0, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.what == "step":
+        from .step import bench_step, print_step
+
+        if args.rounds <= 0:
+            raise UsageError(f"--rounds must be positive, got {args.rounds}")
+        res = bench_step([p.strip() for p in args.presets.split(",") if p.strip()], args.rounds,
+                         compile_too=args.compile)
+        print_step(res)
+        if args.out:
+            write_json(args.out, res)
+        return 0
     if args.tokens <= 0 or args.dim <= 0:
         raise UsageError(f"--tokens and --dim must be positive, got {args.tokens}, {args.dim}")
     experts = parse_int_list(args.experts, "--experts")
