@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import cpu
+from .workspace import WORKSPACE
 
 __all__ = ["available", "product_topk"]
 
@@ -61,7 +62,8 @@ def _pk_topk(q: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     ids = torch.empty(T, h, k, dtype=torch.int64)
     ab = torch.empty(T, h, k, 2, dtype=torch.int64)
     c = max(1, min(T, SCORE_CHUNK_BYTES // (4 * h * 2 * n)))
-    buf = q.new_empty(c * h * 2 * n)
+    # recycled: a fresh buffer of this size costs more in page faults than the matmul that fills it
+    buf = WORKSPACE.take(keys, "subkey_scores", (c * h * 2 * n,), q.dtype)
     keys = keys.contiguous()
     for s in range(0, T, c):
         e = min(s + c, T)
