@@ -194,3 +194,9 @@ def test_meta_shard_init_equals_the_full_models_rows():
     """meta -> shard -> to_empty -> init_weights on 2 ranks: each rank holds exactly its rows of the
     eagerly built model's tables, and everything else equal."""
     spawn(_meta_worker, 2)
+
+
+def test_sharded_layer_refuses_the_triton_backend():
+    layer = PEER(8, 16, 2, 2, 4, backend="triton")
+    with pytest.raises(ValueError, match="no sharded kernel"):
+        shard_peer_layer(layer)

@@ -27,6 +27,12 @@ all-reduces above pass gradients through unchanged). Two input modes:
   data-parallel wrapper averages like any other replicated gradient, and the tables' row
   gradients are scaled by 1/P to match that average: training on P ranks with B tokens each
   equals one process with P*B tokens (query BatchNorm included: it sees the whole batch).
+
+``backend`` is honoured by the retrieval (the router's product-key top-k: "reference" is plain
+PyTorch, the others take the C++ top-k op where it applies). The mix itself has one
+implementation, the gathers below: the fused kernels compute u . x and the v sum in one pass per
+token, which the all-reduce of step 3 splits in two. ``backend="triton"`` is refused (it would
+promise a GPU kernel the sharded mix does not have).
 """
 
 from __future__ import annotations
@@ -206,6 +212,9 @@ class ExpertShardedPEER(ProductKeyRouter):
         for name in ("dim", "num_experts", "heads", "topk", "key_dim", "activation", "score", "shared_keys",
                      "glu", "query_norm_kind", "backend", "sparse_grad"):
             setattr(self, name, getattr(layer, name))
+        if self.backend == "triton":
+            raise ValueError("an expert-sharded PEER mixes with PyTorch gathers; backend='triton' has no sharded "
+                             "kernel (use 'auto', 'fused' or 'reference': they choose the retrieval's top-k)")
         self.table_dtype = layer.u.dtype
         self.group, self.data_parallel = group, bool(data_parallel)
         self.ep_size = _group_size(group)
