@@ -95,10 +95,8 @@ def build_runners(impls, n: int, dim: int, heads: int, topk: int, key_dim: int,
 
             runners[name] = _Runner(name, DenseFFN(dim, 4 * dim, activation="gelu").to(device))
         elif name == "pkm":
-            try:
-                from peer.layers.pkm import PKM
-            except ImportError:
-                continue
+            from peer.layers.pkm import PKM
+
             runners[name] = _Runner(name, PKM(dim, n * n, heads=8, topk=min(32, n), key_dim=256).to(device).train())
         elif name == "reference":
             runners[name] = _Runner(name, layer, _peer_setup(layer, "reference", False, True))

@@ -153,9 +153,6 @@ def bench_train(experts, impls=("fused-adamw", "fused-sparse", "fused-sparse-lit
             if impl == "peer-pytorch-adamw" and not _importable("PEER_pytorch"):
                 log(f"  {impl}: peer-pytorch is not installed (pip install peer-experts[bench]); skipped")
                 continue
-            if impl.startswith("lm-") and not _importable("peer.model"):
-                log(f"  {impl}: peer.model is not available; skipped")
-                continue
             est, avail = estimate_bytes(impl, n, dim, table_dtype, tokens), _mem_available()
             spec = {"impl": impl, "n": n, "dim": LM_DIM if impl.startswith("lm-") else dim, "tokens": tokens,
                     "steps": steps, "table_dtype": table_dtype}

@@ -1,24 +1,10 @@
-"""Layers: PEER (eqs. 1-7) and its product-key index; the paper's baselines DenseFFN, MoE, PKM."""
+"""Layers: PEER (eqs. 1-7), its product-key router and index; the paper's baselines DenseFFN, MoE, PKM."""
 
+from .dense import DenseFFN
 from .index import ProductKeyIndex
+from .moe import MoE
 from .peer import PEER
+from .pkm import PKM
+from .router import ProductKeyRouter
 
-__all__ = ["PEER", "ProductKeyIndex"]
-try:  # baselines are added alongside
-    from .dense import DenseFFN  # noqa: F401
-
-    __all__.append("DenseFFN")
-except ImportError:
-    pass
-try:
-    from .moe import MoE  # noqa: F401
-
-    __all__.append("MoE")
-except ImportError:
-    pass
-try:
-    from .pkm import PKM  # noqa: F401
-
-    __all__.append("PKM")
-except ImportError:
-    pass
+__all__ = ["PEER", "ProductKeyIndex", "ProductKeyRouter", "DenseFFN", "MoE", "PKM"]
