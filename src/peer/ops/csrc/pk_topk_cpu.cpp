@@ -34,10 +34,14 @@ void row_topk(const float* s, int64_t n, int64_t k, float* vals, int64_t* ids) {
   // Strided blocks: block j holds s[j], s[j + W], s[j + 2W], ... Their maxima are W-wide vertical
   // maxima (no horizontal reductions); the k-th largest block maximum, tau, bounds the k-th largest
   // score from below (k blocks each hold a score >= tau), so only scores >= tau are candidates.
-  constexpr int64_t W = 64;
+  // W is the smallest of 16, 32, 64 that is >= k (and divides n, n >= 2W): ranking W maxima costs
+  // ~W^2/16 compares, and with W = k = 16 tau is simply their minimum.
+  int64_t W = 0;
+  for (int64_t w : {16, 32, 64})
+    if (!W && k <= w && n % w == 0 && n >= 2 * w) W = w;
   int64_t count = 0;
-  if (n % W == 0 && n >= 2 * W && k <= W) {
-    alignas(64) float bmax[W];
+  if (W) {
+    alignas(64) float bmax[64];
     for (int64_t j = 0; j < W; ++j) bmax[j] = s[j];
     for (int64_t r = W; r < n; r += W) {
 #pragma omp simd
@@ -45,24 +49,27 @@ void row_topk(const float* s, int64_t n, int64_t k, float* vals, int64_t* ids) {
     }
     // tau = the k-th largest block maximum: the smallest one with fewer than k maxima above it
     float tau = INFINITY;
+    if (k == W) {
+      for (int64_t j = 0; j < W; ++j) tau = std::min(tau, bmax[j]);
+    } else {
 #if defined(__AVX512F__)
-    const __m512 m0 = _mm512_load_ps(bmax), m1 = _mm512_load_ps(bmax + 16), m2 = _mm512_load_ps(bmax + 32),
-                 m3 = _mm512_load_ps(bmax + 48);
-    for (int64_t j = 0; j < W; ++j) {
-      const __m512 bj = _mm512_set1_ps(bmax[j]);
-      const int above = __builtin_popcount(_mm512_cmp_ps_mask(m0, bj, _CMP_GT_OQ)) +
-                        __builtin_popcount(_mm512_cmp_ps_mask(m1, bj, _CMP_GT_OQ)) +
-                        __builtin_popcount(_mm512_cmp_ps_mask(m2, bj, _CMP_GT_OQ)) +
-                        __builtin_popcount(_mm512_cmp_ps_mask(m3, bj, _CMP_GT_OQ));
-      if (above < k) tau = std::min(tau, bmax[j]);
-    }
+      const int64_t nv = W / 16;
+      __m512 m[4];
+      for (int64_t v = 0; v < nv; ++v) m[v] = _mm512_load_ps(bmax + 16 * v);
+      for (int64_t j = 0; j < W; ++j) {
+        const __m512 bj = _mm512_set1_ps(bmax[j]);
+        int above = 0;
+        for (int64_t v = 0; v < nv; ++v) above += __builtin_popcount(_mm512_cmp_ps_mask(m[v], bj, _CMP_GT_OQ));
+        if (above < k) tau = std::min(tau, bmax[j]);
+      }
 #else
-    for (int64_t j = 0; j < W; ++j) {
-      int above = 0;
-      for (int64_t i = 0; i < W; ++i) above += bmax[i] > bmax[j];
-      if (above < k) tau = std::min(tau, bmax[j]);
-    }
+      for (int64_t j = 0; j < W; ++j) {
+        int above = 0;
+        for (int64_t i = 0; i < W; ++i) above += bmax[i] > bmax[j];
+        if (above < k) tau = std::min(tau, bmax[j]);
+      }
 #endif
+    }
     if (tau == tau) {  // not NaN
 #if defined(__AVX512F__)
       // one vectorised pass compresses the scores >= tau (typically ~2k of them) with their
