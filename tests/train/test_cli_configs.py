@@ -64,7 +64,7 @@ def test_run_config_toml_round_trips_awkward_paths_and_numbers():
     assert tomllib.loads(dumps(d)) == d
 
 
-@pytest.mark.parametrize("preset, run", [("peer", "v0.03+elr3cos_lr6e-3"), ("dense", "dense_lr6e-3")])
+@pytest.mark.parametrize("preset, run", [("peer", "h4k8kd16+twd0.1_lr6e-3"), ("dense", "dense_lr6e-3")])
 def test_main_job_presets_are_the_recipe_studys_runs(preset, run):
     """configs/dense.toml and peer.toml are, field for field (model and optimizer), the seeded runs
     that docs/recipe.md reports (results/recipe/main/1.5e13/<run>/d48_l4/seed*/config.toml)."""
