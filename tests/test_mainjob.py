@@ -136,3 +136,17 @@ def test_missing_corpus_is_a_clear_error(tmp_path, capsys):
 
     assert main(["main", "--quick", "--corpus", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "--corpus" in capsys.readouterr().err
+
+
+def test_recipe_line_names_every_lever_of_the_peer_preset():
+    """The printed table says which recipe each side uses, including the levers that decide it."""
+    from peer.config import load_config
+    from peer.experiments.mainjob import describe_recipe
+
+    line = describe_recipe(load_config(Path(__file__).parents[1] / "configs" / "peer.toml"))
+    for part in ("d_model 48", "lr 0.006", "h=4", "k=8", "key_dim=16", "v init x0.03", "expert lr x3 -> x1",
+                 "table weight decay 0.1"):
+        assert part in line, (part, line)
+    lazy = describe_recipe(load_config(Path(__file__).parents[1] / "configs" / "peer.toml",
+                                       ["optim.sparse_experts=true"]))
+    assert "lazy row AdamW" in lazy

@@ -228,7 +228,8 @@ def describe_recipe(cfg: Config) -> str:
         text += (f"; PEER {n}^2 experts, h={p.heads}, k={p.topk}, key_dim={p.key_dim}, {p.query_norm}, {p.score}, "
                  f"v init x{p.value_init_scale:g}, blocks {where} ({m.sparse_placement}"
                  f"{', shared pool' if m.share_experts else ''}), expert lr x{o.expert_lr_mult:g}"
-                 + (f" -> x{o.expert_lr_mult_final:g} ({o.expert_lr_mult_schedule})" if o.expert_lr_mult_schedule != "constant" else ""))
+                 + (f" -> x{o.expert_lr_mult_final:g} ({o.expert_lr_mult_schedule})" if o.expert_lr_mult_schedule != "constant" else "")
+                 + f", table weight decay {o.expert_weight_decay:g}" + (", lazy row AdamW" if o.sparse_experts else ""))
     elif m.sparse_layer != "none":
         text += f"; {m.sparse_layer} in blocks {m.sparse_blocks}"
     return text
