@@ -217,9 +217,13 @@ class PeerLM(nn.Module):
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self._tie()
-        cos, sin = rotary_tables(cfg.max_seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
+        cos, sin = self._rope_tables()
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+
+    def _rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        return rotary_tables(cfg.max_seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
 
     def _tie(self) -> None:
         """The parameters one object serves twice: a shared expert pool, tied embeddings. (``to_empty``
@@ -242,8 +246,7 @@ class PeerLM(nn.Module):
         pool_owner = next(iter(self.sparse_layers().values()), None) if self.config.share_experts else None
         _reset_in_order(self, pool_owner)
         self._init_weights()
-        cos, sin = rotary_tables(self.config.max_seq_len, self.config.d_model // self.config.n_heads,
-                                 self.config.rope_theta)
+        cos, sin = self._rope_tables()
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 

@@ -167,7 +167,7 @@ def load_model_dcp(path: str | Path, model: nn.Module) -> None:
 def full_model_state(model: nn.Module, dst: int = 0) -> dict[str, torch.Tensor] | None:
     """The full (unsharded) state dict on rank ``dst`` (None elsewhere), on CPU; tied tensors
     stay one tensor. Collective: FSDP DTensors are all-gathered, expert tables gathered to dst."""
-    from .expert_parallel import _TABLES
+    from ..layers.peer import TABLES
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     sd = model.state_dict()
@@ -178,7 +178,7 @@ def full_model_state(model: nn.Module, dst: int = 0) -> dict[str, torch.Tensor] 
     for prefix, layer in ep_prefix.items():
         full = gather_full_state(layer, dst=dst)
         if full is not None:
-            out.update({prefix + t: full[t].cpu() for t in _TABLES if t in full})
+            out.update({prefix + t: full[t].cpu() for t in TABLES if t in full})
     for k, t in sd.items():
         if k in out:
             continue

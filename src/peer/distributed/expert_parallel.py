@@ -42,7 +42,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers.peer import PEER, normal_rows_
+from ..layers.peer import PEER, TABLES, reset_expert_tables
 from ..layers.router import ProductKeyRouter
 from .env import _collective
 
@@ -53,7 +53,6 @@ __all__ = [
 ]
 
 _ACT = {"gelu": F.gelu, "relu": F.relu}
-_TABLES = ("u", "v", "gate")
 
 
 def shard_bounds(num_rows: int, world: int, rank: int) -> tuple[int, int]:
@@ -221,7 +220,7 @@ class ExpertShardedPEER(ProductKeyRouter):
         self.ep_rank = dist.get_rank(group) if dist.is_initialized() else 0
         self.shard_start, self.shard_end = shard_bounds(self.num_experts, self.ep_size, self.ep_rank)
         self.query_proj, self.query_norm, self.index = layer.query_proj, layer.query_norm, layer.index
-        for name in _TABLES:
+        for name in TABLES:
             full = getattr(layer, name)
             if full is None:
                 self.register_parameter(name, None)
@@ -239,11 +238,7 @@ class ExpertShardedPEER(ProductKeyRouter):
         shard_end), so a model built on the meta device, sharded, ``to_empty``'d and initialised holds
         exactly the unsharded model's values while allocating only this rank's rows."""
         self._reset_router(pool)
-        for name in _TABLES:
-            t = getattr(self, name)
-            if t is not None:
-                normal_rows_(t if pool else None, self.table_stds[name], self.shard_start, self.num_experts,
-                             self.dim, t.dtype)
+        reset_expert_tables(self, pool, self.shard_start)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_experts={self.num_experts}, heads={self.heads}, topk={self.topk}, "
@@ -323,8 +318,8 @@ def _gather_rows(local: torch.Tensor, num_rows: int, group, dst: int | None) -> 
 def gather_full_state(layer: ExpertShardedPEER, dst: int | None = None) -> dict[str, torch.Tensor] | None:
     """The state dict of the equivalent full PEER (full tables), on every rank (``dst=None``) or on
     group rank ``dst`` only (the others get None). Collective: all ranks of the group must call it."""
-    state = {k: t.detach().clone() for k, t in layer.state_dict().items() if k not in _TABLES}
-    for name in _TABLES:
+    state = {k: t.detach().clone() for k, t in layer.state_dict().items() if k not in TABLES}
+    for name in TABLES:
         t = getattr(layer, name)
         if t is not None:
             state[name] = _gather_rows(t, layer.num_experts, layer.group, dst)

@@ -26,15 +26,14 @@ from torch import nn
 from .index import check_product_keys
 from .dense import check_choice as _choice
 from .router import ProductKeyRouter
-from peer.ops import expert_mix
+from peer.ops import BACKENDS, expert_mix
 from peer.ops.workspace import advise_hugepages
 
-__all__ = ["PEER", "TABLES", "normal_rows_"]
+__all__ = ["PEER", "TABLES", "normal_rows_", "reset_expert_tables"]
 
 TABLES = ("u", "v", "gate")  # the expert tables, in the order they are initialised
 
 _ACTS = ("gelu", "relu")
-_BACKENDS = ("auto", "reference", "fused", "triton")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, torch.float32: torch.float32, torch.bfloat16: torch.bfloat16}
 # E[act(z)^2] for z ~ N(0, 1)
 _ACT_SECOND_MOMENT = {"relu": 0.5, "gelu": 0.4252}
@@ -86,7 +85,7 @@ class PEER(ProductKeyRouter):
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
         check_product_keys(num_experts, key_dim, topk, heads)
         self.activation = _choice(activation, _ACTS, "activation")
-        self.backend = _choice(backend, _BACKENDS, "backend")
+        self.backend = _choice(backend, BACKENDS, "backend")
         if table_dtype not in _DTYPES:
             raise ValueError(f"table_dtype must be one of 'float32', 'bfloat16', got {table_dtype!r}")
         tdtype = _DTYPES[table_dtype]
@@ -122,10 +121,7 @@ class PEER(ProductKeyRouter):
         ``torch.manual_seed(s)``. ``pool=False`` draws but does not write the expert pool (keys and
         tables), for a layer whose pool is shared with an earlier one."""
         self._reset_router(pool)
-        for name in TABLES:
-            t = getattr(self, name)
-            if t is not None:
-                normal_rows_(t if pool else None, self.table_stds[name], 0, self.num_experts, self.dim, t.dtype)
+        reset_expert_tables(self, pool)
 
     def expert_parameters(self) -> list[nn.Parameter]:
         """The expert tables (u, v, and the GLU gate): the optimizer's ``experts`` group."""
@@ -148,6 +144,16 @@ def _normal(rows: int, cols: int, std: float, dtype: torch.dtype, device=None) -
     t = torch.empty(rows, cols, dtype=dtype, device=device)
     advise_hugepages(t)  # 2 MB pages: faster random row reads (fewer TLB misses), cheaper first touch
     return t.normal_(0.0, std)
+
+
+def reset_expert_tables(layer: nn.Module, pool: bool = True, start: int = 0) -> None:
+    """Draw ``layer``'s tables (u, v, gate) as its constructor did, each an N(0, table_stds[name]^2)
+    [num_experts, dim] table; a table holding rows [start, start + n) of it (an expert-sharded layer)
+    keeps those rows. ``pool=False`` draws without writing."""
+    for name in TABLES:
+        t = getattr(layer, name)
+        if t is not None:
+            normal_rows_(t if pool else None, layer.table_stds[name], start, layer.num_experts, layer.dim, t.dtype)
 
 
 _CHUNK_VALUES = 1 << 22  # values drawn per chunk by normal_rows_ (16 MB of fp32)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from peer.errors import PeerError
 
-__all__ = ["CLibrary", "KernelUnavailable", "disabled", "CSRC"]
+__all__ = ["CLibrary", "KernelUnavailable", "disabled", "ptr", "check", "CSRC"]
 
 CSRC = Path(__file__).parent / "csrc"
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-pthread"]
@@ -39,6 +39,17 @@ class KernelUnavailable(PeerError, RuntimeError):
 def disabled() -> bool:
     """True when ``PEER_NO_CPP_KERNEL`` is set (to anything but '' or '0')."""
     return os.environ.get("PEER_NO_CPP_KERNEL", "") not in ("", "0")
+
+
+def ptr(t) -> int | None:
+    """A tensor's data pointer for a C call (None for an absent tensor: a null pointer)."""
+    return None if t is None else t.data_ptr()
+
+
+def check(rc: int, name: str) -> None:
+    """A kernel's return code: 0, else the kernel failed."""
+    if rc != 0:
+        raise RuntimeError(f"peer CPU kernel {name} failed (could not start its threads?)")
 
 
 def _cpu_tag() -> str:

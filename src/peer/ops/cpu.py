@@ -11,7 +11,7 @@ import ctypes
 
 import torch
 
-from .build import CSRC, CLibrary
+from .build import CSRC, CLibrary, check as _check, ptr as _ptr
 
 __all__ = ["LIB", "available", "forward", "backward", "sort_pairs", "table_grads", "pk_topk", "pk_topk_backward"]
 
@@ -35,15 +35,6 @@ def available() -> bool:
 
 def lib() -> ctypes.CDLL:
     return LIB.require()
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
-def _check(rc: int, name: str) -> None:
-    if rc != 0:
-        raise RuntimeError(f"peer CPU kernel {name} failed (could not start its threads?)")
 
 
 def forward(x, g, idx, u, v, w, y, h, hg, gelu: bool) -> None:

@@ -95,8 +95,9 @@ def _(x, g, idx, u, v, gate, activation, engine, sparse_grad):
 
 
 # ------------------------------------------------------------------------------ backward
-def _coefficients(dy, x, g, idx, u, v, gate, h, hg, activation, engine, need_x):
-    """dx (None unless need_x), dg, and the per-pair coefficients of the table gradients."""
+def _coefficients(dy, x, g, idx, u, v, gate, h, hg, activation, engine, need_x, need_u, need_v, need_gate):
+    """dx (None unless need_x), dg, the three tables (u, v, gate; u standing in for an absent gate)
+    and, per table, the (src [T, d], coef [T, m]) of its gradient, or None when not wanted."""
     T, d = x.shape
     m = idx.shape[1]
     dx = x.new_empty(T, d) if need_x else None
@@ -106,7 +107,9 @@ def _coefficients(dy, x, g, idx, u, v, gate, h, hg, activation, engine, need_x):
     coef_w = x.new_empty(T, m) if gate is not None else None  # d loss / d (w_i . x)
     ENGINES[engine].backward(x, dy, g, idx, u, v, gate, h, hg if gate is not None else None, dx, dg,
                              coef_u, coef_v, coef_w, activation == "gelu")
-    return dx, dg, [(x, coef_u), (dy, coef_v), (x, coef_w) if gate is not None else None]
+    srcs = [(x, coef_u), (dy, coef_v), (x, coef_w) if gate is not None else None]
+    wanted = [w if need else None for w, need in zip(srcs, (need_u, need_v, need_gate))]
+    return dx, dg, (u, v, gate if gate is not None else u), wanted
 
 
 def _block(eng, table, src, coef, perm, offsets, m, rows):
@@ -159,9 +162,8 @@ def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
 def _expert_mix_backward(dy: Tensor, x: Tensor, g: Tensor, idx: Tensor, u: Tensor, v: Tensor, gate: Optional[Tensor],
                          h: Tensor, hg: Tensor, activation: str, engine: str, need_x: bool, need_u: bool,
                          need_v: bool, need_gate: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dx, dg, srcs = _coefficients(dy, x, g, idx, u, v, gate, h, hg, activation, engine, need_x)
-    tables = (u, v, gate if gate is not None else u)
-    wanted = [w if need else None for w, need in zip(srcs, (need_u, need_v, need_gate))]
+    dx, dg, tables, wanted = _coefficients(dy, x, g, idx, u, v, gate, h, hg, activation, engine, need_x, need_u,
+                                           need_v, need_gate)
     grads = _dense_grads(ENGINES[engine], tables, wanted, idx)
     return (_or_empty(dx, x), dg, *(_or_empty(gr, t) for gr, t in zip(grads, tables)))
 
@@ -178,9 +180,8 @@ def _expert_mix_backward_rows(dy: Tensor, x: Tensor, g: Tensor, idx: Tensor, u: 
                               gate: Optional[Tensor], h: Tensor, hg: Tensor, activation: str, engine: str,
                               need_x: bool, need_u: bool, need_v: bool,
                               need_gate: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dx, dg, srcs = _coefficients(dy, x, g, idx, u, v, gate, h, hg, activation, engine, need_x)
-    tables = (u, v, gate if gate is not None else u)
-    wanted = [w if need else None for w, need in zip(srcs, (need_u, need_v, need_gate))]
+    dx, dg, tables, wanted = _coefficients(dy, x, g, idx, u, v, gate, h, hg, activation, engine, need_x, need_u,
+                                           need_v, need_gate)
     rows, blocks = _row_grads(ENGINES[engine], tables, wanted, idx)
     return (_or_empty(dx, x), dg, rows, *(_or_empty(b, t) for b, t in zip(blocks, tables)))
 

@@ -12,8 +12,8 @@ more large matmuls.
 
 Ops: ``peer::pk_topk(q, keys, k) -> (scores, ids, ab)`` with autograd registered (``ids`` and the
 sub-key pairs ``ab`` are not differentiable) and ``peer::pk_topk_backward(G, ab, q, keys) -> (dq,
-dkeys)``. :func:`available` says when they apply (CPU, fp32, kernel built); :func:`peer.ops.topk_engine`
-chooses between them and the index's PyTorch code.
+dkeys)``. :func:`peer.ops.topk_engine` says when they apply (CPU, fp32, kernel built) and otherwise takes
+the index's PyTorch code.
 """
 
 from __future__ import annotations
@@ -24,14 +24,9 @@ from torch import Tensor
 from . import cpu
 from .workspace import WORKSPACE
 
-__all__ = ["available", "product_topk"]
+__all__ = ["product_topk"]
 
 SCORE_CHUNK_BYTES = 32 << 20  # sub-key scores per chunk of tokens (fewer, larger matmuls: each call has a fixed cost)
-
-
-def available(q: Tensor, keys: Tensor) -> bool:
-    return (q.device.type == "cpu" and keys.device.type == "cpu" and q.dtype == torch.float32
-            and keys.dtype == torch.float32 and cpu.available())
 
 
 def product_topk(q: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from peer.ops.build import CLibrary
+from peer.ops.build import CLibrary, check, ptr
 
 __all__ = ["LIB", "available", "adamw_rows"]
 
@@ -42,11 +42,9 @@ def adamw_rows(p: Tensor, m: Tensor, v: Tensor, g: Tensor, rows: Optional[Tensor
     g = g.float().contiguous()
     rows = rows.contiguous() if rows is not None else None
     rc = LIB.require().peer_adamw_rows(
-        p.data_ptr(), m.data_ptr(), v.data_ptr(), g.data_ptr(), None if rows is None else rows.data_ptr(), U, d,
-        lr, beta1, beta2, eps, weight_decay, bc1, bc2, int(p.dtype == torch.bfloat16),
-        int(m.dtype == torch.bfloat16), int(rowwise), torch.get_num_threads())
-    if rc != 0:
-        raise RuntimeError("peer CPU kernel adamw_rows failed (could not start its threads?)")
+        ptr(p), ptr(m), ptr(v), ptr(g), ptr(rows), U, d, lr, beta1, beta2, eps, weight_decay, bc1, bc2,
+        int(p.dtype == torch.bfloat16), int(m.dtype == torch.bfloat16), int(rowwise), torch.get_num_threads())
+    check(rc, "adamw_rows")
 
 
 @adamw_rows.register_fake
