@@ -8,7 +8,7 @@ from peer.config import ConfigError
 from peer.flops import train_flops_per_step
 from peer.experiments.sweep import compute_optimal, load_sweep, method_ordering, plan, table1_markdown
 from peer.experiments.sweep.analysis import aggregate
-from peer.experiments.sweep.runner import collect
+from peer.experiments.sweep.runner import collect, run_threads
 
 SWEEP = """
 [sweep]
@@ -72,6 +72,21 @@ def test_bad_sweep_files(tmp_path):
     p.write_text('[sweep]\nbudgets = [1e12]\n[[sizes]]\nname = "a"\nset = ["model.nope=1"]\n[variants.dense]\nset = []\n')
     with pytest.raises(ConfigError, match="model.nope"):
         plan(load_sweep(p))
+
+
+def test_threads_per_run(spec, tmp_path):
+    assert run_threads(spec, 2) == 2  # one run at a time takes every core
+    spec.parallel = 2
+    assert run_threads(spec, 2) == 1 and run_threads(spec, 3) == 1
+    spec.threads = 1
+    spec.parallel = 1
+    assert run_threads(spec, 16) == 1  # set explicitly: one 1-thread run beside other work
+    p = tmp_path / "t.toml"
+    p.write_text(SWEEP.format(out=tmp_path / "res").replace('name = "t"', 'name = "t"\nthreads = 3'))
+    assert load_sweep(p).threads == 3
+    p.write_text(SWEEP.format(out=tmp_path / "res").replace('name = "t"', 'name = "t"\nthreads = -1'))
+    with pytest.raises(ConfigError, match="sweep.threads"):
+        load_sweep(p)
 
 
 def _res(budget, variant, size, ppl, ood=None):

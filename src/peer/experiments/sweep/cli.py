@@ -15,6 +15,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="compare: print JSON")
     parser.add_argument("--only", action="append", default=[], help="run only runs whose id contains this (repeatable)")
     parser.add_argument("--parallel", type=int, default=0, help="runs at a time (default: the sweep file's)")
+    parser.add_argument("--threads", type=int, default=-1,
+                        help="torch threads per run (default: the sweep file's; 0: the cores split over the parallel runs)")
     parser.add_argument("--metric-set", default="val", help="evaluation set that picks compute-optimal models")
 
 
@@ -41,6 +43,8 @@ def run(args) -> int:
     spec = load_sweep(file)
     if args.parallel:
         spec.parallel = args.parallel
+    if args.threads >= 0:
+        spec.threads = args.threads
     if action == "plan":
         print(plan_table(plan(spec)))
         return 0

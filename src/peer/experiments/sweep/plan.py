@@ -52,6 +52,7 @@ class SweepSpec:
     max_params: int = 0
     out_dir: str = ""
     parallel: int = 1
+    threads: int = 0  # torch threads per run; 0: the machine's cores split over the parallel runs
     eval_batches: int = 40
     source: str = ""
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -113,7 +114,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
         if key not in known:
             raise ConfigError(f"{key}: unknown section; known sections: {', '.join(sorted(known))}")
     s = data.get("sweep", {})
-    allowed = {"name", "budgets", "base", "set", "min_steps", "max_params", "out_dir", "parallel", "eval_batches", "seeds"}
+    allowed = {"name", "budgets", "base", "set", "min_steps", "max_params", "out_dir", "parallel", "threads", "eval_batches", "seeds"}
     for key in s:
         if key not in allowed:
             raise ConfigError(f"sweep.{key}: unknown setting; known: {', '.join(sorted(allowed))}")
@@ -148,10 +149,13 @@ def load_sweep(path: str | Path) -> SweepSpec:
         base=_resolve_base(p, str(s.get("base", ""))), overrides=_str_list(s.get("set"), "sweep.set"),
         min_steps=int(s.get("min_steps", 20)), max_params=int(s.get("max_params", 0)),
         out_dir=str(s.get("out_dir", "")), parallel=int(s.get("parallel", 1)),
+        threads=int(s.get("threads", 0)),
         eval_batches=int(s.get("eval_batches", 40)), source=str(p), seeds=list(seeds), seeded="seeds" in s,
     )
     if spec.parallel < 1:
         raise ConfigError("sweep.parallel: must be >= 1")
+    if spec.threads < 0:
+        raise ConfigError("sweep.threads: must be >= 0 (0: the cores split over the parallel runs)")
     if spec.min_steps < 1:
         raise ConfigError("sweep.min_steps: must be >= 1")
     return spec

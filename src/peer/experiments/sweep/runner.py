@@ -2,7 +2,8 @@
 
 Each run lives in ``<root>/<budget>/<variant>/<size>/`` (a normal ``peer train`` run dir) and is
 done when ``result.json`` is there. A run that was interrupted resumes from its last checkpoint.
-Several runs go in parallel when ``parallel > 1``; each then gets ``cores // parallel`` threads.
+Several runs go in parallel when ``parallel > 1``; each then gets ``cores // parallel`` threads
+(``threads`` in the sweep file or ``--threads`` sets it: e.g. one 1-thread run beside other work).
 """
 
 from __future__ import annotations
@@ -90,13 +91,17 @@ def run_sweep(spec: SweepSpec, only: list[str] | None = None, dry_run: bool = Fa
 def _run_locked(spec: SweepSpec, todo: list[PlannedRun], log) -> list[dict]:
     for corpus, vocab in sorted({(r.config.data.corpus, r.config.model.vocab_size) for r in todo}):
         _ensure_corpus(corpus, vocab, log)
-    cores = os.cpu_count() or 1
-    threads = max(1, cores // spec.parallel)
+    threads = run_threads(spec, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=spec.parallel) as pool:
         list(pool.map(lambda r: _launch(r, spec, threads, log), todo))
     results = collect(spec)
     write_tables(spec, results)
     return results
+
+
+def run_threads(spec: SweepSpec, cores: int) -> int:
+    """Torch threads per run: the sweep's ``threads``, else the cores split over the parallel runs."""
+    return spec.threads or max(1, cores // spec.parallel)
 
 
 def _ensure_corpus(corpus: str, vocab_size: int, log) -> None:
