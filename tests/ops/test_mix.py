@@ -190,7 +190,8 @@ def test_cpp_sort_pairs_groups_pairs_by_expert():
 # ---------------------------------------------------------------------------- product-key top-k
 @pytest.mark.skipif(not HAS_CPP, reason="no C++ compiler: kernel not built")
 @pytest.mark.parametrize("groups,T,h,n,kd,k", [(1, 37, 4, 12, 8, 6), (4, 37, 4, 12, 8, 6), (1, 64, 8, 64, 32, 16),
-                                               (1, 10, 2, 5, 4, 5), (3, 5, 3, 40, 16, 1)])
+                                               (1, 10, 2, 5, 4, 5), (3, 5, 3, 40, 16, 1),
+                                               (1, 50, 4, 256, 16, 8), (2, 33, 2, 64, 8, 3)])  # vector paths: n % 16 == 0
 def test_fast_topk_equals_reference(groups, T, h, n, kd, k):
     index = ProductKeyIndex(n * n, kd, groups)
     q = torch.randn(T, h, kd, requires_grad=True)
@@ -204,6 +205,60 @@ def test_fast_topk_equals_reference(groups, T, h, n, kd, k):
     g2 = torch.autograd.grad(s2, [q, index.keys], G2)
     for a, b in zip(g1, g2):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="no C++ compiler: kernel not built")
+@pytest.mark.parametrize("n,k", [(64, 5), (256, 8), (64, 16), (48, 4), (10, 3)])
+def test_fast_topk_with_many_ties_is_exact(n, k):
+    # integer sub-key scores in 0..3: most scores tie, also across the k-th place
+    T, h = 40, 2
+    s = torch.randint(0, 4, (T, h, 2, n), generator=torch.Generator().manual_seed(n + k)).float()
+    scores, ids = torch.empty(T, h, k), torch.empty(T, h, k, dtype=torch.int64)
+    ab = torch.empty(T, h, k, 2, dtype=torch.int64)
+    cpu.pk_topk(s, k, scores, ids, ab)
+    full = (s[:, :, 0, :, None] + s[:, :, 1, None, :]).reshape(T, h, n * n)
+    assert torch.equal(scores, full.topk(k, -1).values)  # the k best values, best first
+    assert torch.equal(full.gather(-1, ids), scores)  # each id scores what it says
+    assert torch.equal(ids, ab[..., 0] * n + ab[..., 1])
+    assert (ids.sort(-1).values.diff(dim=-1) > 0).all()  # k distinct experts
+    again = torch.empty_like(ids)
+    cpu.pk_topk(s.clone(), k, scores.clone(), again, ab.clone())
+    assert torch.equal(again, ids)  # ties are broken the same way every time
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="no C++ compiler: kernel not built")
+def test_kernels_on_two_threads_equal_one_thread():
+    # the suite runs on one thread (conftest); the kernels' threaded paths must give the same answers
+    torch.manual_seed(0)
+    T, h, n, kd, k, d, N = 300, 4, 64, 16, 8, 32, 64 * 64
+    index = ProductKeyIndex(N, kd, 1)
+    q = torch.randn(T, h, kd)
+    x, g = torch.randn(T, d), torch.rand(T, h * k)
+    u, v = torch.randn(N, d), torch.randn(N, d)
+    dy = torch.randn(T, d)
+
+    def run():
+        qq, kk = q.clone().requires_grad_(), index.keys.detach().clone().requires_grad_()
+        sc, ids = topk.product_topk(qq, kk, k)
+        dq, dk = torch.autograd.grad(sc, [qq, kk], torch.cos(sc))
+        xx, gg = x.clone().requires_grad_(), g.clone().requires_grad_()
+        uu, vv = u.clone().requires_grad_(), v.clone().requires_grad_()
+        y = fused_mix(xx, uu, vv, ids.view(T, h * k), gg, "gelu", None, engine="cpp")
+        return [sc, ids, dq, dk, y, *torch.autograd.grad(y, [xx, gg, uu, vv], dy)]
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(2)
+        two = run()
+    finally:
+        torch.set_num_threads(threads)
+    for i, (a, b) in enumerate(zip(one, two)):
+        if i == 3:  # sub-key gradients: per-thread partial sums, added in another order
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(a, b), i
 
 
 def test_index_topk_matches_brute_force_over_all_keys():

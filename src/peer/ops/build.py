@@ -29,7 +29,9 @@ from peer.errors import PeerError
 __all__ = ["CLibrary", "KernelUnavailable", "disabled", "ptr", "check", "CSRC"]
 
 CSRC = Path(__file__).parent / "csrc"
-FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+# -fopenmp: the kernels run on the OpenMP runtime torch already loaded (see fused_cpu_common.h);
+# a compiler without OpenMP gets the std::thread build (FALLBACKS)
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-pthread"]
 
 
 class KernelUnavailable(PeerError, RuntimeError):
@@ -58,6 +60,11 @@ def _cpu_tag() -> str:
     except OSError:
         flags = ""
     return platform.machine() + flags
+
+
+def _flag_sets() -> list[list[str]]:
+    no_native = [f for f in FLAGS if f != "-march=native"]
+    return [FLAGS, no_native, [("-fopenmp-simd" if f == "-fopenmp" else f) for f in no_native]]
 
 
 class CLibrary:
@@ -121,13 +128,13 @@ class CLibrary:
         return dll
 
     def _compile(self, cxx: str, so: Path) -> None:
-        """Compile into ``so`` atomically; retry without -march=native if that fails."""
+        """Compile into ``so`` atomically; retry without -march=native, then without OpenMP, if that fails."""
         tmp = None
         try:
             so.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=so.parent)
             os.close(fd)
-            for flags in (FLAGS, [f for f in FLAGS if f != "-march=native"]):
+            for flags in _flag_sets():
                 res = subprocess.run([cxx, *flags, f"-I{CSRC}", *map(str, self.sources), "-o", tmp],
                                      capture_output=True, text=True, timeout=600)
                 if res.returncode == 0:

@@ -26,7 +26,7 @@ from .workspace import WORKSPACE
 
 __all__ = ["product_topk"]
 
-SCORE_CHUNK_BYTES = 32 << 20  # sub-key scores per chunk of tokens (fewer, larger matmuls: each call has a fixed cost)
+SCORE_CHUNK_BYTES = 4 << 20  # sub-key scores per chunk of tokens: stays in cache for the selection pass (measured: 32 MB, 1 MB slower)
 
 
 def product_topk(q: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:

@@ -1,4 +1,4 @@
-// CPU kernels of the fused PEER expert mix (paper eqs. 3, 6, 7), built by cpu_ext.py with g++ and
+// CPU kernels of the fused PEER expert mix (paper eqs. 3, 6, 7), built by peer.ops.build with g++ and
 // called through ctypes. Plain C ABI, raw pointers, fp32 compute; tables are fp32 or bf16.
 //
 //   forward : y[t] = sum_j g[t,j] a[t,j] v[i_tj],  a = act(u_i . x_t)  or  act(w_i . x_t) (u_i . x_t)
@@ -8,8 +8,8 @@
 //             coef * x_t (u, w) or g a * dy_t (v)
 //
 // Each retrieved row is read straight from the table (no [T, m, d] copy) and the next rows are
-// prefetched. Work is split over std::threads in small blocks taken from an atomic counter,
-// which keeps going when another process holds one of the cores (no spinning barriers).
+// prefetched. Work is split over the threads (run_threads: torch's OpenMP pool) in small blocks taken
+// from an atomic counter, which keeps going when another process holds one of the cores.
 #include "fused_cpu_common.h"
 
 namespace {

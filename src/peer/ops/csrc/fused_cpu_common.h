@@ -1,6 +1,6 @@
 // Shared pieces of the CPU kernels (fused_cpu.cpp, pk_topk_cpu.cpp, adamw_cpu.cpp): row loaders for
 // fp32/bf16 tables, vector dot/axpy, non-temporal row stores, prefetch, activations and a small
-// thread pool. Each .cpp includes it; cpu_ext.py compiles them into one shared library.
+// way to run work on the threads. Each .cpp includes it; peer.ops.build compiles them into one shared library.
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -11,6 +11,10 @@
 #if defined(__AVX__)
 #include <immintrin.h>
 #endif
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+#include <stdexcept>
 #include <thread>
 #include <vector>
 
@@ -55,24 +59,49 @@ struct SBF16 {
   static inline void st(uint16_t* p, int64_t k, float f) { p[k] = to_bf16(f); }
 };
 
+// Run f(i) for every i in [0, nt), one call per thread (i = 0 on the calling thread when nt = 1).
+// Built with OpenMP (the default), this uses the process's one libgomp, the one torch's intra-op
+// pool runs on (the library links libgomp.so.1 by soname, which the loader resolves to the copy
+// torch already loaded): no thread is started per call, and none competes for a core with torch's
+// workers, which spin for a while after each of torch's own parallel regions (with a std::thread
+// per call that made a 2-thread kernel slower than a 1-thread one between torch ops).
+template <class F>
+void run_threads(int nt, F f) {
+  if (nt <= 1) {
+    f(0);
+    return;
+  }
+#if defined(_OPENMP)
+  std::atomic<bool> failed(false);
+#pragma omp parallel num_threads(nt)
+  {
+    try {  // an exception must not leave an OpenMP region
+      for (int i = omp_get_thread_num(); i < nt; i += omp_get_num_threads()) f(i);
+    } catch (...) {
+      failed = true;
+    }
+  }
+  if (failed) throw std::runtime_error("peer kernel: a worker failed");
+#else
+  std::vector<std::thread> pool;
+  for (int i = 1; i < nt; ++i) pool.emplace_back([&f, i]() { f(i); });
+  f(0);
+  for (auto& th : pool) th.join();
+#endif
+}
+
+// f(start, end) over [0, n) in blocks of `block`, taken from a shared counter by nthreads threads.
 template <class F>
 void parallel_blocks(int64_t n, int64_t block, int nthreads, F f) {
   std::atomic<int64_t> next(0);
-  auto work = [&]() {
+  auto work = [&](int) {
     for (;;) {
       int64_t s = next.fetch_add(block);
       if (s >= n) break;
       f(s, std::min(n, s + block));
     }
   };
-  if (nthreads <= 1 || n <= block) {
-    work();
-    return;
-  }
-  std::vector<std::thread> pool;
-  for (int i = 1; i < nthreads; ++i) pool.emplace_back(work);
-  work();
-  for (auto& th : pool) th.join();
+  run_threads(nthreads <= 1 || n <= block ? 1 : nthreads, work);
 }
 
 inline void prefetch_row(const void* p, int64_t bytes) {

@@ -1,4 +1,4 @@
-// CPU kernels of the product-key top-k (paper eqs. 4-5), built with fused_cpu.cpp by cpu_ext.py:
+// CPU kernels of the product-key top-k (paper eqs. 4-5), built with fused_cpu.cpp by peer.ops.build:
 // per (token, head) the k best sub-keys of each half, then the k best of their sums; and the
 // sparse backward into the query and the selected sub-keys.
 #include "fused_cpu_common.h"
@@ -29,6 +29,33 @@ inline void topk_insert(float x, int64_t id, float* vals, int64_t* ids, int64_t 
   vals[pos] = x;
   ids[pos] = id;
 }
+
+#if defined(__AVX512F__)
+inline __mmask16 lanes_below(int64_t m) { return m <= 0 ? 0 : m >= 16 ? 0xffff : __mmask16((1u << m) - 1); }
+
+// The k best of the candidates cv[0, nc) (nc >= k; equal scores: the lower index first, as
+// topk_insert orders them when the candidates come in id order): each candidate's rank is counted
+// with vector compares against all of them, with no data-dependent branch per compare (insertion
+// mispredicts on about every candidate). cv needs 16 floats of slack past nc. Writes the scores
+// best first to vals and the candidates' indices to which.
+inline void rank_topk(const float* cv, int64_t nc, int64_t k, float* vals, int32_t* which) {
+  const int64_t nv = (nc + 15) / 16;
+  for (int64_t c = 0; c < nc; ++c) {
+    const __m512 b = _mm512_set1_ps(cv[c]);
+    int rank = 0;
+    for (int64_t v = 0; v < nv; ++v) {
+      const __m512 x = _mm512_loadu_ps(cv + 16 * v);
+      const __mmask16 valid = lanes_below(nc - 16 * v);
+      rank += __builtin_popcount(_mm512_mask_cmp_ps_mask(valid, x, b, _CMP_GT_OQ)) +
+              __builtin_popcount(_mm512_mask_cmp_ps_mask(valid & lanes_below(c - 16 * v), x, b, _CMP_EQ_OQ));
+    }
+    if (rank < k) {
+      vals[rank] = cv[c];
+      which[rank] = int32_t(c);
+    }
+  }
+}
+#endif
 
 void row_topk(const float* s, int64_t n, int64_t k, float* vals, int64_t* ids) {
   // Strided blocks: block j holds s[j], s[j + W], s[j + 2W], ... Their maxima are W-wide vertical
@@ -74,10 +101,16 @@ void row_topk(const float* s, int64_t n, int64_t k, float* vals, int64_t* ids) {
 #if defined(__AVX512F__)
       // one vectorised pass compresses the scores >= tau (typically ~2k of them) with their
       // positions; then they are ranked. No unpredictable branch per score.
+      // compress in registers, then a plain store (the memory form of vcompress is microcoded
+      // and ~10x slower on some cores); each store may write 16 lanes, hence the slack.
       thread_local std::vector<float> cv;
       thread_local std::vector<int32_t> ci;
-      cv.resize(n);
-      ci.resize(n);
+      if (int64_t(cv.size()) < n + 16) {
+        cv.resize(n + 16);
+        ci.resize(n + 16);
+      }
+      float* cvp = cv.data();
+      int32_t* cip = ci.data();
       const __m512 t = _mm512_set1_ps(tau);
       const __m512i step = _mm512_set1_epi32(16);
       __m512i pos = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -85,12 +118,20 @@ void row_topk(const float* s, int64_t n, int64_t k, float* vals, int64_t* ids) {
       for (int64_t i = 0; i < n; i += 16) {
         const __m512 v = _mm512_loadu_ps(s + i);
         const __mmask16 mk = _mm512_cmp_ps_mask(v, t, _CMP_GE_OQ);
-        _mm512_mask_compressstoreu_ps(cv.data() + nc, mk, v);
-        _mm512_mask_compressstoreu_epi32(ci.data() + nc, mk, pos);
+        _mm512_storeu_ps(cvp + nc, _mm512_maskz_compress_ps(mk, v));
+        _mm512_storeu_si512(cip + nc, _mm512_maskz_compress_epi32(mk, pos));
         nc += __builtin_popcount(mk);
         pos = _mm512_add_epi32(pos, step);
       }
-      for (int64_t c = 0; c < nc; ++c) topk_insert(cv[c], ci[c], vals, ids, k, count);
+      if (nc >= k) {
+        alignas(64) int32_t which[64];
+        if (k <= 64) {
+          rank_topk(cvp, nc, k, vals, which);
+          for (int64_t j = 0; j < k; ++j) ids[j] = cip[which[j]];
+          return;
+        }
+      }
+      for (int64_t c = 0; c < nc; ++c) topk_insert(cvp[c], cip[c], vals, ids, k, count);
 #else
       for (int64_t j = 0; j < W; ++j) {
         if (!(bmax[j] >= tau)) continue;
@@ -171,17 +212,9 @@ int peer_pk_topk_backward(const float* G, const int64_t* ab, const float* q, con
         }
       }
     };
-    if (nt == 1) {
-      work(dK, 0, R);
-    } else {
-      std::vector<std::thread> pool;
-      for (int i = 1; i < nt; ++i)
-        pool.emplace_back([&, i]() { work(priv[i - 1].data(), i * per, std::min(R, (i + 1) * per)); });
-      work(dK, 0, std::min(R, per));
-      for (auto& th : pool) th.join();
-      for (auto& p : priv)
-        for (int64_t e = 0; e < ksize; ++e) dK[e] += p[e];
-    }
+    run_threads(nt, [&](int i) { work(i == 0 ? dK : priv[i - 1].data(), i * per, std::min(R, (i + 1) * per)); });
+    for (auto& p : priv)
+      for (int64_t e = 0; e < ksize; ++e) dK[e] += p[e];
   } catch (...) {
     return 1;
   }
