@@ -30,7 +30,7 @@ __all__ = ["CLibrary", "KernelUnavailable", "disabled", "ptr", "check", "CSRC"]
 
 CSRC = Path(__file__).parent / "csrc"
 # -fopenmp: the kernels run on the OpenMP runtime torch already loaded (see fused_cpu_common.h);
-# a compiler without OpenMP gets the std::thread build (FALLBACKS)
+# a compiler without OpenMP gets the std::thread build (_flag_sets)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-pthread"]
 
 
