@@ -1,4 +1,5 @@
 """``peer sweep SWEEP.toml`` (plan, train, evaluate), ``peer sweep plan SWEEP.toml``, ``peer sweep plot SWEEP.toml``,
+``peer sweep next SWEEP.toml`` (optima at the grid's edge; the seed runs the optima and their neighbours still need),
 ``peer sweep compare POINT_A POINT_B`` (seeded comparison of two points on every evaluation set)."""
 
 from __future__ import annotations
@@ -8,8 +9,8 @@ from ...errors import UsageError
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("action_or_file", help="'plan', 'plot', 'compare', or a sweep TOML file (runs the sweep)")
-    parser.add_argument("file", nargs="?", help="the sweep TOML file (after 'plan' or 'plot'); point A (after 'compare')")
+    parser.add_argument("action_or_file", help="'plan', 'plot', 'next', 'compare', or a sweep TOML file (runs the sweep)")
+    parser.add_argument("file", nargs="?", help="the sweep TOML file (after 'plan', 'plot' or 'next'); point A (after 'compare')")
     parser.add_argument("other", nargs="?", help="point B (after 'compare')")
     parser.add_argument("--names", default="A,B", help="compare: the two sides' names (default: A,B)")
     parser.add_argument("--json", action="store_true", help="compare: print JSON")
@@ -34,7 +35,7 @@ def run(args) -> int:
         names = (args.names.split(",") + ["A", "B"])[:2]
         print(json.dumps(res, indent=1) if args.json else format_compare(res, *names))
         return 0
-    if args.action_or_file in ("plan", "plot", "run"):
+    if args.action_or_file in ("plan", "plot", "run", "next"):
         action, file = args.action_or_file, args.file
         if not file:
             raise UsageError(f"peer sweep {action}: a sweep TOML file is required")
@@ -48,6 +49,8 @@ def run(args) -> int:
     if action == "plan":
         print(plan_table(plan(spec)))
         return 0
+    if action == "next":
+        return print_next(spec, args.metric_set)
     if action == "run":
         from .runner import run_sweep
 
@@ -56,11 +59,35 @@ def run(args) -> int:
     return report(spec, args.metric_set)
 
 
+def print_next(spec, metric_set: str = "val") -> int:
+    """Print the optima at an edge of the sizes run so far, then one run id per line (seeds 1 and 2 at each
+    method's optimum and its two neighbours) for ``--only``; the sweep file must list those seeds."""
+    from .gaps import next_runs
+    from .plan import budget_label, plan
+    from .runner import collect
+
+    sizes: dict = {}
+    for r in plan(spec):
+        if not r.skipped:
+            sizes.setdefault((r.budget, r.variant), set()).add((r.params_active, r.size))
+    nxt = next_runs(collect(spec), {k: sorted(v) for k, v in sizes.items()}, metric_set=metric_set)
+    for e in nxt["edges"]:
+        print(f"# edge: {budget_label(e['budget'])} {e['method']} ({e['variant']}): optimum {e['size']} is the "
+              f"{e['side']} size run so far: extend the grid", flush=True)
+    missing = sorted({s for s in (1, 2)} - set(spec.seeds))
+    if missing and nxt["seed_runs"]:
+        print(f"# sweep.seeds lacks {missing}: add them to the sweep file to run these")
+    for r in nxt["seed_runs"]:
+        print(f"{budget_label(r['budget'])}/{r['variant']}/{r['size']}/seed{r['seed']}")
+    return 0
+
+
 def report(spec, metric_set: str = "val") -> int:
     """Write Fig. 1 (PNG), Table 1 and the ablation table (Markdown) under the sweep root; print them."""
-    from .analysis import ablation_markdown, method_ordering, table1_markdown
+    from .analysis import ablation_markdown, compute_optimal, fmt_ppl, method_ordering, table1_markdown
+    from .gaps import best_recipe_results, gaps_markdown, method_of
     from .plan import budget_label
-    from .plots import isoflop_figure
+    from .plots import gap_figure, isoflop_figure
     from .runner import collect, write_tables
 
     results = collect(spec)
@@ -73,12 +100,22 @@ def report(spec, metric_set: str = "val") -> int:
     isoflop_figure(results, png, metric_set=metric_set)
     t1 = table1_markdown(results, metric_set)
     ab = ablation_markdown(results, metric_set)
-    order = method_ordering(results, metric_set)
-    lines = [f"# {spec.name}: compute-optimal perplexity per budget\n", t1, "\n## Per variant (best size)\n", ab,
-             "\n## Ordering (best first)\n"]
+    order = method_ordering(best_recipe_results(results, metric_set), metric_set)
+    lines = [f"# {spec.name}: compute-optimal perplexity per budget\n", t1, "\n## Per variant (best size)\n", ab]
+    methods = {method_of(v) for v in spec.variants}
+    if "peer" in methods and methods & {"dense", "moe"}:
+        others = tuple(m for m in ("dense", "moe", "pkm") if m in methods)
+        sets = sorted({s for r in results for s in r.get("perplexity", {})}, key=lambda s: (s != metric_set, s))
+        gap_png = root / f"{spec.name}_gaps.png"
+        gap_figure(results, gap_png, "peer", others, metric_set)
+        lines += ["\n## PEER's gap to each method's best recipe (nats; < 0: PEER better)\n",
+                  gaps_markdown(results, "peer", others, metric_set, sets), f"Plot: {gap_png.name}\n"]
+    lines.append("\n## Ordering of each method's best recipe (best first)\n")
+    opt = compute_optimal(best_recipe_results(results, metric_set), metric_set)
     for budget, sets in order.items():
         for s, vs in sets.items():
-            lines.append(f"- {budget_label(budget)} FLOPs, {s}: {' < '.join(vs)}")
+            lines.append(f"- {budget_label(budget)} FLOPs, {s}: "
+                         + " < ".join(f"{v} {fmt_ppl(opt[(budget, v)], s)}" for v in vs))
     text = "\n".join(lines) + "\n"
     md.write_text(text, encoding="utf-8")
     print(text)

@@ -1,0 +1,174 @@
+"""Methods across budgets: each method's best recipe, PEER's gap to the others, its trend, what to run next.
+
+A variant's *method* is its name up to the first underscore (``moe_lr3e-3`` -> ``moe``): variants
+of one method are its recipes (learning rates, shapes). At each budget a method is represented by
+its best recipe's compute-optimal point (lowest mean perplexity on the metric set; ties: first).
+
+Gaps are in nats of the metric set: ``ln ppl(PEER) - ln ppl(other)`` from the per-seed runs of the
+two compute-optimal points (mean over seeds of ln ppl), with the standard error
+``sqrt(s_a^2 / n_a + s_b^2 / n_b)`` (sample std over seeds; undefined with one seed). The trend is
+a straight line in log10(budget), weighted by 1 / se^2 when every point has a standard error
+(otherwise unweighted, its uncertainty from the residuals); where it crosses zero, with the
+delta-method standard error of the crossing.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+from .analysis import compute_optimal
+from .plan import budget_label
+
+__all__ = ["method_of", "best_recipes", "best_recipe_results", "gaps", "gap_trend", "gaps_markdown", "next_runs"]
+
+
+def method_of(variant: str) -> str:
+    """``moe_lr3e-3`` -> ``moe``; ``dense`` -> ``dense``."""
+    return variant.split("_", 1)[0]
+
+
+def best_recipes(results: list[dict], metric_set: str = "val") -> dict[tuple[float, str], dict]:
+    """(budget, method) -> the compute-optimal point of the method's best variant at that budget."""
+    out: dict[tuple[float, str], dict] = {}
+    for (budget, variant), point in sorted(compute_optimal(results, metric_set).items()):
+        key = (budget, method_of(variant))
+        if key not in out or point["perplexity"][metric_set] < out[key]["perplexity"][metric_set]:
+            out[key] = point
+    return out
+
+
+def best_recipe_results(results: list[dict], metric_set: str = "val") -> list[dict]:
+    """The runs of each (budget, method)'s best variant only (every size and seed of it): what Table 1 shows."""
+    keep = {(b, p["variant"]) for (b, _), p in best_recipes(results, metric_set).items()}
+    return [r for r in results if (r["budget"], r["variant"]) in keep]
+
+
+def _seed_logs(results: list[dict], point: dict, metric_set: str) -> list[float]:
+    return [math.log(r["perplexity"][metric_set]) for r in results
+            if (r["budget"], r["variant"], r["size"]) == (point["budget"], point["variant"], point["size"])
+            and metric_set in r.get("perplexity", {})]
+
+
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else math.nan)
+
+
+def gaps(results: list[dict], method: str = "peer", others: tuple[str, ...] = ("dense", "moe"),
+         metric_set: str = "val", sets: list[str] | None = None) -> list[dict]:
+    """One row per (budget, other method, eval set): the gap of ``method``'s best recipe to the other's,
+    in nats (negative: ``method`` is better), with its standard error and the two points."""
+    best = best_recipes(results, metric_set)
+    rows = []
+    for budget in sorted({b for b, _ in best}):
+        a = best.get((budget, method))
+        if a is None:
+            continue
+        for other in others:
+            b = best.get((budget, other))
+            if b is None:
+                continue
+            for s in sets or [metric_set]:
+                la, lb = _seed_logs(results, a, s), _seed_logs(results, b, s)
+                if not la or not lb:
+                    continue
+                (ma, sa), (mb, sb) = _mean_sd(la), _mean_sd(lb)
+                se = math.sqrt(sa ** 2 / len(la) + sb ** 2 / len(lb))
+                rows.append(dict(budget=budget, method=method, other=other, set=s, gap=ma - mb, se=se,
+                                 n=(len(la), len(lb)), std=(sa, sb), ppl=(math.exp(ma), math.exp(mb)),
+                                 points=(f"{a['variant']}/{a['size']}", f"{b['variant']}/{b['size']}")))
+    return rows
+
+
+def gap_trend(rows: list[dict]) -> dict | None:
+    """Fit gap = a + b log10(budget) over ``rows`` (one other method, one set). Returns the slope per
+    decade with its standard error, the fitted gap at each budget, and the budget where the line
+    crosses zero (``log10_cross`` ± ``log10_cross_se``; None when the slope is zero). None below 2 budgets."""
+    import numpy as np
+
+    if len(rows) < 2:
+        return None
+    x = np.log10([r["budget"] for r in rows])
+    y = np.array([r["gap"] for r in rows])
+    se = np.array([r["se"] for r in rows])
+    weighted = bool(np.all(np.isfinite(se)) and np.all(se > 0))
+    w = 1.0 / se ** 2 if weighted else np.ones_like(y)
+    X = np.stack([np.ones_like(x), x], 1)
+    A = X.T @ (w[:, None] * X)
+    coef = np.linalg.solve(A, X.T @ (w * y))
+    resid = y - X @ coef
+    dof = len(y) - 2
+    if weighted:
+        cov = np.linalg.inv(A)
+    elif dof > 0:
+        cov = np.linalg.inv(A) * float(resid @ resid) / dof
+    else:
+        cov = np.full((2, 2), np.nan)  # two points, no seeds: the line is exact and its error unknown
+    a, b = float(coef[0]), float(coef[1])
+    out = dict(intercept=a, slope=b, slope_se=float(math.sqrt(cov[1, 1])) if np.isfinite(cov[1, 1]) else math.nan,
+               weighted=weighted, fitted={float(r["budget"]): float(f) for r, f in zip(rows, X @ coef)},
+               log10_cross=None, log10_cross_se=None)
+    if b != 0:
+        c = -a / b
+        g = np.array([-1.0 / b, a / b ** 2])  # d c / d (a, b)
+        var = float(g @ cov @ g)
+        out.update(log10_cross=c, log10_cross_se=math.sqrt(var) if np.isfinite(var) and var >= 0 else math.nan)
+    return out
+
+
+def _fmt_se(x: float) -> str:
+    return "n/a (1 seed)" if not math.isfinite(x) else f"{x:.3f}"
+
+
+def gaps_markdown(results: list[dict], method: str = "peer", others: tuple[str, ...] = ("dense", "moe"),
+                  metric_set: str = "val", sets: list[str] | None = None) -> str:
+    """The gap table (every budget, other method and set) and, per other method on the metric set, its trend."""
+    rows = gaps(results, method, others, metric_set, sets)
+    if not rows:
+        return "_no budget has both methods yet_\n"
+    lines = [f"| budget | {method} vs | set | {method} | other | gap (nats) | se | gap / se | seeds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        z = r["gap"] / r["se"] if math.isfinite(r["se"]) and r["se"] > 0 else math.nan
+        lines.append(f"| {budget_label(r['budget'])} | {r['other']} ({r['points'][1]}) | {r['set']} | {r['ppl'][0]:.2f} "
+                     f"| {r['ppl'][1]:.2f} | {r['gap']:+.3f} | {_fmt_se(r['se'])} | "
+                     f"{'-' if not math.isfinite(z) else f'{z:+.1f}'} | {r['n'][0]}, {r['n'][1]} |")
+    lines.append("")
+    for other in others:
+        sub = [r for r in rows if r["other"] == other and r["set"] == metric_set]
+        t = gap_trend(sub)
+        if t is None:
+            continue
+        cross = "never (flat)" if t["log10_cross"] is None else (
+            f"10^{t['log10_cross']:.2f} = {10 ** t['log10_cross']:.1e} FLOPs"
+            + (f" (log10 ± {t['log10_cross_se']:.2f})" if t["log10_cross_se"] is not None
+               and math.isfinite(t["log10_cross_se"]) else " (uncertainty unknown)"))
+        lines.append(f"- {method} vs {other} on {metric_set}: gap {t['slope']:+.3f} nats per decade of budget"
+                     f" (± {_fmt_se(t['slope_se'])}, {'weighted by seeds' if t['weighted'] else 'unweighted'},"
+                     f" {len(sub)} budgets); zero crossing {cross}")
+    return "\n".join(lines) + "\n"
+
+
+def next_runs(results: list[dict], sizes_by_variant: dict[tuple[float, str], list[tuple[int, str]]],
+              seeds: tuple[int, ...] = (1, 2), metric_set: str = "val") -> dict:
+    """What the study needs next, per (budget, method)'s best recipe: ``edges`` (the optimum is the
+    smallest or largest size that has run: extend the grid) and ``seed_runs`` (the runs of ``seeds`` at the
+    optimum and its two neighbours in size that have no result yet). ``sizes_by_variant`` maps
+    (budget, variant) to its planned (active params, size name) pairs."""
+    done = {(r["budget"], r["variant"], r["size"], r.get("seed", 0)) for r in results}
+    edges, seed_runs = [], []
+    for (budget, method), point in sorted(best_recipes(results, metric_set).items()):
+        variant = point["variant"]
+        have = {r["size"] for r in results if (r["budget"], r["variant"]) == (budget, variant)}
+        sizes = [name for _, name in sorted(sizes_by_variant.get((budget, variant), [])) if name in have]
+        if point["size"] not in sizes:
+            continue
+        i = sizes.index(point["size"])
+        if i == 0 or i == len(sizes) - 1:
+            edges.append(dict(budget=budget, method=method, variant=variant, size=point["size"],
+                              side="smallest" if i == 0 else "largest"))
+        for size in sizes[max(0, i - 1): i + 2]:
+            for seed in seeds:
+                if (budget, variant, size, seed) not in done:
+                    seed_runs.append(dict(budget=budget, variant=variant, size=size, seed=seed))
+    return dict(edges=edges, seed_runs=seed_runs)

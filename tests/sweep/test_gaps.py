@@ -1,0 +1,83 @@
+"""Methods across budgets: best recipe per method, PEER's gap in nats with its standard error, the
+gap's trend and zero crossing, and what to run next (grid edges, seeds at optimum ± neighbours)."""
+
+import math
+
+import pytest
+
+from peer.experiments.sweep.gaps import best_recipe_results, best_recipes, gap_trend, gaps, gaps_markdown, method_of, next_runs
+from peer.experiments.sweep.plots import gap_figure
+
+
+def _run(budget, variant, size, ppl, seed=0, active=100):
+    return dict(budget=budget, variant=variant, size=size, seed=seed, perplexity={"val": ppl, "eval_x": 2 * ppl},
+                params_active=active, params_total=active, run_id=f"{budget:g}/{variant}/{size}/seed{seed}")
+
+
+def test_method_and_best_recipe():
+    assert method_of("moe_lr3e-3") == "moe" and method_of("dense") == "dense"
+    rs = [_run(1e12, "moe_lr6e-3", "s", 30.0), _run(1e12, "moe_lr6e-3", "m", 28.0),
+          _run(1e12, "moe_lr3e-3", "s", 27.0), _run(1e12, "moe_lr3e-3", "m", 29.0), _run(1e12, "dense", "s", 31.0)]
+    best = best_recipes(rs)
+    assert best[(1e12, "moe")]["variant"] == "moe_lr3e-3" and best[(1e12, "moe")]["size"] == "s"
+    assert {r["variant"] for r in best_recipe_results(rs)} == {"moe_lr3e-3", "dense"}  # every size of the winner
+    assert len(best_recipe_results(rs)) == 3
+
+
+def test_gap_is_the_mean_log_difference_with_its_standard_error():
+    pe = [20.0, 22.0, 21.0]
+    de = [25.0, 24.0]
+    rs = [_run(1e12, "peer", "s", p, seed=i) for i, p in enumerate(pe)] + \
+         [_run(1e12, "dense", "s", p, seed=i) for i, p in enumerate(de)]
+    (row,) = gaps(rs, others=("dense",))
+    la, lb = [math.log(p) for p in pe], [math.log(p) for p in de]
+    ma, mb = sum(la) / 3, sum(lb) / 2
+    sa2 = sum((x - ma) ** 2 for x in la) / 2
+    sb2 = sum((x - mb) ** 2 for x in lb) / 1
+    assert row["gap"] == pytest.approx(ma - mb) and row["gap"] < 0  # PEER better: negative
+    assert row["se"] == pytest.approx(math.sqrt(sa2 / 3 + sb2 / 2))
+    assert row["n"] == (3, 2)
+    one = gaps([_run(1e12, "peer", "s", 20.0), _run(1e12, "dense", "s", 25.0)], others=("dense",))
+    assert math.isnan(one[0]["se"])  # one seed each: no standard error
+    assert "n/a (1 seed)" in gaps_markdown([_run(1e12, "peer", "s", 20.0), _run(1e12, "dense", "s", 25.0)])
+
+
+def test_trend_recovers_a_line_and_its_zero_crossing():
+    # gap = 0.3 - 0.1 log10(C / 1e12): crosses zero at 1e15
+    rows = [dict(budget=b, gap=0.3 - 0.1 * math.log10(b / 1e12), se=0.01) for b in (1e12, 1e13, 1e14)]
+    t = gap_trend(rows)
+    assert t["weighted"] and t["slope"] == pytest.approx(-0.1) and t["log10_cross"] == pytest.approx(15.0)
+    assert 0 < t["slope_se"] < 0.01 and 0 < t["log10_cross_se"] < 0.5
+    # larger errors on the points: a larger uncertainty on the crossing
+    wide = gap_trend([dict(r, se=0.05) for r in rows])
+    assert wide["log10_cross_se"] > t["log10_cross_se"]
+    # without seeds: unweighted; two points leave the error unknown, three give it from the residuals
+    t2 = gap_trend([dict(r, se=math.nan) for r in rows[:2]])
+    assert not t2["weighted"] and math.isnan(t2["slope_se"]) and t2["log10_cross"] == pytest.approx(15.0)
+    noisy = [dict(rows[0], se=math.nan), dict(rows[1], gap=rows[1]["gap"] + 0.02, se=math.nan), dict(rows[2], se=math.nan)]
+    assert gap_trend(noisy)["slope_se"] > 0
+    assert gap_trend(rows[:1]) is None
+
+
+def test_next_runs_flags_edges_and_seeds_the_optimum_and_its_neighbours():
+    sizes = [(100, "s"), (200, "m"), (300, "l"), (400, "xl")]
+    rs = [_run(1e12, "dense", n, p, active=a) for (a, n), p in zip(sizes, [30.0, 25.0, 27.0, 29.0])]
+    rs += [_run(1e12, "peer", n, p, active=a) for (a, n), p in zip(sizes[:3], [20.0, 22.0, 24.0])]
+    rs.append(_run(1e12, "dense", "m", 25.5, seed=1, active=200))
+    nxt = next_runs(rs, {(1e12, "dense"): sizes, (1e12, "peer"): sizes})
+    assert nxt["edges"] == [dict(budget=1e12, method="peer", variant="peer", size="s", side="smallest")]
+    dense = {(r["size"], r["seed"]) for r in nxt["seed_runs"] if r["variant"] == "dense"}
+    assert dense == {("s", 1), ("s", 2), ("m", 2), ("l", 1), ("l", 2)}  # m seed 1 is done; xl is no neighbour
+    peer = {(r["size"], r["seed"]) for r in nxt["seed_runs"] if r["variant"] == "peer"}
+    assert peer == {("s", 1), ("s", 2), ("m", 1), ("m", 2)}  # xl has not run: l is the largest so far
+
+
+def test_gap_figure(tmp_path):
+    rs = []
+    for b, g in ((1e12, 0.2), (1e13, 0.1), (1e14, 0.0)):
+        for s in range(2):
+            rs += [_run(b, "peer", "s", 20 * math.exp(g) * (1 + 0.01 * s), seed=s), _run(b, "dense", "s", 20.0 * (1 + 0.01 * s), seed=s)]
+    out = tmp_path / "g.png"
+    series = gap_figure(rs, out, others=("dense", "moe"))
+    assert out.stat().st_size > 1000 and set(series) == {"dense"}
+    assert [round(g, 6) for _, g, _ in series["dense"]] == [0.2, 0.1, 0.0]
