@@ -6,6 +6,7 @@ A subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``.
 from __future__ import annotations
 
 import argparse
+import os
 import importlib
 import sys
 
@@ -47,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         msg = f"{e.strerror}: {e.filename!r}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)
         print(f"peer {name}: error: {msg}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `peer ... | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -78,3 +78,26 @@ def test_main_job_presets_are_the_recipe_studys_runs(preset, run):
 
     studied = ROOT / "results" / "recipe" / "main" / "1.5e13" / run / "d48_l4" / "seed0" / "config.toml"
     assert norm(load_config(ROOT / "configs" / f"{preset}.toml")) == norm(load_config(studied))
+
+
+def test_cli_output_into_a_closed_pipe_is_quiet(tmp_path):
+    # `peer ... | head -1`: the reader leaves early; the command ends quietly, no BrokenPipeError traceback
+    import subprocess
+    import sys
+
+    script = tmp_path / "many_lines.py"
+    script.write_text(
+        "import sys, types\n"
+        "import peer.cli as cli\n"
+        "m = types.ModuleType('many_lines')\n"
+        "m.add_arguments = lambda p: None\n"
+        "def run(args):\n"
+        "    for i in range(200000):\n"
+        "        print('line', i, flush=True)\n"
+        "m.run = run\n"
+        "sys.modules['many_lines'] = m\n"
+        "cli.COMMANDS['many'] = ('many_lines', 'prints many lines')\n"
+        "sys.exit(cli.main(['many']))\n")
+    res = subprocess.run(f"{sys.executable} {script} | head -1", shell=True, capture_output=True, text=True, timeout=120)
+    assert res.stdout == "line 0\n"
+    assert "Traceback" not in res.stderr and "BrokenPipe" not in res.stderr, res.stderr
