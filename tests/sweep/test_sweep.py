@@ -1,6 +1,7 @@
 """The isoFLOP planner (budget -> sizes -> steps) and compute-optimal selection on synthetic results."""
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -269,3 +270,28 @@ def test_compare_one_seed_each_has_no_pooled_std(tmp_path, capsys):
     assert cli_main(["sweep", "compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| val")][0]
     assert "nan" not in row and row.endswith("| - | - |")
+
+
+def test_a_shared_run_dir_trained_with_another_config_is_not_reused(spec):
+    import json
+
+    from peer.config import config_to_dict
+    from peer.experiments.sweep.runner import _launch, config_differences
+
+    assert config_differences({"optim": {"lr": 1e-3}, "train": {"threads": 1, "old": 1}},
+                              {"optim": {"lr": 1e-3}, "train": {"threads": 2}, "new": {}}) == []
+    assert config_differences({"optim": {"lr": 1e-3, "b": 1}}, {"optim": {"lr": 3e-3, "b": 1}}) == ["optim.lr"]
+    r = plan(spec)[0]
+    out = Path(r.config.train.out_dir)
+    out.mkdir(parents=True)
+    cfg = config_to_dict(r.config)
+    result = {"run_id": r.run_id, "perplexity": {"val": 10.0}}
+    (out / "result.json").write_text(json.dumps(result))
+    (out / "sweep_job.json").write_text(json.dumps({"config": cfg}))
+    logs = []
+    assert _launch(r, spec, 1, logs.append) == result and logs[-1].startswith("[skip]")  # the same config: reused
+    cfg["optim"]["lr"] = cfg["optim"]["lr"] * 2
+    (out / "sweep_job.json").write_text(json.dumps({"config": cfg}))
+    assert _launch(r, spec, 1, logs.append) is None
+    assert logs[-1].startswith("[FAIL]") and "optim.lr" in logs[-1]
+    assert json.loads((out / "result.json").read_text()) == result  # nothing overwritten

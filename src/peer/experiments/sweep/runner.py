@@ -50,17 +50,42 @@ def _record(r: PlannedRun) -> dict:
                 d_model=r.config.model.d_model, n_layers=r.config.model.n_layers)
 
 
+_RUN_ONLY = {("train", "threads"), ("train", "progress")}  # how a run was executed, not what it trained
+
+
+def config_differences(stored: dict, planned: dict, prefix: tuple = ()) -> list[str]:
+    """Dotted keys whose values differ between a finished run's config and the planned one. Keys only
+    one side has are ignored (a later version may add fields), and so are the execution settings."""
+    out = []
+    for key in sorted(set(stored) & set(planned)):
+        path = (*prefix, key)
+        a, b = stored[key], planned[key]
+        if path in _RUN_ONLY:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, path)
+        elif a != b:
+            out.append(".".join(path))
+    return out
+
+
 def _launch(r: PlannedRun, spec: SweepSpec, threads: int, log) -> dict | None:
     out = Path(r.config.train.out_dir)
     done = out / "result.json"
-    if done.is_file():
+    job = out / "sweep_job.json"
+    cfg = config_to_dict(r.config)
+    if done.is_file():  # sweeps may share runs: only one trained with this very config counts
+        stored = json.loads(job.read_text()).get("config", {}) if job.is_file() else {}
+        diff = config_differences(stored, cfg)
+        if diff:
+            log(f"[FAIL] {r.run_id}: {out} holds a run trained with another config ({', '.join(diff[:5])}); "
+                "not reused, not overwritten")
+            return None
         log(f"[skip] {r.run_id}: done")
         return json.loads(done.read_text())
-    cfg = config_to_dict(r.config)
     cfg["train"]["threads"] = threads
     cfg["train"]["progress"] = False
     out.mkdir(parents=True, exist_ok=True)
-    job = out / "sweep_job.json"
     atomic_write_text(job, json.dumps(dict(config=cfg, eval_batches=spec.eval_batches, record=_record(r))))
     log(f"[run ] {r.run_id}: {r.steps} steps, {r.tokens:,} tokens, {r.params_active:,} active params")
     t0 = time.time()
