@@ -225,6 +225,18 @@ set = ["model.sparse_layer=peer", "model.peer.num_experts=64", "model.peer.heads
     again = []
     run_sweep(spec, log=again.append)
     assert sum("[skip]" in line for line in again) == 4 and not any("[run ]" in line for line in again)
+    # a run dir trained with another config is not reused: the sweep fails naming it (after the tables)
+    import json
+
+    from peer.experiments.sweep.runner import RunsFailed
+
+    job = tmp_path / "res" / "3e8/peer/d32/seed1" / "sweep_job.json"
+    stored = json.loads(job.read_text())
+    stored["config"]["optim"]["lr"] *= 2
+    job.write_text(json.dumps(stored))
+    with pytest.raises(RunsFailed, match="3e8/peer/d32/seed1") as err:
+        run_sweep(spec, log=again.append)
+    assert len(err.value.results) == 4 and any("optim.lr" in line for line in again if "[FAIL]" in line)
 
 
 def test_base_resolves_against_the_sweep_file(tmp_path, monkeypatch):

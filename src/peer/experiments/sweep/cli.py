@@ -52,10 +52,14 @@ def run(args) -> int:
     if action == "next":
         return print_next(spec, args.metric_set)
     if action == "run":
-        from .runner import run_sweep
+        from .runner import RunsFailed, run_sweep
 
         print(plan_table(plan(spec)))
-        run_sweep(spec, only=args.only)
+        try:
+            run_sweep(spec, only=args.only)
+        except RunsFailed:
+            report(spec, args.metric_set)  # what did finish, then the error line (exit 2)
+            raise
     return report(spec, args.metric_set)
 
 

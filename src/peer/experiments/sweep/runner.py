@@ -18,10 +18,20 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ...config import config_from_dict, config_to_dict
+from ...errors import PeerError
 from ...fsutil import FolderLock, atomic_write_text
 from .plan import PlannedRun, SweepSpec, budget_label, plan
 
-__all__ = ["run_sweep", "collect", "write_tables", "run_one"]
+__all__ = ["run_sweep", "collect", "write_tables", "run_one", "RunsFailed"]
+
+
+class RunsFailed(PeerError):
+    """Some runs of a sweep failed; the others finished and the tables were written. ``results``: those."""
+
+    def __init__(self, failed: list[str], results: list[dict]):
+        super().__init__(f"{len(failed)} run(s) failed: {', '.join(failed[:6])}{' ...' if len(failed) > 6 else ''} "
+                         "(each run's sweep.log says why)")
+        self.failed, self.results = failed, results
 
 
 def run_one(config: dict, eval_batches: int, record: dict) -> dict:
@@ -99,7 +109,8 @@ def _launch(r: PlannedRun, spec: SweepSpec, threads: int, log) -> dict | None:
 
 
 def run_sweep(spec: SweepSpec, only: list[str] | None = None, dry_run: bool = False, log=print) -> list[dict]:
-    """Plan, run what is not done (``parallel`` at a time), then write the results tables."""
+    """Plan, run what is not done (``parallel`` at a time), then write the results tables. Raises
+    :class:`RunsFailed` (after the tables) when some runs failed."""
     runs = plan(spec)
     if only:
         runs = [r for r in runs if any(sel in r.run_id for sel in only)]
@@ -118,9 +129,12 @@ def _run_locked(spec: SweepSpec, todo: list[PlannedRun], log) -> list[dict]:
         _ensure_corpus(corpus, vocab, log)
     threads = run_threads(spec, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=spec.parallel) as pool:
-        list(pool.map(lambda r: _launch(r, spec, threads, log), todo))
+        outcomes = list(pool.map(lambda r: _launch(r, spec, threads, log), todo))
     results = collect(spec)
     write_tables(spec, results)
+    failed = [r.run_id for r, o in zip(todo, outcomes) if o is None]
+    if failed:
+        raise RunsFailed(failed, results)
     return results
 
 
