@@ -173,6 +173,19 @@ def test_compute_optimal_uses_the_seed_mean():
     assert order[1e12]["val"] == ["peer"]
 
 
+def test_every_point_table_marks_the_seed_mean_optimum():
+    """One row per point, in size order, with its seed mean; only the optimum on the mean is bold."""
+    from peer.experiments.sweep.analysis import points_markdown
+
+    runs = [dict(_res(1e12, "peer", "a", p), seed=i, params_active=50, steps=10) for i, p in enumerate([20.0, 40.0, 42.0])]
+    runs += [dict(_res(1e12, "peer", "b", p), seed=i, params_active=80, steps=7) for i, p in enumerate([30.0, 31.0, 32.0])]
+    runs += [dict(_res(1e12, "dense", "a", 50.0), params_active=40, steps=12)]
+    md = points_markdown(runs)
+    rows = [line for line in md.splitlines() if line.startswith("| 1e12")]
+    assert [r.split(" | ")[1:3] for r in rows] == [["dense", "a (40)"], ["peer", "a (50)"], ["peer", "b (80)"]]
+    assert "**50.00 (1)**" in rows[0] and "| 10 | 34.00 ± 12.17 (3) |" in rows[1] and "**31.00 ± 1.00 (3)**" in rows[2]
+
+
 def test_seeded_sweep_end_to_end(tmp_path):
     """A 2-variant x 2-seed sweep trains every run (train.seed differs, so do the losses), writes
     result.json per seed dir, a CSV with a seed column, tables with mean ± std (2), and is a no-op on re-run."""

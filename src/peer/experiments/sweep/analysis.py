@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import statistics
 
-__all__ = ["aggregate", "compute_optimal", "table1_markdown", "ablation_markdown", "method_ordering", "fmt_ppl"]
+__all__ = ["aggregate", "compute_optimal", "table1_markdown", "ablation_markdown", "points_markdown", "method_ordering",
+           "fmt_ppl"]
 
 
 def _point_key(r: dict) -> tuple:
@@ -127,4 +128,21 @@ def ablation_markdown(results: list[dict], metric_set: str = "val") -> str:
         usage = ", ".join(f"{100 * e['usage']:.1f}" for e in ex) or "-"
         uneven = ", ".join(f"{e['unevenness']:.2f}" for e in ex) or "-"
         lines.append(f"| {_fmt_budget(budget)} | {v} | {r['size']} | {fmt_ppl(r, metric_set)} | {usage} | {uneven} |")
+    return "\n".join(lines) + "\n"
+
+
+def points_markdown(results: list[dict], metric_set: str = "val") -> str:
+    """Every point of the grid, one row each (budget, variant, size ascending): steps, ``mean ± std (n)``
+    on ``metric_set``, expert usage of the sparse layer and mean training seconds per run; the
+    compute-optimal size of each (budget, variant) in bold."""
+    points = sorted(aggregate(results), key=lambda r: (r["budget"], r["variant"], r.get("params_active", 0)))
+    best = {id(r) for r in compute_optimal(points, metric_set).values()}  # aggregated points pass through as they are
+    lines = [f"| budget | variant | size (active params) | steps | ppl ({metric_set}), mean ± std (seeds) | usage % | train s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in points:
+        txt = fmt_ppl(r, metric_set)
+        usage = ", ".join(f"{100 * e['usage']:.1f}" for e in (r.get("experts") or {}).values() if "usage" in e) or "-"
+        lines.append(f"| {_fmt_budget(r['budget'])} | {r['variant']} | {r['size']} ({r.get('params_active', 0):,}) | "
+                     f"{r.get('steps', '-')} | {f'**{txt}**' if id(r) in best else txt} | {usage} | "
+                     f"{r.get('train_seconds', 0.0):.0f} |")
     return "\n".join(lines) + "\n"

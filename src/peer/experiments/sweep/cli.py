@@ -88,7 +88,7 @@ def print_next(spec, metric_set: str = "val") -> int:
 
 def report(spec, metric_set: str = "val") -> int:
     """Write Fig. 1 (PNG), Table 1 and the ablation table (Markdown) under the sweep root; print them."""
-    from .analysis import ablation_markdown, compute_optimal, fmt_ppl, method_ordering, table1_markdown
+    from .analysis import ablation_markdown, compute_optimal, fmt_ppl, method_ordering, points_markdown, table1_markdown
     from .gaps import best_recipe_results, gaps_markdown, method_of
     from .plan import budget_label
     from .plots import gap_figure, isoflop_figure
@@ -120,6 +120,7 @@ def report(spec, metric_set: str = "val") -> int:
         for s, vs in sets.items():
             lines.append(f"- {budget_label(budget)} FLOPs, {s}: "
                          + " < ".join(f"{v} {fmt_ppl(opt[(budget, v)], s)}" for v in vs))
+    lines += ["\n## Every point (bold: compute-optimal size of its variant)\n", points_markdown(results, metric_set)]
     text = "\n".join(lines) + "\n"
     md.write_text(text, encoding="utf-8")
     print(text)
