@@ -3,6 +3,11 @@
     cfg = load_config("configs/peer.toml", overrides=["train.flops=3e13", "model.d_model=256"])
 
 Every field is validated on load; an error names the dotted field and the allowed values.
+
+The conversion from TOML / ``--set`` values to the annotated types (:func:`_coerce`, ~60 lines) is
+kept by hand after trying cattrs and pydantic on the same dataclasses: cattrs turns ``"false"`` into
+True and ignores unknown keys by default, pydantic needs a compiled dependency, and both reject
+``1e4`` for an integer (``--set train.steps=1e4``) and would need hooks for the CLI's strings anyway.
 """
 
 from __future__ import annotations
