@@ -59,6 +59,20 @@ def test_trend_recovers_a_line_and_its_zero_crossing():
     assert gap_trend(rows[:1]) is None
 
 
+def test_the_report_says_where_the_zero_crossing_lies():
+    """A crossing beyond the budgets is an extrapolation; one below them means the gap moves away
+    from zero as the budget grows (PEER ahead and pulling away, or behind and falling further)."""
+    def md(g1, g2):
+        rs = []
+        for b, g in ((1e12, g1), (1e13, g2)):
+            rs += [_run(b, "peer", "s", 20 * math.exp(g), seed=s) for s in range(2)]
+            rs += [_run(b, "dense", "s", 20.0 * (1 + 0.01 * s), seed=s) for s in range(2)]
+        return gaps_markdown(rs, others=("dense",))
+    assert "beyond the budgets measured (extrapolated)" in md(0.2, 0.1)  # behind, closing: crosses at ~1e14
+    assert "no crossing ahead" in md(-0.1, -0.2)  # ahead and pulling away
+    assert "within the budgets measured" in md(0.1, -0.1)
+
+
 def test_next_runs_flags_edges_and_seeds_the_optimum_and_its_neighbours():
     sizes = [(100, "s"), (200, "m"), (300, "l"), (400, "xl")]
     rs = [_run(1e12, "dense", n, p, active=a) for (a, n), p in zip(sizes, [30.0, 25.0, 27.0, 29.0])]

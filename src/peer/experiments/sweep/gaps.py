@@ -116,6 +116,16 @@ def gap_trend(rows: list[dict]) -> dict | None:
     return out
 
 
+def _where(log10_cross: float, log10_budgets: list[float]) -> str:
+    """Where the fitted line's zero lies relative to the budgets it was fitted on."""
+    lo, hi = min(log10_budgets), max(log10_budgets)
+    if log10_cross > hi:
+        return ", beyond the budgets measured (extrapolated)"
+    if log10_cross >= lo:
+        return ", within the budgets measured"
+    return ", below the budgets measured: at larger budgets the line moves away from zero (no crossing ahead)"
+
+
 def _fmt_se(x: float) -> str:
     return "n/a (1 seed)" if not math.isfinite(x) else f"{x:.3f}"
 
@@ -142,7 +152,8 @@ def gaps_markdown(results: list[dict], method: str = "peer", others: tuple[str, 
         cross = "never (flat)" if t["log10_cross"] is None else (
             f"10^{t['log10_cross']:.2f} = {10 ** t['log10_cross']:.1e} FLOPs"
             + (f" (log10 ± {t['log10_cross_se']:.2f})" if t["log10_cross_se"] is not None
-               and math.isfinite(t["log10_cross_se"]) else " (uncertainty unknown)"))
+               and math.isfinite(t["log10_cross_se"]) else " (uncertainty unknown)")
+            + _where(t["log10_cross"], [math.log10(r["budget"]) for r in sub]))
         lines.append(f"- {method} vs {other} on {metric_set}: gap {t['slope']:+.3f} nats per decade of budget"
                      f" (± {_fmt_se(t['slope_se'])}, {'weighted by seeds' if t['weighted'] else 'unweighted'},"
                      f" {len(sub)} budgets); zero crossing {cross}")
