@@ -118,15 +118,21 @@ def table1_markdown(results: list[dict], metric_set: str = "val", order: list[st
     return "\n".join(lines) + "\n"
 
 
+def _expert_cells(point: dict) -> tuple[str, str]:
+    """Expert usage % and unevenness of each sparse layer of a point, comma-separated (``-``: none)."""
+    ex = list((point.get("experts") or {}).values())
+    usage = ", ".join(f"{100 * e['usage']:.1f}" for e in ex if "usage" in e) or "-"
+    uneven = ", ".join(f"{e['unevenness']:.2f}" for e in ex if "unevenness" in e) or "-"
+    return usage, uneven
+
+
 def ablation_markdown(results: list[dict], metric_set: str = "val") -> str:
     """One row per variant (best size per budget): perplexity, and expert usage/unevenness per sparse layer."""
     best = compute_optimal(results, metric_set)
     lines = ["| budget | variant | size | ppl (" + metric_set + "), mean ± std (seeds) | usage % | unevenness |",
              "|---|---|---|---|---|---|"]
     for (budget, v), r in sorted(best.items(), key=lambda kv: (kv[0][0], kv[0][1])):
-        ex = list((r.get("experts") or {}).values())
-        usage = ", ".join(f"{100 * e['usage']:.1f}" for e in ex) or "-"
-        uneven = ", ".join(f"{e['unevenness']:.2f}" for e in ex) or "-"
+        usage, uneven = _expert_cells(r)
         lines.append(f"| {_fmt_budget(budget)} | {v} | {r['size']} | {fmt_ppl(r, metric_set)} | {usage} | {uneven} |")
     return "\n".join(lines) + "\n"
 
@@ -141,7 +147,7 @@ def points_markdown(results: list[dict], metric_set: str = "val") -> str:
              "|---|---|---|---|---|---|---|"]
     for r in points:
         txt = fmt_ppl(r, metric_set)
-        usage = ", ".join(f"{100 * e['usage']:.1f}" for e in (r.get("experts") or {}).values() if "usage" in e) or "-"
+        usage, _ = _expert_cells(r)
         lines.append(f"| {_fmt_budget(r['budget'])} | {r['variant']} | {r['size']} ({r.get('params_active', 0):,}) | "
                      f"{r.get('steps', '-')} | {f'**{txt}**' if id(r) in best else txt} | {usage} | "
                      f"{r.get('train_seconds', 0.0):.0f} |")
