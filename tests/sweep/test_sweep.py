@@ -65,6 +65,17 @@ def test_too_big_models_are_skipped(spec):
     assert all(r.skipped for r in plan(spec))
 
 
+def test_progress_lines_are_flushed(spec, monkeypatch):
+    # a sweep piped into `| grep` or `| tee` must show each line as it happens, not at exit
+    calls = []
+    monkeypatch.setattr("builtins.print", lambda *a, **kw: calls.append((a, kw)))
+    spec.min_steps = 10**6
+    from peer.experiments.sweep.runner import run_sweep
+    assert run_sweep(spec, dry_run=True) == []
+    assert calls and all(kw.get("flush") for _, kw in calls)
+    assert all(a[0].startswith("[skip] ") for a, _ in calls)
+
+
 def test_bad_sweep_files(tmp_path):
     p = tmp_path / "bad.toml"
     p.write_text("[sweep]\nbudgets = []\n")

@@ -9,6 +9,7 @@ Several runs go in parallel when ``parallel > 1``; each then gets ``cores // par
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import subprocess
@@ -108,9 +109,11 @@ def _launch(r: PlannedRun, spec: SweepSpec, threads: int, log) -> dict | None:
     return json.loads(done.read_text())
 
 
-def run_sweep(spec: SweepSpec, only: list[str] | None = None, dry_run: bool = False, log=print) -> list[dict]:
+def run_sweep(spec: SweepSpec, only: list[str] | None = None, dry_run: bool = False, log=None) -> list[dict]:
     """Plan, run what is not done (``parallel`` at a time), then write the results tables. Raises
-    :class:`RunsFailed` (after the tables) when some runs failed."""
+    :class:`RunsFailed` (after the tables) when some runs failed. ``log`` defaults to a flushing
+    print, so a sweep's progress lines reach a pipe (``| tee``, ``| grep``) as each run starts and ends."""
+    log = log or functools.partial(print, flush=True)
     runs = plan(spec)
     if only:
         runs = [r for r in runs if any(sel in r.run_id for sel in only)]
