@@ -243,9 +243,13 @@ set = ["model.sparse_layer=peer", "model.peer.num_experts=64", "model.peer.heads
         assert (d / "result.json").is_file() and (d / "config.toml").is_file()
         assert f"seed = {r['seed']}" in (d / "config.toml").read_text()
     assert "seed" in (tmp_path / "res" / "e2e_results.csv").read_text().splitlines()[0].split(",")
-    assert report(spec) == 0
+    doc = tmp_path / "doc.md"
+    doc.write_text("intro\n<!-- sweep e2e:table1 -->\n<!-- /sweep e2e:table1 -->\noutro\n")
+    assert report(spec, into=str(doc)) == 0
     md = (tmp_path / "res" / "e2e_tables.md").read_text()
     assert "± " in md and "(2)" in md
+    table1 = md.split("\n\n")[1].strip()  # the page's first block after its title
+    assert doc.read_text() == f"intro\n<!-- sweep e2e:table1 -->\n{table1}\n<!-- /sweep e2e:table1 -->\noutro\n"
     again = []
     run_sweep(spec, log=again.append)
     assert sum("[skip]" in line for line in again) == 4 and not any("[run ]" in line for line in again)

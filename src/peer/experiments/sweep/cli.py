@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from ...errors import UsageError
+from ...fsutil import atomic_write_text
 
 
 def add_arguments(parser) -> None:
@@ -18,6 +19,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--parallel", type=int, default=0, help="runs at a time (default: the sweep file's)")
     parser.add_argument("--threads", type=int, default=-1,
                         help="torch threads per run (default: the sweep file's; 0: the cores split over the parallel runs)")
+    parser.add_argument("--into", metavar="DOC", help="plot: also refresh DOC's <!-- sweep NAME:KEY --> blocks")
     parser.add_argument("--metric-set", default="val", help="evaluation set that picks compute-optimal models")
 
 
@@ -41,6 +43,8 @@ def run(args) -> int:
             raise UsageError(f"peer sweep {action}: a sweep TOML file is required")
     else:
         action, file = "run", args.action_or_file
+    if getattr(args, "into", None) and action != "plot":
+        raise UsageError("--into goes with 'peer sweep plot'")
     spec = load_sweep(file)
     if args.parallel:
         spec.parallel = args.parallel
@@ -60,7 +64,7 @@ def run(args) -> int:
         except RunsFailed:
             report(spec, args.metric_set)  # what did finish, then the error line (exit 2)
             raise
-    return report(spec, args.metric_set)
+    return report(spec, args.metric_set, into=args.into)
 
 
 def print_next(spec, metric_set: str = "val") -> int:
@@ -86,12 +90,10 @@ def print_next(spec, metric_set: str = "val") -> int:
     return 0
 
 
-def report(spec, metric_set: str = "val") -> int:
-    """Write Fig. 1 (PNG), Table 1 and the ablation table (Markdown) under the sweep root; print them."""
-    from .analysis import ablation_markdown, compute_optimal, fmt_ppl, method_ordering, points_markdown, table1_markdown
-    from .gaps import best_recipe_results, gaps_markdown, method_of
-    from .plan import budget_label
-    from .plots import gap_figure, isoflop_figure
+def report(spec, metric_set: str = "val", into: str | None = None) -> int:
+    """Write Fig. 1 and the gap plot (PNG), the tables (Markdown) and the results CSV/JSON under the sweep root;
+    print the tables; with ``into``, also refresh that document's marked blocks (see :mod:`.report`)."""
+    from .report import report_markdown, report_sections, splice_into
     from .runner import collect, write_tables
 
     results = collect(spec)
@@ -100,29 +102,13 @@ def report(spec, metric_set: str = "val") -> int:
         return 1
     write_tables(spec, results)
     root: Path = spec.root
-    png, md = root / f"{spec.name}.png", root / f"{spec.name}_tables.md"
-    isoflop_figure(results, png, metric_set=metric_set)
-    t1 = table1_markdown(results, metric_set)
-    ab = ablation_markdown(results, metric_set)
-    order = method_ordering(best_recipe_results(results, metric_set), metric_set)
-    lines = [f"# {spec.name}: compute-optimal perplexity per budget\n", t1, "\n## Per variant (best size)\n", ab]
-    methods = {method_of(v) for v in spec.variants}
-    if "peer" in methods and methods & {"dense", "moe"}:
-        others = tuple(m for m in ("dense", "moe", "pkm") if m in methods)
-        sets = sorted({s for r in results for s in r.get("perplexity", {})}, key=lambda s: (s != metric_set, s))
-        gap_png = root / f"{spec.name}_gaps.png"
-        gap_figure(results, gap_png, "peer", others, metric_set)
-        lines += ["\n## PEER's gap to each method's best recipe (nats; < 0: PEER better)\n",
-                  gaps_markdown(results, "peer", others, metric_set, sets), f"Plot: {gap_png.name}\n"]
-    lines.append("\n## Ordering of each method's best recipe (best first)\n")
-    opt = compute_optimal(best_recipe_results(results, metric_set), metric_set)
-    for budget, sets in order.items():
-        for s, vs in sets.items():
-            lines.append(f"- {budget_label(budget)} FLOPs, {s}: "
-                         + " < ".join(f"{v} {fmt_ppl(opt[(budget, v)], s)}" for v in vs))
-    lines += ["\n## Every point (bold: compute-optimal size of its variant)\n", points_markdown(results, metric_set)]
-    text = "\n".join(lines) + "\n"
-    md.write_text(text, encoding="utf-8")
+    md = root / f"{spec.name}_tables.md"
+    sections = report_sections(spec, results, metric_set)
+    text = report_markdown(spec.name, sections)
+    atomic_write_text(md, text)
     print(text)
-    print(f"wrote {png}, {md}, {root / (spec.name + '_results.csv')}")
+    print(f"wrote {root / (spec.name + '.png')}, {md}, {root / (spec.name + '_results.csv')}")
+    if into:
+        keys = splice_into(into, spec.name, sections)
+        print(f"refreshed {len(keys)} blocks in {into}: {', '.join(keys)}")
     return 0

@@ -1,0 +1,131 @@
+"""``peer sweep plot``'s report: Fig. 1 and the gap plot (PNG), the tables (Markdown), and, with ``--into DOC``,
+the same tables spliced into a hand-written document between markers, so a report page cannot go stale.
+
+A document marks each generated block with a pair of HTML comments (invisible when rendered)::
+
+    <!-- sweep isoflop_redo:table1 -->
+    ...replaced on every `peer sweep plot FILE --into DOC`...
+    <!-- /sweep isoflop_redo:table1 -->
+
+The name is the sweep's, the key one of :data:`SECTIONS`. Everything outside the markers is left as it is.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from pathlib import Path
+
+from ...errors import UsageError
+from ...fsutil import atomic_write_text
+
+SECTIONS = ("table1", "variants", "gaps", "ordering", "points", "wall")
+_TITLES = {"table1": None, "variants": "Per variant (best size)",
+           "gaps": "PEER's gap to each method's best recipe (nats; < 0: PEER better)",
+           "ordering": "Ordering of each method's best recipe (best first)",
+           "points": "Every point (bold: compute-optimal size of its variant)",
+           "wall": "Wall time (training seconds of the finished runs)"}
+
+
+def wall_markdown(results: list[dict], parallel: int) -> str:
+    """Per budget: runs, summed training time, and the wall time at ``parallel`` runs side by side."""
+    from .plan import budget_label
+
+    secs: dict = collections.defaultdict(float)
+    runs: collections.Counter = collections.Counter()
+    for r in results:
+        secs[r["budget"]] += float(r.get("train_seconds") or 0.0)
+        runs[r["budget"]] += 1
+    p = max(1, parallel)
+    rows = [f"| {budget_label(b)} | {runs[b]} | {secs[b] / 3600:.1f} h | {secs[b] / 3600 / p:.1f} h |"
+            for b in sorted(secs)]
+    return "\n".join([f"| budget | runs | training time (sum) | wall at {p} side by side |", "|---|---|---|---|", *rows])
+
+
+def report_sections(spec, results: list[dict], metric_set: str = "val") -> dict[str, str]:
+    """The report's Markdown blocks by key (:data:`SECTIONS`); ``gaps`` only when the sweep has PEER and dense or MoE.
+    Writes the figures under the sweep root as a side effect."""
+    from .analysis import ablation_markdown, compute_optimal, fmt_ppl, method_ordering, points_markdown, table1_markdown
+    from .gaps import best_recipe_results, gaps_markdown, method_of
+    from .plan import budget_label
+    from .plots import gap_figure, isoflop_figure
+
+    root: Path = spec.root
+    isoflop_figure(results, root / f"{spec.name}.png", metric_set=metric_set)
+    out = {"table1": table1_markdown(results, metric_set), "variants": ablation_markdown(results, metric_set)}
+    methods = {method_of(v) for v in spec.variants}
+    if "peer" in methods and methods & {"dense", "moe"}:
+        others = tuple(m for m in ("dense", "moe", "pkm") if m in methods)
+        sets = sorted({s for r in results for s in r.get("perplexity", {})}, key=lambda s: (s != metric_set, s))
+        gap_png = root / f"{spec.name}_gaps.png"
+        gap_figure(results, gap_png, "peer", others, metric_set)
+        out["gaps"] = gaps_markdown(results, "peer", others, metric_set, sets)
+    best = best_recipe_results(results, metric_set)
+    opt = compute_optimal(best, metric_set)
+    out["ordering"] = "\n".join(
+        f"- {budget_label(budget)} FLOPs, {s}: " + " < ".join(f"{v} {fmt_ppl(opt[(budget, v)], s)}" for v in vs)
+        for budget, per_set in method_ordering(best, metric_set).items() for s, vs in per_set.items())
+    out["points"] = points_markdown(results, metric_set)
+    out["wall"] = wall_markdown(results, spec.parallel)
+    return {k: v.strip() for k, v in out.items()}
+
+
+def report_markdown(name: str, sections: dict[str, str]) -> str:
+    """The ``<name>_tables.md`` page: every section under its heading."""
+    lines = [f"# {name}: compute-optimal perplexity per budget\n"]
+    for key in SECTIONS:
+        if key in sections:
+            if _TITLES[key]:
+                lines.append(f"## {_TITLES[key]}\n")
+            lines.append(sections[key] + "\n")
+            if key == "gaps":
+                lines.append(f"Plot: {name}_gaps.png\n")
+    return "\n".join(lines)
+
+
+def splice(doc: str, name: str, sections: dict[str, str]) -> tuple[str, list[str]]:
+    """Replace every marked block of sweep ``name`` in ``doc``; return the new text and the keys replaced.
+    Raises :class:`UsageError` (one line) on an unknown key, an unclosed or unopened marker, or no marker at all."""
+    pat = re.compile(r"<!-- (/?)sweep ([\w.-]+):([\w-]+) -->")
+    pieces, pos, open_key, replaced = [], 0, None, []
+    for m in pat.finditer(doc):
+        closing, sweep, key = m.group(1) == "/", m.group(2), m.group(3)
+        if sweep != name:
+            continue
+        line = doc.count("\n", 0, m.start()) + 1
+        if key not in SECTIONS:
+            raise UsageError(f"line {line}: unknown section '{key}' in marker {m.group(0)}; "
+                             f"allowed: {', '.join(SECTIONS)}")
+        if not closing:
+            if open_key:
+                raise UsageError(f"line {line}: marker {m.group(0)} opens inside the unclosed '{open_key}' block")
+            if key not in sections:
+                raise UsageError(f"line {line}: this sweep's report has no '{key}' section "
+                                 f"(it has: {', '.join(sections)})")
+            pieces.append(doc[pos:m.end()])
+            open_key, pos = key, m.end()
+        else:
+            if open_key != key:
+                raise UsageError(f"line {line}: closing marker {m.group(0)} without its opening marker")
+            pieces.append("\n" + sections[key] + "\n")
+            pos, open_key = m.start(), None
+            replaced.append(key)
+    if open_key:
+        raise UsageError(f"the '{open_key}' block of sweep '{name}' is not closed (<!-- /sweep {name}:{open_key} -->)")
+    if not replaced:
+        raise UsageError(f"no <!-- sweep {name}:KEY --> ... <!-- /sweep {name}:KEY --> blocks; keys: {', '.join(SECTIONS)}")
+    pieces.append(doc[pos:])
+    return "".join(pieces), replaced
+
+
+def splice_into(path: str | Path, name: str, sections: dict[str, str]) -> list[str]:
+    """:func:`splice` a file in place (atomically; untouched on any error)."""
+    path = Path(path)
+    try:
+        doc = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"--into {path}: {e.strerror or e}") from None
+    text, replaced = splice(doc, name, sections)
+    if text != doc:
+        atomic_write_text(path, text)
+    return replaced

@@ -1,0 +1,72 @@
+"""`peer sweep plot --into DOC`: marked blocks are replaced, everything else is kept, bad markers fail in one line."""
+
+import pytest
+
+from peer.errors import UsageError
+from peer.experiments.sweep.report import SECTIONS, report_markdown, splice, splice_into, wall_markdown
+
+DOC = """# My study
+
+Prose that must survive.
+
+<!-- sweep s:table1 -->
+old table
+<!-- /sweep s:table1 -->
+
+More prose, and another sweep's block left alone:
+<!-- sweep other:table1 -->
+theirs
+<!-- /sweep other:table1 -->
+
+<!-- sweep s:wall -->
+<!-- /sweep s:wall -->
+end
+"""
+
+
+def test_splice_replaces_only_its_blocks():
+    text, keys = splice(DOC, "s", {"table1": "| new |", "wall": "| w |", "points": "unused"})
+    assert keys == ["table1", "wall"]
+    assert "old table" not in text and "<!-- sweep s:table1 -->\n| new |\n<!-- /sweep s:table1 -->" in text
+    assert "<!-- sweep s:wall -->\n| w |\n<!-- /sweep s:wall -->" in text
+    assert "theirs" in text and text.startswith("# My study\n\nProse that must survive.") and text.endswith("end\n")
+    again, _ = splice(text, "s", {"table1": "| new |", "wall": "| w |"})
+    assert again == text  # idempotent: a second refresh changes nothing
+
+
+@pytest.mark.parametrize("doc, match", [
+    ("<!-- sweep s:tabel1 -->\n<!-- /sweep s:tabel1 -->", "unknown section 'tabel1'.*allowed: table1"),
+    ("<!-- sweep s:table1 -->\nx\n", "not closed"),
+    ("x\n<!-- /sweep s:table1 -->", "line 2: closing marker"),
+    ("<!-- sweep s:table1 -->\n<!-- sweep s:wall -->\n<!-- /sweep s:wall -->\n<!-- /sweep s:table1 -->", "inside"),
+    ("<!-- sweep s:gaps -->\n<!-- /sweep s:gaps -->", "no 'gaps' section"),
+    ("no markers here", "no <!-- sweep s:KEY -->"),
+])
+def test_bad_markers_fail_in_one_line(doc, match):
+    with pytest.raises(UsageError, match=match) as err:
+        splice(doc, "s", {"table1": "t", "wall": "w"})
+    assert "\n" not in str(err.value)
+
+
+def test_splice_into_leaves_the_file_untouched_on_error(tmp_path):
+    p = tmp_path / "doc.md"
+    p.write_text(DOC.replace("<!-- /sweep s:wall -->", ""))
+    with pytest.raises(UsageError, match="not closed"):
+        splice_into(p, "s", {"table1": "new", "wall": "w"})
+    assert p.read_text() == DOC.replace("<!-- /sweep s:wall -->", "")
+    with pytest.raises(UsageError, match="--into"):
+        splice_into(tmp_path / "missing.md", "s", {"table1": "new"})
+
+
+def test_wall_time_sums_per_budget():
+    runs = [{"budget": 1e12, "train_seconds": 1800}, {"budget": 1e12, "train_seconds": 5400},
+            {"budget": 3e12, "train_seconds": 3600}, {"budget": 3e12}]
+    rows = wall_markdown(runs, parallel=2).splitlines()
+    assert rows[0] == "| budget | runs | training time (sum) | wall at 2 side by side |"
+    assert rows[2:] == ["| 1e12 | 2 | 2.0 h | 1.0 h |", "| 3e12 | 2 | 1.0 h | 0.5 h |"]
+
+
+def test_report_page_has_every_section_in_order():
+    page = report_markdown("s", {k: f"[{k}]" for k in SECTIONS})
+    pos = [page.index(f"[{k}]") for k in SECTIONS]
+    assert pos == sorted(pos) and page.startswith("# s: ") and "\n\n\n" not in page
