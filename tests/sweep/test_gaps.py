@@ -73,17 +73,26 @@ def test_the_report_says_where_the_zero_crossing_lies():
     assert "within the budgets measured" in md(0.1, -0.1)
 
 
-def test_next_runs_flags_edges_and_seeds_the_optimum_and_its_neighbours():
+def test_next_runs_extends_edges_and_seeds_only_bracketed_optima():
     sizes = [(100, "s"), (200, "m"), (300, "l"), (400, "xl")]
     rs = [_run(1e12, "dense", n, p, active=a) for (a, n), p in zip(sizes, [30.0, 25.0, 27.0, 29.0])]
     rs += [_run(1e12, "peer", n, p, active=a) for (a, n), p in zip(sizes[:3], [20.0, 22.0, 24.0])]
+    rs += [_run(1e12, "moe", n, p, active=a) for (a, n), p in zip(sizes[:2], [30.0, 26.0])]
     rs.append(_run(1e12, "dense", "m", 25.5, seed=1, active=200))
-    nxt = next_runs(rs, {(1e12, "dense"): sizes, (1e12, "peer"): sizes})
-    assert nxt["edges"] == [dict(budget=1e12, method="peer", variant="peer", size="s", side="smallest")]
+    nxt = next_runs(rs, {(1e12, v): sizes for v in ("dense", "peer", "moe")})
+    assert nxt["edges"] == [dict(budget=1e12, method="moe", variant="moe", size="m", side="largest", next_size="l"),
+                            dict(budget=1e12, method="peer", variant="peer", size="s", side="smallest", next_size=None)]
+    assert nxt["extend_runs"] == [dict(budget=1e12, variant="moe", size="l", seed=0)]  # peer: the grid ends at s
     dense = {(r["size"], r["seed"]) for r in nxt["seed_runs"] if r["variant"] == "dense"}
     assert dense == {("s", 1), ("s", 2), ("m", 2), ("l", 1), ("l", 2)}  # m seed 1 is done; xl is no neighbour
-    peer = {(r["size"], r["seed"]) for r in nxt["seed_runs"] if r["variant"] == "peer"}
-    assert peer == {("s", 1), ("s", 2), ("m", 1), ("m", 2)}  # xl has not run: l is the largest so far
+    assert {r["variant"] for r in nxt["seed_runs"]} == {"dense"}  # edge optima get no seeds yet
+
+
+def test_next_runs_brackets_a_single_size_on_both_sides():
+    sizes = [(100, "s"), (200, "m"), (300, "l")]
+    nxt = next_runs([_run(1e12, "peer", "m", 20.0, active=200)], {(1e12, "peer"): sizes})
+    assert [(e["side"], e["next_size"]) for e in nxt["edges"]] == [("smallest", "s"), ("largest", "l")]
+    assert {r["size"] for r in nxt["extend_runs"]} == {"s", "l"} and nxt["seed_runs"] == []
 
 
 def test_gap_figure(tmp_path):

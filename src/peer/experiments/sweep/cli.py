@@ -1,5 +1,6 @@
 """``peer sweep SWEEP.toml`` (plan, train, evaluate), ``peer sweep plan SWEEP.toml``, ``peer sweep plot SWEEP.toml``,
-``peer sweep next SWEEP.toml`` (optima at the grid's edge; the seed runs the optima and their neighbours still need),
+``peer sweep next SWEEP.toml`` (optima at the edge of the sizes run, with the seed-0 run beyond each; the seed runs
+a bracketed optimum and its neighbours still need),
 ``peer sweep compare POINT_A POINT_B`` (seeded comparison of two points on every evaluation set)."""
 
 from __future__ import annotations
@@ -68,8 +69,9 @@ def run(args) -> int:
 
 
 def print_next(spec, metric_set: str = "val") -> int:
-    """Print the optima at an edge of the sizes run so far, then one run id per line (seeds 1 and 2 at each
-    method's optimum and its two neighbours) for ``--only``; the sweep file must list those seeds."""
+    """Print the optima at an edge of the sizes run so far, then one run id per line for ``--only``: seed 0 of
+    the planned size beyond each edge, and seeds 1 and 2 at each bracketed optimum and its two neighbours (the
+    sweep file must list those seeds). Run them and ask again until it prints no run."""
     from .gaps import next_runs
     from .plan import budget_label, plan
     from .runner import collect
@@ -80,12 +82,14 @@ def print_next(spec, metric_set: str = "val") -> int:
             sizes.setdefault((r.budget, r.variant), set()).add((r.params_active, r.size))
     nxt = next_runs(collect(spec), {k: sorted(v) for k, v in sizes.items()}, metric_set=metric_set)
     for e in nxt["edges"]:
+        beyond = (f"next: {e['next_size']}" if e["next_size"] is not None
+                  else "the grid has no size beyond it: add one to the sweep file")
         print(f"# edge: {budget_label(e['budget'])} {e['method']} ({e['variant']}): optimum {e['size']} is the "
-              f"{e['side']} size run so far: extend the grid", flush=True)
+              f"{e['side']} size run so far ({beyond})", flush=True)
     missing = sorted({s for s in (1, 2)} - set(spec.seeds))
     if missing and nxt["seed_runs"]:
         print(f"# sweep.seeds lacks {missing}: add them to the sweep file to run these")
-    for r in nxt["seed_runs"]:
+    for r in nxt["extend_runs"] + nxt["seed_runs"]:
         print(f"{budget_label(r['budget'])}/{r['variant']}/{r['size']}/seed{r['seed']}")
     return 0
 

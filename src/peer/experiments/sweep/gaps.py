@@ -162,24 +162,34 @@ def gaps_markdown(results: list[dict], method: str = "peer", others: tuple[str, 
 
 def next_runs(results: list[dict], sizes_by_variant: dict[tuple[float, str], list[tuple[int, str]]],
               seeds: tuple[int, ...] = (1, 2), metric_set: str = "val") -> dict:
-    """What the study needs next, per (budget, method)'s best recipe: ``edges`` (the optimum is the
-    smallest or largest size that has run: extend the grid) and ``seed_runs`` (the runs of ``seeds`` at the
-    optimum and its two neighbours in size that have no result yet). ``sizes_by_variant`` maps
-    (budget, variant) to its planned (active params, size name) pairs."""
+    """What the study needs next, per (budget, method)'s best recipe. ``edges``: the optimum is the
+    smallest or largest size that has run, with ``next_size`` the planned size beyond it (None: the grid
+    has none, add one to the sweep file); ``extend_runs``: seed 0 of those next sizes, to bracket the
+    optimum; ``seed_runs``: for a bracketed optimum only, the runs of ``seeds`` at it and its two
+    neighbours in size that have no result yet. ``sizes_by_variant`` maps (budget, variant) to its planned
+    (active params, size name) pairs."""
     done = {(r["budget"], r["variant"], r["size"], r.get("seed", 0)) for r in results}
-    edges, seed_runs = [], []
+    edges, extend_runs, seed_runs = [], [], []
     for (budget, method), point in sorted(best_recipes(results, metric_set).items()):
         variant = point["variant"]
         have = {r["size"] for r in results if (r["budget"], r["variant"]) == (budget, variant)}
-        sizes = [name for _, name in sorted(sizes_by_variant.get((budget, variant), [])) if name in have]
+        planned = [name for _, name in sorted(sizes_by_variant.get((budget, variant), []))]
+        sizes = [name for name in planned if name in have]
         if point["size"] not in sizes:
             continue
         i = sizes.index(point["size"])
-        if i == 0 or i == len(sizes) - 1:
-            edges.append(dict(budget=budget, method=method, variant=variant, size=point["size"],
-                              side="smallest" if i == 0 else "largest"))
-        for size in sizes[max(0, i - 1): i + 2]:
+        sides = [side for side, at_edge in (("smallest", i == 0), ("largest", i == len(sizes) - 1)) if at_edge]
+        for side in sides:
+            j = planned.index(point["size"]) + (-1 if side == "smallest" else 1)
+            nxt = planned[j] if 0 <= j < len(planned) else None
+            edges.append(dict(budget=budget, method=method, variant=variant, size=point["size"], side=side,
+                              next_size=nxt))
+            if nxt is not None and (budget, variant, nxt, 0) not in done:
+                extend_runs.append(dict(budget=budget, variant=variant, size=nxt, seed=0))
+        if sides:
+            continue  # seeds wait until the optimum is bracketed
+        for size in sizes[i - 1: i + 2]:
             for seed in seeds:
                 if (budget, variant, size, seed) not in done:
                     seed_runs.append(dict(budget=budget, variant=variant, size=size, seed=seed))
-    return dict(edges=edges, seed_runs=seed_runs)
+    return dict(edges=edges, extend_runs=extend_runs, seed_runs=seed_runs)
