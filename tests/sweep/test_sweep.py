@@ -335,3 +335,54 @@ def test_a_shared_run_dir_trained_with_another_config_is_not_reused(spec):
     assert _launch(r, spec, 1, logs.append) is None
     assert logs[-1].startswith("[FAIL]") and "optim.lr" in logs[-1]
     assert json.loads((out / "result.json").read_text()) == result  # nothing overwritten
+
+
+def test_device_is_an_execution_setting(spec, tmp_path, monkeypatch):
+    """`--device` / sweep.device sets train.device of the runs it launches; a finished run is reused
+    whatever device it ran on (like threads, the device changes rounding, not what is trained);
+    a device this torch cannot use is one clear error before any run starts."""
+    import json
+
+    from peer.config import config_to_dict
+    from peer.experiments.sweep.runner import _launch, config_differences, run_sweep
+
+    assert config_differences({"train": {"device": "cuda"}}, {"train": {"device": "cpu"}}) == []
+    p = tmp_path / "d.toml"
+    p.write_text(SWEEP.format(out=tmp_path / "res").replace('name = "t"', 'name = "t"\ndevice = "cpu"'))
+    assert load_sweep(p).device == "cpu"
+    r = plan(spec)[0]
+    launched = []
+    monkeypatch.setattr("subprocess.run", lambda argv, **kw: launched.append(json.loads(Path(argv[-1]).read_text()))
+                        or type("P", (), {"returncode": 1})())
+    spec.device = "cpu"
+    assert _launch(r, spec, 1, lambda line: None) is None  # the stand-in worker wrote no result
+    assert launched[-1]["config"]["train"]["device"] == "cpu"
+    out = Path(r.config.train.out_dir)
+    cfg = config_to_dict(r.config)
+    cfg["train"]["device"] = "cuda:0"  # trained elsewhere
+    (out / "sweep_job.json").write_text(json.dumps({"config": cfg}))
+    (out / "result.json").write_text(json.dumps({"run_id": r.run_id}))
+    logs = []
+    assert _launch(r, spec, 1, logs.append) == {"run_id": r.run_id} and logs[-1].startswith("[skip]")
+    spec.device = "tpu"
+    with pytest.raises(ConfigError, match="train.device"):
+        run_sweep(spec, log=logs.append)
+
+
+def test_only_selectors_set_the_order_runs_start_in(spec, monkeypatch):
+    from peer.experiments.sweep import runner
+
+    started = []
+    monkeypatch.setattr(runner, "_run_locked", lambda spec, todo, log: started.extend(r.run_id for r in todo) or [])
+    runner.run_sweep(spec, only=["4e11/peer", "1e11/dense/big", "small"], log=lambda line: None)
+    assert started == ["4e11/peer/small", "4e11/peer/big", "1e11/dense/big",
+                       "1e11/dense/small", "1e11/peer/small", "4e11/dense/small"]
+
+
+def test_result_records_the_hardware():
+    from peer.experiments.sweep.runner import hardware
+
+    hw = hardware("cpu")
+    assert hw["device"] == "cpu" and hw["name"] and hw["threads"] >= 1
+    import torch
+    assert hw["torch"] == torch.__version__

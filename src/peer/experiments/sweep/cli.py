@@ -16,10 +16,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("other", nargs="?", help="point B (after 'compare')")
     parser.add_argument("--names", default="A,B", help="compare: the two sides' names (default: A,B)")
     parser.add_argument("--json", action="store_true", help="compare: print JSON")
-    parser.add_argument("--only", action="append", default=[], help="run only runs whose id contains this (repeatable)")
+    parser.add_argument("--only", action="append", default=[], help="run only runs whose id contains this (repeatable; runs start in the order of the first selector each matches)")
     parser.add_argument("--parallel", type=int, default=0, help="runs at a time (default: the sweep file's)")
     parser.add_argument("--threads", type=int, default=-1,
                         help="torch threads per run (default: the sweep file's; 0: the cores split over the parallel runs)")
+    parser.add_argument("--device", default="",
+                        help="train.device of the runs (e.g. cuda; default: the sweep file's, else the config's). "
+                             "An execution setting, like --threads: finished runs are reused whatever device they ran on")
     parser.add_argument("--into", metavar="DOC", help="plot: also refresh DOC's <!-- sweep NAME:KEY --> blocks")
     parser.add_argument("--metric-set", default="val", help="evaluation set that picks compute-optimal models")
 
@@ -51,6 +54,8 @@ def run(args) -> int:
         spec.parallel = args.parallel
     if args.threads >= 0:
         spec.threads = args.threads
+    if args.device:
+        spec.device = args.device
     if action == "plan":
         print(plan_table(plan(spec)))
         return 0

@@ -53,6 +53,7 @@ class SweepSpec:
     out_dir: str = ""
     parallel: int = 1
     threads: int = 0  # torch threads per run; 0: the machine's cores split over the parallel runs
+    device: str = ""  # train.device of every run ("": the base config's); how runs execute, not what they train
     eval_batches: int = 40
     source: str = ""
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -114,7 +115,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
         if key not in known:
             raise ConfigError(f"{key}: unknown section; known sections: {', '.join(sorted(known))}")
     s = data.get("sweep", {})
-    allowed = {"name", "budgets", "base", "set", "min_steps", "max_params", "out_dir", "parallel", "threads", "eval_batches", "seeds"}
+    allowed = {"name", "budgets", "base", "set", "min_steps", "max_params", "out_dir", "parallel", "threads", "device", "eval_batches", "seeds"}
     for key in s:
         if key not in allowed:
             raise ConfigError(f"sweep.{key}: unknown setting; known: {', '.join(sorted(allowed))}")
@@ -149,7 +150,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
         base=_resolve_base(p, str(s.get("base", ""))), overrides=_str_list(s.get("set"), "sweep.set"),
         min_steps=int(s.get("min_steps", 20)), max_params=int(s.get("max_params", 0)),
         out_dir=str(s.get("out_dir", "")), parallel=int(s.get("parallel", 1)),
-        threads=int(s.get("threads", 0)),
+        threads=int(s.get("threads", 0)), device=str(s.get("device", "")),
         eval_batches=int(s.get("eval_batches", 40)), source=str(p), seeds=list(seeds), seeded="seeds" in s,
     )
     if spec.parallel < 1:

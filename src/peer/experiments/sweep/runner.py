@@ -46,11 +46,31 @@ def run_one(config: dict, eval_batches: int, record: dict) -> dict:
     train_or_resume(cfg)
     train_s = time.time() - t0
     ev = evaluate(run_dir, max_batches=eval_batches)
-    result = dict(record, train_seconds=round(train_s, 1), eval=ev,
+    result = dict(record, train_seconds=round(train_s, 1), hardware=hardware(cfg.train.device), eval=ev,
                   perplexity={name: s["perplexity"] for name, s in ev["sets"].items()},
                   experts=ev.get("experts", {}))
     atomic_write_text(Path(run_dir) / "result.json", json.dumps(result, indent=2))
     return result
+
+
+def hardware(device: str) -> dict:
+    """What a run trained on (runs of one study may come from several machines): the device and its
+    name (the GPU's, else the CPU model's), torch's version and the torch threads used."""
+    import platform
+
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as fh:
+                name = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), name)
+        except OSError:
+            pass
+    return dict(device=dev.type, name=name, torch=torch.__version__, threads=torch.get_num_threads())
 
 
 def _record(r: PlannedRun) -> dict:
@@ -61,7 +81,8 @@ def _record(r: PlannedRun) -> dict:
                 d_model=r.config.model.d_model, n_layers=r.config.model.n_layers)
 
 
-_RUN_ONLY = {("train", "threads"), ("train", "progress")}  # how a run was executed, not what it trained
+# how a run was executed, not what it trained: like the thread count, the device changes float rounding only
+_RUN_ONLY = {("train", "threads"), ("train", "progress"), ("train", "device")}
 
 
 def config_differences(stored: dict, planned: dict, prefix: tuple = ()) -> list[str]:
@@ -96,6 +117,8 @@ def _launch(r: PlannedRun, spec: SweepSpec, threads: int, log) -> dict | None:
         return json.loads(done.read_text())
     cfg["train"]["threads"] = threads
     cfg["train"]["progress"] = False
+    if spec.device:
+        cfg["train"]["device"] = spec.device
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(job, json.dumps(dict(config=cfg, eval_batches=spec.eval_batches, record=_record(r))))
     log(f"[run ] {r.run_id}: {r.steps} steps, {r.tokens:,} tokens, {r.params_active:,} active params")
@@ -115,14 +138,19 @@ def run_sweep(spec: SweepSpec, only: list[str] | None = None, dry_run: bool = Fa
     print, so a sweep's progress lines reach a pipe (``| tee``, ``| grep``) as each run starts and ends."""
     log = log or functools.partial(print, flush=True)
     runs = plan(spec)
-    if only:
-        runs = [r for r in runs if any(sel in r.run_id for sel in only)]
+    if only:  # runs start in the order of the selectors they match first (a priority list), else in plan order
+        rank = {id(r): min((i for i, sel in enumerate(only) if sel in r.run_id), default=-1) for r in runs}
+        runs = sorted((r for r in runs if rank[id(r)] >= 0), key=lambda r: rank[id(r)])
     todo = [r for r in runs if not r.skipped]
     for r in runs:
         if r.skipped:
             log(f"[skip] {r.run_id}: {r.skipped}")
     if dry_run:
         return []
+    if spec.device:
+        from ...train.loop import check_device
+
+        check_device(spec.device)  # one clear line before any run starts
     with FolderLock(spec.root, "sweep folder"):  # a second `peer sweep` on this root fails at once, naming the pid
         return _run_locked(spec, todo, log)
 
