@@ -352,8 +352,8 @@ def test_device_is_an_execution_setting(spec, tmp_path, monkeypatch):
     assert load_sweep(p).device == "cpu"
     r = plan(spec)[0]
     launched = []
-    monkeypatch.setattr("subprocess.run", lambda argv, **kw: launched.append(json.loads(Path(argv[-1]).read_text()))
-                        or type("P", (), {"returncode": 1})())
+    monkeypatch.setattr("peer.experiments.sweep.runner.Workers.run",
+                        lambda self, argv, out: launched.append(json.loads(Path(argv[-1]).read_text())) or 1)
     spec.device = "cpu"
     assert _launch(r, spec, 1, lambda line: None) is None  # the stand-in worker wrote no result
     assert launched[-1]["config"]["train"]["device"] == "cpu"
@@ -386,3 +386,59 @@ def test_result_records_the_hardware():
     assert hw["device"] == "cpu" and hw["name"] and hw["threads"] >= 1
     import torch
     assert hw["torch"] == torch.__version__
+
+
+def test_a_stopped_sweep_forwards_the_signal_once_and_starts_no_run(tmp_path):
+    """SIGINT/SIGTERM to `peer sweep`: each running worker gets the signal once (it checkpoints and exits),
+    no queued run starts afterwards, and the sweep ends with one Interrupted line (resumable)."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from peer.experiments.sweep.runner import Workers
+
+    child = ("import signal, sys, time\n"
+             "n = []\n"
+             "signal.signal(signal.SIGINT, lambda *a: n.append(1))\n"
+             "print('ready', flush=True)\n"
+             "t = time.time()\n"
+             "while not n and time.time() - t < 30: time.sleep(0.01)\n"
+             "time.sleep(0.3)\n"
+             "sys.exit(10 + len(n))\n")
+    workers, codes = Workers(), []
+    log = tmp_path / "w.log"
+    with open(log, "w") as fh:
+        th = threading.Thread(target=lambda: codes.append(workers.run([sys.executable, "-c", child], fh)))
+        th.start()
+        t0 = time.time()
+        while "ready" not in log.read_text() and time.time() - t0 < 20:
+            time.sleep(0.05)
+        workers.stop(signal.SIGINT)
+        th.join(30)
+        assert codes == [11]  # the child saw exactly one SIGINT
+        assert workers.run([sys.executable, "-c", "pass"], fh) is None  # nothing starts after a stop
+    assert subprocess.run([sys.executable, "-c", "pass"]).returncode == 0
+
+
+def test_run_sweep_stopped_raises_interrupted(spec, monkeypatch):
+    import signal
+
+    from peer.experiments.sweep import runner
+    from peer.train.signals import Interrupted
+
+    spec.parallel = 1
+    started = []
+
+    def fake_run(self, argv, out):
+        if self.stopped:
+            return None
+        started.append(argv[-1])
+        self.stop(signal.SIGTERM)  # the signal arrives during the first run
+        return 143
+
+    monkeypatch.setattr(runner.Workers, "run", fake_run)
+    with pytest.raises(Interrupted, match="SIGTERM: 8 run"):
+        runner.run_sweep(spec, log=lambda line: None)
+    assert len(started) == 1

@@ -12,8 +12,10 @@ import csv
 import functools
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +23,7 @@ from pathlib import Path
 from ...config import config_from_dict, config_to_dict
 from ...errors import PeerError
 from ...fsutil import FolderLock, atomic_write_text
+from ...train.signals import Interrupted
 from .plan import PlannedRun, SweepSpec, budget_label, plan
 
 __all__ = ["run_sweep", "collect", "write_tables", "run_one", "RunsFailed"]
@@ -101,7 +104,39 @@ def config_differences(stored: dict, planned: dict, prefix: tuple = ()) -> list[
     return out
 
 
-def _launch(r: PlannedRun, spec: SweepSpec, threads: int, log) -> dict | None:
+class Workers:
+    """The sweep's worker processes. Each runs in its own process session, so a terminal's Ctrl-C reaches
+    the sweep alone; :meth:`stop` (the sweep's SIGINT/SIGTERM) forwards the signal once to every running
+    worker, which saves a checkpoint at its current step and exits, and no further run starts."""
+
+    def __init__(self):
+        self._procs: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+        self.stopped: int | None = None  # the signal that stopped the sweep
+
+    def run(self, argv: list[str], out) -> int | None:
+        """The worker's exit status; None when the sweep was stopped before it started."""
+        with self._lock:
+            if self.stopped is not None:
+                return None
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self._procs.add(proc)
+        try:
+            return proc.wait()
+        finally:
+            with self._lock:
+                self._procs.discard(proc)
+
+    def stop(self, signum: int, frame=None) -> None:
+        with self._lock:
+            first = self.stopped is None
+            self.stopped = signum
+            procs = list(self._procs)
+        for proc in procs:  # a second signal is forwarded too: the workers then abort their save (the previous checkpoint stays)
+            proc.send_signal(signum if first else signal.SIGINT)
+
+
+def _launch(r: PlannedRun, spec: SweepSpec, threads: int, log, workers: Workers | None = None) -> dict | None:
     out = Path(r.config.train.out_dir)
     done = out / "result.json"
     job = out / "sweep_job.json"
@@ -121,12 +156,18 @@ def _launch(r: PlannedRun, spec: SweepSpec, threads: int, log) -> dict | None:
         cfg["train"]["device"] = spec.device
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(job, json.dumps(dict(config=cfg, eval_batches=spec.eval_batches, record=_record(r))))
+    workers = workers or Workers()
+    if workers.stopped:
+        return None  # the sweep was stopped: no new run starts
     log(f"[run ] {r.run_id}: {r.steps} steps, {r.tokens:,} tokens, {r.params_active:,} active params")
     t0 = time.time()
     with open(out / "sweep.log", "a") as fh:
-        proc = subprocess.run([sys.executable, "-m", "peer.experiments.sweep.worker", str(job)], stdout=fh, stderr=subprocess.STDOUT)
-    if proc.returncode != 0 or not done.is_file():
-        log(f"[FAIL] {r.run_id}: exit {proc.returncode}; see {out / 'sweep.log'}")
+        code = workers.run([sys.executable, "-m", "peer.experiments.sweep.worker", str(job)], fh)
+    if code is None:
+        return None
+    if code != 0 or not done.is_file():
+        stopped = " (stopped by a signal: its checkpoint resumes it)" if workers.stopped else ""
+        log(f"[{'stop' if workers.stopped else 'FAIL'}] {r.run_id}: exit {code}{stopped}; see {out / 'sweep.log'}")
         return None
     log(f"[done] {r.run_id} in {time.time() - t0:.0f}s")
     return json.loads(done.read_text())
@@ -159,13 +200,23 @@ def _run_locked(spec: SweepSpec, todo: list[PlannedRun], log) -> list[dict]:
     for corpus, vocab in sorted({(r.config.data.corpus, r.config.model.vocab_size) for r in todo}):
         _ensure_corpus(corpus, vocab, log)
     threads = run_threads(spec, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=spec.parallel) as pool:
-        outcomes = list(pool.map(lambda r: _launch(r, spec, threads, log), todo))
+    workers = Workers()
+    main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, workers.stop) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        with ThreadPoolExecutor(max_workers=spec.parallel) as pool:
+            outcomes = list(pool.map(lambda r: _launch(r, spec, threads, log, workers), todo))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     results = collect(spec)
     write_tables(spec, results)
-    failed = [r.run_id for r, o in zip(todo, outcomes) if o is None]
-    if failed:
-        raise RunsFailed(failed, results)
+    unfinished = [r.run_id for r, o in zip(todo, outcomes) if o is None]
+    if workers.stopped:
+        raise Interrupted(f"stopped by {signal.Signals(workers.stopped).name}: {len(unfinished)} run(s) not finished "
+                          "(those in flight saved a checkpoint); the same command resumes them", workers.stopped)
+    if unfinished:
+        raise RunsFailed(unfinished, results)
     return results
 
 
