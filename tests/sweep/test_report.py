@@ -59,11 +59,14 @@ def test_splice_into_leaves_the_file_untouched_on_error(tmp_path):
 
 
 def test_wall_time_sums_per_budget():
+    gpu = {"device": "cuda", "name": "NVIDIA H200"}
     runs = [{"budget": 1e12, "train_seconds": 1800}, {"budget": 1e12, "train_seconds": 5400},
-            {"budget": 3e12, "train_seconds": 3600}, {"budget": 3e12}]
+            {"budget": 3e12, "train_seconds": 3600}, {"budget": 3e12},
+            {"budget": 3e12, "train_seconds": 720, "hardware": gpu}, {"budget": 3e12, "train_seconds": 720, "hardware": gpu}]
     rows = wall_markdown(runs, parallel=2).splitlines()
-    assert rows[0] == "| budget | runs | training time (sum) | wall at 2 side by side |"
-    assert rows[2:] == ["| 1e12 | 2 | 2.0 h | 1.0 h |", "| 3e12 | 2 | 1.0 h | 0.5 h |"]
+    assert rows[0] == "| budget | hardware | runs | training time (sum) | wall at 2 side by side |"
+    assert rows[2:] == ["| 1e12 | CPU (not recorded) | 2 | 2.0 h | 1.0 h |", "| 3e12 | CPU (not recorded) | 2 | 1.0 h | 0.5 h |",
+                        "| 3e12 | NVIDIA H200 | 2 | 0.4 h | 0.2 h |"]  # a budget's runs on another machine: a row of their own
 
 
 def test_report_page_has_every_section_in_order():

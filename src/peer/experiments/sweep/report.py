@@ -28,18 +28,22 @@ _TITLES = {"table1": None, "variants": "Per variant (best size)",
 
 
 def wall_markdown(results: list[dict], parallel: int) -> str:
-    """Per budget: runs, summed training time, and the wall time at ``parallel`` runs side by side."""
+    """Per budget and hardware (a study may run on several machines): runs, summed training time, and the
+    wall time at ``parallel`` runs side by side. Runs from before ``hardware`` was recorded count as CPU."""
     from .plan import budget_label
 
     secs: dict = collections.defaultdict(float)
     runs: collections.Counter = collections.Counter()
     for r in results:
-        secs[r["budget"]] += float(r.get("train_seconds") or 0.0)
-        runs[r["budget"]] += 1
+        hw = r.get("hardware") or {}
+        key = (r["budget"], hw.get("device", "cpu") != "cpu", hw.get("name") or "CPU (not recorded)")
+        secs[key] += float(r.get("train_seconds") or 0.0)
+        runs[key] += 1
     p = max(1, parallel)
-    rows = [f"| {budget_label(b)} | {runs[b]} | {secs[b] / 3600:.1f} h | {secs[b] / 3600 / p:.1f} h |"
-            for b in sorted(secs)]
-    return "\n".join([f"| budget | runs | training time (sum) | wall at {p} side by side |", "|---|---|---|---|", *rows])
+    rows = [f"| {budget_label(b)} | {name} | {runs[b, gpu, name]} | {secs[b, gpu, name] / 3600:.1f} h | "
+            f"{secs[b, gpu, name] / 3600 / p:.1f} h |" for b, gpu, name in sorted(secs)]
+    return "\n".join([f"| budget | hardware | runs | training time (sum) | wall at {p} side by side |",
+                      "|---|---|---|---|---|", *rows])
 
 
 def report_sections(spec, results: list[dict], metric_set: str = "val") -> dict[str, str]:
