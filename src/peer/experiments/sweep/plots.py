@@ -6,19 +6,34 @@ from pathlib import Path
 
 from .analysis import aggregate, compute_optimal
 
-__all__ = ["isoflop_figure", "gap_figure"]
+__all__ = ["isoflop_figure", "gap_figure", "figure_results"]
 
 _MARKERS = {"dense": "o", "moe": "s", "pkm": "^", "peer": "D"}
 
 
+METHODS = ("dense", "moe", "pkm", "peer")  # the paper's four: one colour each in every figure
+
+
+def figure_results(results: list[dict], metric_set: str = "val") -> list[dict]:
+    """The runs Fig. 1 shows: for the paper's four methods, each budget's best recipe only (a study with
+    several learning rates per method would otherwise draw every one); other variants (ablation arms) as run."""
+    from .gaps import best_recipe_results, method_of
+
+    ours = [r for r in results if method_of(r["variant"]) in METHODS]
+    return best_recipe_results(ours, metric_set) + [r for r in results if method_of(r["variant"]) not in METHODS]
+
+
 def isoflop_figure(results: list[dict], out: Path, metric_set: str = "val", x: str = "params_active") -> dict:
-    """One curve per (method, budget): mean perplexity over seeds on ``metric_set`` against ``x`` (active
+    """One curve per (variant, budget): mean perplexity over seeds on ``metric_set`` against ``x`` (active
     parameters by default), error bars of one std where a point has several seeds, compute-optimal
-    points circled. Returns the plotted series (x, mean, std) for checking."""
+    points circled; the colour is the method's, the line style the budget's. Returns the plotted series
+    (x, mean, std) for checking."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from .gaps import method_of
 
     series: dict[tuple[float, str], list[tuple[float, float, float]]] = {}
     for r in aggregate(results):
@@ -32,23 +47,25 @@ def isoflop_figure(results: list[dict], out: Path, metric_set: str = "val", x: s
     budgets = sorted({b for b, _ in series})
     styles = ["-", "--", ":", "-."]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    variants = sorted({v for _, v in series})
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    variants = sorted({v for _, v in series}, key=lambda v: (method_of(v) not in METHODS, v))
+    hues = {v: colors[(METHODS.index(method_of(v)) if method_of(v) in METHODS else len(METHODS) + i) % len(colors)]
+            for i, v in enumerate(variants)}
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
     for (b, v), pts in sorted(series.items()):
         xs, ys, sds = zip(*pts)
         ls = styles[budgets.index(b) % len(styles)]
-        c = colors[variants.index(v) % len(colors)]
-        ax.errorbar(xs, ys, yerr=sds if any(sds) else None, fmt=ls, marker=_MARKERS.get(v, "o"), color=c,
-                    capsize=3, label=f"{v} @ {b:.0e} FLOPs")
+        ax.errorbar(xs, ys, yerr=sds if any(sds) else None, fmt=ls, marker=_MARKERS.get(method_of(v), "o"),
+                    color=hues[v], capsize=3, label=f"{v} @ {b:.0e}")
         opt = best.get((b, v))
         if opt is not None:
-            ax.scatter([opt[x]], [opt["perplexity"][metric_set]], s=180, facecolors="none", edgecolors=c, linewidths=2)
+            ax.scatter([opt[x]], [opt["perplexity"][metric_set]], s=180, facecolors="none", edgecolors=hues[v], linewidths=2)
     ax.set_xscale("log")
+    ax.set_yscale("log")
     ax.set_xlabel("active parameters" if x == "params_active" else x)
     ax.set_ylabel(f"perplexity ({metric_set})")
-    ax.set_title("isoFLOP curves (mean ± std over seeds; circles: compute-optimal)")
+    ax.set_title("isoFLOP curves (mean ± std over seeds; circles: compute-optimal)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="variant @ FLOPs", title_fontsize=7)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
