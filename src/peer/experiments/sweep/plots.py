@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .analysis import aggregate, compute_optimal
 
-__all__ = ["isoflop_figure", "gap_figure", "figure_results"]
+__all__ = ["isoflop_figure", "gap_figure", "headline_results"]
 
 _MARKERS = {"dense": "o", "moe": "s", "pkm": "^", "peer": "D"}
 
@@ -14,9 +14,9 @@ _MARKERS = {"dense": "o", "moe": "s", "pkm": "^", "peer": "D"}
 METHODS = ("dense", "moe", "pkm", "peer")  # the paper's four: one colour each in every figure
 
 
-def figure_results(results: list[dict], metric_set: str = "val") -> list[dict]:
-    """The runs Fig. 1 shows: for the paper's four methods, each budget's best recipe only (a study with
-    several learning rates per method would otherwise draw every one); other variants (ablation arms) as run."""
+def headline_results(results: list[dict], metric_set: str = "val") -> list[dict]:
+    """The runs Fig. 1 and Table 1 show: for the paper's four methods, each budget's best recipe only (a study
+    with several learning rates per method would otherwise list every one); other variants (ablation arms) as run."""
     from .gaps import best_recipe_results, method_of
 
     ours = [r for r in results if method_of(r["variant"]) in METHODS]

@@ -52,11 +52,12 @@ def report_sections(spec, results: list[dict], metric_set: str = "val") -> dict[
     from .analysis import ablation_markdown, compute_optimal, fmt_ppl, method_ordering, points_markdown, table1_markdown
     from .gaps import best_recipe_results, gaps_markdown, method_of
     from .plan import budget_label
-    from .plots import figure_results, gap_figure, isoflop_figure
+    from .plots import headline_results, gap_figure, isoflop_figure
 
     root: Path = spec.root
-    isoflop_figure(figure_results(results, metric_set), root / f"{spec.name}.png", metric_set=metric_set)
-    out = {"table1": table1_markdown(results, metric_set), "variants": ablation_markdown(results, metric_set)}
+    headline = headline_results(results, metric_set)
+    isoflop_figure(headline, root / f"{spec.name}.png", metric_set=metric_set)
+    out = {"table1": table1_markdown(headline, metric_set), "variants": ablation_markdown(results, metric_set)}
     methods = {method_of(v) for v in spec.variants}
     if "peer" in methods and methods & {"dense", "moe"}:
         others = tuple(m for m in ("dense", "moe", "pkm") if m in methods)
