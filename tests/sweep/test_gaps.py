@@ -107,12 +107,12 @@ def test_gap_figure(tmp_path):
 
 
 def test_fig1_shows_each_methods_best_recipe_and_every_ablation_arm():
-    from peer.experiments.sweep.plots import figure_results
+    from peer.experiments.sweep.plots import headline_results
 
     runs = [_run(1e12, "dense", "s", 10.0), _run(1e12, "dense_lr2e-2", "s", 9.0), _run(1e12, "dense_lr2e-2", "m", 9.5),
             _run(1e12, "peer", "s", 8.0), _run(1e12, "peer_lr1e-2", "s", 8.5),
             _run(3e12, "dense", "s", 7.0), _run(3e12, "dense_lr2e-2", "s", 7.5),
             _run(1e12, "n64sq", "s", 12.0), _run(1e12, "n64sq_nobn", "s", 13.0)]
-    shown = {(r["budget"], r["variant"], r["size"]) for r in figure_results(runs)}
+    shown = {(r["budget"], r["variant"], r["size"]) for r in headline_results(runs)}
     assert shown == {(1e12, "dense_lr2e-2", "s"), (1e12, "dense_lr2e-2", "m"), (1e12, "peer", "s"), (3e12, "dense", "s"),
                      (1e12, "n64sq", "s"), (1e12, "n64sq_nobn", "s")}

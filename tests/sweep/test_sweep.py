@@ -11,6 +11,8 @@ from peer.experiments.sweep import compute_optimal, load_sweep, method_ordering,
 from peer.experiments.sweep.analysis import aggregate
 from peer.experiments.sweep.runner import collect, run_threads
 
+from sweep_fixtures import tiny_seeded_sweep
+
 SWEEP = """
 [sweep]
 name = "t"
@@ -200,38 +202,10 @@ def test_every_point_table_marks_the_seed_mean_optimum():
 def test_seeded_sweep_end_to_end(tmp_path):
     """A 2-variant x 2-seed sweep trains every run (train.seed differs, so do the losses), writes
     result.json per seed dir, a CSV with a seed column, tables with mean ± std (2), and is a no-op on re-run."""
-    import importlib.util
-    from pathlib import Path
-
     from peer.experiments.sweep.cli import report
     from peer.experiments.sweep.runner import run_sweep
 
-    spec_ = importlib.util.spec_from_file_location("train_fixtures", Path(__file__).parents[1] / "train" / "conftest.py")
-    fixtures = importlib.util.module_from_spec(spec_)
-    spec_.loader.exec_module(fixtures)  # the synthetic corpus of tests/train
-    VOCAB, corpus = fixtures.VOCAB, fixtures.make_corpus(tmp_path / "corpus")
-    p = tmp_path / "s.toml"
-    p.write_text(f"""
-[sweep]
-name = "e2e"
-out_dir = "{tmp_path / 'res'}"
-budgets = [3e8]
-seeds = [0, 1]
-min_steps = 2
-eval_batches = 2
-set = ["data.corpus='{corpus}'", "model.vocab_size={VOCAB}", "train.batch_size=2", "train.seq_len=16",
-       "model.max_seq_len=16", "train.tensorboard=false", "train.progress=false", "optim.warmup_steps=1",
-       "train.ckpt_every=1000"]
-[[sizes]]
-name = "d32"
-set = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2"]
-[variants.dense]
-set = []
-[variants.peer]
-set = ["model.sparse_layer=peer", "model.peer.num_experts=64", "model.peer.heads=2", "model.peer.topk=4",
-       "model.peer.key_dim=8", "model.peer.value_init_scale=0.5"]
-""")
-    spec = load_sweep(p)
+    spec = load_sweep(tiny_seeded_sweep(tmp_path, "e2e", ', "model.peer.value_init_scale=0.5"'))
     logs = []
     results = run_sweep(spec, log=logs.append)
     assert sorted(r["run_id"] for r in results) == ["3e8/dense/d32/seed0", "3e8/dense/d32/seed1",

@@ -1,7 +1,6 @@
 """tools/gpu_sweep.sh and tools/gpu_check.py, the scripts behind the study's runs on a CUDA machine, run
 here on the CPU (DEVICE=cpu; gpu_check falls back to the CPU without a GPU)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,41 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from sweep_fixtures import tiny_seeded_sweep
+
 ROOT = Path(__file__).parents[2]
-
-
-def _corpus(tmp_path):
-    spec = importlib.util.spec_from_file_location("train_fixtures", ROOT / "tests" / "train" / "conftest.py")
-    fixtures = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fixtures)
-    return fixtures.VOCAB, fixtures.make_corpus(tmp_path / "corpus")
 
 
 @pytest.fixture
 def sweep_file(tmp_path):
-    vocab, corpus = _corpus(tmp_path)
-    p = tmp_path / "s.toml"
-    p.write_text(f"""
-[sweep]
-name = "tools"
-out_dir = "{tmp_path / 'res'}"
-budgets = [3e8]
-seeds = [0, 1]
-min_steps = 2
-eval_batches = 2
-set = ["data.corpus='{corpus}'", "model.vocab_size={vocab}", "train.batch_size=2", "train.seq_len=16",
-       "model.max_seq_len=16", "train.tensorboard=false", "train.progress=false", "optim.warmup_steps=1",
-       "train.ckpt_every=1000"]
-[[sizes]]
-name = "d32"
-set = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2"]
-[variants.dense]
-set = []
-[variants.peer]
-set = ["model.sparse_layer=peer", "model.peer.num_experts=64", "model.peer.heads=2", "model.peer.topk=4",
-       "model.peer.key_dim=8"]
-""")
-    return p
+    return tiny_seeded_sweep(tmp_path, "tools")
 
 
 def _env():
