@@ -150,15 +150,15 @@ def _launch(r: PlannedRun, spec: SweepSpec, threads: int, log, workers: Workers 
             return None
         log(f"[skip] {r.run_id}: done")
         return json.loads(done.read_text())
+    workers = workers or Workers()
+    if workers.stopped:
+        return None  # the sweep was stopped: no new run starts (nor its folder)
     cfg["train"]["threads"] = threads
     cfg["train"]["progress"] = False
     if spec.device:
         cfg["train"]["device"] = spec.device
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(job, json.dumps(dict(config=cfg, eval_batches=spec.eval_batches, record=_record(r))))
-    workers = workers or Workers()
-    if workers.stopped:
-        return None  # the sweep was stopped: no new run starts
     log(f"[run ] {r.run_id}: {r.steps} steps, {r.tokens:,} tokens, {r.params_active:,} active params")
     t0 = time.time()
     with open(out / "sweep.log", "a") as fh:
