@@ -416,3 +416,4 @@ def test_run_sweep_stopped_raises_interrupted(spec, monkeypatch):
     with pytest.raises(Interrupted, match="SIGTERM: 8 run"):
         runner.run_sweep(spec, log=lambda line: None)
     assert len(started) == 1
+    assert len(list(spec.root.glob("*/*/*/sweep_job.json"))) == 1  # no folder for the runs that never started
