@@ -116,3 +116,18 @@ def test_fig1_shows_each_methods_best_recipe_and_every_ablation_arm():
     shown = {(r["budget"], r["variant"], r["size"]) for r in headline_results(runs)}
     assert shown == {(1e12, "dense_lr2e-2", "s"), (1e12, "dense_lr2e-2", "m"), (1e12, "peer", "s"), (3e12, "dense", "s"),
                      (1e12, "n64sq", "s"), (1e12, "n64sq_nobn", "s")}
+
+
+def test_summary_row_per_budget_with_each_methods_best_and_peers_lead():
+    from peer.experiments.sweep.report import summary_markdown
+
+    runs = [_run(1e12, "peer", "s", 100.0 * f, seed=i) for i, f in enumerate((1.0, 1.02, 0.98))]
+    runs += [_run(1e12, "dense_lr2e-2", "s", 110.0 * f, seed=i) for i, f in enumerate((1.0, 1.01, 0.99))]
+    runs += [_run(1e12, "dense", "s", 130.0), _run(3e12, "peer", "m", 90.0), _run(3e12, "dense", "m", 80.0)]
+    rows = summary_markdown(runs, "peer", ("dense", "moe")).splitlines()
+    assert rows[0] == "| budget | peer | dense | moe | peer's lead over dense / moe (nats ± se) |"
+    r1, r3 = rows[2].split(" | "), rows[3].split(" | ")
+    assert r1[2].endswith("(3) dense_lr2e-2/s") and r1[3] == "-"  # dense's best recipe; no MoE run
+    lead = math.log(110.0) - math.log(100.0)  # the seed means of ln ppl (symmetric factors: about the logs of 110 and 100)
+    assert abs(float(r1[4].split(" ± ")[0]) - lead) < 2e-3 and float(r1[4].split(" ± ")[1].split(" /")[0]) > 0
+    assert r3[4].startswith(f"{math.log(80.0) - math.log(90.0):+.3f} ± n/a")  # PEER behind: a negative lead; 1 seed each

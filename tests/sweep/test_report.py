@@ -35,7 +35,7 @@ def test_splice_replaces_only_its_blocks():
 
 
 @pytest.mark.parametrize("doc, match", [
-    ("<!-- sweep s:tabel1 -->\n<!-- /sweep s:tabel1 -->", "unknown section 'tabel1'.*allowed: table1"),
+    ("<!-- sweep s:tabel1 -->\n<!-- /sweep s:tabel1 -->", "unknown section 'tabel1'.*allowed: summary, table1"),
     ("<!-- sweep s:table1 -->\nx\n", "not closed"),
     ("x\n<!-- /sweep s:table1 -->", "line 2: closing marker"),
     ("<!-- sweep s:table1 -->\n<!-- sweep s:wall -->\n<!-- /sweep s:wall -->\n<!-- /sweep s:table1 -->", "inside"),

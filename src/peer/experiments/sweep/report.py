@@ -19,8 +19,8 @@ from pathlib import Path
 from ...errors import UsageError
 from ...fsutil import atomic_write_text
 
-SECTIONS = ("table1", "variants", "gaps", "ordering", "points", "wall")
-_TITLES = {"table1": None, "variants": "Per variant (best size)",
+SECTIONS = ("summary", "table1", "variants", "gaps", "ordering", "points", "wall")
+_TITLES = {"summary": "PEER against each method's best recipe, per budget", "table1": None, "variants": "Per variant (best size)",
            "gaps": "PEER's gap to each method's best recipe (nats; < 0: PEER better)",
            "ordering": "Ordering of each method's best recipe (best first)",
            "points": "Every point (bold: compute-optimal size of its variant)",
@@ -46,6 +46,35 @@ def wall_markdown(results: list[dict], parallel: int) -> str:
                       "|---|---|---|---|---|", *rows])
 
 
+def summary_markdown(results: list[dict], method: str, others: tuple[str, ...], metric_set: str = "val") -> str:
+    """One row per budget: each method's best recipe at its compute-optimal size (``metric_set`` perplexity,
+    the seed mean, its recipe and size), then ``method``'s lead over each other method in nats ± its standard
+    error (a lead is positive when ``method`` is better; ``n/a``: a side has one seed)."""
+    import math
+
+    from .analysis import fmt_ppl
+    from .gaps import best_recipes, gaps
+    from .plan import budget_label
+
+    best = best_recipes(results, metric_set)
+    lead = {(g["budget"], g["other"]): g for g in gaps(results, method, others, metric_set)}
+    cols = (method, *others)
+    lines = ["| budget | " + " | ".join(cols) + " | " + f"{method}'s lead over " + " / ".join(others) + " (nats ± se) |",
+             "|---" * (len(cols) + 2) + "|"]
+    for budget in sorted({b for b, _ in best}):
+        cells = []
+        for m in cols:
+            p = best.get((budget, m))
+            cells.append(f"{fmt_ppl(p, metric_set)} {p['variant']}/{p['size']}" if p else "-")
+        leads = []
+        for o in others:
+            g = lead.get((budget, o))
+            se = "n/a" if g is None or not math.isfinite(g["se"]) else f"{g['se']:.3f}"
+            leads.append("-" if g is None else f"{-g['gap']:+.3f} ± {se}")
+        lines.append(f"| {budget_label(budget)} | " + " | ".join(cells) + " | " + " / ".join(leads) + " |")
+    return "\n".join(lines)
+
+
 def report_sections(spec, results: list[dict], metric_set: str = "val") -> dict[str, str]:
     """The report's Markdown blocks by key (:data:`SECTIONS`); ``gaps`` only when the sweep has PEER and dense or MoE.
     Writes the figures under the sweep root as a side effect."""
@@ -65,6 +94,7 @@ def report_sections(spec, results: list[dict], metric_set: str = "val") -> dict[
         gap_png = root / f"{spec.name}_gaps.png"
         gap_figure(results, gap_png, "peer", others, metric_set)
         out["gaps"] = gaps_markdown(results, "peer", others, metric_set, sets)
+        out["summary"] = summary_markdown(results, "peer", others, metric_set)
     best = best_recipe_results(results, metric_set)
     opt = compute_optimal(best, metric_set)
     out["ordering"] = "\n".join(
