@@ -107,7 +107,7 @@ def test_gap_figure(tmp_path):
 
 
 def test_fig1_shows_each_methods_best_recipe_and_every_ablation_arm():
-    from peer.experiments.sweep.plots import headline_results
+    from peer.experiments.sweep.gaps import headline_results
 
     runs = [_run(1e12, "dense", "s", 10.0), _run(1e12, "dense_lr2e-2", "s", 9.0), _run(1e12, "dense_lr2e-2", "m", 9.5),
             _run(1e12, "peer", "s", 8.0), _run(1e12, "peer_lr1e-2", "s", 8.5),

@@ -20,7 +20,10 @@ import statistics
 from .analysis import compute_optimal
 from .plan import budget_label
 
-__all__ = ["method_of", "best_recipes", "best_recipe_results", "gaps", "gap_trend", "gaps_markdown", "next_runs"]
+__all__ = ["METHODS", "method_of", "best_recipes", "best_recipe_results", "headline_results", "gaps", "gap_trend", "gaps_markdown", "next_runs"]
+
+
+METHODS = ("dense", "moe", "pkm", "peer")  # the paper's four: one colour each in every figure
 
 
 def method_of(variant: str) -> str:
@@ -42,6 +45,13 @@ def best_recipe_results(results: list[dict], metric_set: str = "val") -> list[di
     """The runs of each (budget, method)'s best variant only (every size and seed of it): what Table 1 shows."""
     keep = {(b, p["variant"]) for (b, _), p in best_recipes(results, metric_set).items()}
     return [r for r in results if (r["budget"], r["variant"]) in keep]
+
+
+def headline_results(results: list[dict], metric_set: str = "val") -> list[dict]:
+    """The runs Fig. 1 and Table 1 show: for the paper's four methods, each budget's best recipe only (a study
+    with several learning rates per method would otherwise list every one); other variants (ablation arms) as run."""
+    ours = [r for r in results if method_of(r["variant"]) in METHODS]
+    return best_recipe_results(ours, metric_set) + [r for r in results if method_of(r["variant"]) not in METHODS]
 
 
 def _seed_logs(results: list[dict], point: dict, metric_set: str) -> list[float]:

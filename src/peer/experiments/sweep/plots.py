@@ -5,22 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from .analysis import aggregate, compute_optimal
+from .gaps import METHODS, gap_trend, gaps, method_of
 
-__all__ = ["isoflop_figure", "gap_figure", "headline_results"]
+__all__ = ["isoflop_figure", "gap_figure"]
 
 _MARKERS = {"dense": "o", "moe": "s", "pkm": "^", "peer": "D"}
-
-
-METHODS = ("dense", "moe", "pkm", "peer")  # the paper's four: one colour each in every figure
-
-
-def headline_results(results: list[dict], metric_set: str = "val") -> list[dict]:
-    """The runs Fig. 1 and Table 1 show: for the paper's four methods, each budget's best recipe only (a study
-    with several learning rates per method would otherwise list every one); other variants (ablation arms) as run."""
-    from .gaps import best_recipe_results, method_of
-
-    ours = [r for r in results if method_of(r["variant"]) in METHODS]
-    return best_recipe_results(ours, metric_set) + [r for r in results if method_of(r["variant"]) not in METHODS]
 
 
 def isoflop_figure(results: list[dict], out: Path, metric_set: str = "val", x: str = "params_active") -> dict:
@@ -32,8 +21,6 @@ def isoflop_figure(results: list[dict], out: Path, metric_set: str = "val", x: s
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .gaps import method_of
 
     series: dict[tuple[float, str], list[tuple[float, float, float]]] = {}
     for r in aggregate(results):
@@ -83,8 +70,6 @@ def gap_figure(results: list[dict], out: Path, method: str = "peer", others: tup
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .gaps import gap_trend, gaps
 
     rows = gaps(results, method, others, metric_set)
     fig, ax = plt.subplots(figsize=(5.5, 3.8))

@@ -79,9 +79,9 @@ def report_sections(spec, results: list[dict], metric_set: str = "val") -> dict[
     """The report's Markdown blocks by key (:data:`SECTIONS`); ``gaps`` only when the sweep has PEER and dense or MoE.
     Writes the figures under the sweep root as a side effect."""
     from .analysis import ablation_markdown, compute_optimal, fmt_ppl, method_ordering, points_markdown, table1_markdown
-    from .gaps import best_recipe_results, gaps_markdown, method_of
+    from .gaps import best_recipe_results, gaps_markdown, headline_results, method_of
     from .plan import budget_label
-    from .plots import headline_results, gap_figure, isoflop_figure
+    from .plots import gap_figure, isoflop_figure
 
     root: Path = spec.root
     headline = headline_results(results, metric_set)
