@@ -20,7 +20,8 @@ import statistics
 from .analysis import compute_optimal
 from .plan import budget_label
 
-__all__ = ["METHODS", "method_of", "best_recipes", "best_recipe_results", "headline_results", "gaps", "gap_trend", "gaps_markdown", "next_runs"]
+__all__ = ["METHODS", "method_of", "best_recipes", "best_recipe_results", "headline_results", "gaps", "gap_trend",
+           "gaps_markdown", "next_runs"]
 
 
 METHODS = ("dense", "moe", "pkm", "peer")  # the paper's four: one colour each in every figure
