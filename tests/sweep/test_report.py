@@ -73,3 +73,21 @@ def test_report_page_has_every_section_in_order():
     page = report_markdown("s", {k: f"[{k}]" for k in SECTIONS})
     pos = [page.index(f"[{k}]") for k in SECTIONS]
     assert pos == sorted(pos) and page.startswith("# s: ") and "\n\n\n" not in page
+
+
+def test_sizes_table_shows_each_methods_best_recipe_at_every_size():
+    from peer.experiments.sweep.report import sizes_markdown
+
+    def run(variant, size, ppl, seed=0, active=100):
+        return dict(budget=1e12, variant=variant, size=size, seed=seed, perplexity={"val": ppl}, params_active=active)
+
+    runs = [run("dense", "d8", 30.0, active=10), run("dense", "d16", 20.0, active=20),
+            run("dense", "d16", 22.0, seed=1, active=20), run("dense", "d32", 25.0, active=40),
+            run("dense_lr1e-2", "d16", 40.0, active=20),  # a worse recipe: not shown
+            run("peer", "d16", 19.0, active=25), run("peer", "d32", 18.0, active=45),
+            run("nobn", "d16", 1.0, active=25)]  # an ablation arm is not a method: callers filter it out
+    rows = sizes_markdown(runs[:-1]).splitlines()
+    assert rows[0] == "| budget | method (recipe) | d8 | d16 | d32 |"  # smallest model first
+    assert rows[2] == "| 1e12 | dense (dense) | 30.00 (1) | **21.00 ± 1.41 (2)** | 25.00 (1) |"
+    assert rows[3] == "| 1e12 | peer (peer) | - | 19.00 (1) | **18.00 (1)** |"
+    assert len(rows) == 4  # one row per method: dense_lr1e-2 is dense's worse recipe

@@ -13,14 +13,16 @@ The name is the sweep's, the key one of :data:`SECTIONS`. Everything outside the
 from __future__ import annotations
 
 import collections
+import math
 import re
 from pathlib import Path
 
 from ...errors import UsageError
 from ...fsutil import atomic_write_text
 
-SECTIONS = ("summary", "table1", "variants", "gaps", "ordering", "points", "wall")
-_TITLES = {"summary": "PEER against each method's best recipe, per budget", "table1": None, "variants": "Per variant (best size)",
+SECTIONS = ("summary", "table1", "sizes", "variants", "gaps", "ordering", "points", "wall")
+_TITLES = {"summary": "PEER against each method's best recipe, per budget", "table1": None,
+           "sizes": "Each method's best recipe at every size run (bold: compute-optimal)", "variants": "Per variant (best size)",
            "gaps": "PEER's gap to each method's best recipe (nats; < 0: PEER better)",
            "ordering": "Ordering of each method's best recipe (best first)",
            "points": "Every point (bold: compute-optimal size of its variant)",
@@ -46,12 +48,37 @@ def wall_markdown(results: list[dict], parallel: int) -> str:
                       "|---|---|---|---|---|", *rows])
 
 
+def sizes_markdown(results: list[dict], metric_set: str = "val") -> str:
+    """One row per (budget, method): its best recipe's ``metric_set`` perplexity (mean ± std (seeds)) at every size
+    run, the compute-optimal one in bold, so that a reader sees the optimum bracketed and how many seeds each
+    neighbour has. Columns are the sizes any row has, smallest model first."""
+    from .analysis import aggregate, fmt_ppl
+    from .gaps import METHODS, best_recipe_results, best_recipes, method_of
+    from .plan import budget_label
+
+    best = best_recipes(results, metric_set)
+    points = {(p["budget"], p["variant"], p["size"]): p for p in aggregate(best_recipe_results(results, metric_set))
+              if metric_set in p.get("perplexity", {})}
+    smallest: dict[str, float] = {}
+    for (_, _, size), p in points.items():
+        smallest[size] = min(smallest.get(size, math.inf), float(p.get("params_active") or 0))
+    sizes = sorted(smallest, key=lambda s: (smallest[s], s))
+    order = {m: i for i, m in enumerate(METHODS)}
+    lines = ["| budget | method (recipe) | " + " | ".join(sizes) + " |", "|---|---" + "|---" * len(sizes) + "|"]
+    for (budget, method), opt in sorted(best.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], len(order)), kv[0][1])):
+        cells = []
+        for size in sizes:
+            p = points.get((budget, opt["variant"], size))
+            cell = fmt_ppl(p, metric_set) if p else "-"
+            cells.append(f"**{cell}**" if size == opt["size"] else cell)
+        lines.append(f"| {budget_label(budget)} | {method} ({opt['variant']}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def summary_markdown(results: list[dict], method: str, others: tuple[str, ...], metric_set: str = "val") -> str:
     """One row per budget: each method's best recipe at its compute-optimal size (``metric_set`` perplexity,
     the seed mean, its recipe and size), then ``method``'s lead over each other method in nats ± its standard
     error (a lead is positive when ``method`` is better; ``n/a``: a side has one seed)."""
-    import math
-
     from .analysis import fmt_ppl
     from .gaps import best_recipes, gaps
     from .plan import budget_label
@@ -79,7 +106,7 @@ def report_sections(spec, results: list[dict], metric_set: str = "val") -> dict[
     """The report's Markdown blocks by key (:data:`SECTIONS`); ``gaps`` only when the sweep has PEER and dense or MoE.
     Writes the figures under the sweep root as a side effect."""
     from .analysis import ablation_markdown, compute_optimal, fmt_ppl, method_ordering, points_markdown, table1_markdown
-    from .gaps import best_recipe_results, gaps_markdown, headline_results, method_of
+    from .gaps import METHODS, best_recipe_results, gaps_markdown, headline_results, method_of
     from .plan import budget_label
     from .plots import gap_figure, isoflop_figure
 
@@ -87,6 +114,8 @@ def report_sections(spec, results: list[dict], metric_set: str = "val") -> dict[
     headline = headline_results(results, metric_set)
     isoflop_figure(headline, root / f"{spec.name}.png", metric_set=metric_set)
     out = {"table1": table1_markdown(headline, metric_set), "variants": ablation_markdown(results, metric_set)}
+    if {method_of(v) for v in spec.variants} & set(METHODS):
+        out["sizes"] = sizes_markdown([r for r in results if method_of(r["variant"]) in METHODS], metric_set)
     methods = {method_of(v) for v in spec.variants}
     if "peer" in methods and methods & {"dense", "moe"}:
         others = tuple(m for m in ("dense", "moe", "pkm") if m in methods)
