@@ -71,6 +71,7 @@ def test_the_report_says_where_the_zero_crossing_lies():
     assert "beyond the budgets measured (extrapolated)" in md(0.2, 0.1)  # behind, closing: crosses at ~1e14
     assert "no crossing ahead" in md(-0.1, -0.2)  # ahead and pulling away
     assert "within the budgets measured" in md(0.1, -0.1)
+    assert "not resolved: the slope is within 2 se of zero" in md(-0.1, -0.101)  # flat within its errors: no crossing placed
 
 
 def test_next_runs_extends_edges_and_seeds_only_bracketed_optima():
@@ -131,3 +132,24 @@ def test_summary_row_per_budget_with_each_methods_best_and_peers_lead():
     lead = math.log(110.0) - math.log(100.0)  # the seed means of ln ppl (symmetric factors: about the logs of 110 and 100)
     assert abs(float(r1[4].split(" ± ")[0]) - lead) < 2e-3 and float(r1[4].split(" ± ")[1].split(" /")[0]) > 0
     assert r3[4].startswith(f"{math.log(80.0) - math.log(90.0):+.3f} ± n/a")  # PEER behind: a negative lead; 1 seed each
+
+
+def test_trend_errors_grow_when_the_points_are_not_on_a_line():
+    """Three budgets whose gaps scatter about the line far more than their standard errors: chi²/dof > 1
+    and the slope's error is the unscaled one times sqrt(chi²/dof); points on the line keep their errors."""
+    import numpy as np
+
+    on = [dict(budget=b, gap=g, se=0.01) for b, g in ((1e12, 0.10), (1e13, 0.05), (1e14, 0.0))]
+    t = gap_trend(on)
+    assert t["chi2_dof"] == pytest.approx(0.0, abs=1e-12)
+    assert t["slope_se"] == pytest.approx(0.01 / math.sqrt(2))  # sqrt(1 / sum w (x - mean x)^2): unscaled
+    off = [dict(r, gap=r["gap"] + d) for r, d in zip(on, (0.0, 0.05, 0.0))]
+    t2 = gap_trend(off)
+    x, y = np.array([12.0, 13.0, 14.0]), np.array([r["gap"] for r in off])
+    resid = y - np.polyval(np.polyfit(x, y, 1), x)
+    chi2 = float(resid @ resid) / 0.01 ** 2
+    assert t2["chi2_dof"] == pytest.approx(chi2 / 1) and t2["chi2_dof"] > 1
+    assert t2["slope_se"] == pytest.approx(0.01 / math.sqrt(2) * math.sqrt(chi2))
+    assert "chi²/dof" in gaps_markdown([_run(b, v, "s", 20 * math.exp(g if v == "peer" else 0) * (1 + 0.01 * s), seed=s)
+                                        for b, g in ((1e12, 0.1), (1e13, 0.15), (1e14, 0.0))
+                                        for v in ("peer", "dense") for s in range(2)], others=("dense",))

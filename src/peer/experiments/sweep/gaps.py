@@ -8,8 +8,9 @@ Gaps are in nats of the metric set: ``ln ppl(PEER) - ln ppl(other)`` from the pe
 two compute-optimal points (mean over seeds of ln ppl), with the standard error
 ``sqrt(s_a^2 / n_a + s_b^2 / n_b)`` (sample std over seeds; undefined with one seed). The trend is
 a straight line in log10(budget), weighted by 1 / se^2 when every point has a standard error
-(otherwise unweighted, its uncertainty from the residuals); where it crosses zero, with the
-delta-method standard error of the crossing.
+(otherwise unweighted, its uncertainty from the residuals), its errors scaled up by sqrt(chi^2/dof)
+when the points scatter about the line more than their errors allow; where it crosses zero, with
+the delta-method standard error of the crossing.
 """
 
 from __future__ import annotations
@@ -94,7 +95,9 @@ def gaps(results: list[dict], method: str = "peer", others: tuple[str, ...] = ("
 def gap_trend(rows: list[dict]) -> dict | None:
     """Fit gap = a + b log10(budget) over ``rows`` (one other method, one set). Returns the slope per
     decade with its standard error, the fitted gap at each budget, and the budget where the line
-    crosses zero (``log10_cross`` ± ``log10_cross_se``; None when the slope is zero). None below 2 budgets."""
+    crosses zero (``log10_cross`` ± ``log10_cross_se``; None when the slope is zero). None below 2 budgets.
+    Weighted by 1 / se^2 when every row has a standard error; then ``chi2_dof`` is the fit's chi^2 per degree
+    of freedom (NaN with two budgets) and, when above 1, the errors are scaled by its square root."""
     import numpy as np
 
     if len(rows) < 2:
@@ -109,15 +112,19 @@ def gap_trend(rows: list[dict]) -> dict | None:
     coef = np.linalg.solve(A, X.T @ (w * y))
     resid = y - X @ coef
     dof = len(y) - 2
+    chi2_dof = float((w * resid) @ resid) / dof if weighted and dof > 0 else math.nan
     if weighted:
-        cov = np.linalg.inv(A)
+        # Points off the line by more than their errors (chi^2/dof > 1): the line does not describe them
+        # within their errors, so its uncertainties are scaled up by sqrt(chi^2/dof) (the Birge ratio),
+        # never down.
+        cov = np.linalg.inv(A) * (max(1.0, chi2_dof) if math.isfinite(chi2_dof) else 1.0)
     elif dof > 0:
         cov = np.linalg.inv(A) * float(resid @ resid) / dof
     else:
         cov = np.full((2, 2), np.nan)  # two points, no seeds: the line is exact and its error unknown
     a, b = float(coef[0]), float(coef[1])
     out = dict(intercept=a, slope=b, slope_se=float(math.sqrt(cov[1, 1])) if np.isfinite(cov[1, 1]) else math.nan,
-               weighted=weighted, fitted={float(r["budget"]): float(f) for r, f in zip(rows, X @ coef)},
+               weighted=weighted, chi2_dof=chi2_dof, fitted={float(r["budget"]): float(f) for r, f in zip(rows, X @ coef)},
                log10_cross=None, log10_cross_se=None)
     if b != 0:
         c = -a / b
@@ -135,6 +142,19 @@ def _where(log10_cross: float, log10_budgets: list[float]) -> str:
     if log10_cross >= lo:
         return ", within the budgets measured"
     return ", below the budgets measured: at larger budgets the line moves away from zero (no crossing ahead)"
+
+
+def _crossing(t: dict, rows: list[dict]) -> str:
+    """Where the fitted line crosses zero, with its uncertainty; a slope within 2 standard errors of zero places
+    no crossing (the line may as well be flat), and one whose position is uncertain by more than a decade is not printed."""
+    where = _where(t["log10_cross"], [math.log10(r["budget"]) for r in rows])
+    se = t["log10_cross_se"]
+    at = f"10^{t['log10_cross']:.2f} = {10 ** t['log10_cross']:.1e} FLOPs" + (
+        f" (log10 ± {se:.2f})" if se is not None and math.isfinite(se) else " (uncertainty unknown)")
+    if math.isfinite(t["slope_se"]) and abs(t["slope"]) < 2 * t["slope_se"]:
+        resolved = se is not None and math.isfinite(se) and se <= 1.0
+        return "not resolved: the slope is within 2 se of zero" + (f" (the fitted line crosses at {at}{where})" if resolved else "")
+    return at + where
 
 
 def _fmt_se(x: float) -> str:
@@ -160,14 +180,12 @@ def gaps_markdown(results: list[dict], method: str = "peer", others: tuple[str, 
         t = gap_trend(sub)
         if t is None:
             continue
-        cross = "never (flat)" if t["log10_cross"] is None else (
-            f"10^{t['log10_cross']:.2f} = {10 ** t['log10_cross']:.1e} FLOPs"
-            + (f" (log10 ± {t['log10_cross_se']:.2f})" if t["log10_cross_se"] is not None
-               and math.isfinite(t["log10_cross_se"]) else " (uncertainty unknown)")
-            + _where(t["log10_cross"], [math.log10(r["budget"]) for r in sub]))
+        cross = "never (flat)" if t["log10_cross"] is None else _crossing(t, sub)
         lines.append(f"- {method} vs {other} on {metric_set}: gap {t['slope']:+.3f} nats per decade of budget"
                      f" (± {_fmt_se(t['slope_se'])}, {'weighted by seeds' if t['weighted'] else 'unweighted'},"
-                     f" {len(sub)} budgets); zero crossing {cross}")
+                     + (f" chi²/dof {t['chi2_dof']:.1f}{' (errors scaled by its root)' if t['chi2_dof'] > 1 else ''},"
+                        if math.isfinite(t["chi2_dof"]) else "")
+                     + f" {len(sub)} budgets); zero crossing {cross}")
     return "\n".join(lines) + "\n"
 
 
