@@ -1,5 +1,6 @@
 """The isoFLOP planner (budget -> sizes -> steps) and compute-optimal selection on synthetic results."""
 
+import json
 import math
 from pathlib import Path
 
@@ -418,3 +419,39 @@ def test_run_sweep_stopped_raises_interrupted(spec, monkeypatch):
         runner.run_sweep(spec, log=lambda line: None)
     assert len(started) == 1
     assert len(list(spec.root.glob("*/*/*/sweep_job.json"))) == 1  # no folder for the runs that never started
+
+
+def test_a_resumed_run_counts_the_training_time_of_every_attempt(tmp_path, monkeypatch):
+    """A run stopped by a signal and resumed later: result.json's train_seconds is the sum of both attempts,
+    not the last one's (the wall-time table sums it)."""
+    import signal
+
+    import peer.eval
+    import peer.train
+    from peer.experiments.sweep import runner
+    from peer.config import Config, config_to_dict
+    from peer.train.signals import Interrupted
+
+    run_dir = tmp_path / "run"
+    cfg = Config()
+    cfg.train.out_dir = str(run_dir)
+    config = config_to_dict(cfg)
+    clock = [1000.0]
+    monkeypatch.setattr(runner.time, "time", lambda: clock[0])
+    attempts = iter([(5.0, True), (3.0, False)])
+
+    def fake_train(cfg):
+        secs, stop = next(attempts)
+        run_dir.mkdir(exist_ok=True)
+        clock[0] += secs
+        if stop:
+            raise Interrupted("stopped by SIGINT", signal.SIGINT)
+
+    monkeypatch.setattr(peer.train, "train_or_resume", fake_train)
+    monkeypatch.setattr(peer.eval, "evaluate", lambda run, max_batches: {"sets": {"val": {"perplexity": 9.0}}})
+    with pytest.raises(Interrupted):
+        runner.run_one(config, 1, {"run_id": "r"})
+    assert not (run_dir / "result.json").exists()
+    result = runner.run_one(config, 1, {"run_id": "r"})
+    assert result["train_seconds"] == pytest.approx(8.0)
+    assert json.loads((run_dir / "result.json").read_text())["train_seconds"] == pytest.approx(8.0)

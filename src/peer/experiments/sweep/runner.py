@@ -45,15 +45,32 @@ def run_one(config: dict, eval_batches: int, record: dict) -> dict:
 
     cfg = config_from_dict(config)
     run_dir = Path(cfg.train.out_dir)
+    spent = run_dir / TRAIN_SECONDS
     t0 = time.time()
-    train_or_resume(cfg)
-    train_s = time.time() - t0
+    try:
+        train_or_resume(cfg)
+    finally:  # also when stopped by a signal or an error: a resumed run counts every attempt's training time
+        if run_dir.is_dir():
+            atomic_write_text(spent, f"{_spent_seconds(spent) + time.time() - t0:.1f}\n")
+    train_s = _spent_seconds(spent)
     ev = evaluate(run_dir, max_batches=eval_batches)
     result = dict(record, train_seconds=round(train_s, 1), hardware=hardware(cfg.train.device), eval=ev,
                   perplexity={name: s["perplexity"] for name, s in ev["sets"].items()},
                   experts=ev.get("experts", {}))
     atomic_write_text(Path(run_dir) / "result.json", json.dumps(result, indent=2))
     return result
+
+
+TRAIN_SECONDS = "train_seconds.txt"  # in a run dir: training seconds of all its attempts so far (one float)
+
+
+def _spent_seconds(path: Path) -> float:
+    """Seconds recorded in a run's ``train_seconds.txt``; 0 when absent or unreadable (a run from before the file
+    existed, or one whose earlier attempt was killed before it could write: its time is then not counted)."""
+    try:
+        return max(0.0, float(path.read_text(encoding="utf-8").strip()))
+    except (OSError, ValueError):
+        return 0.0
 
 
 def hardware(device: str) -> dict:
