@@ -114,9 +114,9 @@ def report_sections(spec, results: list[dict], metric_set: str = "val") -> dict[
     headline = headline_results(results, metric_set)
     isoflop_figure(headline, root / f"{spec.name}.png", metric_set=metric_set)
     out = {"table1": table1_markdown(headline, metric_set), "variants": ablation_markdown(results, metric_set)}
-    if {method_of(v) for v in spec.variants} & set(METHODS):
-        out["sizes"] = sizes_markdown([r for r in results if method_of(r["variant"]) in METHODS], metric_set)
     methods = {method_of(v) for v in spec.variants}
+    if methods & set(METHODS):
+        out["sizes"] = sizes_markdown([r for r in results if method_of(r["variant"]) in METHODS], metric_set)
     if "peer" in methods and methods & {"dense", "moe"}:
         others = tuple(m for m in ("dense", "moe", "pkm") if m in methods)
         sets = sorted({s for r in results for s in r.get("perplexity", {})}, key=lambda s: (s != metric_set, s))
