@@ -1,5 +1,7 @@
 """`peer sweep plot --into DOC`: marked blocks are replaced, everything else is kept, bad markers fail in one line."""
 
+import math
+
 import pytest
 
 from peer.errors import UsageError
@@ -91,3 +93,24 @@ def test_sizes_table_shows_each_methods_best_recipe_at_every_size():
     assert rows[2] == "| 1e12 | dense (dense) | 30.00 (1) | **21.00 ± 1.41 (2)** | 25.00 (1) |"
     assert rows[3] == "| 1e12 | peer (peer) | - | 19.00 (1) | **18.00 (1)** |"
     assert len(rows) == 4  # one row per method: dense_lr1e-2 is dense's worse recipe
+
+
+def test_hardware_check_compares_each_cpu_seed_with_its_points_gpu_seeds():
+    from peer.experiments.sweep.report import hardware_markdown
+
+    gpu = {"device": "cuda", "name": "NVIDIA H200"}
+
+    def run(size, ppl, seed, hw=None):
+        return dict(budget=3e13, variant="dense", size=size, seed=seed, perplexity={"val": ppl}, hardware=hw)
+
+    e = math.e
+    runs = [run("d48", 100.0, 0, gpu), run("d48", 100.0 * e ** 0.02, 1), run("d48", 100.0 * e ** 0.04, 2),
+            run("d64", 50.0, 0, gpu), run("d64", 200.0, 1, gpu), run("d64", 100.0 * e ** -0.03, 2),  # vs the GPU mean (ln 100)
+            run("d32", 90.0, 0), run("d32", 91.0, 1)]  # one machine only: not a row
+    lines = hardware_markdown(runs).splitlines()
+    assert lines[2] == "| 3e13 | dense/d48 | 100.0 (s0) | 102.0 (s1), 104.1 (s2) | +0.020, +0.040 |"
+    assert lines[3] == "| 3e13 | dense/d64 | 50.0 (s0), 200.0 (s1) | 97.0 (s2) | -0.030 |"
+    assert len(lines) == 6
+    # the three gaps 0.02, 0.04, -0.03: mean 0.010, sample std 0.036, se 0.021
+    assert lines[5].startswith("All 3 CPU seeds against their point's GPU seeds: +0.010 ± 0.021 nats")
+    assert hardware_markdown([r for r in runs if r["size"] == "d32"]) is None  # nothing mixed: no section

@@ -20,13 +20,14 @@ from pathlib import Path
 from ...errors import UsageError
 from ...fsutil import atomic_write_text
 
-SECTIONS = ("summary", "table1", "sizes", "variants", "gaps", "ordering", "points", "wall")
+SECTIONS = ("summary", "table1", "sizes", "variants", "gaps", "ordering", "points", "wall", "hardware")
 _TITLES = {"summary": "PEER against each method's best recipe, per budget", "table1": None,
            "sizes": "Each method's best recipe at every size run (bold: compute-optimal)", "variants": "Per variant (best size)",
            "gaps": "PEER's gap to each method's best recipe (nats; < 0: PEER better)",
            "ordering": "Ordering of each method's best recipe (best first)",
            "points": "Every point (bold: compute-optimal size of its variant)",
-           "wall": "Wall time (training seconds of the finished runs)"}
+           "wall": "Wall time (training seconds of the finished runs)",
+           "hardware": "Points trained on both CPU and GPU (CPU seeds against their point's GPU seeds)"}
 
 
 def wall_markdown(results: list[dict], parallel: int) -> str:
@@ -46,6 +47,44 @@ def wall_markdown(results: list[dict], parallel: int) -> str:
             f"{secs[b, gpu, name] / 3600 / p:.1f} h |" for b, gpu, name in sorted(secs)]
     return "\n".join([f"| budget | hardware | runs | training time (sum) | wall at {p} side by side |",
                       "|---|---|---|---|---|", *rows])
+
+
+def _on_gpu(r: dict) -> bool:
+    return (r.get("hardware") or {}).get("device", "cpu") != "cpu"  # not recorded: the CPU, as in wall_markdown
+
+
+def hardware_markdown(results: list[dict], metric_set: str = "val") -> str | None:
+    """The check that a study run on two kinds of machine compares like with like. A run's machine changes its
+    float rounding, and so its trajectory once a top-k pick flips, as a seed does; a systematic effect would show
+    as CPU seeds lying on one side of their point's GPU seeds. Per point with seeds on both: each seed's
+    ``metric_set`` perplexity by machine and each CPU seed's gap in nats (ln ppl minus the mean ln ppl of the
+    point's GPU seeds); last, all those gaps' mean ± standard error. ``None`` when no point is mixed."""
+    from .plan import budget_label
+
+    groups: dict[tuple, list[dict]] = collections.defaultdict(list)
+    for r in results:
+        if metric_set in r.get("perplexity", {}):
+            groups[r["budget"], r["variant"], r["size"]].append(r)
+    rows, diffs = [], []
+    for (budget, variant, size), runs in sorted(groups.items()):
+        gpu = sorted((r for r in runs if _on_gpu(r)), key=lambda r: r.get("seed", 0))
+        cpu = sorted((r for r in runs if not _on_gpu(r)), key=lambda r: r.get("seed", 0))
+        if not gpu or not cpu:
+            continue
+        ref = sum(math.log(r["perplexity"][metric_set]) for r in gpu) / len(gpu)
+        gap = [math.log(r["perplexity"][metric_set]) - ref for r in cpu]
+        diffs += gap
+        seeds = [", ".join(f"{r['perplexity'][metric_set]:.1f} (s{r.get('seed', 0)})" for r in rs) for rs in (gpu, cpu)]
+        rows.append(f"| {budget_label(budget)} | {variant}/{size} | {seeds[0]} | {seeds[1]} | "
+                    + ", ".join(f"{g:+.3f}" for g in gap) + " |")
+    if not rows:
+        return None
+    mean = sum(diffs) / len(diffs)
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)) if len(diffs) > 1 else math.nan
+    return "\n".join([f"| budget | point | GPU: {metric_set} ppl (seed) | CPU: {metric_set} ppl (seed) | CPU - GPU (nats) |",
+                      "|---|---|---|---|---|", *rows, "",
+                      f"All {len(diffs)} CPU seeds against their point's GPU seeds: {mean:+.3f} ± {se:.3f} nats "
+                      "(mean ± standard error; > 0: the CPU seeds are worse)."])
 
 
 def sizes_markdown(results: list[dict], metric_set: str = "val") -> str:
@@ -131,6 +170,8 @@ def report_sections(spec, results: list[dict], metric_set: str = "val") -> dict[
         for budget, per_set in method_ordering(best, metric_set).items() for s, vs in per_set.items())
     out["points"] = points_markdown(results, metric_set)
     out["wall"] = wall_markdown(results, spec.parallel)
+    if (hw := hardware_markdown(results, metric_set)) is not None:
+        out["hardware"] = hw
     return {k: v.strip() for k, v in out.items()}
 
 
