@@ -153,3 +153,16 @@ def test_trend_errors_grow_when_the_points_are_not_on_a_line():
     assert "chi²/dof" in gaps_markdown([_run(b, v, "s", 20 * math.exp(g if v == "peer" else 0) * (1 + 0.01 * s), seed=s)
                                         for b, g in ((1e12, 0.1), (1e13, 0.15), (1e14, 0.0))
                                         for v in ("peer", "dense") for s in range(2)], others=("dense",))
+
+
+def test_next_runs_gives_every_seed_to_fixed_size_arms_and_brackets_none():
+    one = [(200, "m")]  # an ablation: every arm planned at one size
+    rs = [_run(1e13, "peer", "m", 20.0, active=200), _run(1e13, "nobn", "m", 22.0, active=200),
+          _run(1e13, "n64sq", "m", 21.0, active=200), _run(1e13, "peer", "m", 20.5, seed=1, active=200)]
+    nxt = next_runs(rs, {(1e13, v): one for v in ("peer", "nobn", "n64sq")}, arm_seeds=(0, 1))
+    assert nxt["edges"] == [] and nxt["extend_runs"] == []  # one planned size: nothing to bracket
+    assert {(r["variant"], r["seed"]) for r in nxt["seed_runs"]} == {("nobn", 1), ("n64sq", 1)}  # every arm, not only the best
+    mixed = next_runs(rs[:1], {(1e13, "peer"): [(100, "s"), (200, "m")], (1e13, "nobn"): one}, arm_seeds=(0,))
+    assert [(e["variant"], e["side"]) for e in mixed["edges"]] == [("peer", "smallest"), ("peer", "largest")]
+    assert mixed["extend_runs"] == [dict(budget=1e13, variant="peer", size="s", seed=0)]  # a size grid still brackets
+    assert mixed["seed_runs"] == [dict(budget=1e13, variant="nobn", size="m", seed=0)]

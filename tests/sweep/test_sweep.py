@@ -455,3 +455,16 @@ def test_a_resumed_run_counts_the_training_time_of_every_attempt(tmp_path, monke
     result = runner.run_one(config, 1, {"run_id": "r"})
     assert result["train_seconds"] == pytest.approx(8.0)
     assert json.loads((run_dir / "result.json").read_text())["train_seconds"] == pytest.approx(8.0)
+
+
+def test_next_lists_a_fixed_size_sweeps_missing_seeds_as_the_plan_spells_its_run_ids(tmp_path, capsys):
+    from peer.cli import main as cli_main
+
+    p = tiny_seeded_sweep(tmp_path, "arms")  # one size: every variant is an arm at a fixed size
+    assert cli_main(["sweep", "next", str(p)]) == 0
+    out = capsys.readouterr().out.split()
+    assert out == ["3e8/dense/d32/seed0", "3e8/dense/d32/seed1", "3e8/peer/d32/seed0", "3e8/peer/d32/seed1"]
+    assert set(out) == {r.run_id for r in plan(load_sweep(p))}  # each line is an --only selector of one planned run
+    p.write_text(p.read_text().replace("seeds = [0, 1]\n", ""))  # unseeded: run ids carry no /seed<S>
+    assert cli_main(["sweep", "next", str(p)]) == 0
+    assert capsys.readouterr().out.split() == ["3e8/dense/d32", "3e8/peer/d32"]

@@ -76,7 +76,8 @@ def run(args) -> int:
 def print_next(spec, metric_set: str = "val") -> int:
     """Print the optima at an edge of the sizes run so far, then one run id per line for ``--only``: seed 0 of
     the planned size beyond each edge, and seeds 1 and 2 at each bracketed optimum and its two neighbours (the
-    sweep file must list those seeds). Run them and ask again until it prints no run."""
+    sweep file must list those seeds); a variant planned at one size (an ablation arm) gets every seed of the
+    sweep file. Run them and ask again until it prints no run."""
     from .gaps import next_runs
     from .plan import budget_label, plan
     from .runner import collect
@@ -85,17 +86,18 @@ def print_next(spec, metric_set: str = "val") -> int:
     for r in plan(spec):
         if not r.skipped:
             sizes.setdefault((r.budget, r.variant), set()).add((r.params_active, r.size))
-    nxt = next_runs(collect(spec), {k: sorted(v) for k, v in sizes.items()}, metric_set=metric_set)
+    nxt = next_runs(collect(spec), {k: sorted(v) for k, v in sizes.items()}, metric_set=metric_set,
+                    arm_seeds=tuple(spec.seeds))
     for e in nxt["edges"]:
         beyond = (f"next: {e['next_size']}" if e["next_size"] is not None
                   else "the grid has no size beyond it: add one to the sweep file")
         print(f"# edge: {budget_label(e['budget'])} {e['method']} ({e['variant']}): optimum {e['size']} is the "
               f"{e['side']} size run so far ({beyond})", flush=True)
     missing = sorted({s for s in (1, 2)} - set(spec.seeds))
-    if missing and nxt["seed_runs"]:
+    if any(r["seed"] in missing for r in nxt["seed_runs"]):
         print(f"# sweep.seeds lacks {missing}: add them to the sweep file to run these")
-    for r in nxt["extend_runs"] + nxt["seed_runs"]:
-        print(f"{budget_label(r['budget'])}/{r['variant']}/{r['size']}/seed{r['seed']}")
+    for r in nxt["extend_runs"] + nxt["seed_runs"]:  # run ids as the plan spells them (/seed<S> only when seeded)
+        print(f"{budget_label(r['budget'])}/{r['variant']}/{r['size']}" + (f"/seed{r['seed']}" if spec.seeded else ""))
     return 0
 
 

@@ -190,17 +190,26 @@ def gaps_markdown(results: list[dict], method: str = "peer", others: tuple[str, 
 
 
 def next_runs(results: list[dict], sizes_by_variant: dict[tuple[float, str], list[tuple[int, str]]],
-              seeds: tuple[int, ...] = (1, 2), metric_set: str = "val") -> dict:
+              seeds: tuple[int, ...] = (1, 2), metric_set: str = "val", arm_seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
     """What the study needs next, per (budget, method)'s best recipe. ``edges``: the optimum is the
     smallest or largest size that has run, with ``next_size`` the planned size beyond it (None: the grid
     has none, add one to the sweep file); ``extend_runs``: seed 0 of those next sizes, to bracket the
     optimum; ``seed_runs``: for a bracketed optimum only, the runs of ``seeds`` at it and its two
     neighbours in size that have no result yet. ``sizes_by_variant`` maps (budget, variant) to its planned
-    (active params, size name) pairs."""
+    (active params, size name) pairs. A variant planned at one size only (an ablation arm, compared with the
+    others at a fixed size) has no optimum to bracket: every one of its ``arm_seeds`` without a result is a
+    seed run, whether or not it is its method's best recipe."""
     done = {(r["budget"], r["variant"], r["size"], r.get("seed", 0)) for r in results}
     edges, extend_runs, seed_runs = [], [], []
+    fixed = sorted(k for k, v in sizes_by_variant.items() if len(v) == 1)
+    for budget, variant in fixed:
+        size = sizes_by_variant[budget, variant][0][1]
+        seed_runs += [dict(budget=budget, variant=variant, size=size, seed=seed) for seed in arm_seeds
+                      if (budget, variant, size, seed) not in done]
     for (budget, method), point in sorted(best_recipes(results, metric_set).items()):
         variant = point["variant"]
+        if (budget, variant) in fixed:
+            continue
         have = {r["size"] for r in results if (r["budget"], r["variant"]) == (budget, variant)}
         planned = [name for _, name in sorted(sizes_by_variant.get((budget, variant), []))]
         sizes = [name for name in planned if name in have]
