@@ -30,6 +30,10 @@ _TITLES = {"summary": "PEER against each method's best recipe, per budget", "tab
            "hardware": "Points trained on both CPU and GPU (CPU seeds against their point's GPU seeds)"}
 
 
+def _on_gpu(r: dict) -> bool:
+    return (r.get("hardware") or {}).get("device", "cpu") != "cpu"  # not recorded: a CPU run (before it was recorded)
+
+
 def wall_markdown(results: list[dict], parallel: int) -> str:
     """Per budget and hardware (a study may run on several machines): runs, summed training time, and the
     wall time at ``parallel`` runs side by side. Runs from before ``hardware`` was recorded count as CPU."""
@@ -38,8 +42,7 @@ def wall_markdown(results: list[dict], parallel: int) -> str:
     secs: dict = collections.defaultdict(float)
     runs: collections.Counter = collections.Counter()
     for r in results:
-        hw = r.get("hardware") or {}
-        key = (r["budget"], hw.get("device", "cpu") != "cpu", hw.get("name") or "CPU (not recorded)")
+        key = (r["budget"], _on_gpu(r), (r.get("hardware") or {}).get("name") or "CPU (not recorded)")
         secs[key] += float(r.get("train_seconds") or 0.0)
         runs[key] += 1
     p = max(1, parallel)
@@ -47,10 +50,6 @@ def wall_markdown(results: list[dict], parallel: int) -> str:
             f"{secs[b, gpu, name] / 3600 / p:.1f} h |" for b, gpu, name in sorted(secs)]
     return "\n".join([f"| budget | hardware | runs | training time (sum) | wall at {p} side by side |",
                       "|---|---|---|---|---|", *rows])
-
-
-def _on_gpu(r: dict) -> bool:
-    return (r.get("hardware") or {}).get("device", "cpu") != "cpu"  # not recorded: the CPU, as in wall_markdown
 
 
 def hardware_markdown(results: list[dict], metric_set: str = "val") -> str | None:
