@@ -79,7 +79,7 @@ def print_next(spec, metric_set: str = "val") -> int:
     sweep file must list those seeds); a variant planned at one size (an ablation arm) gets every seed of the
     sweep file. Run them and ask again until it prints no run."""
     from .gaps import next_runs
-    from .plan import budget_label, plan
+    from .plan import budget_label, plan, run_id
     from .runner import collect
 
     sizes: dict = {}
@@ -96,8 +96,8 @@ def print_next(spec, metric_set: str = "val") -> int:
     missing = sorted({s for s in (1, 2)} - set(spec.seeds))
     if any(r["seed"] in missing for r in nxt["seed_runs"]):
         print(f"# sweep.seeds lacks {missing}: add them to the sweep file to run these")
-    for r in nxt["extend_runs"] + nxt["seed_runs"]:  # run ids as the plan spells them (/seed<S> only when seeded)
-        print(f"{budget_label(r['budget'])}/{r['variant']}/{r['size']}" + (f"/seed{r['seed']}" if spec.seeded else ""))
+    for r in nxt["extend_runs"] + nxt["seed_runs"]:
+        print(run_id(r["budget"], r["variant"], r["size"], r["seed"], spec.seeded))
     return 0
 
 

@@ -84,11 +84,18 @@ class PlannedRun:
     @property
     def point_id(self) -> str:
         """The (budget, variant, size) point; its seeds share it."""
-        return f"{budget_label(self.budget)}/{self.variant}/{self.size}"
+        return run_id(self.budget, self.variant, self.size)
 
     @property
     def run_id(self) -> str:
-        return f"{self.point_id}/seed{self.seed}" if self.seeded else self.point_id
+        return run_id(self.budget, self.variant, self.size, self.seed, self.seeded)
+
+
+def run_id(budget: float, variant: str, size: str, seed: int = 0, seeded: bool = False) -> str:
+    """A run's id (and its folder under the sweep root): ``<budget>/<variant>/<size>``, then ``/seed<S>`` in a
+    seeded sweep; unseeded, the point's id."""
+    point = f"{budget_label(budget)}/{variant}/{size}"
+    return f"{point}/seed{seed}" if seeded else point
 
 
 def budget_label(budget: float) -> str:

@@ -58,6 +58,7 @@ def hardware_markdown(results: list[dict], metric_set: str = "val") -> str | Non
     as CPU seeds lying on one side of their point's GPU seeds. Per point with seeds on both: each seed's
     ``metric_set`` perplexity by machine and each CPU seed's gap in nats (ln ppl minus the mean ln ppl of the
     point's GPU seeds); last, all those gaps' mean ± standard error. ``None`` when no point is mixed."""
+    from .gaps import _mean_sd
     from .plan import budget_label
 
     groups: dict[tuple, list[dict]] = collections.defaultdict(list)
@@ -78,8 +79,8 @@ def hardware_markdown(results: list[dict], metric_set: str = "val") -> str | Non
                     + ", ".join(f"{g:+.3f}" for g in gap) + " |")
     if not rows:
         return None
-    mean = sum(diffs) / len(diffs)
-    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)) if len(diffs) > 1 else math.nan
+    mean, sd = _mean_sd(diffs)
+    se = sd / math.sqrt(len(diffs))
     return "\n".join([f"| budget | point | GPU: {metric_set} ppl (seed) | CPU: {metric_set} ppl (seed) | CPU - GPU (nats) |",
                       "|---|---|---|---|---|", *rows, "",
                       f"All {len(diffs)} CPU seeds against their point's GPU seeds: {mean:+.3f} ± {se:.3f} nats "

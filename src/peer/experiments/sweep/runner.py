@@ -24,7 +24,7 @@ from ...config import config_from_dict, config_to_dict
 from ...errors import PeerError
 from ...fsutil import FolderLock, atomic_write_text
 from ...train.signals import Interrupted
-from .plan import PlannedRun, SweepSpec, budget_label, plan
+from .plan import PlannedRun, SweepSpec, budget_label, plan, run_id
 
 __all__ = ["run_sweep", "collect", "write_tables", "run_one", "RunsFailed"]
 
@@ -258,8 +258,8 @@ def collect(spec: SweepSpec) -> list[dict]:
 
     Runs of a seeded sweep live in ``<point>/seed<S>/``; a sweep without ``seeds`` reads the plain
     ``<point>/`` layout. Results written before seeds existed count as seed 0 of their point."""
-    points = {f"{budget_label(b)}/{v}/{s}" for b in spec.budgets for v in spec.variants for s in spec.sizes}
-    wanted = {f"{p}/seed{seed}" for p in points for seed in spec.seeds} if spec.seeded else points
+    wanted = {run_id(b, v, s, seed, spec.seeded) for b in spec.budgets for v in spec.variants for s in spec.sizes
+              for seed in spec.seeds}
     out = []
     for p in sorted([*spec.root.glob("*/*/*/result.json"), *spec.root.glob("*/*/*/seed*/result.json")]):
         r = json.loads(p.read_text())
