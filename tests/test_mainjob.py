@@ -150,3 +150,34 @@ def test_recipe_line_names_every_lever_of_the_peer_preset():
     lazy = describe_recipe(load_config(Path(__file__).parents[1] / "configs" / "peer.toml",
                                        ["optim.sparse_experts=true"]))
     assert "lazy row AdamW" in lazy
+
+
+def test_a_signal_stops_the_side_by_side_runs_in_one_line_and_the_same_command_resumes(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during side-by-side training: each child saves a checkpoint (the signal is forwarded, see
+    peer.train.signals.Workers); `peer main` then ends with one line naming the signal, no traceback, no table."""
+    import signal
+
+    from peer.cli import main
+    from peer.train import signals
+
+    corpus = make_corpus(tmp_path / "corpus")
+    out = tmp_path / "out"
+    args = ["main", "--quick", "--corpus", str(corpus), "--out", str(out), "--no-progress", "--threads", "2"]
+    started = []
+
+    def stopped_child(self, argv, log):  # the user's Ctrl-C arrives while the children train
+        started.append(argv)
+        self.stop(signal.SIGINT)
+        return 128 + signal.SIGINT
+
+    monkeypatch.setattr(signals.Workers, "run", stopped_child)
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "stopped by SIGINT" in err[0] and "the same command resumes" in err[0]
+    assert "Traceback" not in captured.out + captured.err and not (out / "comparison.json").exists()
+    assert 1 <= len(started) <= 2 and all(a[1:3] == ["-m", "peer.train.worker"] for a in started)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the parent's handler is put back
+
+    monkeypatch.undo()  # the same command trains and finishes
+    assert main(args) == 0 and (out / "comparison.json").is_file()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
+import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -105,6 +105,7 @@ def main_job(out: str | Path = "runs/main", budget: float | None = None, quick: 
     from ..generate import sample
     from ..plots import plot_curves
     from ..train import load_run, resolve_steps, train_or_resume
+    from ..train.signals import Interrupted, Workers
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -128,15 +129,21 @@ def main_job(out: str | Path = "runs/main", budget: float | None = None, quick: 
              f"budget {budget:.3g} FLOPs -> {cfg.train.out_dir}")
         _say(f"   recipe: {describe_recipe(cfg)}")
 
+    workers = Workers()  # side by side: Ctrl-C / SIGTERM reach the children, which save a checkpoint and stop
+
     def train_one(name: str) -> tuple[str, float]:
         t = time.perf_counter()
-        status = _train_in_process(cfgs[name]) if side_by_side else train_or_resume(cfgs[name])
+        status = _train_in_process(cfgs[name], workers) if side_by_side else train_or_resume(cfgs[name])
         _say(f"   {name}: {status} ({time.perf_counter() - t:.0f} s)")
         return status, time.perf_counter() - t
 
     if side_by_side:
-        with ThreadPoolExecutor(len(cfgs)) as pool:
+        with workers.forwarding(), ThreadPoolExecutor(len(cfgs)) as pool:
             done = dict(zip(cfgs, pool.map(train_one, cfgs)))
+        if workers.stopped:
+            stopped = [name for name, (status, _) in done.items() if status == "stopped"]
+            raise Interrupted(f"stopped by {signal.Signals(workers.stopped).name}: {', '.join(stopped) or 'no run'} "
+                              "saved a checkpoint; the same command resumes", workers.stopped)
     else:
         done = {name: train_one(name) for name in cfgs}
     results: dict[str, dict] = {}
@@ -183,8 +190,9 @@ def main_job(out: str | Path = "runs/main", budget: float | None = None, quick: 
     return comparison
 
 
-def _train_in_process(cfg: Config) -> str:
-    """``train_or_resume(cfg)`` in a child process (``peer.train.worker``), output in ``<run>/train.log``."""
+def _train_in_process(cfg: Config, workers) -> str:
+    """``train_or_resume(cfg)`` in a child process (``peer.train.worker``) of ``workers``, output in
+    ``<run>/train.log``; ``"stopped"`` when a signal stopped it (its checkpoint resumes it)."""
     from ..config import config_to_dict
 
     run_dir = Path(cfg.train.out_dir)
@@ -192,11 +200,13 @@ def _train_in_process(cfg: Config) -> str:
     job = run_dir / "train_job.json"
     atomic_write_text(job, json.dumps({"config": config_to_dict(cfg)}, indent=1))
     with open(run_dir / "train.log", "a", encoding="utf-8") as log:
-        proc = subprocess.run([sys.executable, "-m", "peer.train.worker", str(job)], stdout=log, stderr=subprocess.STDOUT)
+        code = workers.run([sys.executable, "-m", "peer.train.worker", str(job)], log)
+    if workers.stopped:
+        return "stopped"
     status = json.loads(job.read_text(encoding="utf-8")).get("status")
-    if proc.returncode != 0 or status is None:
+    if code != 0 or status is None:
         tail = (run_dir / "train.log").read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:]
-        raise PeerError(f"training {run_dir} failed (exit {proc.returncode}): {tail[0] if tail else 'no output'}; "
+        raise PeerError(f"training {run_dir} failed (exit {code}): {tail[0] if tail else 'no output'}; "
                         f"see {run_dir / 'train.log'}")
     return status
 

@@ -11,16 +11,22 @@ and stops, so no finished step is redone on resume). A second signal while that 
 ``KeyboardInterrupt`` at once; checkpoints are written to a temp folder and renamed into place, so
 an aborted save leaves the previous checkpoint intact. Handlers are installed only in the main
 thread and restored on exit.
+
+A parent that trains in child processes (``peer sweep``, ``peer main`` side by side) uses :class:`Workers`:
+inside ``with workers.forwarding():`` its SIGINT/SIGTERM is forwarded to every running child, which stops
+as above, and no further child starts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import subprocess
 import threading
 
 from ..errors import PeerError
 
-__all__ = ["StopOnSignal", "Interrupted"]
+__all__ = ["StopOnSignal", "Interrupted", "Workers"]
 
 
 class Interrupted(PeerError):
@@ -63,3 +69,46 @@ class StopOnSignal:
         for s, h in self._previous.items():
             signal.signal(s, h)
         self._previous.clear()
+
+
+class Workers:
+    """Child processes that train. Each runs in its own process session, so a terminal's Ctrl-C reaches the
+    parent alone; :meth:`stop` (the parent's SIGINT/SIGTERM, see :meth:`forwarding`) forwards the signal once to
+    every running child, which saves a checkpoint at its current step and exits, and no further child starts."""
+
+    def __init__(self):
+        self._procs: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+        self.stopped: int | None = None  # the signal that stopped the parent
+
+    def run(self, argv: list[str], out) -> int | None:
+        """The child's exit status; None when the parent was stopped before it started."""
+        with self._lock:
+            if self.stopped is not None:
+                return None
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self._procs.add(proc)
+        try:
+            return proc.wait()
+        finally:
+            with self._lock:
+                self._procs.discard(proc)
+
+    def stop(self, signum: int, frame=None) -> None:
+        with self._lock:
+            first = self.stopped is None
+            self.stopped = signum
+            procs = list(self._procs)
+        for proc in procs:  # a second signal is forwarded too: the children then abort their save (the previous checkpoint stays)
+            proc.send_signal(signum if first else signal.SIGINT)
+
+    @contextlib.contextmanager
+    def forwarding(self):
+        """SIGINT/SIGTERM call :meth:`stop` inside the block (main thread only); the previous handlers return after."""
+        main = threading.current_thread() is threading.main_thread()
+        previous = {sig: signal.signal(sig, self.stop) for sig in StopOnSignal.SIGNALS} if main else {}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)

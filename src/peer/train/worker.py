@@ -24,4 +24,10 @@ def run_job(path: str | Path) -> str:
 
 
 if __name__ == "__main__":
-    run_job(sys.argv[1])
+    from .signals import Interrupted
+
+    try:
+        run_job(sys.argv[1])
+    except Interrupted as e:  # the parent forwarded SIGINT/SIGTERM: the checkpoint is saved; one line, no traceback
+        print(f"peer train: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)

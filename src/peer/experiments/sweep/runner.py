@@ -13,9 +13,7 @@ import functools
 import json
 import os
 import signal
-import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,7 +21,7 @@ from pathlib import Path
 from ...config import config_from_dict, config_to_dict
 from ...errors import PeerError
 from ...fsutil import FolderLock, atomic_write_text
-from ...train.signals import Interrupted
+from ...train.signals import Interrupted, Workers
 from .plan import PlannedRun, SweepSpec, budget_label, plan, run_id
 
 __all__ = ["run_sweep", "collect", "write_tables", "run_one", "RunsFailed"]
@@ -121,38 +119,6 @@ def config_differences(stored: dict, planned: dict, prefix: tuple = ()) -> list[
     return out
 
 
-class Workers:
-    """The sweep's worker processes. Each runs in its own process session, so a terminal's Ctrl-C reaches
-    the sweep alone; :meth:`stop` (the sweep's SIGINT/SIGTERM) forwards the signal once to every running
-    worker, which saves a checkpoint at its current step and exits, and no further run starts."""
-
-    def __init__(self):
-        self._procs: set[subprocess.Popen] = set()
-        self._lock = threading.Lock()
-        self.stopped: int | None = None  # the signal that stopped the sweep
-
-    def run(self, argv: list[str], out) -> int | None:
-        """The worker's exit status; None when the sweep was stopped before it started."""
-        with self._lock:
-            if self.stopped is not None:
-                return None
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-            self._procs.add(proc)
-        try:
-            return proc.wait()
-        finally:
-            with self._lock:
-                self._procs.discard(proc)
-
-    def stop(self, signum: int, frame=None) -> None:
-        with self._lock:
-            first = self.stopped is None
-            self.stopped = signum
-            procs = list(self._procs)
-        for proc in procs:  # a second signal is forwarded too: the workers then abort their save (the previous checkpoint stays)
-            proc.send_signal(signum if first else signal.SIGINT)
-
-
 def _launch(r: PlannedRun, spec: SweepSpec, threads: int, log, workers: Workers | None = None) -> dict | None:
     out = Path(r.config.train.out_dir)
     done = out / "result.json"
@@ -218,14 +184,8 @@ def _run_locked(spec: SweepSpec, todo: list[PlannedRun], log) -> list[dict]:
         _ensure_corpus(corpus, vocab, log)
     threads = run_threads(spec, os.cpu_count() or 1)
     workers = Workers()
-    main = threading.current_thread() is threading.main_thread()
-    previous = {sig: signal.signal(sig, workers.stop) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
-    try:
-        with ThreadPoolExecutor(max_workers=spec.parallel) as pool:
-            outcomes = list(pool.map(lambda r: _launch(r, spec, threads, log, workers), todo))
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with workers.forwarding(), ThreadPoolExecutor(max_workers=spec.parallel) as pool:
+        outcomes = list(pool.map(lambda r: _launch(r, spec, threads, log, workers), todo))
     results = collect(spec)
     write_tables(spec, results)
     unfinished = [r.run_id for r, o in zip(todo, outcomes) if o is None]
