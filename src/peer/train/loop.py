@@ -42,6 +42,7 @@ import torch
 from ..config import Config, ConfigError, config_from_dict, config_to_dict
 from ..distributed import data_parallel as dpar
 from ..fsutil import FolderLock, atomic_copy, atomic_write_text
+from ..memory import retain_freed_memory
 from ..model import PeerLM, summed_nll
 from .checkpoint import (CheckpointError, clean_partial, latest_checkpoint, list_checkpoints, load_model_weights,
                          load_state, read_meta, resolve_checkpoint, restore_rng, verify_checksums)
@@ -231,6 +232,7 @@ def train(cfg: Config, resume: bool = False, *, stop_after: int | None = None,
     The run folder is locked for the whole call (:class:`peer.fsutil.FolderLock`, by the main
     process under torchrun): a second ``train`` on the same folder fails at once, naming the pid.
     """
+    retain_freed_memory()  # no page-fault storm from the per-step buffers (peer.memory); a no-op once applied
     check_device(cfg.train.device)  # before the lock: a bad device leaves no run folder behind
     cfg = with_corpus_vocab(absolute_paths(cfg))  # the run's config.toml then works from any directory
     lock = FolderLock(cfg.train.out_dir, "run folder") if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
