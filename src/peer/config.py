@@ -183,6 +183,11 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
 
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens of one optimizer step over all ranks: batch_size (global) x grad_accum x seq_len."""
+        return self.batch_size * self.grad_accum * self.seq_len
+
 
 @dataclass
 class DistConfig:

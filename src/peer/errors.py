@@ -13,7 +13,11 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-__all__ = ["PeerError", "UsageError"]
+from typing import Callable
+
+import torch
+
+__all__ = ["PeerError", "UsageError", "check_values"]
 
 
 class PeerError(Exception):
@@ -22,3 +26,18 @@ class PeerError(Exception):
 
 class UsageError(PeerError, ValueError):
     """A bad argument or option value (a ValueError, so library callers may catch either)."""
+
+
+def check_values(ok: torch.Tensor, message: str, detail: Callable[[], str] = str) -> None:
+    """A check of tensor values that never makes the host wait for a device: ``ok`` is a boolean
+    0-dim tensor. On the CPU a False ``ok`` raises ``ValueError(message + detail())`` at once (the
+    detail may read the offending values: only the failing path pays for it). On an accelerator the
+    check is queued with ``torch._assert_async``: a False ``ok`` stops the process's next sync with
+    a device-side assert carrying ``message``, as PyTorch's own index checks do there."""
+    if ok.device.type != "cpu":
+        torch._assert_async(ok, message)
+        return
+    try:
+        torch._assert_async(ok, message)  # the same op on the CPU checks at once (no Python-level read)
+    except RuntimeError:
+        raise ValueError(message + detail()) from None

@@ -255,4 +255,4 @@ def train_flops_per_step(cfg: Config, world_size: int = 1) -> float:
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size <= 0:
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
     t = cfg.train
-    return flops(cfg.model, t.seq_len).train_per_token * t.batch_size * t.grad_accum * t.seq_len * world_size
+    return flops(cfg.model, t.seq_len).train_per_token * t.tokens_per_step * world_size

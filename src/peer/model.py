@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .errors import check_values
 from .layers.dense import DenseFFN
 from .layers.moe import MoE
 from .layers.peer import PEER
@@ -323,9 +324,11 @@ class PeerLM(nn.Module):
         B, T = idx.shape
         if T == 0 or B == 0:
             raise ValueError(f"idx must be non-empty, got shape {tuple(idx.shape)}")
-        if not torch.compiler.is_compiling() and bool(((idx < 0) | (idx >= cfg.vocab_size)).any()):
-            raise ValueError(f"idx holds token ids outside 0..vocab_size-1={cfg.vocab_size - 1} "
-                             f"(min {int(idx.min())}, max {int(idx.max())})")
+        if not torch.compiler.is_compiling():  # no host sync: see peer.errors.check_values
+            lo, hi = torch.aminmax(idx)
+            check_values((lo >= 0) & (hi < cfg.vocab_size),
+                         f"idx holds token ids outside 0..vocab_size-1={cfg.vocab_size - 1}",
+                         lambda: f" (min {int(lo)}, max {int(hi)})")
         if kv_cache is None:
             if T > cfg.max_seq_len:
                 raise ValueError(f"idx has {T} positions, more than model.max_seq_len={cfg.max_seq_len}")

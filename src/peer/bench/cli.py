@@ -1,4 +1,5 @@
-"""``peer bench layer`` and ``peer bench train``: see :mod:`peer.bench.layer` and :mod:`peer.bench.train`."""
+"""``peer bench layer``, ``train``, ``step``, ``gpu`` and ``plot``: see :mod:`peer.bench.layer`,
+:mod:`peer.bench.train`, :mod:`peer.bench.step` and :mod:`peer.bench.gpu`."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="what", metavar="{layer,train,step,plot}", required=True)
+    sub = parser.add_subparsers(dest="what", metavar="{layer,train,step,gpu,plot}", required=True)
     layer = sub.add_parser("layer", help="forward and forward+backward of one layer, implementations side by side")
     layer.add_argument("--experts", default="128,256,512,1024",
                        help="comma-separated n; each run uses N = n^2 experts (default 128,256,512,1024)")
@@ -51,6 +52,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     step.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     step.add_argument("--out", default=None, help="write the results as JSON here")
 
+    gpu = sub.add_parser("gpu", help="the GPU benchmark: Triton ops vs the reference, layers at the paper's shape, "
+                                     "PeerLM vs dense training step (about 5 min on an H100)")
+    gpu.add_argument("--out", default=None, help="write the results as JSON here (e.g. results/bench/gpu_h100.json)")
+    gpu.add_argument("--device", default="cuda", help="cuda[:i]; cpu runs the Triton interpreter (needs "
+                                                      "TRITON_INTERPRET=1 and --tiny)")
+    gpu.add_argument("--tiny", action="store_true", help="tiny shapes (a test of the script, not a benchmark)")
+    gpu.add_argument("--parts", default="ops,layer,step", help="comma-separated: ops, layer, step (default all)")
+    gpu.add_argument("--no-compile", action="store_true", help="time the training step in eager mode only")
+
     plot = sub.add_parser("plot", help="plot saved results (--out JSON files of `layer` or `train` runs) together")
     plot.add_argument("inputs", nargs="+", help="JSON files written by --out (all of one kind)")
     plot.add_argument("--out", required=True, help="PNG to write")
@@ -87,9 +97,36 @@ def _plot(args) -> int:
     return 0
 
 
+def _gpu(args) -> int:
+    from .gpu import bench_gpu, print_gpu
+
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+    if not parts or any(p not in ("ops", "layer", "step") for p in parts):
+        raise UsageError(f"--parts must list ops, layer and/or step, got {args.parts!r}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device: {args.device!r} is not a device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: no CUDA device here (on the CPU: TRITON_INTERPRET=1 "
+                         "peer bench gpu --device cpu --tiny)")
+    if device.type == "cpu" and not args.tiny:
+        raise UsageError("--device cpu runs the Triton interpreter: only with --tiny")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be cuda[:i] or cpu, got {args.device!r}")
+    res = bench_gpu(args.device, tiny=args.tiny, compile_too=not args.no_compile, parts=parts)
+    print_gpu(res)
+    if args.out:
+        write_json(args.out, res)
+        print(f"wrote {args.out}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     if args.what == "plot":
         return _plot(args)
+    if args.what == "gpu":
+        return _gpu(args)
     if args.threads < 0:
         raise UsageError(f"--threads must be >= 0, got {args.threads}")
     if args.threads:

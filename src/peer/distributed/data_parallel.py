@@ -184,13 +184,13 @@ def clip_grad_norm(params, max_norm: float, shards=()) -> float:
     return total
 
 
-def mean_over_ranks(*values: float) -> tuple[float, ...]:
-    """Each float averaged over ranks (one all-reduce); unchanged on a single process."""
+def mean_over_ranks(*values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each 0-dim tensor averaged over ranks (one all-reduce, no host sync); unchanged on a single process."""
     if not is_distributed():
-        return tuple(float(v) for v in values)
-    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
+        return values
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(_comm_device()) for v in values])
     all_reduce_sum(t)
-    return tuple((t / dist.get_world_size()).tolist())
+    return tuple(t / dist.get_world_size())
 
 
 def all_finite(module: nn.Module) -> bool:

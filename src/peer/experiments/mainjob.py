@@ -125,7 +125,7 @@ def main_job(out: str | Path = "runs/main", budget: float | None = None, quick: 
         _say(f"== train {', '.join(cfgs)} side by side, {each} thread(s) each; logs in <run>/train.log")
         cfgs = {n: replace(c, train=replace(c.train, threads=each, progress=False)) for n, c in cfgs.items()}
     for name, cfg in cfgs.items():
-        _say(f"== train {name}: {resolve_steps(cfg)} steps x {cfg.train.batch_size * cfg.train.seq_len} tokens, "
+        _say(f"== train {name}: {resolve_steps(cfg)} steps x {cfg.train.tokens_per_step} tokens, "
              f"budget {budget:.3g} FLOPs -> {cfg.train.out_dir}")
         _say(f"   recipe: {describe_recipe(cfg)}")
 
@@ -155,7 +155,7 @@ def main_job(out: str | Path = "runs/main", budget: float | None = None, quick: 
             atomic_write_text(state_path, json.dumps(state, indent=1) + "\n")
         steps = resolve_steps(cfg)
         results[name] = {"run_dir": cfg.train.out_dir, "status": status, "steps": steps, "recipe": describe_recipe(cfg),
-                         "tokens": steps * cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len,
+                         "tokens": steps * cfg.train.tokens_per_step,
                          "train_s": state.get(f"{name}_train_s")}
     timing["train_s"] = sum(r["train_s"] or 0.0 for r in results.values())
     timing["train_wall_s"] = time.perf_counter() - t0 - timing["prepare_s"]

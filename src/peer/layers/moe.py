@@ -122,22 +122,23 @@ class MoE(nn.Module):
         flat_e = top_e.flatten()  # token-major (token, choice) order = priority order
         # position of each assignment among its expert's assignments (stable sort keeps token order)
         order = flat_e.argsort(stable=True)
-        counts = torch.bincount(flat_e, minlength=E)
+        counts = _counts(flat_e, E)
         starts = counts.cumsum(0) - counts
         pos = torch.empty_like(flat_e)
         pos[order] = torch.arange(flat_e.numel(), device=flat_e.device) - starts[flat_e[order]]
-        keep = pos < C  # drop assignments over capacity
-        slot = (flat_e * C + pos)[keep]
-        tok = torch.arange(T, device=xf.device).repeat_interleave(self.topk)[keep]
-        slots = torch.full((E * C,), T, dtype=torch.long, device=xf.device).index_put((slot,), tok)
-        gates = probs.new_zeros(E * C).index_put((slot,), top_p.flatten()[keep])
-        return slots.view(E, C), gates.view(E, C), probs
+        # assignments over capacity go to one extra slot that is then cut off: fixed shapes, no
+        # host sync (a boolean mask would make the GPU report how many were kept)
+        slot = torch.where(pos < C, flat_e * C + pos, E * C)
+        tok = torch.arange(T, device=xf.device)[:, None].expand(T, self.topk).flatten()
+        slots = torch.full((E * C + 1,), T, dtype=torch.long, device=xf.device).index_put((slot,), tok)
+        gates = probs.new_zeros(E * C + 1).index_put((slot,), top_p.flatten())
+        return slots[:-1].view(E, C), gates[:-1].view(E, C), probs
 
     def load_balancing_loss(self, probs: torch.Tensor) -> torch.Tensor:
         """Switch-style ``w * E * sum_e f_e P_e`` from router probs [T, E] (token choice routing)."""
         T, E = probs.shape
         top_e = probs.topk(self.topk, dim=-1).indices
-        f = torch.bincount(top_e.flatten(), minlength=E).to(probs.dtype) / (T * self.topk)
+        f = _counts(top_e.flatten(), E).to(probs.dtype) / (T * self.topk)
         P = probs.mean(dim=0)
         return self.aux_loss_weight * E * (f * P).sum()
 
@@ -179,3 +180,8 @@ def _uniform_(w: torch.Tensor) -> torch.Tensor:
     """U(-1/sqrt(fan_in), 1/sqrt(fan_in)) in place, for batched weights [experts, fan_in, fan_out]."""
     bound = 1.0 / math.sqrt(w.shape[1])
     return w.uniform_(-bound, bound)
+
+
+def _counts(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """How often each of 0..n-1 occurs in ``ids`` (``bincount(minlength=n)`` without its host sync on a GPU)."""
+    return torch.zeros(n, dtype=torch.long, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peer import ops
+
 from .dense import check_choice as _choice, check_dim
 from .index import ProductKeyIndex
 
@@ -83,6 +85,7 @@ class ProductKeyRouter(nn.Module):
         self.query_proj = nn.Linear(self.dim, self.heads * self.key_dim, bias=False, **kw)  # eq. 7
         self.query_norm = make_query_norm(query_norm, self.heads, self.key_dim, **kw)
         self.index = ProductKeyIndex(num_keys, self.key_dim, groups=key_groups, name=keys_name, **kw)  # eqs. 4-5
+        ops.load_kernels(self.backend)  # built/loaded now, not inside a (traced) forward
         self.record_usage = False  # usage accounting (paper Table 2), off by default
         self.register_buffer("usage", torch.zeros(0, dtype=torch.float64, device=device), persistent=False)
 

@@ -32,7 +32,7 @@ from .reference import expert_mix as reference_expert_mix
 from .topk import product_topk
 
 __all__ = ["expert_mix", "reference_expert_mix", "fused_mix", "product_topk", "available_backends",
-           "mix_engine", "topk_engine", "KernelUnavailable"]
+           "mix_engine", "topk_engine", "load_kernels", "KernelUnavailable"]
 
 BACKENDS = ("auto", "reference", "fused", "triton")
 _warned: set[str] = set()
@@ -59,8 +59,35 @@ def _cpu_kernel(backend: str, what: str) -> bool:
         _warned.add(what)
         why = " ".join(cpu.LIB.error.split())[:300]
         warnings.warn(f"peer: the C++ kernels are unavailable ({why}); backend='auto' computes the {what} with "
-                      "the PyTorch reference", stacklevel=4)
+                      "the PyTorch reference", stacklevel=5)
     return False
+
+
+# What the engine choice depends on besides the tensors: the environment, the compiler, the GPU.
+# Each is answered by plain Python once, never traced: torch.compile calls these functions while
+# tracing and keeps their answers as constants (assume_constant_result), so the choice costs nothing
+# in a compiled graph and the library's build/load (file I/O, ctypes) never meets the tracer. The
+# layers also load the library when they are built (load_kernels), so tracing finds it ready.
+@torch.compiler.assume_constant_result
+def _cpp_engine(backend: str, what: str) -> str:
+    """The CPU engine for fp32 inputs: "torch" (PEER_NO_CPP_KERNEL), "cpp" (built) or "reference"."""
+    if build.disabled():
+        return "torch"
+    return "cpp" if _cpu_kernel(backend, what) else "reference"
+
+
+@torch.compiler.assume_constant_result
+def _triton_ready() -> bool:
+    return triton_engine.available()
+
+
+def load_kernels(backend: str = "auto") -> None:
+    """Build (once per machine, ~10 s) and load the C++ kernels now, unless ``backend`` is "reference" or
+    they are disabled; never raises (a failed build is reported when a forward needs the kernels).
+    The layers call it when they are built, so no forward, eager or traced, waits for a compiler."""
+    _check_backend(backend)
+    if backend != "reference":
+        cpu.LIB.get()
 
 
 def mix_engine(backend: str, x: torch.Tensor, tables) -> str:
@@ -69,19 +96,19 @@ def mix_engine(backend: str, x: torch.Tensor, tables) -> str:
     if backend == "reference":
         return "reference"
     if backend == "triton":
-        if not triton_engine.available():
+        if not _triton_ready():
             raise KernelUnavailable("backend 'triton' needs the triton package and a CUDA device "
                                     "(or TRITON_INTERPRET=1)")
         return "triton"
     if x.device.type != "cpu":
-        return "triton" if backend == "auto" and x.is_cuda and triton_engine.available() else "torch"
+        return "triton" if backend == "auto" and x.is_cuda and _triton_ready() else "torch"
     tables = [t for t in tables if t is not None]
     kernel_dtypes = (x.dtype == torch.float32 and tables[0].dtype in (torch.float32, torch.bfloat16)
                      and all(t.device.type == "cpu" and t.dtype == tables[0].dtype and t.is_contiguous()
                              for t in tables))
-    if not kernel_dtypes or build.disabled():
+    if not kernel_dtypes:
         return "torch"
-    return "cpp" if _cpu_kernel(backend, "expert mix") else "reference"
+    return _cpp_engine(backend, "expert mix")
 
 
 def topk_engine(backend: str, q: torch.Tensor, keys: torch.Tensor) -> str:
@@ -90,9 +117,8 @@ def topk_engine(backend: str, q: torch.Tensor, keys: torch.Tensor) -> str:
     if backend == "reference" or not (q.device.type == "cpu" and keys.device.type == "cpu"
                                       and q.dtype == torch.float32 and keys.dtype == torch.float32):
         return "reference"
-    if build.disabled():
-        return "reference"
-    return "cpp" if _cpu_kernel("auto" if backend == "triton" else backend, "product-key top-k") else "reference"
+    engine = _cpp_engine("auto" if backend == "triton" else backend, "product-key top-k")
+    return "cpp" if engine == "cpp" else "reference"
 
 
 def expert_mix(

@@ -39,6 +39,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from peer.errors import check_values
+
 from . import cpu, torch_engine
 from . import triton as triton_engine
 from .workspace import WORKSPACE
@@ -67,11 +69,12 @@ def fused_mix(x, u, v, idx, g, activation="gelu", gate=None, sparse_grad=False, 
 
 
 def _check_ids(idx: Tensor, n: int) -> None:
-    """The kernels read rows by these ids unchecked (runs in the op, so also under torch.compile)."""
+    """The kernels read rows by these ids unchecked (runs in the op, so also under torch.compile);
+    no host sync (:func:`peer.errors.check_values`)."""
     if idx.numel():
         lo, hi = torch.aminmax(idx)
-        if lo < 0 or hi >= n:
-            raise ValueError(f"expert_mix: idx must lie in [0, {n}), got [{int(lo)}, {int(hi)}]")
+        check_values((lo >= 0) & (hi < n), f"expert_mix: idx must lie in [0, {n})",
+                     lambda: f", got [{int(lo)}, {int(hi)}]")
 
 
 # ------------------------------------------------------------------------------ forward

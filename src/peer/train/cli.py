@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     steps = resolve_steps(cfg)
     main = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
     if main:
-        print(f"peer train: {steps} steps of {cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len} "
+        print(f"peer train: {steps} steps of {cfg.train.tokens_per_step} "
               f"tokens -> {cfg.train.out_dir}", file=sys.stderr)
     try:
         if args.from_checkpoint and not args.resume:

@@ -19,8 +19,15 @@ run, bit for bit (tested for a dense model with dropout and grad accumulation, P
 queries, and PEER with the row-wise expert optimizer). Resuming with a changed config is an error,
 except for the fields in ``RESUME_MAY_CHANGE`` (length of the run and bookkeeping).
 
-Divergence: a NaN/inf loss or gradient norm stops the run before the optimizer step
-(:class:`TrainingDiverged` names the step and the last good checkpoint); weights are checked for
+No host sync per step: a step's loss, auxiliary loss and gradient norm stay on the device and are
+read together when a metrics line is due (every ``train.log_every`` steps) and before an
+evaluation or a checkpoint (:class:`~peer.train.parts.StepLog`), so a GPU's launch queue never
+drains mid-run. (Training data is checked where it enters: token ids against the vocabulary when
+a split is opened.)
+
+Divergence: a NaN/inf loss or gradient norm stops the run at the next read, at the latest before
+the next checkpoint (:class:`TrainingDiverged` names the first bad step and the last good
+checkpoint); with ``train.log_every=1`` that is before the next step. Weights are checked for
 NaN/inf before every checkpoint, so no checkpoint ever holds them.
 """
 
@@ -204,20 +211,22 @@ def _open_tb(run_dir: Path, purge_step: int | None):
     return SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge_step)
 
 
-def _forward_backward(model, batcher, cfg: Config, device: torch.device) -> tuple[float, float]:
+def _forward_backward(model, batcher, cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """``grad_accum`` micro-batches of forward + backward (loss / grad_accum); returns the mean
-    cross-entropy and the mean auxiliary loss of the micro-batches."""
+    cross-entropy and the mean auxiliary loss of the micro-batches as 0-dim tensors on ``device``,
+    summed there in float64 (as Python floats were) so that nothing waits for the device."""
     n = cfg.train.grad_accum
-    ce_sum = aux_sum = 0.0
+    acc = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+    ce_sum = aux_sum = torch.zeros((), dtype=acc, device=device)
     for i in range(n):
         x, y = batcher.next()
         with dpar.grad_sync(model, last=i == n - 1):  # one gradient all-reduce per step, not per micro-batch
             with _autocast(cfg, device):
-                out = model(x.to(device), y.to(device))
+                out = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
             (out.loss / n).backward()
-        aux = out.aux_loss.detach().float().item()
-        ce_sum += out.loss.detach().float().item() - aux
-        aux_sum += aux
+        aux = out.aux_loss.detach().to(acc)
+        ce_sum = ce_sum + (out.loss.detach().to(acc) - aux)
+        aux_sum = aux_sum + aux
     return ce_sum / n, aux_sum / n
 
 
@@ -344,9 +353,9 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, from_checkpoint=No
     device = torch.device(t.device)
     model, fwd, optimizer, schedule = _build(cfg, denv, device, steps)
     start = _restore(ckpt, meta, model, optimizer, batcher, run_dir, denv) if ckpt is not None else 0
-    log_ = StepLog(cfg, run_dir, start, steps, denv, tb=_open_tb(run_dir, start if resume else None)
-                    if t.tensorboard and denv.is_main else None)
     saver = Saver(cfg, run_dir, model, optimizer, schedule, batcher, denv, last_good=ckpt)
+    log_ = StepLog(cfg, run_dir, start, steps, denv, saver.diverged,
+                   tb=_open_tb(run_dir, start if resume else None) if t.tensorboard and denv.is_main else None)
     params = [p for p in model.parameters() if p.requires_grad]
     clip = (params, dpar.expert_shards(model), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
     model.train()
@@ -355,13 +364,17 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, from_checkpoint=No
         stop.__enter__()
         for s in range(start, steps):
             t0 = time.perf_counter()
-            loss, aux_loss, lr, grad_norm = _step(fwd, optimizer, schedule, batcher, cfg, device, denv, clip, s, saver)
             done = s + 1
-            record = log_.step(done, time.perf_counter() - t0, loss, aux_loss, lr, grad_norm)
-            if val_batches is not None and ((t.eval_every and done % t.eval_every == 0) or done == steps):
+            lr, scalars = _step(fwd, optimizer, schedule, batcher, cfg, device, denv, clip, s)
+            evaluate = val_batches is not None and ((t.eval_every and done % t.eval_every == 0) or done == steps)
+            save = done % t.ckpt_every == 0 or done == steps or stop.requested
+            # the step's scalars stay on the device until a line is logged, or before an eval or a
+            # checkpoint: then one read checks every pending step for divergence, in order
+            record = log_.step(done, t0, lr, *scalars, flush=evaluate or save)
+            if evaluate:
                 record = log_.val(done, record, evaluate_loss(fwd, val_batches, cfg, device))
             log_.write(record)
-            if done % t.ckpt_every == 0 or done == steps or stop.requested:
+            if save:
                 saver.save(done, record)
             if stop.requested and done < steps:
                 raise Interrupted(f"stopped by {stop.name} after step {done} of {steps}; checkpoint saved: "
@@ -441,21 +454,19 @@ def _restore(ckpt: Path, meta: dict, model, optimizer, batcher, run_dir: Path, d
     return start
 
 
-def _step(fwd, optimizer, schedule, batcher, cfg: Config, device, denv, clip, s: int, saver) -> tuple:
-    """Optimizer step ``s`` (0-based): lr, forward + backward of the micro-batches, finiteness checks,
-    clipping to the global grad norm, update. Returns (loss, aux_loss, lr, grad_norm)."""
+def _step(fwd, optimizer, schedule, batcher, cfg: Config, device, denv, clip, s: int) -> tuple:
+    """Optimizer step ``s`` (0-based): lr, forward + backward of the micro-batches, clipping to the
+    global grad norm, update. Returns (lr, (loss, aux_loss, grad_norm)), the three as 0-dim tensors
+    that nothing here reads back (no host sync): :class:`~peer.train.parts.StepLog` checks them for
+    divergence when it reads them."""
     lr = schedule.apply(optimizer, s)
     loss, aux_loss = dpar.mean_over_ranks(*_forward_backward(fwd, batcher, cfg, device))
-    if not math.isfinite(loss + aux_loss):
-        raise saver.diverged(f"loss is {loss + aux_loss}", s + 1)
     params, shards, max_norm = clip
     grad_norm = (dpar.clip_grad_norm(params, max_norm, shards) if denv.distributed  # global norm over shards
-                 else clip_grad_norm(params, max_norm).item())
-    if not math.isfinite(grad_norm):
-        raise saver.diverged(f"gradient norm is {grad_norm}", s + 1)
+                 else clip_grad_norm(params, max_norm))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss, aux_loss, lr, grad_norm
+    return lr, (loss, aux_loss, grad_norm)
 
 
 # --------------------------------------------------------------------------------------

@@ -8,7 +8,11 @@
 from __future__ import annotations
 
 import json
+import math
+import time
 from pathlib import Path
+
+import torch
 
 from ..config import Config, config_to_dict
 from ..errors import PeerError
@@ -28,28 +32,58 @@ class TrainingDiverged(PeerError, RuntimeError):
 class StepLog:
     """The run's record: a line of ``metrics.jsonl`` every ``train.log_every`` steps (loss, lr, tokens,
     FLOPs, throughput over the training steps only, grad norm; ``val_loss`` on eval steps), the
-    same scalars in TensorBoard, and the progress bar."""
+    same scalars in TensorBoard, and the progress bar.
 
-    def __init__(self, cfg: Config, run_dir: Path, start: int, steps: int, denv, tb=None):
+    It is also where the step's scalars are read: :meth:`step` keeps each step's loss, auxiliary
+    loss and gradient norm as device tensors and reads all pending ones at once when a line is due
+    or the caller asks (before an evaluation or a checkpoint): one host sync per log interval, not
+    several per step. A non-finite value raises ``diverged(what, step)`` for the first bad step."""
+
+    def __init__(self, cfg: Config, run_dir: Path, start: int, steps: int, denv, diverged, tb=None):
         from tqdm.auto import tqdm
         from ..flops import train_flops_per_step
 
         t = cfg.train
-        self.every, self.steps, self.denv, self.tb = t.log_every, steps, denv, tb
-        self.tokens_per_step = t.batch_size * t.grad_accum * t.seq_len
+        self.every, self.steps, self.denv, self.tb, self.diverged = t.log_every, steps, denv, tb, diverged
+        self.tokens_per_step = t.tokens_per_step
         self.flops_per_step = train_flops_per_step(cfg)
         self.path = run_dir / "metrics.jsonl"
         self.busy, self.last = 0.0, start  # seconds in training steps since the last line (no eval/checkpoint)
+        self.pending: list[tuple[int, tuple]] = []  # (step, (loss, aux_loss, grad_norm) tensors) not read yet
         self.bar = tqdm(total=steps, initial=start, disable=not (t.progress and denv.is_main), unit="step",
                         dynamic_ncols=True)
 
     def _base(self, done: int) -> dict:
         return {"step": done, "tokens": done * self.tokens_per_step, "flops": done * self.flops_per_step}
 
-    def step(self, done: int, seconds: float, loss: float, aux_loss: float, lr: float, grad_norm: float) -> dict | None:
-        self.busy += seconds
+    def flush(self) -> tuple[float, float, float] | None:
+        """Read every pending step's (loss, aux_loss, grad_norm) in one transfer, check them in step
+        order (TrainingDiverged at the first non-finite), return the last step's, or None if none."""
+        if not self.pending:
+            return None
+        dev = torch.as_tensor(self.pending[0][1][0]).device
+        dtype = torch.float32 if dev.type == "mps" else torch.float64  # MPS has no float64
+        values = torch.stack([torch.stack([torch.as_tensor(v).to(dev, dtype) for v in scalars])
+                              for _, scalars in self.pending]).tolist()
+        steps = [step for step, _ in self.pending]
+        self.pending.clear()
+        for step, (loss, aux_loss, grad_norm) in zip(steps, values):
+            if not math.isfinite(loss + aux_loss):
+                raise self.diverged(f"loss is {loss + aux_loss}", step)
+            if not math.isfinite(grad_norm):
+                raise self.diverged(f"gradient norm is {grad_norm}", step)
+        return values[-1]
+
+    def step(self, done: int, t0: float, lr: float, loss, aux_loss, grad_norm, flush: bool = False) -> dict | None:
+        """Step ``done`` ended (it began at ``perf_counter()`` ``t0``); its scalars may be tensors or floats.
+        Returns the metrics line when one is due (``train.log_every``, the last step), else None."""
+        self.pending.append((done, (loss, aux_loss, grad_norm)))
+        due = not done % self.every or done == self.steps
+        if due or flush:
+            loss, aux_loss, grad_norm = self.flush()
+        self.busy += time.perf_counter() - t0  # after the read: a device's queued work is counted
         self.bar.update(1)
-        if done % self.every and done != self.steps:
+        if not due:
             return None
         tps = (done - self.last) * self.tokens_per_step / max(self.busy, 1e-9)
         self.busy, self.last = 0.0, done
@@ -90,7 +124,7 @@ class Saver:
         self.cfg, self.run_dir, self.model, self.optimizer = cfg, run_dir, model, optimizer
         self.schedule, self.batcher, self.denv, self.last_good = schedule, batcher, denv, last_good
         t = cfg.train
-        self.tokens_per_step, self.flops_per_step = t.batch_size * t.grad_accum * t.seq_len, train_flops_per_step(cfg)
+        self.tokens_per_step, self.flops_per_step = t.tokens_per_step, train_flops_per_step(cfg)
 
     def diverged(self, what: str, step: int) -> TrainingDiverged:
         where = (f"the last good checkpoint is kept: {self.last_good}" if self.last_good

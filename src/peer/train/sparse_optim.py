@@ -177,13 +177,14 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm:
         sq.append(torch.nn.utils.get_total_norm([p.grad for p in dense]).float() ** 2)
     if not sq:
         return torch.tensor(0.0)
-    total = torch.stack([s.cpu() for s in sq]).sum().sqrt()
+    total = torch.stack([s.to(sq[0].device) for s in sq]).sum().sqrt()
     if error_if_nonfinite and not torch.isfinite(total):
         raise RuntimeError(f"the total norm of the gradients is {total.item()}: non-finite")
-    coef = float(max_norm) / (float(total) + 1e-6)
-    if coef < 1.0:
-        for p in sparse:
-            p.grad._values().mul_(coef)
-        for p in dense:
-            p.grad.mul_(coef)
+    # as torch's: a clamped coefficient multiplies every gradient (x 1.0 when not clipping), computed
+    # on the device (no host sync) in float64 as a Python float was
+    coef = (float(max_norm) / (total.double() + 1e-6)).clamp(max=1.0)
+    for p in sparse:
+        p.grad._values().mul_(coef)
+    for p in dense:
+        p.grad.mul_(coef)
     return total

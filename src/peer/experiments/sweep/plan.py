@@ -215,7 +215,7 @@ def _plan_one(spec: SweepSpec, base: Config, budget: float, variant: str, vset: 
         run_dir = run_dir / f"seed{seed}"
     cfg = apply_overrides(cfg, [f"train.steps={max(steps, 1)}", "train.flops=0",
                                 f"train.out_dir={run_dir.as_posix()}"])
-    tokens = steps * cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len
+    tokens = steps * cfg.train.tokens_per_step
     return PlannedRun(budget, variant, size, cfg, steps, per_step, tokens, pc.total, pc.active, skipped,
                       seed=seed, seeded=spec.seeded)
 
