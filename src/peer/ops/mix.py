@@ -128,6 +128,11 @@ def _dense_grads(eng, tables, wanted, idx):
     if all(w is None for w in wanted):
         return out
     m = idx.shape[1]
+    if eng is triton_engine:  # no host sync on the GPU: never asks how many distinct rows there are
+        out = [None if w is None else WORKSPACE.take(t, "dense", t.shape, t.dtype, zero=True)
+               for t, w in zip(tables, wanted)]
+        eng.dense_table_grads(idx, m, [None if w is None else (w[0], w[1], g) for w, g in zip(wanted, out)])
+        return out
     rows, perm, offsets = eng.sort_pairs(idx, tables[0].shape[0])
     for k, (table, w) in enumerate(zip(tables, wanted)):
         if w is None:

@@ -3,8 +3,10 @@
     forward : one program per token: tiles of BLOCK_M retrieved rows [BLOCK_M, d] of u (and the
               GLU gate) give h = u_i . x, then y = sum_j g a v_i accumulates in fp32 registers
     backward: one program per token: dA = dy . v_i, the per-pair coefficients, dx = sum_j coef u_i
-    grads   : one program per distinct expert (pairs sorted by expert with torch.sort):
-              row = sum over its pairs of coef * x[token] (or * dy[token]); no atomics, deterministic
+    grads   : pairs sorted by expert with torch.sort; row = sum over its pairs of coef * x[token] (or
+              * dy[token]); no atomics, deterministic. Dense [N, d] gradients: one program per pair,
+              the one that starts a run of equal ids sums it (no host sync: the number of distinct
+              experts is never read); sparse row gradients: one program per distinct expert
 
 The custom ops, the gradient layout (dense or sparse rows) and the buffers are shared with the CPU
 engine (:mod:`peer.ops.mix`). Tested on the CPU with ``TRITON_INTERPRET=1`` against the reference;
@@ -26,7 +28,7 @@ try:
 except ImportError:  # importable without triton; available() says False
     triton = None
 
-__all__ = ["available", "forward", "backward", "sort_pairs", "table_grads"]
+__all__ = ["available", "forward", "backward", "sort_pairs", "table_grads", "dense_table_grads"]
 
 
 def available() -> bool:
@@ -72,6 +74,23 @@ def table_grads(perm, offsets, m: int, triples, out_rows=None) -> None:
         d = src.shape[1]
         _bag[(U,)](perm, offsets, out_rows if out_rows is not None else perm, src, coef, out, m, d,
                    HAS_ROWS=out_rows is not None, BLOCK_D=triton.next_power_of_2(d))
+
+
+def dense_table_grads(idx, m: int, triples) -> None:
+    """For each (src [T, d], coef [T, m], out [N, d] zeroed) in ``triples``: out[i] = sum over the pairs
+    (t, j) with idx[t, j] = i of coef[t, j] * src[t]. Without a host sync: the pairs are sorted by
+    expert on the device and one program per pair sums the run of equal ids that starts there (the
+    others return at once), so the number of distinct experts never has to be known on the host."""
+    P = idx.numel()
+    if P == 0:
+        return
+    sorted_ids, perm = torch.sort(idx.reshape(-1))
+    for t in triples:
+        if t is None:
+            continue
+        src, coef, out = t
+        d = src.shape[1]
+        _bag_runs[(P,)](sorted_ids, perm, src, coef, out, P, m, d, BLOCK_D=triton.next_power_of_2(d))
 
 
 if triton is not None:
@@ -174,3 +193,33 @@ if triton is not None:
         else:
             row = r
         tl.store(out_ptr + row * d + offs_d, acc.to(out_ptr.dtype.element_ty), mask=dmask)
+
+    @triton.jit
+    def _bag_runs(sorted_ptr, perm_ptr, src_ptr, coef_ptr, out_ptr, P, m, d, BLOCK_D: tl.constexpr):
+        p = tl.program_id(0).to(tl.int64)
+        e = tl.load(sorted_ptr + p)
+        prev = tl.load(sorted_ptr + p - 1, mask=p > 0, other=-1)
+        if prev != e:  # p starts the run of pairs of expert e
+            offs_d = tl.arange(0, BLOCK_D)
+            dmask = offs_d < d
+            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+            q = p
+            cur = e
+            while cur == e:
+                pair = tl.load(perm_ptr + q)
+                c = tl.load(coef_ptr + pair)
+                acc += c * tl.load(src_ptr + (pair // m) * d + offs_d, mask=dmask, other=0.0).to(tl.float32)
+                q += 1
+                cur = tl.load(sorted_ptr + q, mask=q < P, other=-1)
+            tl.store(out_ptr + e * d + offs_d, _to_out(acc, out_ptr), mask=dmask)
+
+    @triton.jit
+    def _to_out(acc, out_ptr):
+        """fp32 -> the output's dtype, rounding to nearest even for bf16 as torch does (done on the bits:
+        the interpreter's own cast truncates)."""
+        if out_ptr.dtype.element_ty == tl.bfloat16:
+            bits = acc.to(tl.uint32, bitcast=True)
+            bits = bits + (((bits >> 16) & 1) + 0x7FFF)
+            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return acc.to(out_ptr.dtype.element_ty)
