@@ -98,7 +98,7 @@ def test_the_step_scalars_are_read_once_per_log_line(tiny, monkeypatch):
 
     monkeypatch.setattr(parts.StepLog, "flush", flush)
     run = train(tiny("train.steps=8", "train.log_every=4", "train.ckpt_every=100", "model.sparse_layer=peer"))
-    assert reads == [4, 4]  # steps 1-4 at step 4, 5-8 at step 8 (which also checkpoints: nothing pending)
+    assert [n for n in reads if n] == [4, 4]  # steps 1-4 at step 4, 5-8 at step 8 (its checkpoint: nothing left)
     import json
 
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

@@ -367,14 +367,14 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, from_checkpoint=No
             done = s + 1
             lr, scalars = _step(fwd, optimizer, schedule, batcher, cfg, device, denv, clip, s)
             evaluate = val_batches is not None and ((t.eval_every and done % t.eval_every == 0) or done == steps)
-            save = done % t.ckpt_every == 0 or done == steps or stop.requested
             # the step's scalars stay on the device until a line is logged, or before an eval or a
             # checkpoint: then one read checks every pending step for divergence, in order
-            record = log_.step(done, t0, lr, *scalars, flush=evaluate or save)
+            record = log_.step(done, t0, lr, *scalars, flush=evaluate)
             if evaluate:
                 record = log_.val(done, record, evaluate_loss(fwd, val_batches, cfg, device))
             log_.write(record)
-            if save:
+            if done % t.ckpt_every == 0 or done == steps or stop.requested:
+                log_.flush()  # no checkpoint past a step that was not checked
                 saver.save(done, record)
             if stop.requested and done < steps:
                 raise Interrupted(f"stopped by {stop.name} after step {done} of {steps}; checkpoint saved: "
