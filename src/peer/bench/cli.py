@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     step.add_argument("--out", default=None, help="write the results as JSON here")
 
     gpu = sub.add_parser("gpu", help="the GPU benchmark: Triton ops vs the reference, layers at the paper's shape, "
-                                     "PeerLM vs dense training step (about 5 min on an H100)")
+                                     "PeerLM vs dense training step (within 8 min on an H100)")
     gpu.add_argument("--out", default=None, help="write the results as JSON here (e.g. results/bench/gpu_h100.json)")
     gpu.add_argument("--device", default="cuda", help="cuda[:i]; cpu runs the Triton interpreter (needs "
                                                       "TRITON_INTERPRET=1 and --tiny)")

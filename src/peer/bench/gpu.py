@@ -1,4 +1,4 @@
-"""``peer bench gpu``: what only a GPU can show, in one command (about 5 minutes on an H100).
+"""``peer bench gpu``: what only a GPU can show, in one command (built to finish within 8 minutes on an H100).
 
 Three parts, each printed as it finishes and all saved to one JSON file (``--out``):
 
