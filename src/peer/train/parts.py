@@ -23,7 +23,8 @@ __all__ = ["StepLog", "Saver", "save_distributed", "TrainingDiverged"]
 
 
 class TrainingDiverged(PeerError, RuntimeError):
-    """The loss (or the gradient / weights) became NaN or inf; the run stopped before applying it."""
+    """The loss (or the gradient / weights) became NaN or inf; the run stopped at the next read of the
+    step scalars (a log line, an evaluation or a checkpoint), before any checkpoint past the bad step."""
 
     def __init__(self, message: str, step: int, checkpoint: Path | None):
         super().__init__(message)
