@@ -71,7 +71,7 @@ class MoEConfig:
     """Mixture of experts, each the size of the dense FFW. Paper: expert choice, 128 experts."""
 
     num_experts: int = 128
-    routing: Literal["expert_choice", "token_choice"] = "expert_choice"
+    routing: Literal["expert_choice", "token_choice", "dropless"] = "expert_choice"  # only dropless is causal
     topk: int = 1  # experts per token (token choice); expert choice uses capacity_factor
     capacity_factor: float = 1.0
     aux_loss_weight: float = 0.01  # load-balancing loss weight (token choice)

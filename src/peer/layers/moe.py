@@ -11,6 +11,17 @@ Router: ``p = softmax(W_r x)`` over the E experts, one row per token.
   ``y_t = sum_{kept e} p[t, e] * expert_e(x_t)`` (gates not renormalised over the top-k).
   Load-balancing loss (Switch, eq. 4 there): ``aux = w * E * sum_e f_e P_e``, f_e = fraction of the
   T*k assignments routed to e (before dropping), P_e = mean_t p[t, e]; uniform P gives ``aux = w``.
+- Dropless (Mixtral / OLMoE style): token choice top-k with no capacity: every token gets its k
+  experts, ``y_t = sum_{e in top-k(t)} p[t, e] * expert_e(x_t)``, with the same load-balancing loss.
+  C is the busiest expert's load in this batch (read back once per layer call: a host sync on a
+  GPU), so nothing is dropped.
+
+Causality (what a language model's perplexity needs: no output may depend on later tokens or on
+other sequences of the batch): only **dropless** routing is causal, in training and evaluation.
+Expert choice ranks each expert's tokens over the whole flattened batch; token choice with a
+binding capacity admits tokens in flattened batch order, so a sequence's early tokens can lose
+their expert to an earlier sequence's later tokens. Both are the paper-era baselines and stay
+available; their perplexities are not causal LM perplexities (tests/test_causality.py).
 
 Both routings run the experts the same way: per-expert token slots gathered into [E, C, d],
 one batched matmul per layer, weighted results scattered back with ``index_add``.
@@ -31,7 +42,7 @@ from .dense import check_choice as _choice, check_dim, check_positive_int
 
 __all__ = ["MoE"]
 
-_ROUTINGS = ("expert_choice", "token_choice")
+_ROUTINGS = ("expert_choice", "token_choice", "dropless")
 _ACTS = ("gelu", "relu", "swiglu")
 
 
@@ -42,7 +53,8 @@ class MoE(nn.Module):
         dim: model width d.
         hidden: inner width of each expert (the dense FFW's, so each expert is dense-sized).
         num_experts: E (paper: 128).
-        routing: "expert_choice" (paper) or "token_choice".
+        routing: "expert_choice" (paper), "token_choice" (with a capacity) or "dropless" (token choice
+            without one: the causal routing).
         topk: experts per token for token choice; for expert choice it scales the capacity
             (average experts per token).
         capacity_factor: capacity multiplier (see the module docstring for C).
@@ -123,6 +135,8 @@ class MoE(nn.Module):
         # position of each assignment among its expert's assignments (stable sort keeps token order)
         order = flat_e.argsort(stable=True)
         counts = _counts(flat_e, E)
+        if self.routing == "dropless":  # room for the busiest expert's load: nothing is dropped
+            C = max(1, int(counts.max()))
         starts = counts.cumsum(0) - counts
         pos = torch.empty_like(flat_e)
         pos[order] = torch.arange(flat_e.numel(), device=flat_e.device) - starts[flat_e[order]]
@@ -171,7 +185,7 @@ class MoE(nn.Module):
         xpad = torch.cat([xf, xf.new_zeros(1, self.dim)])  # row T: padding for empty slots
         out = self.experts(xpad[slots]) * gates.unsqueeze(-1).to(xf.dtype)  # [E, C, d]
         y = out.new_zeros(T + 1, self.dim).index_add_(0, slots.flatten(), out.flatten(0, 1))[:T]
-        aux = self.load_balancing_loss(probs) if self.routing == "token_choice" else probs.new_zeros(())
+        aux = self.load_balancing_loss(probs) if self.routing != "expert_choice" else probs.new_zeros(())
         return y.view(*x.shape[:-1], self.dim), aux
 
 
