@@ -64,6 +64,7 @@ class PKMConfig:
     topk: int = 32
     key_dim: int = 256
     query_norm: Literal["batchnorm", "layernorm", "none"] = "batchnorm"
+    value_init_scale: float = 1.0  # multiplies the init std of the value table (PEER's lever, for equal tuning)
 
 
 @dataclass
@@ -92,6 +93,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     dropout: float = 0.0
+    init_std: float = 0.02  # backbone init N(0, init_std^2) (GPT-2: 0.02); residual outputs / sqrt(2 n_layers)
     sparse_layer: Literal["none", "peer", "pkm", "moe"] = "none"
     # "middle" (the paper), "all", "every:K" (blocks K-1, 2K-1, ...), or a list of block indices
     sparse_blocks: Union[str, list[int]] = "middle"
@@ -400,9 +402,12 @@ def validate(cfg: Config) -> Config:
         _check_keys(p.num_experts, p.key_dim, p.topk, p.heads, "model.peer.", "num_experts")
         _check(p.value_init_scale > 0 and math.isfinite(p.value_init_scale), "model.peer.value_init_scale",
                f"must be a positive number, got {p.value_init_scale}")
+    _check(m.init_std > 0 and math.isfinite(m.init_std), "model.init_std", f"must be a positive number, got {m.init_std}")
     k = m.pkm
     if m.sparse_layer == "pkm":
         _check_keys(k.num_memories, k.key_dim, k.topk, k.heads, "model.pkm.", "num_memories")
+        _check(k.value_init_scale > 0 and math.isfinite(k.value_init_scale), "model.pkm.value_init_scale",
+               f"must be a positive number, got {k.value_init_scale}")
     if m.share_experts:
         _check(m.sparse_layer in ("peer", "pkm"), "model.share_experts",
                f"shares a PEER or PKM pool; model.sparse_layer is {m.sparse_layer!r}")

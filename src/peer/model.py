@@ -18,9 +18,9 @@ Rotary embeddings use the "rotate-half" convention (GPT-NeoX / Hugging Face Llam
 dimension is split into two halves (x1, x2) rotated as (x1 cos - x2 sin, x2 cos + x1 sin) with
 frequency theta^(-2i/head_dim) for pair i.
 
-Initialisation (GPT-2-like) of the backbone: every Linear and Embedding ~ N(0, 0.02), biases 0,
-RMSNorm weights 1; the residual output projections (attention ``proj``, the dense FFW's output
-layer) ~ N(0, 0.02 / sqrt(2 * n_layers)). Sparse layers (PEER / PKM / MoE) keep their own
+Initialisation (GPT-2-like) of the backbone: every Linear and Embedding ~ N(0, s^2) with
+s = ``cfg.init_std`` (0.02, GPT-2's), biases 0, RMSNorm weights 1; the residual output projections
+(attention ``proj``, the dense FFW's output layer) ~ N(0, (s / sqrt(2 * n_layers))^2). Sparse layers (PEER / PKM / MoE) keep their own
 documented init, with one exception: the PEER output table ``v`` and the PKM value table (the
 sparse layers' residual outputs) are multiplied by 1 / sqrt(2 * n_layers), the same residual-branch
 scaling GPT-2 applies to its output projections.
@@ -255,20 +255,21 @@ class PeerLM(nn.Module):
     def _init_weights(self) -> None:
         """GPT-2-like backbone init; sparse layers keep theirs, output tables scaled (see module docstring)."""
         scale = 1.0 / math.sqrt(2 * self.config.n_layers)
+        std = self.config.init_std
         sparse = set(self.sparse_layers().values())
         for block in self.blocks:
             if block.ffn not in sparse:
                 for m in block.ffn.modules():
-                    _init_gpt2(m)
+                    _init_gpt2(m, std)
         for m in (self.tok_emb, self.lm_head, *(b.attn for b in self.blocks)):
             for mm in m.modules():
-                _init_gpt2(mm)
+                _init_gpt2(mm, std)
         scaled: set[int] = set()  # a shared pool's table is scaled once
         for block in self.blocks:
-            nn.init.normal_(block.attn.proj.weight, std=0.02 * scale)
+            nn.init.normal_(block.attn.proj.weight, std=std * scale)
             if block.ffn not in sparse:
                 out = _dense_output_linear(block.ffn)
-                nn.init.normal_(out.weight, std=0.02 * scale)
+                nn.init.normal_(out.weight, std=std * scale)
             if block.sparse in sparse:
                 table = _sparse_output_table(block.sparse)
                 if table is not None and id(table) not in scaled:
@@ -351,13 +352,13 @@ class PeerLM(nn.Module):
 # --------------------------------------------------------------------------------------
 # Init helpers
 # --------------------------------------------------------------------------------------
-def _init_gpt2(m: nn.Module) -> None:
+def _init_gpt2(m: nn.Module, std: float) -> None:
     if isinstance(m, nn.Linear):
-        nn.init.normal_(m.weight, std=0.02)
+        nn.init.normal_(m.weight, std=std)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
     elif isinstance(m, nn.Embedding):
-        nn.init.normal_(m.weight, std=0.02)
+        nn.init.normal_(m.weight, std=std)
 
 
 def _reset_in_order(module: nn.Module, pool_owner: nn.Module | None) -> None:

@@ -48,11 +48,15 @@ class PKM(ProductKeyRouter):
         topk: int = 32,
         key_dim: int = 256,
         query_norm: str = "batchnorm",
+        value_init_scale: float = 1.0,
         device=None,
         dtype=None,
     ):
         super().__init__()
         check_positive_int(dim, "dim")
+        if not isinstance(value_init_scale, (int, float)) or not math.isfinite(value_init_scale) or value_init_scale <= 0:
+            raise ValueError(f"value_init_scale must be a positive number, got {value_init_scale!r}")
+        self.value_init_scale = float(value_init_scale)
         check_product_keys(num_memories, key_dim, topk, heads, keys_name="num_memories")
         self.dim, self.num_memories, self.heads, self.topk, self.key_dim = dim, num_memories, heads, topk, key_dim
         # queries, their norm, one set of product keys per head, softmax scores, usage (peer.layers.router)
@@ -63,7 +67,8 @@ class PKM(ProductKeyRouter):
 
     def _reset_values(self, write: bool = True) -> None:
         with torch.no_grad():
-            (self.values if write else torch.empty_like(self.values)).normal_(0.0, math.sqrt(self.topk / self.heads))
+            std = self.value_init_scale * math.sqrt(self.topk / self.heads)
+            (self.values if write else torch.empty_like(self.values)).normal_(0.0, std)
 
     def reset_parameters(self, pool: bool = True) -> None:
         """Initialise again as the constructor did (same draws, same order); ``pool=False`` draws but keeps

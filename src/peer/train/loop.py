@@ -138,7 +138,9 @@ def _same(key: str, a, b) -> bool:
 
 def check_resume_config(run_cfg: dict, cfg: Config, where: Path) -> None:
     """ConfigError listing every field (outside RESUME_MAY_CHANGE) where ``cfg`` differs from the run's."""
-    old, new = _flatten(run_cfg), _flatten(config_to_dict(cfg))
+    # a field added to the config since the run was written counts as its default there
+    old = {**_flatten(config_to_dict(Config())), **_flatten(run_cfg)}
+    new = _flatten(config_to_dict(cfg))
     diffs = [f"{k}: run has {old.get(k)!r}, now {new.get(k)!r}" for k in sorted(set(old) | set(new))
              if k not in RESUME_MAY_CHANGE and not _same(k, old.get(k), new.get(k))]
     if diffs:
