@@ -437,5 +437,8 @@ def validate(cfg: Config) -> Config:
         v = getattr(o, name)
         _check(v >= 0 and math.isfinite(v), f"optim.{name}", f"must be >= 0, got {v}")
     _check(cfg.data.vocab_size > 0, "data.vocab_size", "must be positive")
+    for name in ("train_split", "val_split"):  # held-out test splits: never trained or chosen on
+        _check(not getattr(cfg.data, name).startswith("test_"), f"data.{name}",
+               f"must not be a held-out test_* split (read those with `peer eval --test`), got {getattr(cfg.data, name)!r}")
     _check(cfg.dist.timeout_s > 0, "dist.timeout_s", "must be positive")
     return cfg

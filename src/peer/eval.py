@@ -125,8 +125,9 @@ def _set_names(texts: Iterable[str | Path]) -> list[tuple[str, Path]]:
 # ------------------------------------------------------------------ the evaluation
 def evaluate(run_path: str | Path, texts: Iterable[str | Path] = (), max_batches: int | None = None,
              plot_dir: str | Path | None = None, model_and_cfg=None, corpus: str | Path | None = None,
-             replace_errors: bool = False, progress: bool = False) -> dict:
-    """Evaluate a run (or checkpoint) on its corpus's evaluation splits and on ``texts``.
+             replace_errors: bool = False, progress: bool = False, test: bool = False) -> dict:
+    """Evaluate a run (or checkpoint) on its corpus's evaluation splits and on ``texts``; ``test=True``
+    adds the held-out ``test_*`` splits (a final comparison only: nothing may be chosen on them).
 
     Returns a JSON-able dict: ``run``, ``step``, ``params`` (total/active), ``flops_per_token``,
     ``seq_len``, ``sets`` ({name: {kind, tokens, windows, nll, loss, perplexity}}), and ``experts``
@@ -155,7 +156,7 @@ def evaluate(run_path: str | Path, texts: Iterable[str | Path] = (), max_batches
                                     "--corpus DIR; `peer data prepare` rebuilds the starter corpus; --corpus none "
                                     "evaluates only the --text files)")
         check_corpus_tokenizer(run_path, corpus)
-        splits = [cfg.data.val_split] + [s for s in eval_splits(corpus) if s != cfg.data.val_split]
+        splits = [cfg.data.val_split] + [s for s in eval_splits(corpus, test=test) if s != cfg.data.val_split]
         sets += [(s, "split", s) for s in splits]
     elif not text_sets:
         raise UsageError("--corpus none: give --text files to evaluate")
@@ -247,13 +248,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", default=None,
                         help="the corpus dir (default: the run's data.corpus); 'none': only the --text files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: one when stderr is a terminal)")
+    parser.add_argument("--test", action="store_true",
+                        help="also score the held-out test_* splits (for a final, pre-registered comparison only: "
+                             "choosing anything on them makes them no test)")
 
 
 def run(args: argparse.Namespace) -> int:
     plot_dir = args.plot_dir or str(run_dir_of(args.run) / "plots")
     corpus = "" if args.corpus == "none" else args.corpus
     report = evaluate(args.run, texts=args.text, max_batches=args.batches, plot_dir=plot_dir, corpus=corpus,
-                      replace_errors=args.replace_errors, progress=not args.no_progress and sys.stderr.isatty())
+                      replace_errors=args.replace_errors, progress=not args.no_progress and sys.stderr.isatty(),
+                      test=args.test)
     if args.json:
         json.dump(_jsonable(report), sys.stdout)
         sys.stdout.write("\n")

@@ -60,7 +60,7 @@ def test_check_disjoint_catches_overlap():
 
 
 def test_bad_sources(tmp_path):
-    with pytest.raises(DataError, match="split 'test' of 'fake/a' is not train, val or eval_"):
+    with pytest.raises(DataError, match=r"split 'test' of 'fake/a' is not train, val, eval_\* or test_\*"):
         build(tmp_path, [FakeSource([("a", "test", "text")])])
     with pytest.raises(DataError, match="document id 'fake/a' occurs twice"):
         build(tmp_path, [FakeSource([("a", "train", "x y"), ("a", "val", "z")])])

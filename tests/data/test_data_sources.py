@@ -146,3 +146,31 @@ def test_get_sources():
     assert [s.name for s in get_sources("sotu, pydoc,sotu")] == ["sotu", "pydoc"]
     with pytest.raises(DataError, match=r"unknown source\(s\) \['gutenberg'\]"):
         get_sources(["brown", "gutenberg"])
+
+
+def test_sotu_holds_out_the_addresses_no_selection_scored():
+    """val = 2001-2011, test_sotu = 2012 on: the old studies scored the first 81,920 val tokens, which end in 2011."""
+    src = SOTU()
+    years = {1999: "train", 2000: "train", 2001: "val", 2011: "val", 2012: "test_sotu", 2021: "test_sotu"}
+    from peer.data import Document
+
+    assert {y: src.split(Document(f"sotu/{y}_x_y_d", "t", {"year": y})) for y in years} == years
+    assert "test_sotu" in src.split_rule()
+
+
+def test_moby_dick_shares_the_sotu_archive_and_is_all_test(tmp_path):
+    from peer.data.sources import MobyDick
+
+    arc = make_tgz(tmp_path / "s.tgz", {
+        "package/moby-dick/data/chapter_1.txt": "CHAPTER 1. Loomings.\n\nCall me Ishmael.",
+        "package/moby-dick/data/chapter_1.json": '{"text": "not read"}',
+        "package/moby-dick/data/chapter_2.txt": "CHAPTER 2. The Carpet-Bag.",
+        "package/moby-dick/data/epilogue.txt": "Epilogue. The drama's done.",
+        "package/moby-dick/data/data.txt": "the whole book again: not read",
+        "package/moby-dick/data/contents.txt": "not read",
+        "package/sotu/data/2001_george_w_bush_r.txt": "not moby dick"})
+    src = MobyDick()
+    docs = list(src.documents(arc))
+    assert [d.id for d in docs] == ["moby_dick/chapter_1", "moby_dick/chapter_2", "moby_dick/epilogue"]
+    assert {src.split(d) for d in docs} == {"test_moby_dick"}
+    assert src.cache_as == "sotu" and src.archive_glob == SOTU.archive_glob and src.command() == SOTU().command()

@@ -27,10 +27,11 @@ def starter(tmp_path_factory):
 def test_splits_and_counts(starter):
     out, m = starter
     assert list_splits(out) == ["train", "val", "eval_brown_fiction", "eval_brown_nonfiction", "eval_pydoc",
-                                "eval_shakespeare"]
-    assert eval_splits(out)[0] == "val"
+                                "eval_shakespeare", "test_moby_dick", "test_sotu"]
+    assert eval_splits(out)[0] == "val" and not any(s.startswith("test_") for s in eval_splits(out))
     by = {s: Counter(d["id"].split("/")[0] for d in split_info(out, s)["documents"]) for s in list_splits(out)}
-    assert by["val"] == {"sotu": 21}
+    assert by["val"] == {"sotu": 11} and by["test_sotu"] == {"sotu": 10}  # 2001-2011 | 2012-2021
+    assert by["test_moby_dick"] == {"moby_dick": 136}  # 135 chapters and the epilogue
     assert by["eval_shakespeare"] == {"shakespeare": 6}
     assert by["eval_brown_fiction"]["brown"] + by["eval_brown_nonfiction"]["brown"] == 500
     assert by["train"]["sotu"] == 212 and by["train"]["shakespeare"] == 36 and "brown" not in by["train"]

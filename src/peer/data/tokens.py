@@ -108,6 +108,8 @@ def list_splits(corpus_dir: str | Path) -> list[str]:
     return sorted(names, key=lambda n: (order.get(n, 2), n))
 
 
-def eval_splits(corpus_dir: str | Path) -> list[str]:
-    """The splits to evaluate on: ``val`` (in-domain) first, then every ``eval_*``."""
-    return [n for n in list_splits(corpus_dir) if n == "val" or n.startswith("eval_")]
+def eval_splits(corpus_dir: str | Path, test: bool = False) -> list[str]:
+    """The splits to evaluate on: ``val`` (in-domain) first, then every ``eval_*``; with ``test=True``
+    also the held-out ``test_*`` splits, last (only a final, pre-registered comparison should ask)."""
+    return [n for n in list_splits(corpus_dir) if n == "val" or n.startswith("eval_")
+            or (test and n.startswith("test_"))]
