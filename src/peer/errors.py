@@ -34,10 +34,7 @@ def check_values(ok: torch.Tensor, message: str, detail: Callable[[], str] = str
     detail may read the offending values: only the failing path pays for it). On an accelerator the
     check is queued with ``torch._assert_async``: a False ``ok`` stops the process's next sync with
     a device-side assert carrying ``message``, as PyTorch's own index checks do there."""
-    if ok.device.type != "cpu":
-        torch._assert_async(ok, message)
-        return
     try:
-        torch._assert_async(ok, message)  # the same op on the CPU checks at once (no Python-level read)
-    except RuntimeError:
+        torch._assert_async(ok, message)  # on the CPU it checks at once, without a read from Python
+    except RuntimeError:  # only the CPU raises here: a device queues the check
         raise ValueError(message + detail()) from None
