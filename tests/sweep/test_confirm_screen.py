@@ -11,11 +11,16 @@ from peer.experiments.sweep.plan import plan
 ROOT = Path(__file__).parents[2]
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("confirm_screen", ROOT / "tools" / "confirm_screen.py")
+def _load(name: str):
+    """A script of tools/ as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _tool():
+    return _load("confirm_screen")
 
 
 def test_the_committed_screen_is_the_generators_output():
@@ -42,10 +47,7 @@ def test_every_method_gets_the_same_number_of_distinct_trials_incumbent_first():
 
 
 def _next_tool():
-    spec = importlib.util.spec_from_file_location("confirm_next", ROOT / "tools" / "confirm_next.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _load("confirm_next")
 
 
 def _fake_result(results, variant, seed, loss):

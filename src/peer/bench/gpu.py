@@ -167,7 +167,7 @@ def check_ops(device: torch.device, backend: str = "triton") -> list[dict]:
 # ------------------------------------------------------------------------------ (b) layer
 def _layer_impls(name: str, dim: int, n: int, heads: int, topk: int, key_dim: int, table_dtype: str,
                  device: torch.device, backend: str):
-    """Build one implementation on the device: (module, setup)."""
+    """Build one implementation on the device (None: peer-pytorch is not installed)."""
     from peer.layers import PEER
     from peer.layers.dense import DenseFFN
     from peer.layers.pkm import PKM

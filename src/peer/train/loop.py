@@ -55,7 +55,7 @@ from .checkpoint import (CheckpointError, clean_partial, latest_checkpoint, list
                          load_state, read_meta, resolve_checkpoint, restore_rng, verify_checksums)
 from .optim import build_optimizer, clip_grad_norm
 from .schedule import Schedule
-from .parts import Saver, StepLog, TrainingDiverged
+from .parts import Saver, StepLog, TrainingDiverged, scalar_dtype
 from .signals import Interrupted, StopOnSignal
 from tomli_w import dumps as toml_dumps
 
@@ -218,7 +218,7 @@ def _forward_backward(model, batcher, cfg: Config, device: torch.device) -> tupl
     cross-entropy and the mean auxiliary loss of the micro-batches as 0-dim tensors on ``device``,
     summed there in float64 (as Python floats were) so that nothing waits for the device."""
     n = cfg.train.grad_accum
-    acc = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+    acc = scalar_dtype(device)
     ce_sum = aux_sum = torch.zeros((), dtype=acc, device=device)
     for i in range(n):
         x, y = batcher.next()

@@ -30,6 +30,11 @@ class TrainingDiverged(PeerError, RuntimeError):
         super().__init__(message)
         self.step, self.checkpoint = step, checkpoint
 
+def scalar_dtype(device: torch.device) -> torch.dtype:
+    """The dtype the step scalars are summed and read in: float64, as Python floats (MPS has none: float32)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 class StepLog:
     """The run's record: a line of ``metrics.jsonl`` every ``train.log_every`` steps (loss, lr, tokens,
     FLOPs, throughput over the training steps only, grad norm; ``val_loss`` on eval steps), the
@@ -63,7 +68,7 @@ class StepLog:
         if not self.pending:
             return None
         dev = torch.as_tensor(self.pending[0][1][0]).device
-        dtype = torch.float32 if dev.type == "mps" else torch.float64  # MPS has no float64
+        dtype = scalar_dtype(dev)
         values = torch.stack([torch.stack([torch.as_tensor(v).to(dev, dtype) for v in scalars])
                               for _, scalars in self.pending]).tolist()
         steps = [step for step, _ in self.pending]
