@@ -1,11 +1,11 @@
 # Two commands on a fresh machine (each creates .venv when missing):
 #   make main   - the main job: starter corpus, dense vs PEER at equal FLOPs, evaluation, comparison
-#   make test   - the test suite
+#   make test   - lint (ruff), type check (mypy), then the test suite
 PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: main test test-all env clean
+.PHONY: main test test-all lint env clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -20,7 +20,12 @@ env: $(STAMP)
 main: $(STAMP)
 	$(VENV)/bin/peer main
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests tools
+	$(VENV)/bin/ruff format --check src tests tools
+	$(VENV)/bin/mypy
+
+test: lint
 	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
 
 test-all: $(STAMP)

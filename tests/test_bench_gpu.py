@@ -16,8 +16,13 @@ pytest.importorskip("triton", reason="triton is not installed")
 def _run(tmp_path, *extra):
     out = tmp_path / "gpu.json"
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "peer", "bench", "gpu", "--device", "cpu", "--tiny", "--out", str(out),
-                           *extra], capture_output=True, text=True, env=env, timeout=1200)
+    proc = subprocess.run(
+        [sys.executable, "-m", "peer", "bench", "gpu", "--device", "cpu", "--tiny", "--out", str(out), *extra],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     return json.loads(out.read_text()), proc.stdout
 

@@ -39,31 +39,37 @@ def _model(layer: str, **moe) -> PeerLM:
 
 def _moves(model: PeerLM) -> tuple[float, float]:
     """(largest change of logits at positions <= CUT when later positions change,
-        largest change of sequences 1.. when sequence 0 changes)."""
+    largest change of sequences 1.. when sequence 0 changes)."""
     gen = torch.Generator().manual_seed(1)
     x = torch.randint(0, V, (B, T), generator=gen)
     later = x.clone()
-    later[:, CUT + 1:] = torch.randint(0, V, (B, T - CUT - 1), generator=gen)
+    later[:, CUT + 1 :] = torch.randint(0, V, (B, T - CUT - 1), generator=gen)
     other = x.clone()
     other[0] = torch.randint(0, V, (T,), generator=gen)
     with torch.no_grad():
         base, a, b = (model(t).logits for t in (x, later, other))
-    return ((a - base)[:, :CUT + 1].abs().max().item(), (b - base)[1:].abs().max().item())
+    return ((a - base)[:, : CUT + 1].abs().max().item(), (b - base)[1:].abs().max().item())
 
 
-@pytest.mark.parametrize("layer,moe", [
-    ("none", {}), ("peer", {}), ("pkm", {}),
-    ("moe", {"routing": "dropless", "topk": 2}),
-    ("moe", {"routing": "dropless", "topk": 1}),
-    ("moe", {"routing": "token_choice", "topk": 2, "capacity_factor": 100.0}),  # capacity never binds
-])
+@pytest.mark.parametrize(
+    "layer,moe",
+    [
+        ("none", {}),
+        ("peer", {}),
+        ("pkm", {}),
+        ("moe", {"routing": "dropless", "topk": 2}),
+        ("moe", {"routing": "dropless", "topk": 1}),
+        ("moe", {"routing": "token_choice", "topk": 2, "capacity_factor": 100.0}),  # capacity never binds
+    ],
+)
 def test_eval_logits_depend_only_on_earlier_tokens_of_their_own_sequence(layer, moe):
     within, across = _moves(_model(layer, **moe))
     assert within == 0.0 and across == 0.0
 
 
-@pytest.mark.parametrize("moe", [{"routing": "expert_choice"},
-                                 {"routing": "token_choice", "topk": 1, "capacity_factor": 1.0}])
+@pytest.mark.parametrize(
+    "moe", [{"routing": "expert_choice"}, {"routing": "token_choice", "topk": 1, "capacity_factor": 1.0}]
+)
 def test_batch_routed_moe_is_not_causal(moe):
     """The documented exception: these routings see the whole flattened batch."""
     within, across = _moves(_model("moe", **moe))
@@ -80,7 +86,7 @@ def test_dropless_moe_equals_the_per_token_sum_of_its_top_k_experts():
     want = torch.zeros_like(x)
     for t in range(x.shape[0]):
         p, es = probs[t].topk(2)
-        for pe, e in zip(p, es.tolist()):
+        for pe, e in zip(p, es.tolist(), strict=True):
             want[t] += pe * (torch.nn.functional.gelu(x[t] @ m.w1[e]) @ m.w2[e])
     y, aux = m(x, return_aux=True)
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)

@@ -12,7 +12,9 @@ def test_defaults_round_trip():
 
 def test_toml_and_overrides(tmp_path):
     p = tmp_path / "c.toml"
-    p.write_text('[model]\nd_model = 128\nsparse_layer = "peer"\n[model.peer]\nnum_experts = 4096\ntopk = 8\n[train]\nsteps = 5\n')
+    p.write_text(
+        '[model]\nd_model = 128\nsparse_layer = "peer"\n[model.peer]\nnum_experts = 4096\ntopk = 8\n[train]\nsteps = 5\n'
+    )
     cfg = load_config(p, ["model.peer.heads=2", "train.flops=3e13", "model.sparse_blocks=[0, 1]", "optim.fused=false"])
     assert cfg.model.d_model == 128 and cfg.model.peer.num_experts == 4096 and cfg.model.peer.topk == 8
     assert cfg.model.peer.heads == 2 and cfg.train.flops == 3e13 and cfg.model.sparse_blocks == [0, 1]

@@ -38,7 +38,13 @@ def test_unevenness_extremes_and_invariances():
 
 def test_usage_stats_and_sorted():
     s = usage_stats([1.0, 1.0, 2.0, 0.0])
-    assert s == {"experts": 4, "used": 3, "usage": 0.75, "unevenness": pytest.approx(0.5 * math.log(2)), "total_weight": 4.0}
+    assert s == {
+        "experts": 4,
+        "used": 3,
+        "usage": 0.75,
+        "unevenness": pytest.approx(0.5 * math.log(2)),
+        "total_weight": 4.0,
+    }
     assert sorted_usage([1.0, 3.0, 0.0, 2.0]).tolist() == [3.0, 2.0, 1.0, 0.0]
 
 
@@ -61,8 +67,16 @@ def test_perplexity():
 # ------------------------------------------------------------------ windows and NLL
 def tiny_model():
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, sparse_layer="peer",
-                      sparse_blocks=[1], peer=PEERConfig(num_experts=64, heads=2, topk=4, key_dim=8))
+    cfg = ModelConfig(
+        vocab_size=97,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        max_seq_len=16,
+        sparse_layer="peer",
+        sparse_blocks=[1],
+        peer=PEERConfig(num_experts=64, heads=2, topk=4, key_dim=8),
+    )
     return PeerLM(cfg).eval()
 
 
@@ -75,8 +89,8 @@ def test_evaluate_tokens_equals_manual_forward():
     nll = 0.0
     with torch.no_grad():
         for s in range(0, 48, 16):
-            x = torch.tensor(toks[s:s + 16].astype(np.int64))[None]
-            y = torch.tensor(toks[s + 1:s + 17].astype(np.int64))
+            x = torch.tensor(toks[s : s + 16].astype(np.int64))[None]
+            y = torch.tensor(toks[s + 1 : s + 17].astype(np.int64))
             logp = torch.log_softmax(model(x).logits[0].double(), -1)
             nll -= float(logp[torch.arange(16), y].sum())
     assert res["tokens"] == 48 and res["windows"] == 3
@@ -89,7 +103,9 @@ def test_evaluate_tokens_equals_manual_forward():
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor(toks[:8].astype(np.int64))[None]).logits[0].double(), -1)
     assert short["tokens"] == 8
-    assert short["nll"] == pytest.approx(-float(logp[torch.arange(8), torch.tensor(toks[1:9].astype(np.int64))].sum()), rel=1e-5)
+    assert short["nll"] == pytest.approx(
+        -float(logp[torch.arange(8), torch.tensor(toks[1:9].astype(np.int64))].sum()), rel=1e-5
+    )
 
 
 def test_evaluate_tokens_progress_bar_counts_the_batches(capsys):
@@ -133,7 +149,10 @@ def test_curve_data_errors_name_the_file(tmp_path):
 
 
 def test_plot_usage_draws_normalised_sorted_weights(tmp_path):
-    usage = {"blocks.1.ffn": np.array([1.0, 1.0, 2.0, 0.0]), "blocks.2.ffn": np.array([3.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])}
+    usage = {
+        "blocks.1.ffn": np.array([1.0, 1.0, 2.0, 0.0]),
+        "blocks.2.ffn": np.array([3.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]),
+    }
     drawn = plot_usage(usage, tmp_path / "u.png")
     assert (tmp_path / "u.png").stat().st_size > 1000
     assert drawn["blocks.1.ffn"].tolist() == [0.5, 0.25, 0.25, 0.0]
@@ -141,8 +160,10 @@ def test_plot_usage_draws_normalised_sorted_weights(tmp_path):
 
 
 # ------------------------------------------------------------------ a tiny trained run on real-ish text
-WORDS = ("the a of and to in is was for on that with as by at from people nation law war peace states "
-         "congress president government year new great public power right duty free land trade union").split()
+WORDS = (
+    "the a of and to in is was for on that with as by at from people nation law war peace states "
+    "congress president government year new great public power right duty free land trade union"
+).split()
 
 
 def make_text_corpus(path: Path, seed: int = 0) -> Path:
@@ -154,11 +175,14 @@ def make_text_corpus(path: Path, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
 
     def text(n_sent):
-        return " ".join(" ".join(rng.choice(WORDS, size=int(rng.integers(4, 12)))).capitalize() + "."
-                        for _ in range(n_sent))
+        return " ".join(
+            " ".join(rng.choice(WORDS, size=int(rng.integers(4, 12)))).capitalize() + "." for _ in range(n_sent)
+        )
 
-    splits = {name: [Document(f"{name}/{i}", text(25)) for i in range(n)]
-              for name, n in (("train", 24), ("val", 4), ("eval_verse", 3))}
+    splits = {
+        name: [Document(f"{name}/{i}", text(25)) for i in range(n)]
+        for name, n in (("train", 24), ("val", 4), ("eval_verse", 3))
+    }
     tok = train_tokenizer([d.text for d in splits["train"]], vocab_size=400, min_frequency=1)
     write_corpus(path, splits, tok, {}, log=lambda m: None)
     return path
@@ -170,10 +194,21 @@ def train_tiny(corpus: Path, out: Path, *overrides: str) -> Path:
     from peer.train import train
 
     vocab = load_tokenizer(corpus).vocab_size
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.toml", [
-        f"data.corpus='{corpus}'", f"train.out_dir='{out}'", f"model.vocab_size={vocab}",
-        "model.sparse_layer='peer'", "train.steps=5", "train.eval_batches=2", "train.progress=false",
-        "train.tensorboard=false", "train.threads=1", *overrides])
+    cfg = load_config(
+        Path(__file__).resolve().parents[1] / "configs" / "tiny.toml",
+        [
+            f"data.corpus='{corpus}'",
+            f"train.out_dir='{out}'",
+            f"model.vocab_size={vocab}",
+            "model.sparse_layer='peer'",
+            "train.steps=5",
+            "train.eval_batches=2",
+            "train.progress=false",
+            "train.tensorboard=false",
+            "train.threads=1",
+            *overrides,
+        ],
+    )
     return train(cfg)
 
 
@@ -189,8 +224,8 @@ def _manual_nll(model, tokens, T):
     nll, n = 0.0, 0
     with torch.no_grad():
         for s in range(0, (len(tokens) - 1) // T * T, T):
-            x = torch.tensor(np.asarray(tokens[s:s + T], dtype=np.int64))[None]
-            y = torch.tensor(np.asarray(tokens[s + 1:s + T + 1], dtype=np.int64))
+            x = torch.tensor(np.asarray(tokens[s : s + T], dtype=np.int64))[None]
+            y = torch.tensor(np.asarray(tokens[s + 1 : s + T + 1], dtype=np.int64))
             logp = torch.log_softmax(model(x).logits[0].double(), -1)
             nll -= float(logp[torch.arange(T), y].sum())
             n += T
@@ -211,8 +246,11 @@ def test_evaluate_run_perplexity_and_usage_by_brute_force(trained, tmp_path):
 
     model, cfg, _ = load_run(run)
     T = cfg.train.seq_len
-    sources = {"val": open_tokens(corpus, "val"), "eval_verse": open_tokens(corpus, "eval_verse"),
-               "notes.txt": encode_texts([note], load_tokenizer(corpus))}
+    sources = {
+        "val": open_tokens(corpus, "val"),
+        "eval_verse": open_tokens(corpus, "eval_verse"),
+        "notes.txt": encode_texts([note], load_tokenizer(corpus)),
+    }
     for name, toks in sources.items():
         nll, n = _manual_nll(model, toks, T)
         got = report["sets"][name]
@@ -278,8 +316,23 @@ def test_generate_cli_greedy_matches_sample(trained, capsys):
     expected = sample(model, load_tokenizer(corpus), "The nation", max_new_tokens=12, temperature=0.0)
     assert main(["generate", str(run), "--prompt", "The nation", "--max-new-tokens", "12", "--temperature", "0"]) == 0
     assert capsys.readouterr().out == "The nation" + expected + "\n"
-    assert main(["generate", str(run), "--prompt", "The nation", "--max-new-tokens", "12", "--temperature", "0",
-                 "--no-stream", "--no-cache"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(run),
+                "--prompt",
+                "The nation",
+                "--max-new-tokens",
+                "12",
+                "--temperature",
+                "0",
+                "--no-stream",
+                "--no-cache",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out == "The nation" + expected + "\n"
 
 

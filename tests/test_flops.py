@@ -6,14 +6,13 @@ import math
 
 import pytest
 import torch
+from tiny_configs import tiny_model_config
 from torch.utils.flop_counter import FlopCounterMode
 
 import peer
 from peer.config import Config, ModelConfig
 from peer.config import load_config as load_config_fn
 from peer.flops import FlopReport, ParamReport, count_params, flops, train_flops_per_step
-from tiny_configs import tiny_model_config
-
 from peer.model import PeerLM
 
 V = 96
@@ -27,8 +26,9 @@ CONFIGS = {
     "dense": tiny(),
     "dense_swiglu_untied": tiny(ffn_activation="swiglu", tie_embeddings=False, d_ff=48),
     "peer": tiny("peer"),
-    "peer_ln_glu_unshared": tiny("peer", sparse_blocks="all", peer__query_norm="layernorm", peer__glu=True,
-                                 peer__shared_keys=False),
+    "peer_ln_glu_unshared": tiny(
+        "peer", sparse_blocks="all", peer__query_norm="layernorm", peer__glu=True, peer__shared_keys=False
+    ),
     "peer_nonorm": tiny("peer", sparse_blocks=[0, 2], peer__query_norm="none"),
     "pkm": tiny("pkm"),
     "pkm_ln": tiny("pkm", pkm__query_norm="layernorm"),
@@ -70,8 +70,10 @@ def test_active_params_of_sparse_layers():
     d = 32
     p = CONFIGS["peer"].peer  # h=2, k=4, key_dim=8, N=64, batchnorm
     query, keys = d * 2 * 8 + 2 * 2 * 8, 8 * 8
-    assert count_params(CONFIGS["peer"]).by_module["blocks.1.ffn"] == (query + keys + 64 * 2 * d,
-                                                                        query + keys + p.heads * p.topk * 2 * d)
+    assert count_params(CONFIGS["peer"]).by_module["blocks.1.ffn"] == (
+        query + keys + 64 * 2 * d,
+        query + keys + p.heads * p.topk * 2 * d,
+    )
     # dense layers are fully active; the sparse layer is the only difference between total and active
     r = count_params(CONFIGS["peer"])
     assert r.total - r.active == (64 - 2 * 4) * 2 * d
@@ -161,8 +163,9 @@ def _counted(model, x):
     with FlopCounterMode(display=False) as fc:
         model(x)
     counts = fc.get_flop_counts()
-    return lambda name: sum(v for op, v in counts.get(f"PeerLM.{name}", {}).items()
-                            if "scaled_dot_product" not in str(op))
+    return lambda name: sum(
+        v for op, v in counts.get(f"PeerLM.{name}", {}).items() if "scaled_dot_product" not in str(op)
+    )
 
 
 @pytest.mark.parametrize("name", ["dense", "dense_swiglu_untied"])
@@ -227,7 +230,7 @@ def test_package_exports_and_errors():
     assert peer.flops is flops_module and callable(peer.flops.flops)  # the module is not shadowed
     assert peer.load_config is load_config_fn and callable(peer.train_or_resume) and callable(peer.evaluate)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        peer.nope
+        peer.nope  # noqa: B018 (the attribute access is what raises)
     with pytest.raises(ValueError, match="seq_len"):
         flops(cfg, 33)
     with pytest.raises(ValueError, match="seq_len"):

@@ -10,9 +10,16 @@ from peer.model import PeerLM
 
 def tiny_model(max_seq_len=32, seed=0):
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=2, max_seq_len=max_seq_len,
-                      sparse_layer="peer", sparse_blocks=[1],
-                      peer=PEERConfig(num_experts=64, heads=2, topk=4, key_dim=8))
+    cfg = ModelConfig(
+        vocab_size=300,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        max_seq_len=max_seq_len,
+        sparse_layer="peer",
+        sparse_blocks=[1],
+        peer=PEERConfig(num_experts=64, heads=2, topk=4, key_dim=8),
+    )
     model = PeerLM(cfg)
     # give the query BatchNorm non-trivial running statistics, as after training
     model.train()
@@ -65,8 +72,15 @@ def test_top_k_then_top_p_and_greedy():
     assert torch.isfinite(greedy).tolist() == [False, False, False, False, True]
 
 
-@pytest.mark.parametrize("kw, field", [({"temperature": -1}, "temperature"), ({"top_k": -2}, "top_k"),
-                                        ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p")])
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"top_k": -2}, "top_k"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+    ],
+)
 def test_bad_settings_name_the_argument(kw, field):
     args = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, **kw}
     with pytest.raises(ValueError, match=field):
@@ -86,7 +100,7 @@ def test_greedy_with_kv_cache_equals_full_recompute():
     with torch.no_grad():
         for _ in range(20):
             seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-    assert seq[len(prompt):] == full
+    assert seq[len(prompt) :] == full
 
 
 def test_sampling_with_cache_matches_recompute_for_same_seed():
@@ -122,8 +136,18 @@ def test_seed_reproducibility(tokenizer):
 def test_streamed_pieces_add_up_to_the_text(tokenizer):
     model = tiny_model()
     pieces = []
-    text = sample(model, tokenizer, "Ünïcödé", max_new_tokens=25, temperature=1.5, top_k=0, top_p=1.0,
-                  seed=0, stream=pieces.append, stop_at_eos=False)
+    text = sample(
+        model,
+        tokenizer,
+        "Ünïcödé",
+        max_new_tokens=25,
+        temperature=1.5,
+        top_k=0,
+        top_p=1.0,
+        seed=0,
+        stream=pieces.append,
+        stop_at_eos=False,
+    )
     assert "".join(pieces) == text
     assert len(pieces) > 1
     # no streamed piece except possibly the last ends in a half character

@@ -23,9 +23,13 @@ def make_corpus(path: Path) -> Path:
     rng = np.random.default_rng(0)
 
     def text():
-        return " ".join(" ".join(rng.choice(WORDS, size=int(rng.integers(4, 12)))).capitalize() + "." for _ in range(25))
+        return " ".join(
+            " ".join(rng.choice(WORDS, size=int(rng.integers(4, 12)))).capitalize() + "." for _ in range(25)
+        )
 
-    splits = {n: [Document(f"{n}/{i}", text()) for i in range(k)] for n, k in (("train", 20), ("val", 4), ("eval_verse", 3))}
+    splits = {
+        n: [Document(f"{n}/{i}", text()) for i in range(k)] for n, k in (("train", 20), ("val", 4), ("eval_verse", 3))
+    }
     write_corpus(path, splits, train_tokenizer([d.text for d in splits["train"]], 300, 1), {}, log=lambda m: None)
     return path
 
@@ -52,12 +56,27 @@ def test_plan_gives_both_models_the_same_budget(tmp_path):
 
 def _comparison():
     run = lambda ppl, experts: {  # noqa: E731
-        "params": {"total": 1000, "active": 500}, "train_flops": 1e9, "steps": 10, "tokens": 1280, "train_s": 3.2,
-        "perplexity": ppl, "experts": experts, "sample": " and so on"}
-    return {"budget_flops": 1e9, "corpus": "c", "eval_batches": 8, "prompt": "The", "timing": {"total_s": 9.0},
-            "plots": ["p.png"],
-            "runs": {"dense": run({"val": 12.345, "eval_x": 20.0}, {}),
-                     "peer": run({"val": 11.0, "eval_x": 19.5}, {"blocks.1.ffn": {"usage": 0.999, "unevenness": 0.4567}})}}
+        "params": {"total": 1000, "active": 500},
+        "train_flops": 1e9,
+        "steps": 10,
+        "tokens": 1280,
+        "train_s": 3.2,
+        "perplexity": ppl,
+        "experts": experts,
+        "sample": " and so on",
+    }
+    return {
+        "budget_flops": 1e9,
+        "corpus": "c",
+        "eval_batches": 8,
+        "prompt": "The",
+        "timing": {"total_s": 9.0},
+        "plots": ["p.png"],
+        "runs": {
+            "dense": run({"val": 12.345, "eval_x": 20.0}, {}),
+            "peer": run({"val": 11.0, "eval_x": 19.5}, {"blocks.1.ffn": {"usage": 0.999, "unevenness": 0.4567}}),
+        },
+    }
 
 
 def test_table_and_markdown_hold_every_number():
@@ -144,11 +163,20 @@ def test_recipe_line_names_every_lever_of_the_peer_preset():
     from peer.experiments.mainjob import describe_recipe
 
     line = describe_recipe(load_config(Path(__file__).parents[1] / "configs" / "peer.toml"))
-    for part in ("d_model 48", "lr 0.006", "h=4", "k=8", "key_dim=16", "v init x0.03", "expert lr x3 -> x1",
-                 "table weight decay 0.1"):
+    for part in (
+        "d_model 48",
+        "lr 0.006",
+        "h=4",
+        "k=8",
+        "key_dim=16",
+        "v init x0.03",
+        "expert lr x3 -> x1",
+        "table weight decay 0.1",
+    ):
         assert part in line, (part, line)
-    lazy = describe_recipe(load_config(Path(__file__).parents[1] / "configs" / "peer.toml",
-                                       ["optim.sparse_experts=true"]))
+    lazy = describe_recipe(
+        load_config(Path(__file__).parents[1] / "configs" / "peer.toml", ["optim.sparse_experts=true"])
+    )
     assert "lazy row AdamW" in lazy
 
 

@@ -92,11 +92,20 @@ def test_training_is_bit_identical_with_and_without_it(tmp_path):
     digests = []
     for value in ("0", "1"):
         env = dict(os.environ, PEER_RETAIN_FREED_MEMORY=value)
-        args = [str(ROOT / "configs" / "tiny.toml"), f"data.corpus='{corpus}'", f"train.out_dir='{tmp_path / value}'",
-                f"model.vocab_size={VOCAB}", "model.sparse_layer=peer", "train.steps=6", "train.progress=false",
-                "train.tensorboard=false", "train.threads=1"]
-        proc = subprocess.run([sys.executable, "-c", TRAIN, *args], capture_output=True, text=True, env=env,
-                              timeout=600)
+        args = [
+            str(ROOT / "configs" / "tiny.toml"),
+            f"data.corpus='{corpus}'",
+            f"train.out_dir='{tmp_path / value}'",
+            f"model.vocab_size={VOCAB}",
+            "model.sparse_layer=peer",
+            "train.steps=6",
+            "train.progress=false",
+            "train.tensorboard=false",
+            "train.threads=1",
+        ]
+        proc = subprocess.run(
+            [sys.executable, "-c", TRAIN, *args], capture_output=True, text=True, env=env, timeout=600
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         digests.append(proc.stdout.strip().splitlines()[-1])
     assert digests[0] == digests[1]

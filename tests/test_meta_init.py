@@ -15,13 +15,23 @@ PEER_CFG = PEERConfig(num_experts=64, heads=2, topk=4, key_dim=8, value_init_sca
 CASES = {
     "dense": ModelConfig(**BASE),
     "peer": ModelConfig(**BASE, sparse_layer="peer", peer=PEER_CFG),
-    "peer-glu-untied": ModelConfig(**BASE, sparse_layer="peer", tie_embeddings=False,
-                                   peer=PEERConfig(num_experts=64, heads=2, topk=4, key_dim=8, glu=True)),
-    "peer-every2-shared": ModelConfig(**BASE, sparse_layer="peer", sparse_blocks="every:2", share_experts=True,
-                                      peer=PEER_CFG),
+    "peer-glu-untied": ModelConfig(
+        **BASE,
+        sparse_layer="peer",
+        tie_embeddings=False,
+        peer=PEERConfig(num_experts=64, heads=2, topk=4, key_dim=8, glu=True),
+    ),
+    "peer-every2-shared": ModelConfig(
+        **BASE, sparse_layer="peer", sparse_blocks="every:2", share_experts=True, peer=PEER_CFG
+    ),
     "peer-beside": ModelConfig(**BASE, sparse_layer="peer", sparse_placement="beside", peer=PEER_CFG),
-    "pkm-shared": ModelConfig(**BASE, sparse_layer="pkm", sparse_blocks="all", share_experts=True,
-                              pkm=PKMConfig(num_memories=64, heads=2, topk=4, key_dim=8)),
+    "pkm-shared": ModelConfig(
+        **BASE,
+        sparse_layer="pkm",
+        sparse_blocks="all",
+        share_experts=True,
+        pkm=PKMConfig(num_memories=64, heads=2, topk=4, key_dim=8),
+    ),
     "moe": ModelConfig(**BASE, sparse_layer="moe", moe=MoEConfig(num_experts=4)),
 }
 
@@ -68,12 +78,21 @@ def test_init_weights_reinitialises_a_trained_model():
             p.add_(1.0)
     torch.manual_seed(0)
     model.init_weights()
-    for (k, a), b in zip(fresh.state_dict().items(), model.state_dict().values()):
+    for (k, a), b in zip(fresh.state_dict().items(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
 
 
-@pytest.mark.parametrize("rows,cols,start,n", [(1000, 48, 0, 1000), (1000, 48, 300, 500), (333, 7, 331, 2),
-                                               (100_001, 3, 99_990, 11), (5, 2, 1, 3), (70_000, 64, 65_536, 4464)])
+@pytest.mark.parametrize(
+    "rows,cols,start,n",
+    [
+        (1000, 48, 0, 1000),
+        (1000, 48, 300, 500),
+        (333, 7, 331, 2),
+        (100_001, 3, 99_990, 11),
+        (5, 2, 1, 3),
+        (70_000, 64, 65_536, 4464),
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_normal_rows_equals_one_normal_call(rows, cols, start, n, dtype, monkeypatch):
     monkeypatch.setattr("peer.layers.peer._CHUNK_VALUES", 4096)  # many chunks, a ragged last one
@@ -83,7 +102,7 @@ def test_normal_rows_equals_one_normal_call(rows, cols, start, n, dtype, monkeyp
     torch.manual_seed(1)
     out = torch.empty(n, cols, dtype=dtype)
     normal_rows_(out, 0.7, start, rows, cols)
-    assert torch.equal(out, full[start:start + n])
+    assert torch.equal(out, full[start : start + n])
     assert torch.equal(torch.rand(3), after)  # the generator advanced as by the whole table
     torch.manual_seed(1)
     normal_rows_(None, 0.7, 0, rows, cols, dtype)
@@ -99,5 +118,5 @@ def test_peer_layer_reset_parameters_replays_its_construction():
     meta.to_empty(device="cpu")
     torch.manual_seed(5)
     meta.reset_parameters()
-    for (k, a), b in zip(eager.state_dict().items(), meta.state_dict().values()):
+    for (k, a), b in zip(eager.state_dict().items(), meta.state_dict().values(), strict=True):
         assert torch.equal(a, b), k

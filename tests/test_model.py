@@ -7,14 +7,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_configs import tiny_model_config
 
 from peer.config import ModelConfig
 from peer.layers import PEER
 from peer.layers.dense import DenseFFN
 from peer.layers.moe import MoE
 from peer.layers.pkm import PKM
-from tiny_configs import tiny_model_config
-
 from peer.model import KVCache, PeerLM
 
 V, T = 64, 12
@@ -55,13 +54,16 @@ def test_loss_is_mean_ce_with_ignore_index():
 
 
 # ------------------------------------------------------------------ causality
-@pytest.mark.parametrize("sparse,kw,train", [
-    ("none", {}, True),
-    ("peer", {"peer__query_norm": "layernorm"}, True),
-    ("peer", {}, False),  # BatchNorm in eval mode: running statistics, per token
-    ("pkm", {}, False),
-    ("moe", {"moe__routing": "token_choice", "moe__topk": 2}, True),
-])
+@pytest.mark.parametrize(
+    "sparse,kw,train",
+    [
+        ("none", {}, True),
+        ("peer", {"peer__query_norm": "layernorm"}, True),
+        ("peer", {}, False),  # BatchNorm in eval mode: running statistics, per token
+        ("pkm", {}, False),
+        ("moe", {"moe__routing": "token_choice", "moe__topk": 2}, True),
+    ],
+)
 def test_future_tokens_do_not_change_earlier_logits(sparse, kw, train):
     model = build(tiny(sparse, **kw)).train(train)
     x = tokens()
@@ -81,7 +83,7 @@ def test_incremental_decoding_matches_full_forward(sparse):
     cache = model.new_kv_cache(batch_size=3, max_len=16)
     with torch.no_grad():
         pieces = [model(x[:, :5], kv_cache=cache).logits]  # prompt
-        pieces += [model(x[:, t:t + 1], kv_cache=cache).logits for t in range(5, 9)]  # one token at a time
+        pieces += [model(x[:, t : t + 1], kv_cache=cache).logits for t in range(5, 9)]  # one token at a time
         pieces.append(model(x[:, 9:14], kv_cache=cache).logits)  # a chunk after a prefix (masked path)
     assert cache.length == 14
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-5)
@@ -116,7 +118,9 @@ def test_sparse_blocks_get_the_sparse_layer(sparse, cls, blocks, ids):
     assert all(named[name] is mod for name, mod in layers.items())
 
 
-@pytest.mark.parametrize("blocks,n_layers,ids", [("every:2", 4, [1, 3]), ("every:3", 6, [2, 5]), ("every:1", 3, [0, 1, 2])])
+@pytest.mark.parametrize(
+    "blocks,n_layers,ids", [("every:2", 4, [1, 3]), ("every:3", 6, [2, 5]), ("every:1", 3, [0, 1, 2])]
+)
 def test_every_kth_block(blocks, n_layers, ids):
     cfg = tiny("peer", sparse_blocks=blocks, n_layers=n_layers)
     assert cfg.sparse_block_ids() == ids
@@ -165,13 +169,14 @@ def test_shared_pool_is_one_tensor_stepped_once(sparse):
     g_all = getattr(layers[0], t).grad.clone()
     model.zero_grad()
     for layer in layers[1:]:  # cut the other blocks' paths: the gradient shrinks
-        layer.forward = (lambda m: (lambda x: torch.zeros_like(x)))(layer)
+        layer.forward_with_aux = lambda x: (torch.zeros_like(x), None)
     model(tokens(), tokens(seed=2)).loss.backward()
     assert not torch.allclose(getattr(layers[0], t).grad, g_all)
 
 
 def test_share_experts_needs_a_pool():
-    from peer.config import ConfigError, Config, config_from_dict, config_to_dict
+    from peer.config import Config, ConfigError, config_from_dict, config_to_dict
+
     d = config_to_dict(Config())
     d["model"].update(sparse_layer="moe", share_experts=True)
     with pytest.raises(ConfigError, match="model.share_experts"):

@@ -3,12 +3,14 @@
 from peer.config import ModelConfig
 
 
-def tiny_model_config(vocab: int, max_seq_len: int, pkm: tuple[int, int, int, int], sparse_layer: str = "none",
-                      **kw) -> ModelConfig:
+def tiny_model_config(
+    vocab: int, max_seq_len: int, pkm: tuple[int, int, int, int], sparse_layer: str = "none", **kw
+) -> ModelConfig:
     """3 blocks of d_model 32; ``pkm`` = (num_memories, heads, topk, key_dim); ``kw``: overrides,
     nested with ``__`` (``peer__topk=2``)."""
-    cfg = ModelConfig(vocab_size=vocab, d_model=32, n_layers=3, n_heads=4, max_seq_len=max_seq_len,
-                      sparse_layer=sparse_layer)
+    cfg = ModelConfig(
+        vocab_size=vocab, d_model=32, n_layers=3, n_heads=4, max_seq_len=max_seq_len, sparse_layer=sparse_layer
+    )
     cfg.peer.num_experts, cfg.peer.heads, cfg.peer.topk, cfg.peer.key_dim = 64, 2, 4, 8
     cfg.peer.backend = "reference"
     cfg.pkm.num_memories, cfg.pkm.heads, cfg.pkm.topk, cfg.pkm.key_dim = pkm

@@ -26,58 +26,106 @@ WARMUP = [20, 100]
 # each method: (what every trial sets, its search space {knob: values}, its incumbent {knob: value});
 # a knob whose value is a list of overrides (PKM's shape) sets several fields at once
 SPACES: dict[str, tuple[list[str], dict[str, list], dict]] = {
-    "dense": (["model.sparse_layer=none"], {
-        "optim.lr": LRS,
-        "optim.warmup_steps": WARMUP,
-        "optim.weight_decay": [0.0, 0.1],
-        "model.init_std": [0.01, 0.02, 0.04],
-        "model.d_ff": [96, 192, 384],  # d_ff / d_model = 2, 4, 8 (steps follow from the FLOP budget)
-    }, {"optim.lr": 6e-3, "optim.warmup_steps": 20, "optim.weight_decay": 0.1, "model.init_std": 0.02,
-        "model.d_ff": 192}),  # configs/dense.toml
-    "moe": (["model.sparse_layer=moe", "model.moe.routing=dropless"], {
-        "optim.lr": LRS,
-        "optim.warmup_steps": WARMUP,
-        "model.moe.num_experts": [8, 16, 32, 64, 128],
-        "model.moe.topk": [1, 2],
-        "model.moe.aux_loss_weight": [0.001, 0.01, 0.1],
-    }, {"optim.lr": 3e-3, "optim.warmup_steps": 20, "model.moe.num_experts": 128, "model.moe.topk": 1,
-        "model.moe.aux_loss_weight": 0.01}),  # configs/moe.toml, routed causally
-    "pkm": (["model.sparse_layer=pkm", "optim.expert_lr_mult_schedule=cosine"], {
-        "optim.lr": LRS,
-        "optim.warmup_steps": WARMUP,
-        "shape": [("model.pkm.heads=8", "model.pkm.topk=32", "model.pkm.key_dim=32"),   # the paper's, scaled
-                  ("model.pkm.heads=4", "model.pkm.topk=8", "model.pkm.key_dim=16")],   # the one PEER won with
-        "model.pkm.num_memories": [16384, 65536],
-        "optim.expert_lr_mult": [1, 3],  # x3 decays to x1 (cosine), as PEER's recipe
-        "model.pkm.value_init_scale": [0.03, 0.1, 1.0],
-        "optim.expert_weight_decay": [0.0, 0.1],
-    }, {"optim.lr": 3e-3, "optim.warmup_steps": 20,
-        "shape": ("model.pkm.heads=8", "model.pkm.topk=32", "model.pkm.key_dim=32"),
-        "model.pkm.num_memories": 65536, "optim.expert_lr_mult": 1, "model.pkm.value_init_scale": 1.0,
-        "optim.expert_weight_decay": 0.0}),  # configs/pkm.toml
-    "peer": (["model.sparse_layer=peer", "model.peer.num_experts=65536", "model.peer.heads=4", "model.peer.topk=8",
-              "model.peer.key_dim=16", "optim.expert_lr_mult_schedule=cosine"], {
-        "optim.lr": [3e-3, 4.2e-3, 6e-3, 8.5e-3, 1.2e-2],  # bracketed around the recipe's 6e-3 (issue 28)
-        "optim.warmup_steps": WARMUP,
-        "optim.expert_lr_mult": [1, 3],
-        "model.peer.value_init_scale": [0.03, 0.1],
-        "optim.expert_weight_decay": [0.0, 0.1],
-    }, {"optim.lr": 6e-3, "optim.warmup_steps": 20, "optim.expert_lr_mult": 3, "model.peer.value_init_scale": 0.03,
-        "optim.expert_weight_decay": 0.1}),  # configs/peer.toml
+    "dense": (
+        ["model.sparse_layer=none"],
+        {
+            "optim.lr": LRS,
+            "optim.warmup_steps": WARMUP,
+            "optim.weight_decay": [0.0, 0.1],
+            "model.init_std": [0.01, 0.02, 0.04],
+            "model.d_ff": [96, 192, 384],  # d_ff / d_model = 2, 4, 8 (steps follow from the FLOP budget)
+        },
+        {
+            "optim.lr": 6e-3,
+            "optim.warmup_steps": 20,
+            "optim.weight_decay": 0.1,
+            "model.init_std": 0.02,
+            "model.d_ff": 192,
+        },
+    ),  # configs/dense.toml
+    "moe": (
+        ["model.sparse_layer=moe", "model.moe.routing=dropless"],
+        {
+            "optim.lr": LRS,
+            "optim.warmup_steps": WARMUP,
+            "model.moe.num_experts": [8, 16, 32, 64, 128],
+            "model.moe.topk": [1, 2],
+            "model.moe.aux_loss_weight": [0.001, 0.01, 0.1],
+        },
+        {
+            "optim.lr": 3e-3,
+            "optim.warmup_steps": 20,
+            "model.moe.num_experts": 128,
+            "model.moe.topk": 1,
+            "model.moe.aux_loss_weight": 0.01,
+        },
+    ),  # configs/moe.toml, routed causally
+    "pkm": (
+        ["model.sparse_layer=pkm", "optim.expert_lr_mult_schedule=cosine"],
+        {
+            "optim.lr": LRS,
+            "optim.warmup_steps": WARMUP,
+            "shape": [
+                ("model.pkm.heads=8", "model.pkm.topk=32", "model.pkm.key_dim=32"),  # the paper's, scaled
+                ("model.pkm.heads=4", "model.pkm.topk=8", "model.pkm.key_dim=16"),
+            ],  # the one PEER won with
+            "model.pkm.num_memories": [16384, 65536],
+            "optim.expert_lr_mult": [1, 3],  # x3 decays to x1 (cosine), as PEER's recipe
+            "model.pkm.value_init_scale": [0.03, 0.1, 1.0],
+            "optim.expert_weight_decay": [0.0, 0.1],
+        },
+        {
+            "optim.lr": 3e-3,
+            "optim.warmup_steps": 20,
+            "shape": ("model.pkm.heads=8", "model.pkm.topk=32", "model.pkm.key_dim=32"),
+            "model.pkm.num_memories": 65536,
+            "optim.expert_lr_mult": 1,
+            "model.pkm.value_init_scale": 1.0,
+            "optim.expert_weight_decay": 0.0,
+        },
+    ),  # configs/pkm.toml
+    "peer": (
+        [
+            "model.sparse_layer=peer",
+            "model.peer.num_experts=65536",
+            "model.peer.heads=4",
+            "model.peer.topk=8",
+            "model.peer.key_dim=16",
+            "optim.expert_lr_mult_schedule=cosine",
+        ],
+        {
+            "optim.lr": [3e-3, 4.2e-3, 6e-3, 8.5e-3, 1.2e-2],  # bracketed around the recipe's 6e-3 (issue 28)
+            "optim.warmup_steps": WARMUP,
+            "optim.expert_lr_mult": [1, 3],
+            "model.peer.value_init_scale": [0.03, 0.1],
+            "optim.expert_weight_decay": [0.0, 0.1],
+        },
+        {
+            "optim.lr": 6e-3,
+            "optim.warmup_steps": 20,
+            "optim.expert_lr_mult": 3,
+            "model.peer.value_init_scale": 0.03,
+            "optim.expert_weight_decay": 0.1,
+        },
+    ),  # configs/peer.toml
 }
 
 
 def _overrides(point: dict) -> list[str]:
     out = []
     for knob, value in point.items():
-        out += list(value) if isinstance(value, tuple) else [f"{knob}={value!r}" if isinstance(value, str) else f"{knob}={value}"]
+        out += (
+            list(value)
+            if isinstance(value, tuple)
+            else [f"{knob}={value!r}" if isinstance(value, str) else f"{knob}={value}"]
+        )
     return out
 
 
 def trials(method: str) -> list[dict]:
     """The incumbent, then TRIALS - 1 distinct draws from the method's space (never the incumbent again)."""
     _, space, incumbent = SPACES[method]
-    points = [dict(zip(space, combo)) for combo in itertools.product(*space.values())]
+    points = [dict(zip(space, combo, strict=True)) for combo in itertools.product(*space.values())]
     if incumbent not in points:
         raise SystemExit(f"{method}: the incumbent is not in its own search space")
     rest = [p for p in points if p != incumbent]

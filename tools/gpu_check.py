@@ -27,8 +27,21 @@ def run(cfg, device: str, backend: str, steps: int, out: Path) -> tuple[list[flo
     model = cfg.model
     if model.sparse_layer == "peer":
         model = replace(model, peer=replace(model.peer, backend=backend))
-    cfg = replace(cfg, model=model, train=replace(cfg.train, device=device, steps=steps, flops=0, log_every=1,
-                                                  eval_every=0, ckpt_every=10**9, out_dir=str(out), threads=1))
+    cfg = replace(
+        cfg,
+        model=model,
+        train=replace(
+            cfg.train,
+            device=device,
+            steps=steps,
+            flops=0,
+            log_every=1,
+            eval_every=0,
+            ckpt_every=10**9,
+            out_dir=str(out),
+            threads=1,
+        ),
+    )
     train(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
@@ -61,18 +74,36 @@ def main() -> int:
     torch.set_num_threads(1)
     r = next(r for r in plan(load_sweep(sweep)) if r.run_id == run_id)
     gpu = "cuda" if torch.cuda.is_available() else "cpu"  # without a GPU the script checks itself on the CPU
-    print(f"{run_id}: torch {torch.__version__}, {torch.cuda.get_device_name() if gpu == 'cuda' else 'no GPU'}", flush=True)
+    print(
+        f"{run_id}: torch {torch.__version__}, {torch.cuda.get_device_name() if gpu == 'cuda' else 'no GPU'}",
+        flush=True,
+    )
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, device, backend in (("cuda auto", gpu, "auto"), ("cuda reference", gpu, "reference"),
-                                      ("cpu", "cpu", "auto")):
-            rows[name], ms = run(r.config, device, backend, steps if name != "cpu" else 8, Path(tmp) / name.replace(" ", "_"))
-            print(f"{name:15s} {ms:8.1f} ms/step  losses {' '.join(f'{x:.4f}' for x in rows[name][:6])} .. "
-                  f"{rows[name][-1]:.4f}", flush=True)
+        for name, device, backend in (
+            ("cuda auto", gpu, "auto"),
+            ("cuda reference", gpu, "reference"),
+            ("cpu", "cpu", "auto"),
+        ):
+            rows[name], ms = run(
+                r.config, device, backend, steps if name != "cpu" else 8, Path(tmp) / name.replace(" ", "_")
+            )
+            print(
+                f"{name:15s} {ms:8.1f} ms/step  losses {' '.join(f'{x:.4f}' for x in rows[name][:6])} .. "
+                f"{rows[name][-1]:.4f}",
+                flush=True,
+            )
         if n > 1:
-            print(f"{n} at once: {concurrent(r.config, gpu, n, 5 * steps, Path(tmp)):.1f} steps/s in all "
-                  "(process start included)", flush=True)
-    ok = all(abs(a - b) < 2e-3 for other in ("cuda reference", "cpu") for a, b in zip(rows["cuda auto"][:3], rows[other][:3]))
+            print(
+                f"{n} at once: {concurrent(r.config, gpu, n, 5 * steps, Path(tmp)):.1f} steps/s in all "
+                "(process start included)",
+                flush=True,
+            )
+    ok = all(
+        abs(a - b) < 2e-3
+        for other in ("cuda reference", "cpu")
+        for a, b in zip(rows["cuda auto"][:3], rows[other][:3], strict=True)
+    )
     print("engines agree on the first steps" if ok else "ENGINES DISAGREE", flush=True)
     return 0 if ok else 1
 

@@ -18,12 +18,32 @@ from .layers import PEER, ProductKeyIndex
 from .model import LMOutput, PeerLM
 
 __version__ = "0.1.0"
-__all__ = ["PEER", "ProductKeyIndex", "__version__", "PeerLM", "LMOutput", "Config", "ModelConfig", "load_config",
-           "count_flops", "count_params", "train_flops_per_step", "FlopReport", "ParamReport",
-           "train_or_resume", "load_run", "evaluate", "peerify"]
+__all__ = [
+    "PEER",
+    "ProductKeyIndex",
+    "__version__",
+    "PeerLM",
+    "LMOutput",
+    "Config",
+    "ModelConfig",
+    "load_config",
+    "count_flops",
+    "count_params",
+    "train_flops_per_step",
+    "FlopReport",
+    "ParamReport",
+    "train_or_resume",
+    "load_run",
+    "evaluate",
+    "peerify",
+]
 
-_LAZY = {"peerify": ("hf.peerify", "peerify"), "train_or_resume": ("train", "train_or_resume"),
-         "load_run": ("train", "load_run"), "evaluate": ("eval", "evaluate")}
+_LAZY = {
+    "peerify": ("hf.peerify", "peerify"),
+    "train_or_resume": ("train", "train_or_resume"),
+    "load_run": ("train", "load_run"),
+    "evaluate": ("eval", "evaluate"),
+}
 
 
 def __getattr__(name):

@@ -6,8 +6,8 @@ A subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``.
 from __future__ import annotations
 
 import argparse
-import os
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help)
@@ -21,7 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("peer.bench.cli", "benchmark PEER layers and training steps"),
     "sweep": ("peer.experiments.sweep.cli", "isoFLOP sweeps and ablations"),
     "export": ("peer.hf.cli", "export a run to a Hugging Face transformers directory"),
-    "main": ("peer.experiments.mainjob", "the main job: prepare data, train dense and PEER at equal FLOPs, evaluate, compare"),
+    "main": (
+        "peer.experiments.mainjob",
+        "the main job: prepare data, train dense and PEER at equal FLOPs, evaluate, compare",
+    ),
 }
 
 
@@ -31,6 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = top.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_) in COMMANDS.items():
         sub.add_parser(name, help=help_, add_help=False)
+    if argv[:1] in (["--version"], ["-V"]):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"peer {version('peer-experts')}")
+        except PackageNotFoundError:  # run from a source tree without installing
+            print("peer (not installed)")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         top.parse_args(argv or ["--help"])
         return 0
@@ -42,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"peer {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
-    from .errors import PeerError
+    from .errors import PeerError, disk_full, is_disk_full
 
     try:
         return int(module.run(args) or 0)
@@ -54,6 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `peer ... | head`: the reader left; no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except KeyboardInterrupt:  # Ctrl-C (peer train handles its own signals and saves a checkpoint first)
+        print(f"peer {name}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:  # a full disk anywhere a command writes: one line naming where
+        if not is_disk_full(e):
+            raise
+        print(f"peer {name}: error: {disk_full(e.filename or os.getcwd(), 'its output')}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -24,9 +24,24 @@ from typing import Any, Literal, Union, get_args, get_origin
 from .errors import PeerError
 
 __all__ = [
-    "ConfigError", "PEERConfig", "PKMConfig", "MoEConfig", "ModelConfig", "DataConfig",
-    "OptimConfig", "TrainConfig", "DistConfig", "Config", "load_config", "config_from_dict",
-    "config_to_dict", "apply_overrides", "validate", "read_toml", "find_preset", "PRESETS_DIR",
+    "ConfigError",
+    "PEERConfig",
+    "PKMConfig",
+    "MoEConfig",
+    "ModelConfig",
+    "DataConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "DistConfig",
+    "Config",
+    "load_config",
+    "config_from_dict",
+    "config_to_dict",
+    "apply_overrides",
+    "validate",
+    "read_toml",
+    "find_preset",
+    "PRESETS_DIR",
 ]
 
 
@@ -96,7 +111,7 @@ class ModelConfig:
     init_std: float = 0.02  # backbone init N(0, init_std^2) (GPT-2: 0.02); residual outputs / sqrt(2 n_layers)
     sparse_layer: Literal["none", "peer", "pkm", "moe"] = "none"
     # "middle" (the paper), "all", "every:K" (blocks K-1, 2K-1, ...), or a list of block indices
-    sparse_blocks: Union[str, list[int]] = "middle"
+    sparse_blocks: str | list[int] = "middle"
     # "replace": the sparse layer is the block's FFW (paper); "beside": it runs next to the dense
     # FFW on the same normed input and the two outputs add (UltraMemV2, Kim & Jung 2020)
     sparse_placement: Literal["replace", "beside"] = "replace"
@@ -380,7 +395,11 @@ def _check_keys(num_keys: int, key_dim: int, topk: int, heads: int, prefix: str,
 def validate(cfg: Config) -> Config:
     """Cross-field checks; raises ConfigError naming the field."""
     m = cfg.model
-    _check(m.vocab_size >= 0, "model.vocab_size", f"must be positive, or 0 for the corpus tokenizer's size, got {m.vocab_size}")
+    _check(
+        m.vocab_size >= 0,
+        "model.vocab_size",
+        f"must be positive, or 0 for the corpus tokenizer's size, got {m.vocab_size}",
+    )
     for name in ("d_model", "n_layers", "n_heads", "max_seq_len"):
         _check(getattr(m, name) > 0, f"model.{name}", f"must be positive, got {getattr(m, name)}")
     _check(m.d_ff >= 0, "model.d_ff", "must be >= 0 (0 means 4 * d_model)")
@@ -389,28 +408,45 @@ def validate(cfg: Config) -> Config:
     _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     if isinstance(m.sparse_blocks, str):
         every = m.sparse_blocks.startswith("every:") and m.sparse_blocks[6:].isdigit() and int(m.sparse_blocks[6:]) > 0
-        _check(m.sparse_blocks in ("middle", "all") or every, "model.sparse_blocks",
-               f"'middle', 'all', 'every:K' (K >= 1) or a list of block indices, got {m.sparse_blocks!r}")
+        _check(
+            m.sparse_blocks in ("middle", "all") or every,
+            "model.sparse_blocks",
+            f"'middle', 'all', 'every:K' (K >= 1) or a list of block indices, got {m.sparse_blocks!r}",
+        )
         if every:
-            _check(int(m.sparse_blocks[6:]) <= m.n_layers, "model.sparse_blocks",
-                   f"{m.sparse_blocks!r} selects no block of model.n_layers={m.n_layers}")
+            _check(
+                int(m.sparse_blocks[6:]) <= m.n_layers,
+                "model.sparse_blocks",
+                f"{m.sparse_blocks!r} selects no block of model.n_layers={m.n_layers}",
+            )
     else:
         for i in m.sparse_blocks:
             _check(0 <= i < m.n_layers, "model.sparse_blocks", f"block {i} is outside 0..{m.n_layers - 1}")
     p = m.peer
     if m.sparse_layer == "peer":
         _check_keys(p.num_experts, p.key_dim, p.topk, p.heads, "model.peer.", "num_experts")
-        _check(p.value_init_scale > 0 and math.isfinite(p.value_init_scale), "model.peer.value_init_scale",
-               f"must be a positive number, got {p.value_init_scale}")
-    _check(m.init_std > 0 and math.isfinite(m.init_std), "model.init_std", f"must be a positive number, got {m.init_std}")
+        _check(
+            p.value_init_scale > 0 and math.isfinite(p.value_init_scale),
+            "model.peer.value_init_scale",
+            f"must be a positive number, got {p.value_init_scale}",
+        )
+    _check(
+        m.init_std > 0 and math.isfinite(m.init_std), "model.init_std", f"must be a positive number, got {m.init_std}"
+    )
     k = m.pkm
     if m.sparse_layer == "pkm":
         _check_keys(k.num_memories, k.key_dim, k.topk, k.heads, "model.pkm.", "num_memories")
-        _check(k.value_init_scale > 0 and math.isfinite(k.value_init_scale), "model.pkm.value_init_scale",
-               f"must be a positive number, got {k.value_init_scale}")
+        _check(
+            k.value_init_scale > 0 and math.isfinite(k.value_init_scale),
+            "model.pkm.value_init_scale",
+            f"must be a positive number, got {k.value_init_scale}",
+        )
     if m.share_experts:
-        _check(m.sparse_layer in ("peer", "pkm"), "model.share_experts",
-               f"shares a PEER or PKM pool; model.sparse_layer is {m.sparse_layer!r}")
+        _check(
+            m.sparse_layer in ("peer", "pkm"),
+            "model.share_experts",
+            f"shares a PEER or PKM pool; model.sparse_layer is {m.sparse_layer!r}",
+        )
     e = m.moe
     if m.sparse_layer == "moe":
         _check(e.num_experts > 0, "model.moe.num_experts", "must be positive")
@@ -418,10 +454,16 @@ def validate(cfg: Config) -> Config:
         _check(e.capacity_factor > 0, "model.moe.capacity_factor", "must be positive")
     t = cfg.train
     _check(t.steps > 0 or t.flops > 0, "train.steps", "must be positive (or set train.flops)")
-    _check(t.flops >= 0 and math.isfinite(t.flops), "train.flops", f"must be a finite number >= 0 (0: use train.steps), got {t.flops}")
+    _check(
+        t.flops >= 0 and math.isfinite(t.flops),
+        "train.flops",
+        f"must be a finite number >= 0 (0: use train.steps), got {t.flops}",
+    )
     for name in ("batch_size", "grad_accum", "seq_len", "log_every", "ckpt_every", "keep_last"):
         _check(getattr(t, name) > 0, f"train.{name}", f"must be positive, got {getattr(t, name)}")
-    _check(t.seq_len <= m.max_seq_len, "train.seq_len", f"must be <= model.max_seq_len={m.max_seq_len}, got {t.seq_len}")
+    _check(
+        t.seq_len <= m.max_seq_len, "train.seq_len", f"must be <= model.max_seq_len={m.max_seq_len}, got {t.seq_len}"
+    )
     _check(t.threads >= 0, "train.threads", "must be >= 0")
     o = cfg.optim
     _check(o.lr > 0, "optim.lr", "must be positive")
@@ -438,7 +480,10 @@ def validate(cfg: Config) -> Config:
         _check(v >= 0 and math.isfinite(v), f"optim.{name}", f"must be >= 0, got {v}")
     _check(cfg.data.vocab_size > 0, "data.vocab_size", "must be positive")
     for name in ("train_split", "val_split"):  # held-out test splits: never trained or chosen on
-        _check(not getattr(cfg.data, name).startswith("test_"), f"data.{name}",
-               f"must not be a held-out test_* split (read those with `peer eval --test`), got {getattr(cfg.data, name)!r}")
+        _check(
+            not getattr(cfg.data, name).startswith("test_"),
+            f"data.{name}",
+            f"must not be a held-out test_* split (read those with `peer eval --test`), got {getattr(cfg.data, name)!r}",
+        )
     _check(cfg.dist.timeout_s > 0, "dist.timeout_s", "must be positive")
     return cfg

@@ -19,12 +19,30 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from .errors import UsageError
     from .flops import count_params, flops
+    from .layers.index import check_product_keys
     from .model import PeerLM
 
+    if args.steps < 1:
+        raise UsageError(f"--steps must be a positive integer, got {args.steps}")
+    try:  # the demo's PEER retrieves top-8 per head: N must be a perfect square >= 8^2
+        check_product_keys(args.experts, 64, 8, 4, keys_name="--experts")
+    except ValueError as e:
+        msg = (
+            str(e) if "perfect square" in str(e) else f"--experts must be at least 64 (8 per head), got {args.experts}"
+        )
+        raise UsageError(msg) from None
     torch.manual_seed(args.seed)
-    cfg = ModelConfig(vocab_size=512, d_model=128, n_layers=4, n_heads=4, max_seq_len=64, sparse_layer="peer",
-                      peer=PEERConfig(num_experts=args.experts, heads=4, topk=8, key_dim=64))
+    cfg = ModelConfig(
+        vocab_size=512,
+        d_model=128,
+        n_layers=4,
+        n_heads=4,
+        max_seq_len=64,
+        sparse_layer="peer",
+        peer=PEERConfig(num_experts=args.experts, heads=4, topk=8, key_dim=64),
+    )
     model = PeerLM(cfg)
     print(count_params(model).table())
     print(flops(model, seq_len=64).table())

@@ -18,17 +18,26 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
+
+from .errors import UsageError
+from .layers.router import ProductKeyRouter
+from .metrics import perplexity, usage_stats
 from .model import summed_nll
 
-from .metrics import perplexity, usage_stats
-from .errors import UsageError
-
-__all__ = ["evaluate", "evaluate_tokens", "run_tokenizer", "check_corpus_tokenizer", "format_report", "add_arguments", "run"]
+__all__ = [
+    "evaluate",
+    "evaluate_tokens",
+    "run_tokenizer",
+    "check_corpus_tokenizer",
+    "format_report",
+    "add_arguments",
+    "run",
+]
 
 
 # ------------------------------------------------------------------ pieces
@@ -61,13 +70,21 @@ def check_corpus_tokenizer(path: str | Path, corpus: str | Path) -> None:
     something else to this model."""
     saved, current = run_dir_of(path) / "tokenizer.json", Path(corpus) / "tokenizer.json"
     if saved.is_file() and current.is_file() and saved.read_bytes() != current.read_bytes():
-        raise UsageError(f"{current} differs from {saved}, the tokenizer this run was trained with: the corpus "
-                         "was rebuilt since training; retrain the run or evaluate on --text files only")
+        raise UsageError(
+            f"{current} differs from {saved}, the tokenizer this run was trained with: the corpus "
+            "was rebuilt since training; retrain the run or evaluate on --text files only"
+        )
 
 
 @torch.no_grad()
-def evaluate_tokens(model, tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int | None = None,
-                    progress: str | None = None) -> dict:
+def evaluate_tokens(
+    model,
+    tokens: np.ndarray,
+    seq_len: int,
+    batch_size: int,
+    max_batches: int | None = None,
+    progress: str | None = None,
+) -> dict:
     """Summed next-token NLL over non-overlapping windows; ``{"tokens", "windows", "nll", "loss", "perplexity"}``.
 
     The windows are ``peer.data.eval_batches``'s (the training loop's validation loss uses the same):
@@ -82,8 +99,9 @@ def evaluate_tokens(model, tokens: np.ndarray, seq_len: int, batch_size: int, ma
         raise UsageError(f"max_batches must be positive, got {max_batches}")
     device = next(model.parameters()).device
     if len(tokens) > seq_len:
-        batches = eval_batches(tokens, batch_size, seq_len,
-                               max_tokens=None if max_batches is None else max_batches * batch_size * seq_len)
+        batches = eval_batches(
+            tokens, batch_size, seq_len, max_tokens=None if max_batches is None else max_batches * batch_size * seq_len
+        )
     else:  # shorter than one window
         t = torch.from_numpy(np.asarray(tokens, dtype=np.int64))[None]
         batches = [(t[:, :-1], t[:, 1:])]
@@ -97,8 +115,8 @@ def evaluate_tokens(model, tokens: np.ndarray, seq_len: int, batch_size: int, ma
 
 
 def _usage_layers(model) -> dict:
-    """The sparse layers that keep usage accounts (PEER, PKM); MoE layers are left out."""
-    return {name: m for name, m in model.sparse_layers().items() if hasattr(m, "record_usage") and hasattr(m, "reset_usage")}
+    """The sparse layers that keep usage accounts (the product-key layers: PEER, PKM); MoE layers are left out."""
+    return {name: m for name, m in model.sparse_layers().items() if isinstance(m, ProductKeyRouter)}
 
 
 def _text_tokens(path: str | Path, tokenizer, replace_errors: bool = False) -> np.ndarray:
@@ -123,9 +141,17 @@ def _set_names(texts: Iterable[str | Path]) -> list[tuple[str, Path]]:
 
 
 # ------------------------------------------------------------------ the evaluation
-def evaluate(run_path: str | Path, texts: Iterable[str | Path] = (), max_batches: int | None = None,
-             plot_dir: str | Path | None = None, model_and_cfg=None, corpus: str | Path | None = None,
-             replace_errors: bool = False, progress: bool = False, test: bool = False) -> dict:
+def evaluate(
+    run_path: str | Path,
+    texts: Iterable[str | Path] = (),
+    max_batches: int | None = None,
+    plot_dir: str | Path | None = None,
+    model_and_cfg=None,
+    corpus: str | Path | None = None,
+    replace_errors: bool = False,
+    progress: bool = False,
+    test: bool = False,
+) -> dict:
     """Evaluate a run (or checkpoint) on its corpus's evaluation splits and on ``texts``; ``test=True``
     adds the held-out ``test_*`` splits (a final comparison only: nothing may be chosen on them).
 
@@ -152,9 +178,11 @@ def evaluate(run_path: str | Path, texts: Iterable[str | Path] = (), max_batches
     if corpus != "":  # "" (--corpus none): only the --text files
         corpus = Path(cfg.data.corpus if corpus is None else corpus)
         if not corpus.is_dir():
-            raise FileNotFoundError(f"data.corpus {str(corpus)!r} of this run does not exist (moved? pass "
-                                    "--corpus DIR; `peer data prepare` rebuilds the starter corpus; --corpus none "
-                                    "evaluates only the --text files)")
+            raise FileNotFoundError(
+                f"data.corpus {str(corpus)!r} of this run does not exist (moved? pass "
+                "--corpus DIR; `peer data prepare` rebuilds the starter corpus; --corpus none "
+                "evaluates only the --text files)"
+            )
         check_corpus_tokenizer(run_path, corpus)
         splits = [cfg.data.val_split] + [s for s in eval_splits(corpus, test=test) if s != cfg.data.val_split]
         sets += [(s, "split", s) for s in splits]
@@ -218,16 +246,22 @@ def evaluate(run_path: str | Path, texts: Iterable[str | Path] = (), max_batches
 def format_report(report: dict) -> str:
     """A readable table of an ``evaluate`` report."""
     p = report["params"]
-    lines = [f"run {report['run']} (step {report['step']}, {report['model']}): params {p['total']:,} total, "
-             f"{p['active']:,} active; {report['flops_per_token']:.3g} forward FLOPs/token",
-             "", f"{'set':<28} {'kind':<6} {'tokens':>10} {'loss':>8} {'perplexity':>11}"]
+    lines = [
+        f"run {report['run']} (step {report['step']}, {report['model']}): params {p['total']:,} total, "
+        f"{p['active']:,} active; {report['flops_per_token']:.3g} forward FLOPs/token",
+        "",
+        f"{'set':<28} {'kind':<6} {'tokens':>10} {'loss':>8} {'perplexity':>11}",
+    ]
     for name, s in report["sets"].items():
         lines.append(f"{name:<28} {s['kind']:<6} {s['tokens']:>10,} {s['loss']:>8.4f} {s['perplexity']:>11.2f}")
     for lname, e in report["experts"].items():
         if e.get("set") is None:
             continue
-        lines += ["", f"{lname}: {e['experts']:,} experts, usage {100 * e['usage']:.2f}% ({e['used']:,} used), "
-                      f"unevenness KL {e['unevenness']:.4f} on {e['set']}"]
+        lines += [
+            "",
+            f"{lname}: {e['experts']:,} experts, usage {100 * e['usage']:.2f}% ({e['used']:,} used), "
+            f"unevenness KL {e['unevenness']:.4f} on {e['set']}",
+        ]
         for sname, s in e["by_set"].items():
             lines.append(f"  {sname:<26} usage {100 * s['usage']:6.2f}%  unevenness {s['unevenness']:.4f}")
         if "plot" in e:
@@ -238,27 +272,48 @@ def format_report(report: dict) -> str:
 # ------------------------------------------------------------------ CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="run directory or checkpoint directory")
-    parser.add_argument("--text", action="append", default=[], metavar="FILE",
-                        help="also report perplexity on this text file (repeatable)")
+    parser.add_argument(
+        "--text",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="also report perplexity on this text file (repeatable)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--batches", type=int, default=None, help="at most N batches per set")
     parser.add_argument("--plot-dir", default=None, help="write expert_usage.png here (default: RUN/plots)")
-    parser.add_argument("--replace-errors", action="store_true",
-                        help="--text files: replace bytes that are not UTF-8 with U+FFFD instead of failing")
-    parser.add_argument("--corpus", default=None,
-                        help="the corpus dir (default: the run's data.corpus); 'none': only the --text files")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: one when stderr is a terminal)")
-    parser.add_argument("--test", action="store_true",
-                        help="also score the held-out test_* splits (for a final, pre-registered comparison only: "
-                             "choosing anything on them makes them no test)")
+    parser.add_argument(
+        "--replace-errors",
+        action="store_true",
+        help="--text files: replace bytes that are not UTF-8 with U+FFFD instead of failing",
+    )
+    parser.add_argument(
+        "--corpus", default=None, help="the corpus dir (default: the run's data.corpus); 'none': only the --text files"
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (default: one when stderr is a terminal)"
+    )
+    parser.add_argument(
+        "--test",
+        action="store_true",
+        help="also score the held-out test_* splits (for a final, pre-registered comparison only: "
+        "choosing anything on them makes them no test)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     plot_dir = args.plot_dir or str(run_dir_of(args.run) / "plots")
     corpus = "" if args.corpus == "none" else args.corpus
-    report = evaluate(args.run, texts=args.text, max_batches=args.batches, plot_dir=plot_dir, corpus=corpus,
-                      replace_errors=args.replace_errors, progress=not args.no_progress and sys.stderr.isatty(),
-                      test=args.test)
+    report = evaluate(
+        args.run,
+        texts=args.text,
+        max_batches=args.batches,
+        plot_dir=plot_dir,
+        corpus=corpus,
+        replace_errors=args.replace_errors,
+        progress=not args.no_progress and sys.stderr.isatty(),
+        test=args.test,
+    )
     if args.json:
         json.dump(_jsonable(report), sys.stdout)
         sys.stdout.write("\n")

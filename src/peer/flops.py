@@ -51,8 +51,17 @@ from dataclasses import dataclass, field
 
 from .config import Config, ModelConfig
 
-__all__ = ["ParamReport", "FlopReport", "count_params", "flops", "train_flops_per_step",
-           "peer_layer", "pkm_layer", "moe_layer", "dense_ffn_layer"]
+__all__ = [
+    "ParamReport",
+    "FlopReport",
+    "count_params",
+    "flops",
+    "train_flops_per_step",
+    "peer_layer",
+    "pkm_layer",
+    "moe_layer",
+    "dense_ffn_layer",
+]
 
 
 # --------------------------------------------------------------------------------------
@@ -84,8 +93,10 @@ class FlopReport:
     def table(self) -> str:
         p = self.params.by_module if self.params else {}
         names = list(dict.fromkeys([*p, *self.by_module]))
-        rows = [(name, _n(p.get(name, (0, 0))[0]), _n(p.get(name, (0, 0))[1]), _f(self.by_module.get(name, 0.0)))
-                for name in names]
+        rows = [
+            (name, _n(p.get(name, (0, 0))[0]), _n(p.get(name, (0, 0))[1]), _f(self.by_module.get(name, 0.0)))
+            for name in names
+        ]
         tot, act = (self.params.total, self.params.active) if self.params else (0, 0)
         head = ("module", "params", "active", f"fwd FLOPs/token (T={self.seq_len})")
         text = _format(head, rows, ("total", _n(tot), _n(act), _f(self.forward_per_token)))
@@ -103,7 +114,12 @@ def _f(x: float) -> str:
 def _format(head: tuple, rows: list[tuple], total: tuple) -> str:
     all_rows = [head, *rows, total]
     widths = [max(len(str(r[i])) for r in all_rows) for i in range(len(head))]
-    line = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+
+    def line(r: tuple) -> str:
+        return "  ".join(
+            str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+
     rule = "-" * len(line(head))
     return "\n".join([line(head), rule, *map(line, rows), rule, line(total)])
 
@@ -232,8 +248,9 @@ def count_params(model_or_cfg) -> ParamReport:
     """Total and active parameters of a PeerLM (or of the model a ModelConfig describes)."""
     rows = _rows(_model_config(model_or_cfg), seq_len=1)
     by_module = {name: (t, a) for name, (t, a, _) in rows.items()}
-    return ParamReport(total=sum(t for t, _ in by_module.values()),
-                       active=sum(a for _, a in by_module.values()), by_module=by_module)
+    return ParamReport(
+        total=sum(t for t, _ in by_module.values()), active=sum(a for _, a in by_module.values()), by_module=by_module
+    )
 
 
 def flops(model_or_cfg, seq_len: int) -> FlopReport:
@@ -244,8 +261,9 @@ def flops(model_or_cfg, seq_len: int) -> FlopReport:
     rows = _rows(cfg, seq_len)
     by_module = {name: fl for name, (_, _, fl) in rows.items()}
     fwd = sum(by_module.values())
-    return FlopReport(seq_len=seq_len, forward_per_token=fwd, train_per_token=3.0 * fwd,
-                      by_module=by_module, params=count_params(cfg))
+    return FlopReport(
+        seq_len=seq_len, forward_per_token=fwd, train_per_token=3.0 * fwd, by_module=by_module, params=count_params(cfg)
+    )
 
 
 def train_flops_per_step(cfg: Config, world_size: int = 1) -> float:

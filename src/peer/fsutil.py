@@ -20,16 +20,36 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import PeerError, UsageError
+from .errors import PeerError, UsageError, disk_full, is_disk_full
 
-__all__ = ["umask", "publish", "atomic_write_text", "atomic_copy", "make_temp_dir", "FolderLock", "FolderBusy", "folder_kind",
-           "LOCK_NAME", "EXPORT_FILES"]
+__all__ = [
+    "umask",
+    "publish",
+    "atomic_write_text",
+    "atomic_copy",
+    "make_temp_dir",
+    "FolderLock",
+    "FolderBusy",
+    "folder_kind",
+    "LOCK_NAME",
+    "EXPORT_FILES",
+]
 
 LOCK_NAME = ".peer.lock"
 # what `peer export` writes (transformers' save_pretrained + the tokenizer): a folder holding only these
 # (and a config.json that names a peer checkpoint) is a previous export
-EXPORT_FILES = frozenset({"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-                          "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", LOCK_NAME})
+EXPORT_FILES = frozenset(
+    {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+        LOCK_NAME,
+    }
+)
 
 
 def umask() -> int:
@@ -101,7 +121,7 @@ class FolderLock:
         self._key = ""
         self._created: list[Path] = []
 
-    def __enter__(self) -> "FolderLock":
+    def __enter__(self) -> FolderLock:
         import fcntl
 
         if self.folder.exists() and not self.folder.is_dir():
@@ -126,13 +146,23 @@ class FolderLock:
             self._created = missing
             self._remove_if_untouched()
             if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise FolderBusy(f"{self.what} {str(self.folder)!r} is in use by another process"
-                                 f"{f' (pid {holder})' if holder else ''}; wait for it to finish or stop it") from None
+                raise FolderBusy(
+                    f"{self.what} {str(self.folder)!r} is in use by another process"
+                    f"{f' (pid {holder})' if holder else ''}; wait for it to finish or stop it"
+                ) from None
             raise
         mine = f"{os.getpid()}\n".encode()
-        if os.pread(fd, 64, 0) != mine:  # leave the file untouched when it already names us (a no-op stays one)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, mine, 0)
+        try:
+            if os.pread(fd, 64, 0) != mine:  # leave the file untouched when it already names us (a no-op stays one)
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, mine, 0)
+        except OSError as e:  # e.g. a full disk: leave nothing behind (the lock file, the folders made)
+            os.close(fd)
+            self._created = missing
+            self._remove_if_untouched()
+            if is_disk_full(e):
+                raise disk_full(self.folder, f"the {self.what}'s lock file") from e
+            raise
         self._fd = fd
         self._created = missing
         FolderLock._held[self._key] = 1

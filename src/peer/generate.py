@@ -9,16 +9,30 @@ model's KV cache); ``sample`` goes from a prompt string to the generated text.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import torch
+
 from .errors import UsageError
 
 __all__ = ["filter_logits", "generate_ids", "sample", "eos_token_id", "add_arguments", "run"]
 
 # Names an end-of-text token may have in a tokenizer.json (the starter corpus's first).
 _EOS_NAMES = ("<|endoftext|>", "<eos>", "</s>", "<|eos|>", "[EOS]")
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float, max_new_tokens: int = 0) -> None:
+    """UsageError naming the first bad sampling setting (NaN and infinities included)."""
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise UsageError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise UsageError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
+    if not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+        raise UsageError(f"top_p must be in (0, 1] (1 disables it), got {top_p}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise UsageError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
 
 
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -29,12 +43,7 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
     A token is kept by top-p when the probability mass of the tokens ranked above it is < top_p,
     so the most likely token always survives.
     """
-    if temperature < 0:
-        raise UsageError(f"temperature must be >= 0, got {temperature}")
-    if not isinstance(top_k, int) or top_k < 0:
-        raise UsageError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
-    if not 0.0 < top_p <= 1.0:
-        raise UsageError(f"top_p must be in (0, 1] (1 disables it), got {top_p}")
+    check_sampling(temperature, top_k, top_p)
     logits = logits.float()
     neg_inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
     if temperature == 0:
@@ -87,9 +96,7 @@ def generate_ids(
     """
     if not ids:
         raise UsageError("the prompt is empty: give at least one token (e.g. the end-of-text token)")
-    if max_new_tokens < 0:
-        raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    filter_logits(torch.zeros(1), temperature, top_k, top_p)  # validate the settings up front
+    check_sampling(temperature, top_k, top_p, max_new_tokens)  # the settings, before any work
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -109,7 +116,7 @@ def generate_ids(
         for _ in range(max_new_tokens):
             if use_cache:
                 if cache is None or cached >= ctx:
-                    keep = seq[-(ctx // 2 if cache is not None else ctx):]  # (re)start from the recent context
+                    keep = seq[-(ctx // 2 if cache is not None else ctx) :]  # (re)start from the recent context
                     cache = model.new_kv_cache(1, ctx)
                     logits = model(tensor(keep), kv_cache=cache).logits[0, -1]
                     cached = len(keep)
@@ -163,12 +170,12 @@ class _Streamer:
         text = self.tokenizer.decode(new_ids)
         stable = text.rstrip("\ufffd")
         if stable.startswith(self.shown) and len(stable) > len(self.shown):
-            self.write(stable[len(self.shown):])
+            self.write(stable[len(self.shown) :])
             self.shown = stable
 
     def finish(self, text: str) -> None:
         if text.startswith(self.shown):
-            self.write(text[len(self.shown):])
+            self.write(text[len(self.shown) :])
         self.shown = text
 
 
@@ -197,8 +204,18 @@ def sample(
             raise UsageError("--prompt is empty and the tokenizer has no end-of-text token to start from")
         ids = [eos]
     streamer = _Streamer(tokenizer, stream) if stream is not None else None
-    new = generate_ids(model, ids, max_new_tokens, temperature, top_k, top_p, seed, use_cache,
-                       eos_id=eos if stop_at_eos else None, on_token=streamer)
+    new = generate_ids(
+        model,
+        ids,
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        seed,
+        use_cache,
+        eos_id=eos if stop_at_eos else None,
+        on_token=streamer,
+    )
     if eos is not None and new and new[-1] == eos and stop_at_eos:
         new = new[:-1]
     text = tokenizer.decode(new)
@@ -224,6 +241,7 @@ def run(args: argparse.Namespace) -> int:
     from .eval import run_tokenizer
     from .train import load_run
 
+    check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)  # before anything is printed
     model, cfg, _ = load_run(args.run)
     tokenizer = run_tokenizer(args.run, cfg)
 
@@ -233,8 +251,18 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.no_stream:
         write(args.prompt)
-    text = sample(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                  args.seed, use_cache=not args.no_cache, stream=None if args.no_stream else write)
+    text = sample(
+        model,
+        tokenizer,
+        args.prompt,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        args.seed,
+        use_cache=not args.no_cache,
+        stream=None if args.no_stream else write,
+    )
     if args.no_stream:
         write(args.prompt + text)
     write("\n")

@@ -24,7 +24,7 @@ import ctypes
 import ctypes.util
 import os
 
-__all__ = ["retain_freed_memory", "ENV"]
+__all__ = ["retain_freed_memory", "ENV", "available_bytes"]
 
 ENV = "PEER_RETAIN_FREED_MEMORY"
 
@@ -54,6 +54,30 @@ def retain_freed_memory() -> bool:
             except (OSError, AttributeError):  # not glibc: nothing to tell
                 return False
             mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-            _applied = all(mallopt(param, value) == 1 for param, value in (
-                (_M_MMAP_THRESHOLD, _LIMIT), (_M_TRIM_THRESHOLD, _LIMIT), (_M_TOP_PAD, _TOP_PAD)))
+            _applied = all(
+                mallopt(param, value) == 1
+                for param, value in ((_M_MMAP_THRESHOLD, _LIMIT), (_M_TRIM_THRESHOLD, _LIMIT), (_M_TOP_PAD, _TOP_PAD))
+            )
     return _applied
+
+
+def available_bytes(device: str = "cpu") -> int | None:
+    """Memory a new allocation on ``device`` can still get: the CPU's ``MemAvailable`` (Linux), a CUDA
+    device's free memory; None where it cannot be told."""
+    if device.startswith("cuda"):
+        import torch
+
+        try:
+            return int(torch.cuda.mem_get_info(torch.device(device))[0])
+        except (RuntimeError, AssertionError):
+            return None
+    if device != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

@@ -66,6 +66,16 @@ def sorted_usage(weights: Any) -> np.ndarray:
     return np.sort(_weights(weights))[::-1].copy()
 
 
+def mean_std(values: Any) -> tuple[float, float, int]:
+    """(mean, sample standard deviation (ddof 1), n) of ``values``; the std is NaN for fewer than two
+    values (undefined, not 0) and both are NaN for none. The one mean/std of the project's tables."""
+    x = np.asarray(list(values), dtype=np.float64)
+    n = int(x.size)
+    if n == 0:
+        return math.nan, math.nan, 0
+    return float(x.mean()), (float(x.std(ddof=1)) if n > 1 else math.nan), n
+
+
 def perplexity(nll_sum: float, tokens: int) -> float:
     """exp(total negative log-likelihood / number of predicted tokens)."""
     if tokens <= 0:

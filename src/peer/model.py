@@ -8,10 +8,9 @@
         (cfg.sparse_placement="beside":  h = RMSNorm(x); x = x + DenseFFN(h) + sparse_b(h))
     logits = lm_head(RMSNorm(x))                        lm_head tied to tok_emb when cfg.tie_embeddings
 
-Auxiliary losses (one mechanism): a sparse FFW that has one (the token-choice MoE's load-balancing
-loss) sets ``has_aux = True`` and returns ``(y, aux)`` from ``ffw(h, return_aux=True)``, aux a
-weighted scalar, and the block returns it
-beside its output. The model sums them into ``LMOutput.aux_loss`` and adds that sum to the mean
+Every FFW is a :class:`peer.layers.FeedForward` (the contract: peer.layers.base). Auxiliary losses
+(one mechanism): ``ffw(h, return_aux=True)`` returns ``(y, aux)``, aux a weighted scalar or None (the
+token-choice MoE's load-balancing loss), and the block returns it beside its output. The model sums them into ``LMOutput.aux_loss`` and adds that sum to the mean
 cross-entropy in ``LMOutput.loss``; nothing is read off module attributes.
 
 Rotary embeddings use the "rotate-half" convention (GPT-NeoX / Hugging Face Llama): the head
@@ -38,7 +37,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import check_values
+from .layers.base import FeedForward, SparseFeedForward
 from .layers.dense import DenseFFN
 from .layers.moe import MoE
 from .layers.peer import PEER
@@ -67,8 +69,16 @@ class LMOutput:
 class KVCache:
     """Per-layer key/value buffers ``[B, n_heads, max_len, head_dim]`` and ``length``, the positions filled."""
 
-    def __init__(self, n_layers: int, batch_size: int, n_heads: int, max_len: int, head_dim: int,
-                 device=None, dtype=torch.float32):
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        n_heads: int,
+        max_len: int,
+        head_dim: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         shape = (batch_size, n_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
@@ -100,7 +110,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with rotary q/k, via ``F.scaled_dot_product_attention``."""
 
-    def __init__(self, cfg: ModelConfig, layer_id: int):
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
         super().__init__()
         self.n_heads, self.head_dim, self.layer_id = cfg.n_heads, cfg.d_model // cfg.n_heads, layer_id
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
@@ -108,28 +118,32 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, start: int = 0
+    ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # [B, H, T, hd]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         mask, causal = None, T > 1
         if cache is not None:
-            cache.k[self.layer_id][:, :, start:start + T] = k
-            cache.v[self.layer_id][:, :, start:start + T] = v
-            k = cache.k[self.layer_id][:, :, :start + T].to(q.dtype)
-            v = cache.v[self.layer_id][:, :, :start + T].to(q.dtype)
+            cache.k[self.layer_id][:, :, start : start + T] = k
+            cache.v[self.layer_id][:, :, start : start + T] = v
+            k = cache.k[self.layer_id][:, :, : start + T].to(q.dtype)
+            v = cache.v[self.layer_id][:, :, : start + T].to(q.dtype)
             if start > 0:  # new query i (position start+i) sees keys 0..start+i
                 causal = False
                 if T > 1:
                     mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
+        )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.proj(y))
+        out: torch.Tensor = self.resid_dropout(self.proj(y))
+        return out
 
 
-def make_ffn(cfg: ModelConfig, block_id: int) -> nn.Module:
+def make_ffn(cfg: ModelConfig, block_id: int) -> FeedForward:
     """The FFW of block ``block_id``: the configured sparse layer for ``cfg.sparse_block_ids()`` (with
     ``sparse_placement="replace"``), else DenseFFN."""
     d = cfg.d_model
@@ -138,7 +152,7 @@ def make_ffn(cfg: ModelConfig, block_id: int) -> nn.Module:
     return make_sparse(cfg)
 
 
-def make_sparse(cfg: ModelConfig) -> nn.Module:
+def make_sparse(cfg: ModelConfig) -> SparseFeedForward:
     """The configured sparse layer (PEER / PKM / MoE)."""
     d = cfg.d_model
     if cfg.sparse_layer == "peer":
@@ -154,7 +168,7 @@ class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x)) (+ mem(norm(x)) when a
     sparse layer sits beside the FFW)."""
 
-    def __init__(self, cfg: ModelConfig, block_id: int):
+    def __init__(self, cfg: ModelConfig, block_id: int) -> None:
         super().__init__()
         self.norm1 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = CausalSelfAttention(cfg, block_id)
@@ -165,26 +179,21 @@ class Block(nn.Module):
         self.ffn_dropout = nn.Dropout(cfg.dropout)
 
     @property
-    def sparse(self) -> nn.Module:
+    def sparse(self) -> FeedForward:
         """The block's sparse layer (``mem`` beside the FFW, else the FFW itself)."""
         return self.mem if self.mem is not None else self.ffn
 
-    def forward(self, x, cos, sin, cache=None, start=0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, start: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = x + self.attn(self.norm1(x), cos, sin, cache, start)
         h = self.norm2(x)
-        y, aux = _with_aux(self.ffn, h)
+        y, aux = self.ffn(h, return_aux=True)
         if self.mem is not None:
-            m, aux = _with_aux(self.mem, h)
+            m, aux = self.mem(h, return_aux=True)
             y = y + m
         x = x + self.ffn_dropout(y)
         return x, aux
-
-
-def _with_aux(ffw: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """An FFW's output and its auxiliary loss (None when it has none); called as a module (hooks run)."""
-    if getattr(ffw, "has_aux", False):
-        return ffw(h, return_aux=True)
-    return ffw(h), None
 
 
 # --------------------------------------------------------------------------------------
@@ -193,7 +202,10 @@ def _with_aux(ffw: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 class PeerLM(nn.Module):
     """Decoder-only LM; ``cfg.sparse_layer`` (PEER / PKM / MoE) replaces the FFW of ``cfg.sparse_block_ids()``."""
 
-    def __init__(self, cfg: ModelConfig, device: torch.device | str | None = None):
+    rope_cos: torch.Tensor  # rotary tables [max_seq_len, head_dim] (non-persistent buffers)
+    rope_sin: torch.Tensor
+
+    def __init__(self, cfg: ModelConfig, device: torch.device | str | None = None) -> None:
         """``device="meta"`` builds the structure without memory or initialisation (torchtitan's order:
         meta -> shard (e.g. :func:`peer.distributed.shard_model`) -> ``to_empty(device=...)`` ->
         :meth:`init_weights`); any other device builds and initialises there."""
@@ -201,11 +213,15 @@ class PeerLM(nn.Module):
         if not isinstance(cfg, ModelConfig):
             raise ValueError(f"cfg must be a peer.config.ModelConfig, got {type(cfg).__name__}")
         if cfg.vocab_size <= 0:
-            raise ValueError(f"model.vocab_size={cfg.vocab_size}: a model needs a vocabulary size "
-                             "(0 means the corpus tokenizer's; peer.train.with_corpus_vocab resolves it)")
+            raise ValueError(
+                f"model.vocab_size={cfg.vocab_size}: a model needs a vocabulary size "
+                "(0 means the corpus tokenizer's; peer.train.with_corpus_vocab resolves it)"
+            )
         if cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2:
-            raise ValueError(f"model.n_heads={cfg.n_heads} must divide model.d_model={cfg.d_model} "
-                             "into an even head dimension (rotary embeddings)")
+            raise ValueError(
+                f"model.n_heads={cfg.n_heads} must divide model.d_model={cfg.d_model} "
+                "into an even head dimension (rotary embeddings)"
+            )
         self.config = cfg
         with torch.device(device) if device is not None else contextlib.nullcontext():
             self._build(cfg)
@@ -256,33 +272,40 @@ class PeerLM(nn.Module):
         """GPT-2-like backbone init; sparse layers keep theirs, output tables scaled (see module docstring)."""
         scale = 1.0 / math.sqrt(2 * self.config.n_layers)
         std = self.config.init_std
-        sparse = set(self.sparse_layers().values())
         for block in self.blocks:
-            if block.ffn not in sparse:
+            if isinstance(block.ffn, DenseFFN):
                 for m in block.ffn.modules():
                     _init_gpt2(m, std)
-        for m in (self.tok_emb, self.lm_head, *(b.attn for b in self.blocks)):
+        blocks = cast("list[Block]", list(self.blocks))
+        for m in (self.tok_emb, self.lm_head, *(b.attn for b in blocks)):
             for mm in m.modules():
                 _init_gpt2(mm, std)
         scaled: set[int] = set()  # a shared pool's table is scaled once
-        for block in self.blocks:
+        for block in blocks:
             nn.init.normal_(block.attn.proj.weight, std=std * scale)
-            if block.ffn not in sparse:
-                out = _dense_output_linear(block.ffn)
-                nn.init.normal_(out.weight, std=std * scale)
-            if block.sparse in sparse:
-                table = _sparse_output_table(block.sparse)
+            if isinstance(block.ffn, DenseFFN):
+                nn.init.normal_(block.ffn.w2.weight, std=std * scale)
+            if isinstance(block.sparse, SparseFeedForward):
+                table = block.sparse.residual_table()
                 if table is not None and id(table) not in scaled:
                     scaled.add(id(table))
                     table.mul_(scale)
 
     # ------------------------------------------------------------------ API
-    def sparse_layers(self) -> dict[str, nn.Module]:
+    def sparse_layers(self) -> dict[str, SparseFeedForward]:
         """name (as in ``named_modules``) -> PEER / PKM / MoE module, for the blocks in ``cfg.sparse_block_ids()``."""
         where = "mem" if self.config.sparse_placement == "beside" else "ffn"
-        return {f"blocks.{i}.{where}": self.blocks[i].sparse for i in self.config.sparse_block_ids()}
+        layers = {f"blocks.{i}.{where}": self.blocks[i].sparse for i in self.config.sparse_block_ids()}
+        assert all(isinstance(m, SparseFeedForward) for m in layers.values())
+        return layers  # type: ignore[return-value]
 
-    def new_kv_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
+    def new_kv_cache(
+        self,
+        batch_size: int,
+        max_len: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> KVCache:
         """An empty KV cache for ``batch_size`` sequences of up to ``max_len`` (<= max_seq_len) positions."""
         cfg = self.config
         max_len = cfg.max_seq_len if max_len is None else max_len
@@ -291,15 +314,23 @@ class PeerLM(nn.Module):
         if not isinstance(max_len, int) or not 0 < max_len <= cfg.max_seq_len:
             raise ValueError(f"max_len must be an integer in 1..model.max_seq_len={cfg.max_seq_len}, got {max_len!r}")
         ref = self.tok_emb.weight
-        return KVCache(cfg.n_layers, batch_size, cfg.n_heads, max_len, cfg.d_model // cfg.n_heads,
-                       device=device or ref.device, dtype=dtype or ref.dtype)
+        return KVCache(
+            cfg.n_layers,
+            batch_size,
+            cfg.n_heads,
+            max_len,
+            cfg.d_model // cfg.n_heads,
+            device=device or ref.device,
+            dtype=dtype or ref.dtype,
+        )
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None) -> LMOutput:
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None
+    ) -> LMOutput:
         """idx [B, T] token ids -> LMOutput; with ``kv_cache`` the tokens continue the cached positions."""
         B, T = self._check_inputs(idx, targets, kv_cache)
         start = kv_cache.length if kv_cache is not None else 0
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         x = self.emb_dropout(self.tok_emb(idx))
         aux_loss = torch.zeros((), device=idx.device)
         for block in self.blocks:
@@ -315,7 +346,9 @@ class PeerLM(nn.Module):
             loss = ce + aux_loss
         return LMOutput(logits=logits, loss=loss, aux_loss=aux_loss)
 
-    def _check_inputs(self, idx, targets, kv_cache) -> tuple[int, int]:
+    def _check_inputs(
+        self, idx: torch.Tensor, targets: torch.Tensor | None, kv_cache: KVCache | None
+    ) -> tuple[int, int]:
         cfg = self.config
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
             shape = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
@@ -327,24 +360,35 @@ class PeerLM(nn.Module):
             raise ValueError(f"idx must be non-empty, got shape {tuple(idx.shape)}")
         if not torch.compiler.is_compiling():  # no host sync: see peer.errors.check_values
             lo, hi = torch.aminmax(idx)
-            check_values((lo >= 0) & (hi < cfg.vocab_size),
-                         f"idx holds token ids outside 0..vocab_size-1={cfg.vocab_size - 1}",
-                         lambda: f" (min {int(lo)}, max {int(hi)})")
+            check_values(
+                (lo >= 0) & (hi < cfg.vocab_size),
+                f"idx holds token ids outside 0..vocab_size-1={cfg.vocab_size - 1}",
+                lambda: f" (min {int(lo)}, max {int(hi)})",
+            )
         if kv_cache is None:
             if T > cfg.max_seq_len:
                 raise ValueError(f"idx has {T} positions, more than model.max_seq_len={cfg.max_seq_len}")
         else:
-            if not isinstance(kv_cache, KVCache) or len(kv_cache.k) != cfg.n_layers or \
-                    kv_cache.n_heads != cfg.n_heads or kv_cache.head_dim != cfg.d_model // cfg.n_heads:
+            if (
+                not isinstance(kv_cache, KVCache)
+                or len(kv_cache.k) != cfg.n_layers
+                or kv_cache.n_heads != cfg.n_heads
+                or kv_cache.head_dim != cfg.d_model // cfg.n_heads
+            ):
                 raise ValueError("kv_cache must come from this model's new_kv_cache()")
             if kv_cache.batch_size != B:
                 raise ValueError(f"kv_cache was made for batch size {kv_cache.batch_size}, idx has batch {B}")
             if kv_cache.length + T > kv_cache.max_len:
-                raise ValueError(f"kv_cache holds {kv_cache.length} of max_len={kv_cache.max_len} positions; "
-                                 f"{T} more do not fit")
+                raise ValueError(
+                    f"kv_cache holds {kv_cache.length} of max_len={kv_cache.max_len} positions; {T} more do not fit"
+                )
         if targets is not None:
             if not isinstance(targets, torch.Tensor) or targets.shape != idx.shape or targets.dtype != torch.long:
-                got = (tuple(targets.shape), targets.dtype) if isinstance(targets, torch.Tensor) else type(targets).__name__
+                got = (
+                    (tuple(targets.shape), targets.dtype)
+                    if isinstance(targets, torch.Tensor)
+                    else type(targets).__name__
+                )
                 raise ValueError(f"targets must be a torch.long tensor shaped like idx {tuple(idx.shape)}, got {got}")
         return B, T
 
@@ -366,49 +410,27 @@ def _reset_in_order(module: nn.Module, pool_owner: nn.Module | None) -> None:
     a module that has one initialises its whole subtree. Sparse layers after ``pool_owner`` (a shared
     pool) draw their pool without writing it, as their constructors' draws were discarded."""
     for child in module.children():
-        reset = getattr(child, "reset_parameters", None)
-        if reset is None:
-            _reset_in_order(child, pool_owner)
-        elif pool_owner is not None and child is not pool_owner and hasattr(child, "_reset_router"):
-            reset(pool=False)
+        if isinstance(child, SparseFeedForward):
+            child.reset_parameters(pool=pool_owner is None or child is pool_owner)
+        elif isinstance(child, FeedForward) or next(child.parameters(recurse=False), None) is not None:
+            child.reset_parameters()  # type: ignore[operator]  # torch's modules that own parameters (Linear, Embedding, RMSNorm) have one
         else:
-            reset()
+            _reset_in_order(child, pool_owner)
 
 
-def _dense_output_linear(ffn: nn.Module) -> nn.Linear:
-    """The output (residual) projection of a DenseFFN: ``w2`` (``d_ff -> d``)."""
-    out = getattr(ffn, "w2", None)
-    if not isinstance(out, nn.Linear):
-        raise ValueError(f"{type(ffn).__name__} has no Linear output layer 'w2'")
-    return out
-
-
-def _share_pool(layers: list[nn.Module]) -> None:
+def _share_pool(layers: list[SparseFeedForward]) -> None:
     """Point every layer's expert tables and product keys at the first layer's (see module docstring)."""
-    first = layers[0]
-    names = ("u", "v", "gate", "index") if isinstance(first, PEER) else ("index", "values")
     for layer in layers[1:]:
-        for name in names:
-            if getattr(first, name, None) is not None:
-                setattr(layer, name, getattr(first, name))
-
-
-def _sparse_output_table(ffn: nn.Module) -> torch.Tensor | None:
-    """The residual output table of a sparse layer: PEER ``v`` (also of an expert-sharded PEER: its
-    rows), PKM values; None for MoE (left as is)."""
-    if isinstance(getattr(ffn, "v", None), nn.Parameter):
-        return ffn.v
-    values = getattr(ffn, "values", None)
-    if isinstance(values, nn.Embedding):
-        return values.weight
-    if isinstance(values, nn.Parameter):
-        return values
-    return None
+        layer.share_pool(layers[0])
 
 
 @torch.no_grad()
-def summed_nll(model: nn.Module, batches, device: torch.device | str = "cpu",
-               autocast=contextlib.nullcontext) -> tuple[float, int, int]:
+def summed_nll(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device | str = "cpu",
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+) -> tuple[float, int, int]:
     """Summed next-token cross-entropy over ``(x, y)`` batches in eval mode, softmax in float32:
     ``(nll, targets, windows)``. The one evaluation loss: the training loop's ``val_loss`` and
     ``peer eval``'s perplexities both come from here. ``autocast``: a context factory (bf16 runs)."""

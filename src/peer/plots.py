@@ -12,14 +12,15 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
-from .metrics import sorted_usage, usage_stats
 from .errors import UsageError
 from .fsutil import publish
+from .metrics import sorted_usage, usage_stats
 
 __all__ = ["read_metrics", "curve_data", "plot_curves", "plot_usage", "add_arguments", "run"]
 
@@ -75,7 +76,9 @@ def curve_data(run_dir: str | Path) -> dict:
     "val_loss"}`` (numpy arrays). A record contributes a training point when it has ``loss`` and a
     validation point when it has ``val_loss``; each needs ``tokens`` and ``flops``.
     """
-    cols: dict[str, list] = {k: [] for k in ("step", "tokens", "flops", "loss", "val_step", "val_tokens", "val_flops", "val_loss")}
+    cols: dict[str, list] = {
+        k: [] for k in ("step", "tokens", "flops", "loss", "val_step", "val_tokens", "val_flops", "val_loss")
+    }
     for r in read_metrics(run_dir):
         tokens, flops = _num(r.get("tokens")), _num(r.get("flops"))
         if tokens is None or flops is None:
@@ -103,13 +106,16 @@ def plot_curves(runs: Iterable[str | Path], out_dir: str | Path, names: Iterable
     if len(names) != len(runs):
         raise UsageError("names: need one name per run")
     data: dict[str, dict] = {}
-    for name, r in zip(names, runs):
+    for name, r in zip(names, runs, strict=True):
         key = name if name not in data else f"{name} ({r})"
         data[key] = curve_data(r)
         data[key]["name"] = key
     plt = _plt()
     out_dir = Path(out_dir)
-    for xkey, label, fname in (("tokens", "tokens seen", "loss_vs_tokens.png"), ("flops", "training FLOPs", "loss_vs_flops.png")):
+    for xkey, label, fname in (
+        ("tokens", "tokens seen", "loss_vs_tokens.png"),
+        ("flops", "training FLOPs", "loss_vs_flops.png"),
+    ):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for i, (name, d) in enumerate(data.items()):
             color = f"C{i % 10}"
@@ -130,7 +136,9 @@ def plot_curves(runs: Iterable[str | Path], out_dir: str | Path, names: Iterable
 
 
 # ------------------------------------------------------------------ expert usage
-def plot_usage(usage: Mapping[str, Any], path: str | Path, title: str = "Expert usage distribution") -> dict[str, np.ndarray]:
+def plot_usage(
+    usage: Mapping[str, Any], path: str | Path, title: str = "Expert usage distribution"
+) -> dict[str, np.ndarray]:
     """The distribution of accumulated router weight over experts: for each layer, the normalised
     weights z (= w / sum w) sorted in decreasing order against expert rank, log-scaled y, with the
     uniform level 1/N dashed. Experts with zero weight fall off the log axis; the legend gives
@@ -149,8 +157,13 @@ def plot_usage(usage: Mapping[str, Any], path: str | Path, title: str = "Expert 
         color = f"C{i % 10}"
         ranks = np.arange(1, len(z) + 1)
         zp = np.where(z > 0, z, np.nan)
-        ax.plot(ranks, zp, color=color, lw=1.2,
-                label=f"{name}: N={s['experts']}, usage {100 * s['usage']:.1f}%, KL {s['unevenness']:.3f}")
+        ax.plot(
+            ranks,
+            zp,
+            color=color,
+            lw=1.2,
+            label=f"{name}: N={s['experts']}, usage {100 * s['usage']:.1f}%, KL {s['unevenness']:.3f}",
+        )
         ax.axhline(1.0 / len(z), color=color, ls=":", lw=0.8)
     ax.set_yscale("log")
     ax.set_xlabel("expert rank (by accumulated router weight)")

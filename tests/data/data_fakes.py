@@ -7,12 +7,14 @@ from pathlib import Path
 
 from peer.data import Document, Source
 
-WORDS = ("the of and to a in that is was he for it with as his on be at by this had not are but from or "
-         "have an they which one you were her all she there would their we him been has when who will "
-         "more no if out so said what up its about into than them can only other new some could time "
-         "these two may then do first any my now such like our over man me even most made after also "
-         "did many before must through back years where much your way well down should because each "
-         "union congress nation people government states year war peace law power public country").split()
+WORDS = (
+    "the of and to a in that is was he for it with as his on be at by this had not are but from or "
+    "have an they which one you were her all she there would their we him been has when who will "
+    "more no if out so said what up its about into than them can only other new some could time "
+    "these two may then do first any my now such like our over man me even most made after also "
+    "did many before must through back years where much your way well down should because each "
+    "union congress nation people government states year war peace law power public country"
+).split()
 
 
 def fake_text(seed: int, n_words: int = 200) -> str:
@@ -23,7 +25,7 @@ def fake_text(seed: int, n_words: int = 200) -> str:
         words = [rng.choice(WORDS) for _ in range(k)]
         sents.append(" ".join(words).capitalize() + rng.choice([".", ".", "?", "!"]))
         n_words -= k
-    paras = [" ".join(sents[i:i + 4]) for i in range(0, len(sents), 4)]
+    paras = [" ".join(sents[i : i + 4]) for i in range(0, len(sents), 4)]
     return "\n\n".join(paras)
 
 
@@ -36,10 +38,15 @@ class FakeSource(Source):
     def __init__(self, docs: list[tuple[str, str, str]] | None = None, name: str = "fake"):
         self.name = name
         # (doc name, split, text)
-        self.docs = docs if docs is not None else (
-            [(f"t{i}", "train", fake_text(i)) for i in range(12)]
-            + [(f"v{i}", "val", fake_text(100 + i)) for i in range(3)]
-            + [(f"e{i}", "eval_other", fake_text(200 + i)) for i in range(2)])
+        self.docs = (
+            docs
+            if docs is not None
+            else (
+                [(f"t{i}", "train", fake_text(i)) for i in range(12)]
+                + [(f"v{i}", "val", fake_text(100 + i)) for i in range(3)]
+                + [(f"e{i}", "eval_other", fake_text(200 + i)) for i in range(2)]
+            )
+        )
         self.fetch_calls = 0
 
     def fetch(self, cache_dir):

@@ -20,9 +20,9 @@ def test_batches_are_windows_and_shifted_targets():
     b = Batcher(TOKENS, B, T, seed=0)
     x, y = b.next()
     assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (B, T)
-    for row_x, row_y in zip(x, y):
+    for row_x, row_y in zip(x, y, strict=True):
         i = window_id(row_x)
-        w = torch.from_numpy(TOKENS[i * T: i * T + T + 1].astype(np.int64))
+        w = torch.from_numpy(TOKENS[i * T : i * T + T + 1].astype(np.int64))
         assert torch.equal(row_x, w[:-1]) and torch.equal(row_y, w[1:])
 
 
@@ -91,7 +91,9 @@ def test_global_batch_is_the_same_for_any_world_size():
 
 
 def test_too_small():
-    with pytest.raises(ValueError, match=r"corpus too small: .*4 x 8 tokens on 2 rank\(s\) needs at least 65 tokens, got 60"):
+    with pytest.raises(
+        ValueError, match=r"corpus too small: .*4 x 8 tokens on 2 rank\(s\) needs at least 65 tokens, got 60"
+    ):
         Batcher(np.arange(60), 4, 8, seed=0, world_size=2)
     Batcher(np.arange(65), 4, 8, seed=0, world_size=2)  # exactly enough
     with pytest.raises(ValueError, match="rank must be in"):
@@ -107,7 +109,7 @@ def test_eval_batches_cover_all_windows_in_order():
     y = torch.cat([b[1] for b in batches]).flatten()
     assert ev.num_tokens == N_WIN * T == y.numel()
     # every target position 1..992 exactly once, in order
-    assert torch.equal(y, torch.from_numpy(TOKENS[1: N_WIN * T + 1].astype(np.int64)))
+    assert torch.equal(y, torch.from_numpy(TOKENS[1 : N_WIN * T + 1].astype(np.int64)))
     assert torch.equal(x, torch.from_numpy(TOKENS[: N_WIN * T].astype(np.int64)))
     capped = eval_batches(TOKENS, 5, T, max_tokens=100)
     assert capped.num_tokens == 96 and sum(b[0].shape[0] for b in capped) == 12

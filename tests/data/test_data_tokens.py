@@ -15,21 +15,22 @@ def test_pack_documents_eos_after_each():
     assert pack_documents(DOCS, eos_id=0).tolist() == [5, 6, 7, 0, 8, 0, 0, 9, 10, 0]
 
 
-@pytest.mark.parametrize("vocab,dtype", [(300, np.uint16), (65535, np.uint16), (65536, np.uint32), (200_000, np.uint32)])
+@pytest.mark.parametrize(
+    "vocab,dtype", [(300, np.uint16), (65535, np.uint16), (65536, np.uint32), (200_000, np.uint32)]
+)
 def test_write_and_open(tmp_path, vocab, dtype):
     big = vocab - 1
     docs = [[1, 2, big], [3], [big, 4, 5, 6]]
-    info = write_split(tmp_path, "train", ["a", "b", "c"], docs, eos_id=0, vocab_size=vocab,
-                       doc_sha256=["x", "y", "z"])
+    info = write_split(tmp_path, "train", ["a", "b", "c"], docs, eos_id=0, vocab_size=vocab, doc_sha256=["x", "y", "z"])
     assert token_dtype(vocab) == dtype and info["dtype"] == np.dtype(dtype).name
     toks = open_tokens(tmp_path, "train")
     assert isinstance(toks, np.memmap) and toks.dtype == dtype
     assert toks.tolist() == [1, 2, big, 0, 3, 0, big, 4, 5, 6, 0]
     meta = split_info(tmp_path, "train")
     assert meta["num_tokens"] == 11 and meta["eos_id"] == 0
-    for d, rec in zip(docs, meta["documents"]):  # each document sits at its offset, followed by EOS
+    for d, rec in zip(docs, meta["documents"], strict=True):  # each document sits at its offset, followed by EOS
         o, n = rec["offset"], rec["tokens"]
-        assert toks[o:o + n].tolist() == d and toks[o + n] == 0
+        assert toks[o : o + n].tolist() == d and toks[o + n] == 0
     assert sorted(p.name for p in (tmp_path / "splits").iterdir()) == ["train.bin", "train.json"]
     mask = os.umask(0)
     os.umask(mask)

@@ -8,8 +8,17 @@ import pytest
 from data_fakes import fake_text
 
 from peer.cli import main as peer_main
-from peer.data import (DataError, build_corpus, encode_texts, list_splits, load_manifest, load_tokenizer,
-                       open_tokens, read_documents, split_info)
+from peer.data import (
+    DataError,
+    build_corpus,
+    encode_texts,
+    list_splits,
+    load_manifest,
+    load_tokenizer,
+    open_tokens,
+    read_documents,
+    split_info,
+)
 from peer.data.userdata import split_train_val
 
 
@@ -83,8 +92,9 @@ def test_split_train_val():
 def test_build_corpus_and_cli(tmp_path, capsys):
     for i in range(6):
         write(tmp_path / f"in/doc{i}.txt", fake_text(i, 300))
-    m = build_corpus([tmp_path / "in"], tmp_path / "c", vocab_size=300, val_fraction=0.2, min_tokens=100,
-                     log=lambda *_: None)
+    m = build_corpus(
+        [tmp_path / "in"], tmp_path / "c", vocab_size=300, val_fraction=0.2, min_tokens=100, log=lambda *_: None
+    )
     assert list_splits(tmp_path / "c") == ["train", "val"]
     assert m["splits"]["train"]["documents"] == 5 and m["splits"]["val"]["documents"] == 1
     tok = load_tokenizer(tmp_path / "c")
@@ -92,12 +102,32 @@ def test_build_corpus_and_cli(tmp_path, capsys):
     toks = open_tokens(tmp_path / "c", "val")
     assert tok.decode(toks[: val["tokens"]]) == (tmp_path / val["id"].split(str(tmp_path) + "/")[1]).read_text()
     # the CLI: reuse the tokenizer; a too-small corpus is an error with exit code 2
-    rc = peer_main(["data", "tokenize", str(tmp_path / "in" / "doc0.txt"), "--out", str(tmp_path / "c2"),
-                    "--tokenizer", str(tmp_path / "c"), "--min-tokens", "50"])
+    rc = peer_main(
+        [
+            "data",
+            "tokenize",
+            str(tmp_path / "in" / "doc0.txt"),
+            "--out",
+            str(tmp_path / "c2"),
+            "--tokenizer",
+            str(tmp_path / "c"),
+            "--min-tokens",
+            "50",
+        ]
+    )
     assert rc == 0 and load_manifest(tmp_path / "c2")["tokenizer"]["trained"] is False
     assert [d["id"] for d in split_info(tmp_path / "c2", "val")["documents"]][0].endswith("doc0.txt#val")
-    rc = peer_main(["data", "tokenize", str(tmp_path / "in" / "doc0.txt"), "--out", str(tmp_path / "c3"),
-                    "--tokenizer", str(tmp_path / "c")])
+    rc = peer_main(
+        [
+            "data",
+            "tokenize",
+            str(tmp_path / "in" / "doc0.txt"),
+            "--out",
+            str(tmp_path / "c3"),
+            "--tokenizer",
+            str(tmp_path / "c"),
+        ]
+    )
     assert rc == 2 and "corpus too small: the train split has" in capsys.readouterr().err
     assert not (tmp_path / "c3").exists()  # nothing written
 
@@ -143,6 +173,7 @@ def test_split_is_bounded_by_size_not_document_count():
     """A few documents of very different sizes: val gets at most val_fraction of the text (by
     count, one of four documents could be the big one and hold ~95% of it)."""
     from peer.data.sources import Document
+
     big = Document("big", "word " * 20000)
     small = [Document(f"s{i}", "tiny text here. " * 20) for i in range(3)]
     for seed in range(6):

@@ -21,8 +21,14 @@ def free_port() -> int:
 
 
 def _entry(rank: int, fn, world: int, port: int, args: tuple, env: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), **env)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        **env,
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
@@ -54,17 +60,29 @@ def make_corpus(path, seed: int = 0, train_docs: int = 24, val_docs: int = 3):
         return list((np.cumsum(rng.integers(-2, 3, n)) % (VOCAB - 1) + 1).astype(int))
 
     for split, n in (("train", train_docs), ("val", val_docs)):
-        write_split(path, split, [f"{split}/{i}" for i in range(n)], [doc() for _ in range(n)], eos_id=0,
-                    vocab_size=VOCAB)
+        write_split(
+            path, split, [f"{split}/{i}" for i in range(n)], [doc() for _ in range(n)], eos_id=0, vocab_size=VOCAB
+        )
     return path
 
 
 def tiny_overrides(corpus, out, *extra: str) -> list[str]:
     """configs/tiny.toml on the synthetic corpus: global batch 6 (splits over 1, 2, 3 ranks), constant lr."""
-    return [f"data.corpus='{corpus}'", f"train.out_dir='{out}'", f"model.vocab_size={VOCAB}",
-            "train.progress=false", "train.tensorboard=false", "train.threads=1", "train.batch_size=6",
-            "train.seq_len=16", "train.log_every=1", "train.eval_batches=1", "optim.min_lr_ratio=1.0",
-            "dist.backend='gloo'", *extra]
+    return [
+        f"data.corpus='{corpus}'",
+        f"train.out_dir='{out}'",
+        f"model.vocab_size={VOCAB}",
+        "train.progress=false",
+        "train.tensorboard=false",
+        "train.threads=1",
+        "train.batch_size=6",
+        "train.seq_len=16",
+        "train.log_every=1",
+        "train.eval_batches=1",
+        "optim.min_lr_ratio=1.0",
+        "dist.backend='gloo'",
+        *extra,
+    ]
 
 
 def tiny_config(corpus, out, *extra: str):
@@ -79,10 +97,18 @@ def read_metrics(run) -> list[dict]:
 
 CASES = {
     # LayerNorm queries: under plain data parallelism BatchNorm would normalise per rank
-    "ddp": ["model.sparse_layer=peer", "model.peer.query_norm=layernorm", "dist.data_parallel='ddp'",
-            "train.grad_accum=2"],
-    "fsdp": ["model.sparse_layer=peer", "model.peer.query_norm=layernorm", "dist.data_parallel='fsdp'",
-             "train.grad_accum=2"],
+    "ddp": [
+        "model.sparse_layer=peer",
+        "model.peer.query_norm=layernorm",
+        "dist.data_parallel='ddp'",
+        "train.grad_accum=2",
+    ],
+    "fsdp": [
+        "model.sparse_layer=peer",
+        "model.peer.query_norm=layernorm",
+        "dist.data_parallel='fsdp'",
+        "train.grad_accum=2",
+    ],
     # expert parallelism gathers the tokens, so BatchNorm sees the whole global batch
     "ep": ["model.sparse_layer=peer", "model.peer.query_norm=batchnorm", "dist.expert_parallel=true"],
     # ... and the row-wise AdamW of peer.train.sparse_optim on the row shards (sparse gradients)

@@ -8,14 +8,21 @@ experts are covered; the data-parallel mode is checked against one process on th
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
 import torch.distributed as dist
-
 from dist_harness import spawn
-from peer.distributed import (ExpertShardedPEER, comm_floats_per_token, gather_full_state, shard_bounds,
-                       shard_peer_layer, unshard_peer_layer)
+
+from peer.distributed import (
+    ExpertShardedPEER,
+    comm_floats_per_token,
+    gather_full_state,
+    shard_bounds,
+    shard_peer_layer,
+    unshard_peer_layer,
+)
 from peer.distributed.data_parallel import reduce_usage
 from peer.layers import PEER
 
@@ -107,13 +114,13 @@ def _worker_usage(rank, world):
     full(X)
     plain = copy.deepcopy(full)
     plain.reset_usage()
-    plain(X[rank * 4:(rank + 1) * 4])
+    plain(X[rank * 4 : (rank + 1) * 4])
     reduce_usage(plain)
     torch.testing.assert_close(plain.usage, full.usage)
     sharded = shard_peer_layer(copy.deepcopy(full), dist.group.WORLD, data_parallel=True)
     sharded.reset_usage()
     sharded.record_usage = True
-    sharded(X[rank * 4:(rank + 1) * 4])
+    sharded(X[rank * 4 : (rank + 1) * 4])
     reduce_usage(sharded)  # left alone: already global
     torch.testing.assert_close(sharded.usage, full.usage)
 
@@ -126,10 +133,16 @@ def _worker(rank, world, cases):
 
 
 # one spawn per world size (process start-up dominates): replicated and data-parallel inputs
-@pytest.mark.parametrize("world,cases", [
-    (2, [("replicated", False, "batchnorm"), ("data_parallel", False, "batchnorm")]),
-    (3, [("replicated", True, "layernorm"), ("data_parallel", True, "none"), ("data_parallel", False, "batchnorm")]),
-])
+@pytest.mark.parametrize(
+    "world,cases",
+    [
+        (2, [("replicated", False, "batchnorm"), ("data_parallel", False, "batchnorm")]),
+        (
+            3,
+            [("replicated", True, "layernorm"), ("data_parallel", True, "none"), ("data_parallel", False, "batchnorm")],
+        ),
+    ],
+)
 def test_sharded_layer_equals_full_layer(world, cases):
     spawn(_worker, world, cases)
 
@@ -146,7 +159,7 @@ def test_shard_bounds_cover_rows_like_torch_chunk():
     for n, p in [(49, 3), (16, 4), (4, 3), (100, 7)]:
         bounds = [shard_bounds(n, p, r) for r in range(p)]
         assert bounds[0][0] == 0 and bounds[-1][1] == n
-        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
         sizes = [hi - lo for lo, hi in bounds]
         chunks = [c.shape[0] for c in torch.arange(n).chunk(p)]
         assert sizes[: len(chunks)] == chunks and sum(sizes) == n
@@ -170,8 +183,16 @@ def _meta_worker(rank: int, world: int) -> None:
     from peer.distributed.expert_parallel import expert_shards, shard_model
     from peer.model import PeerLM
 
-    cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=8, sparse_layer="peer",
-                      peer=PEERConfig(num_experts=49, heads=2, topk=3, key_dim=6, glu=True))
+    cfg = ModelConfig(
+        vocab_size=64,
+        d_model=16,
+        n_layers=2,
+        n_heads=2,
+        d_ff=32,
+        max_seq_len=8,
+        sparse_layer="peer",
+        peer=PEERConfig(num_experts=49, heads=2, topk=3, key_dim=6, glu=True),
+    )
     torch.manual_seed(7)
     full = PeerLM(cfg)  # the reference: every rank builds the whole model eagerly
     model = PeerLM(cfg, device="meta")
@@ -186,7 +207,9 @@ def _meta_worker(rank: int, world: int) -> None:
     assert layer.u.shape[0] == e - s < 49  # only this rank's rows are allocated
     want = full.state_dict()
     for name, t in model.state_dict().items():
-        expect = want[name][s:e] if any(t is p for p in shards) or name.split(".")[-1] in ("u", "v", "gate") else want[name]
+        expect = (
+            want[name][s:e] if any(t is p for p in shards) or name.split(".")[-1] in ("u", "v", "gate") else want[name]
+        )
         assert torch.equal(t, expect), (rank, name)
 
 

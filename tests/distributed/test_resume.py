@@ -18,9 +18,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_harness import (
+    CASES,
+    ROOT,
+    STEPS,
+    close_metrics,
+    free_port,
+    make_corpus,
+    read_metrics,
+    spawn,
+    tiny_config,
+    tiny_overrides,
+)
 
-from dist_harness import (CASES, ROOT, STEPS, close_metrics, free_port, make_corpus, read_metrics, spawn, tiny_config,
-                          tiny_overrides)
 from peer.distributed.checkpoint import load_model_dcp
 from peer.model import PeerLM
 from peer.train import load_run, train
@@ -53,7 +63,7 @@ def test_save_on_two_resume_on_one_and_three(corpus, tmp_path):
     model, _, _ = load_run(step2)
     fresh = PeerLM(model.config)
     load_model_dcp(step2 / "dcp", fresh)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True))
 
     one = _truncate_to_step2(run, tmp_path / "on1")
     train(tiny_config(corpus, one, *CASES["ep"], *STEPS), resume=True)  # one process, full tables
@@ -72,14 +82,34 @@ def _run_and_break(corpus, tmp_path, sig, timeout_s: int):
     """Start `python -m peer train` on 2 ranks (torchrun's environment variables), send ``sig`` to
     rank 1 after step 5; return (rank 0's stderr, its exit status, seconds it took to stop)."""
     run = tmp_path / "run"
-    over = [*CASES["ep"], "train.steps=100000", "train.ckpt_every=2", "train.keep_last=3", f"dist.timeout_s={timeout_s}"]
+    over = [
+        *CASES["ep"],
+        "train.steps=100000",
+        "train.ckpt_every=2",
+        "train.keep_last=3",
+        f"dist.timeout_s={timeout_s}",
+    ]
     cfg = tmp_path / "cfg.toml"
     shutil.copy(ROOT / "configs" / "tiny.toml", cfg)
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": "2",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT / "src"),
+    }
     cmd = [sys.executable, "-m", "peer", "train", str(cfg), "--set", *tiny_overrides(corpus, run, *over)]
-    procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            cmd,
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
     try:
         deadline = time.time() + 120
         while time.time() < deadline:  # wait until step 5 was logged (checkpoints at 2 and 4 exist)
@@ -120,5 +150,3 @@ def test_hung_rank_stops_run_after_timeout(corpus, tmp_path):
     _, err, code, took = _run_and_break(corpus, tmp_path, signal.SIGSTOP, timeout_s=8)
     assert code == 1 and "did not answer within dist.timeout_s=8s" in err, err[-2000:]
     assert 8 - 1 < took < 8 + 20
-
-

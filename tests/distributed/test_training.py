@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from dist_harness import CASES, STEPS, close_metrics, make_corpus, read_metrics, spawn, tiny_config
+
 from peer.config import ConfigError
 from peer.distributed import data_parallel as dpar
 from peer.train import load_run, train

@@ -7,14 +7,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 import peer.hf  # noqa: F401
+import peer.train as train_mod
 from peer.cli import main as cli_main
 from peer.hf import PeerForCausalLM, export_run
 
-import peer.train as train_mod  # noqa: E402
-import peer.data as data_mod  # noqa: E402
-
-TEXT = ("The quick brown fox jumps over the lazy dog. A stitch in time saves nine. "
-        "All that glitters is not gold; fortune favours the bold, and the early bird catches the worm. ")
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. A stitch in time saves nine. "
+    "All that glitters is not gold; fortune favours the bold, and the early bird catches the worm. "
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +31,31 @@ def run_dir(tmp_path_factory):
     docs = [Document(id=f"t/{i}", text=TEXT * (1 + i % 3) + f" Document {i}.") for i in range(24)]
     tok = train_tokenizer([d.text for d in docs], vocab_size=300)
     write_corpus(root / "corpus", {"train": docs[:20], "val": docs[20:]}, tok, {}, log=lambda s: None)
-    cfg = config_from_dict({
-        "model": {"vocab_size": 320, "d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 32,
-                  "sparse_layer": "peer", "peer": {"num_experts": 64, "heads": 2, "topk": 4, "key_dim": 8}},
-        "data": {"corpus": str(root / "corpus")},
-        "train": {"out_dir": str(root / "run"), "steps": 3, "batch_size": 4, "seq_len": 16, "log_every": 1,
-                  "ckpt_every": 3, "progress": False, "tensorboard": False},
-        "optim": {"warmup_steps": 1},
-    })
+    cfg = config_from_dict(
+        {
+            "model": {
+                "vocab_size": 320,
+                "d_model": 32,
+                "n_layers": 2,
+                "n_heads": 2,
+                "max_seq_len": 32,
+                "sparse_layer": "peer",
+                "peer": {"num_experts": 64, "heads": 2, "topk": 4, "key_dim": 8},
+            },
+            "data": {"corpus": str(root / "corpus")},
+            "train": {
+                "out_dir": str(root / "run"),
+                "steps": 3,
+                "batch_size": 4,
+                "seq_len": 16,
+                "log_every": 1,
+                "ckpt_every": 3,
+                "progress": False,
+                "tensorboard": False,
+            },
+            "optim": {"warmup_steps": 1},
+        }
+    )
     try:
         run = train_mod.train(cfg)
     finally:
@@ -98,14 +115,18 @@ def test_cli_export_and_existing_dir(run_dir, tmp_path, capsys):
 
 
 def _tree(path):
-    return sorted((str(p.relative_to(path)), p.read_bytes() if p.is_file() else b"") for p in path.rglob("*")
-                  if p.name != ".peer.lock")
+    return sorted(
+        (str(p.relative_to(path)), p.read_bytes() if p.is_file() else b"")
+        for p in path.rglob("*")
+        if p.name != ".peer.lock"
+    )
 
 
 def test_export_never_deletes_a_run_or_a_corpus(run_dir, tmp_path, capsys):
     """`peer export RUN RUN --overwrite` (and into a folder holding a run, a corpus or other files) refuses
     and leaves everything as it was; --overwrite replaces only a previous export."""
     import shutil
+
     run, _ = run_dir
     before = _tree(run)
     for target in (run, run.parent):  # the run itself, a folder that holds it
@@ -137,6 +158,7 @@ def test_export_never_deletes_a_run_or_a_corpus(run_dir, tmp_path, capsys):
 def test_export_files_follow_the_umask(run_dir, tmp_path):
     import os
     import stat
+
     run, _ = run_dir
     old = os.umask(0o022)
     try:
@@ -147,3 +169,17 @@ def test_export_files_follow_the_umask(run_dir, tmp_path):
     for f in out.iterdir():
         if f.name != ".peer.lock":
             assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+
+
+def test_export_on_a_full_disk_leaves_nothing_behind(run_dir, tmp_path, monkeypatch, capsys):
+    def full(self, *a, **k):
+        raise Exception(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
+
+    monkeypatch.setattr(PeerForCausalLM, "save_pretrained", full)
+    run, _ = run_dir
+    assert cli_main(["export", str(run), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no space left on the device of" in err and "the export" in err
+    assert list(tmp_path.iterdir()) == []  # neither DIR nor its temp folder

@@ -17,8 +17,16 @@ V = 61
 
 
 def tiny_config(**kw):
-    base = dict(vocab_size=V, d_model=32, n_layers=2, n_heads=2, max_seq_len=48, sparse_layer="peer",
-                sparse_blocks=[1], peer={"num_experts": 64, "heads": 2, "topk": 4, "key_dim": 8})
+    base = dict(
+        vocab_size=V,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        max_seq_len=48,
+        sparse_layer="peer",
+        sparse_blocks=[1],
+        peer={"num_experts": 64, "heads": 2, "topk": 4, "key_dim": 8},
+    )
     return PeerConfig(**{**base, **kw})
 
 
@@ -33,8 +41,15 @@ def tiny_model(**kw):
 
 
 def test_config_mirrors_model_config_and_round_trips(tmp_path):
-    mc = ModelConfig(vocab_size=V, d_model=32, n_layers=3, n_heads=2, sparse_layer="peer",
-                     peer=PEERConfig(num_experts=64, heads=2, topk=4, key_dim=8), tie_embeddings=False)
+    mc = ModelConfig(
+        vocab_size=V,
+        d_model=32,
+        n_layers=3,
+        n_heads=2,
+        sparse_layer="peer",
+        peer=PEERConfig(num_experts=64, heads=2, topk=4, key_dim=8),
+        tie_embeddings=False,
+    )
     cfg = PeerConfig.from_model_config(mc, eos_token_id=0)
     assert cfg.to_model_config() == mc
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads) == (32, 3, 2)
@@ -81,8 +96,9 @@ def test_weights_are_the_peer_lm_under_model_prefix():
 
 def test_labels_give_shifted_cross_entropy_plus_aux_loss():
     # token-choice MoE sets a nonzero load-balancing aux loss
-    model = tiny_model(sparse_layer="moe", moe={"num_experts": 4, "routing": "token_choice", "topk": 1,
-                                               "aux_loss_weight": 0.5})
+    model = tiny_model(
+        sparse_layer="moe", moe={"num_experts": 4, "routing": "token_choice", "topk": 1, "aux_loss_weight": 0.5}
+    )
     x = torch.randint(0, V, (2, 10))
     labels = x.clone()
     labels[0, 4] = -100
@@ -202,7 +218,7 @@ def test_generate_with_a_padded_batch_equals_each_row_alone():
     alone = [model.generate(x[i, : int(right[i].sum())][None], **kw)[0] for i in range(3)]
     assert out.shape == (3, 12)
     for i, a in enumerate(alone):
-        assert torch.equal(out[i, : a.numel()], a) and bool((out[i, a.numel():] == 0).all())
+        assert torch.equal(out[i, : a.numel()], a) and bool((out[i, a.numel() :] == 0).all())
     left_x, left = x.clone(), torch.ones(3, 8, dtype=torch.long)
     left_x[1], left[1, :2] = torch.cat([torch.zeros(2, dtype=torch.long), x[1, :6]]), 0  # row 1 left-padded
     out_left = model.generate(left_x, attention_mask=left, **kw)

@@ -7,8 +7,16 @@ import sys
 
 import pytest
 import torch
-from transformers import (BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM)
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 import peer
 from peer.hf import PeerMLP, freeze_except_peer, load_peerified, peerify, unfreeze
@@ -19,20 +27,43 @@ PEER_ARGS = dict(num_experts=64, heads=2, topk=4, key_dim=8)
 
 
 def gpt2():
-    return GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=64, n_embd=32, n_layer=3, n_head=2,
-                                      bos_token_id=0, eos_token_id=0))
+    return GPT2LMHeadModel(
+        GPT2Config(vocab_size=V, n_positions=64, n_embd=32, n_layer=3, n_head=2, bos_token_id=0, eos_token_id=0)
+    )
 
 
 def llama():
-    return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                        bos_token_id=0, eos_token_id=0, pad_token_id=0))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=V,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
+    )
 
 
 def qwen2():
-    return Qwen2ForCausalLM(Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                        bos_token_id=0, eos_token_id=0, pad_token_id=0))
+    return Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=V,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
+    )
 
 
 MAKERS = {"gpt2": (gpt2, "transformer.h"), "llama": (llama, "model.layers"), "qwen2": (qwen2, "model.layers")}
@@ -63,8 +94,9 @@ def test_only_chosen_blocks_change_and_param_counts(arch):
     for i, block in enumerate(layers):
         assert isinstance(block.mlp, PeerMLP) == (i in replaced)
     peers = [layers[i].mlp.peer for i in replaced]
-    assert all(isinstance(p, PEER) and p.dim == 32 and p.num_experts == 64 and p.heads == 2 and p.topk == 4
-               for p in peers)
+    assert all(
+        isinstance(p, PEER) and p.dim == 32 and p.num_experts == 64 and p.heads == 2 and p.topk == 4 for p in peers
+    )
     # parameter count = original - replaced MLPs + PEER layers
     assert n_params(model) == n_params(original) - mlp_params + sum(n_params(p) for p in peers)
     # every state-dict entry outside the replaced MLPs is untouched; the replaced ones are the PEERs'
@@ -146,8 +178,14 @@ def test_distill_uses_only_unmasked_tokens_and_needs_samples():
     ids = torch.randint(1, V, (4, 16))
     mask = torch.ones_like(ids)
     mask[:, 12:] = 0
-    peerify(model, layers=[2], init="distill", sample_inputs=[{"input_ids": ids, "attention_mask": mask}],
-            distill_steps=0, **PEER_ARGS)
+    peerify(
+        model,
+        layers=[2],
+        init="distill",
+        sample_inputs=[{"input_ids": ids, "attention_mask": mask}],
+        distill_steps=0,
+        **PEER_ARGS,
+    )
     assert model.model.layers[2].mlp.distill_report["tokens"] == 4 * 12
     with pytest.raises(ValueError, match="sample_inputs"):
         peerify(qwen2(), layers=[0], init="distill", **PEER_ARGS)
@@ -185,8 +223,9 @@ def test_save_and_load_peerified(tmp_path):
 
 
 def test_unknown_architecture_and_bad_layers():
-    bert = BertForMaskedLM(BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                      intermediate_size=64))
+    bert = BertForMaskedLM(
+        BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    )
     with pytest.raises(ValueError, match="unsupported architecture 'bert'.*gpt2.*llama.*qwen2"):
         peerify(bert, **PEER_ARGS)
     with pytest.raises(ValueError, match="unsupported architecture"):

@@ -29,9 +29,16 @@ class Repeats(torch.utils.data.Dataset):
 @pytest.mark.parametrize("layer", ["peer", "moe"])
 def test_trainer_runs_and_loss_decreases(tmp_path, layer):
     torch.manual_seed(0)
-    cfg = PeerConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=2, max_seq_len=32, sparse_layer=layer,
-                     peer={"num_experts": 64, "heads": 2, "topk": 4, "key_dim": 8},
-                     moe={"num_experts": 4, "routing": "token_choice", "topk": 1, "aux_loss_weight": 1.0})
+    cfg = PeerConfig(
+        vocab_size=V,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        max_seq_len=32,
+        sparse_layer=layer,
+        peer={"num_experts": 64, "heads": 2, "topk": 4, "key_dim": 8},
+        moe={"num_experts": 4, "routing": "token_choice", "topk": 1, "aux_loss_weight": 1.0},
+    )
     model = PeerForCausalLM(cfg)
     data = Repeats()
     batch = {k: torch.stack([data[i][k] for i in range(16)]) for k in ("input_ids", "labels")}
@@ -48,10 +55,21 @@ def test_trainer_runs_and_loss_decreases(tmp_path, layer):
             seen.append((float(loss), float(out.aux_loss)))
             return (loss, out) if return_outputs else loss
 
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=30, per_device_train_batch_size=16,
-                             learning_rate=1e-2, warmup_steps=0, lr_scheduler_type="constant", report_to=[],
-                             use_cpu=True, save_strategy="no", logging_steps=10, seed=0, dataloader_num_workers=0,
-                             disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=30,
+        per_device_train_batch_size=16,
+        learning_rate=1e-2,
+        warmup_steps=0,
+        lr_scheduler_type="constant",
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=10,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
     Recording(model=model, args=args, train_dataset=data).train()
 
     assert len(seen) == 30 and all(torch.isfinite(torch.tensor(s)).all() for s in seen)

@@ -93,7 +93,7 @@ def _token_choice_reference(m: MoE, xf: torch.Tensor, capacity: int | None):
     y = torch.zeros_like(xf)
     for t in range(xf.shape[0]):
         p, es = probs[t].topk(m.topk)
-        for pe, e in zip(p, es.tolist()):
+        for pe, e in zip(p, es.tolist(), strict=True):
             if capacity is None or load[e] < capacity:
                 load[e] += 1
                 y[t] += pe * _expert(m, e, xf[t])
@@ -273,8 +273,12 @@ def test_empty_input_gives_empty_output():
     import peer
     from peer.layers import PKM, MoE
 
-    layers = [peer.PEER(16, num_experts=64, heads=2, topk=4, key_dim=8), PKM(16, num_memories=64, heads=2, topk=4, key_dim=8),
-              MoE(16, 32, num_experts=4), MoE(16, 32, num_experts=4, routing="token_choice")]
+    layers = [
+        peer.PEER(16, num_experts=64, heads=2, topk=4, key_dim=8),
+        PKM(16, num_memories=64, heads=2, topk=4, key_dim=8),
+        MoE(16, 32, num_experts=4),
+        MoE(16, 32, num_experts=4, routing="token_choice"),
+    ]
     for layer in layers:
         for train in (True, False):
             layer.train(train)

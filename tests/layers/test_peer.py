@@ -35,7 +35,9 @@ def reference_loop(layer, x):
         for h in range(layer.heads):
             s = K[h] @ layer_eval_q[t, h]  # eq. 1: q(x)^T k_i for all i
             top, ids = s.topk(layer.topk)
-            g = {"softmax": lambda t: t.softmax(0), "sigmoid": torch.sigmoid, "relu": torch.relu}[layer.score](top)  # eq. 2
+            g = {"softmax": lambda t: t.softmax(0), "sigmoid": torch.sigmoid, "relu": torch.relu}[layer.score](
+                top
+            )  # eq. 2
             for j, i in enumerate(ids.tolist()):
                 if layer.glu:
                     e = act(layer.gate[i] @ x[t]) * (layer.u[i] @ x[t]) * layer.v[i]
@@ -178,7 +180,10 @@ def test_query_batchnorm_train_and_eval():
     assert layer.query_norm.num_batches_tracked.item() == before
 
 
-@pytest.mark.parametrize("n,heads,topk,score", [(16, 1, 1, "softmax"), (32, 8, 16, "softmax"), (64, 4, 8, "sigmoid"), (128, 8, 16, "softmax")])
+@pytest.mark.parametrize(
+    "n,heads,topk,score",
+    [(16, 1, 1, "softmax"), (32, 8, 16, "softmax"), (64, 4, 8, "sigmoid"), (128, 8, 16, "softmax")],
+)
 def test_output_variance_order_one_at_init(n, heads, topk, score):
     torch.manual_seed(0)
     layer = PEER(64, num_experts=n * n, heads=heads, topk=topk, key_dim=32, score=score)

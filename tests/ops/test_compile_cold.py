@@ -50,17 +50,21 @@ SCRIPT = textwrap.dedent("""
 
 def _run(layer: str, compiler: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, layer, compiler], capture_output=True, text=True,
-                          env=env, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, layer, compiler], capture_output=True, text=True, env=env, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-CASES = [pytest.param("peer", "aot_eager", marks=pytest.mark.skipif(not HAS_CPP, reason="no C++ compiler")),
-         ("pkm", "aot_eager"), ("moe", "aot_eager"),
-         pytest.param("peer", "inductor", marks=[pytest.mark.slow, pytest.mark.skipif(not HAS_CPP, reason="no C++")]),
-         pytest.param("pkm", "inductor", marks=pytest.mark.slow),
-         pytest.param("moe", "inductor", marks=pytest.mark.slow)]
+CASES = [
+    pytest.param("peer", "aot_eager", marks=pytest.mark.skipif(not HAS_CPP, reason="no C++ compiler")),
+    ("pkm", "aot_eager"),
+    ("moe", "aot_eager"),
+    pytest.param("peer", "inductor", marks=[pytest.mark.slow, pytest.mark.skipif(not HAS_CPP, reason="no C++")]),
+    pytest.param("pkm", "inductor", marks=pytest.mark.slow),
+    pytest.param("moe", "inductor", marks=pytest.mark.slow),
+]
 
 
 @pytest.mark.parametrize("layer,compiler", CASES)

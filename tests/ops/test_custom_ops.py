@@ -37,12 +37,26 @@ def test_opcheck_expert_mix_backward_ops(engine, glu):
     x, g, idx, u, v, gate, act, eng, _ = _mix_args(glu, engine, False)
     y, h, hg = torch.ops.peer.expert_mix(x, g, idx, u, v, gate, act, eng, False)
     dy = torch.randn_like(y)
-    args = (dy, x.detach(), g.detach(), idx, u.detach(), v.detach(), None if gate is None else gate.detach(),
-            h.detach(), hg.detach(), act, eng, True, True, True, glu)
+    args = (
+        dy,
+        x.detach(),
+        g.detach(),
+        idx,
+        u.detach(),
+        v.detach(),
+        None if gate is None else gate.detach(),
+        h.detach(),
+        hg.detach(),
+        act,
+        eng,
+        True,
+        True,
+        True,
+        glu,
+    )
     opcheck(torch.ops.peer.expert_mix_backward.default, args)
     # the row gradients have a data-dependent row count (a fake unbacked size): schema and fake checks
-    opcheck(torch.ops.peer.expert_mix_backward_rows.default, args,
-            test_utils=("test_schema", "test_faketensor"))
+    opcheck(torch.ops.peer.expert_mix_backward_rows.default, args, test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.skipif(not HAS_CPP, reason="no C++ compiler")
@@ -76,8 +90,16 @@ def _tiny_lm(backend: str):
     from peer.model import PeerLM
 
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=16, sparse_layer="peer",
-                      peer=PEERConfig(num_experts=64, heads=2, topk=4, key_dim=8, backend=backend))
+    cfg = ModelConfig(
+        vocab_size=64,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        d_ff=64,
+        max_seq_len=16,
+        sparse_layer="peer",
+        peer=PEERConfig(num_experts=64, heads=2, topk=4, key_dim=8, backend=backend),
+    )
     return PeerLM(cfg)
 
 
@@ -96,11 +118,21 @@ def _train(model, steps: int, compiler: str | None):
     return losses
 
 
-@pytest.mark.parametrize("backend,compiler", [
-    pytest.param("fused", "aot_eager", marks=pytest.mark.skipif(not HAS_CPP, reason="no C++")),
-    ("reference", "aot_eager"),
-    pytest.param("fused", "inductor", marks=[pytest.mark.slow,  # ~1 min of C++ code generation
-                                             pytest.mark.skipif(not HAS_CPP, reason="no C++")])])
+@pytest.mark.parametrize(
+    "backend,compiler",
+    [
+        pytest.param("fused", "aot_eager", marks=pytest.mark.skipif(not HAS_CPP, reason="no C++")),
+        ("reference", "aot_eager"),
+        pytest.param(
+            "fused",
+            "inductor",
+            marks=[
+                pytest.mark.slow,  # ~1 min of C++ code generation
+                pytest.mark.skipif(not HAS_CPP, reason="no C++"),
+            ],
+        ),
+    ],
+)
 def test_peer_lm_compiles_fullgraph_and_trains_like_eager(backend, compiler):
     """fullgraph=True fails on any graph break: the custom ops (top-k and expert mix, forward and
     backward) must be traceable with their fake implementations. Same losses as eager."""

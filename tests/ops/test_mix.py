@@ -9,14 +9,16 @@ import textwrap
 import pytest
 import torch
 
+from peer import ops
 from peer.layers import PEER
 from peer.layers.index import ProductKeyIndex
-from peer import ops
 from peer.ops import KernelUnavailable, cpu, expert_mix, fused_mix, reference_expert_mix, topk, torch_engine
 
 HAS_CPP = cpu.available()
-ENGINES = [pytest.param("cpp", marks=pytest.mark.skipif(not HAS_CPP, reason="no C++ compiler: kernel not built")),
-           "torch"]
+ENGINES = [
+    pytest.param("cpp", marks=pytest.mark.skipif(not HAS_CPP, reason="no C++ compiler: kernel not built")),
+    "torch",
+]
 FAST = "cpp" if HAS_CPP else "torch"
 
 
@@ -62,7 +64,7 @@ def test_fused_equals_reference(engine, activation, glu, T, d, N, m):
     g_ref = _grads(y_ref, params, dy)
     y = fused_mix(x, u, v, idx, g, activation, gate, engine=engine)
     assert _close(y, y_ref, 1e-5)
-    for a, b in zip(_grads(y, params, dy), g_ref):
+    for a, b in zip(_grads(y, params, dy), g_ref, strict=True):
         assert _close(a, b, 2e-5)
 
 
@@ -99,7 +101,7 @@ def test_bf16_tables_accumulate_in_fp32(engine, glu):
     assert y.dtype == torch.float32
     assert _close(y, y_ref, 1e-5)
     got = _grads(y, [x, g, u, v] + ([gate] if glu else []), dy)
-    for k, (a, b) in enumerate(zip(got, g_ref)):
+    for k, (a, b) in enumerate(zip(got, g_ref, strict=True)):
         if k < 2:  # x, g: fp32 results
             assert _close(a, b, 2e-5)
         else:  # table grads: bf16, within one bf16 rounding of the fp32 sum
@@ -108,26 +110,41 @@ def test_bf16_tables_accumulate_in_fp32(engine, glu):
 
 
 @pytest.mark.parametrize("engine", ENGINES, indirect=True)
-@pytest.mark.parametrize("activation,score,glu,shared_keys,heads,topk", [
-    ("gelu", "softmax", False, True, 4, 5), ("relu", "sigmoid", False, False, 3, 8),
-    ("gelu", "softmax", True, True, 2, 3), ("relu", "softmax", True, False, 8, 1)])
+@pytest.mark.parametrize(
+    "activation,score,glu,shared_keys,heads,topk",
+    [
+        ("gelu", "softmax", False, True, 4, 5),
+        ("relu", "sigmoid", False, False, 3, 8),
+        ("gelu", "softmax", True, True, 2, 3),
+        ("relu", "softmax", True, False, 8, 1),
+    ],
+)
 def test_fused_layer_equals_reference_layer(engine, activation, score, glu, shared_keys, heads, topk):
     """The whole PEER layer: outputs and the gradients of x, queries, keys, u, v, gate, BatchNorm."""
     torch.manual_seed(1)
-    kw = dict(dim=24, num_experts=100, heads=heads, topk=topk, key_dim=8, activation=activation, score=score,
-              glu=glu, shared_keys=shared_keys)
+    kw = dict(
+        dim=24,
+        num_experts=100,
+        heads=heads,
+        topk=topk,
+        key_dim=8,
+        activation=activation,
+        score=score,
+        glu=glu,
+        shared_keys=shared_keys,
+    )
     ref = PEER(backend="reference", **kw).train()
     fast = PEER(backend="fused", **kw).train()
     fast.load_state_dict(ref.state_dict())
     x = torch.randn(3, 7, 24)
     xs = [x.clone().requires_grad_() for _ in range(2)]
-    ys = [layer(xi) for layer, xi in zip((ref, fast), xs)]
+    ys = [layer(xi) for layer, xi in zip((ref, fast), xs, strict=True)]
     assert torch.allclose(ys[1], ys[0], atol=1e-5, rtol=1e-5)
     dy = torch.randn_like(ys[0])
     for y in ys:
         y.backward(dy)
     assert torch.allclose(xs[1].grad, xs[0].grad, atol=1e-5, rtol=1e-4)
-    for (name, p_ref), p_fast in zip(ref.named_parameters(), fast.parameters()):
+    for (name, p_ref), p_fast in zip(ref.named_parameters(), fast.parameters(), strict=True):
         assert torch.allclose(p_fast.grad, p_ref.grad, atol=1e-5, rtol=1e-4), name
 
 
@@ -182,16 +199,25 @@ def test_cpp_sort_pairs_groups_pairs_by_expert():
     assert torch.equal(rows, rows_t) and torch.equal(offsets, offsets_t)
     flat = idx.flatten()
     for r in range(rows.numel()):
-        seg = perm[offsets[r]:offsets[r + 1]]
+        seg = perm[offsets[r] : offsets[r + 1]]
         assert (flat[seg] == rows[r]).all() and torch.equal(seg, seg.sort().values)  # stable within a bag
     assert torch.equal(perm.sort().values, torch.arange(idx.numel()))
 
 
 # ---------------------------------------------------------------------------- product-key top-k
 @pytest.mark.skipif(not HAS_CPP, reason="no C++ compiler: kernel not built")
-@pytest.mark.parametrize("groups,T,h,n,kd,k", [(1, 37, 4, 12, 8, 6), (4, 37, 4, 12, 8, 6), (1, 64, 8, 64, 32, 16),
-                                               (1, 10, 2, 5, 4, 5), (3, 5, 3, 40, 16, 1),
-                                               (1, 50, 4, 256, 16, 8), (2, 33, 2, 64, 8, 3)])  # vector paths: n % 16 == 0
+@pytest.mark.parametrize(
+    "groups,T,h,n,kd,k",
+    [
+        (1, 37, 4, 12, 8, 6),
+        (4, 37, 4, 12, 8, 6),
+        (1, 64, 8, 64, 32, 16),
+        (1, 10, 2, 5, 4, 5),
+        (3, 5, 3, 40, 16, 1),
+        (1, 50, 4, 256, 16, 8),
+        (2, 33, 2, 64, 8, 3),
+    ],
+)  # vector paths: n % 16 == 0
 def test_fast_topk_equals_reference(groups, T, h, n, kd, k):
     index = ProductKeyIndex(n * n, kd, groups)
     q = torch.randn(T, h, kd, requires_grad=True)
@@ -203,7 +229,7 @@ def test_fast_topk_equals_reference(groups, T, h, n, kd, k):
     G1, G2 = torch.sin(i1.float() * 0.37), torch.sin(i2.float() * 0.37)
     g1 = torch.autograd.grad(s1, [q, index.keys], G1)
     g2 = torch.autograd.grad(s2, [q, index.keys], G2)
-    for a, b in zip(g1, g2):
+    for a, b in zip(g1, g2, strict=True):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
@@ -230,7 +256,7 @@ def test_fast_topk_with_many_ties_is_exact(n, k):
 def test_kernels_on_two_threads_equal_one_thread():
     # the suite runs on one thread (conftest); the kernels' threaded paths must give the same answers
     torch.manual_seed(0)
-    T, h, n, kd, k, d, N = 300, 4, 64, 16, 8, 32, 64 * 64
+    T, h, kd, k, d, N = 300, 4, 16, 8, 32, 64 * 64
     index = ProductKeyIndex(N, kd, 1)
     q = torch.randn(T, h, kd)
     x, g = torch.randn(T, d), torch.rand(T, h * k)
@@ -254,7 +280,7 @@ def test_kernels_on_two_threads_equal_one_thread():
         two = run()
     finally:
         torch.set_num_threads(threads)
-    for i, (a, b) in enumerate(zip(one, two)):
+    for i, (a, b) in enumerate(zip(one, two, strict=True)):
         if i == 3:  # sub-key gradients: per-thread partial sums, added in another order
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
         else:
@@ -326,7 +352,7 @@ def test_triton_on_cuda_equals_reference(glu, sparse):
     ref = _grads(y_ref, [x, g, *ts], dy)
     y = expert_mix(x, ts[0], ts[1], idx, g, "gelu", gate, backend="triton", sparse_grad=sparse)
     assert _close(y, y_ref, 1e-4)
-    for a, b in zip(_grads(y, [x, g, *ts], dy), ref):
+    for a, b in zip(_grads(y, [x, g, *ts], dy), ref, strict=True):
         assert _close(a, b, 1e-4)
 
 

@@ -14,7 +14,7 @@ def tiny_seeded_sweep(tmp_path: Path, name: str, peer_extra: str = "") -> Path:
     p.write_text(f"""
 [sweep]
 name = "{name}"
-out_dir = "{tmp_path / 'res'}"
+out_dir = "{tmp_path / "res"}"
 budgets = [3e8]
 seeds = [0, 1]
 min_steps = 2

@@ -40,8 +40,10 @@ def test_every_method_gets_the_same_number_of_distinct_trials_incumbent_first():
     assert {r.seed for r in runs} == {tool.SCREEN_SEED}
     # the MoE is the causal one, and the sparse layer is the one the variant names
     assert all(r.config.model.moe.routing == "dropless" for r in runs if r.variant.startswith("moe"))
-    assert all(r.config.model.sparse_layer == ("none" if r.variant.startswith("dense") else r.variant.split("_t")[0])
-               for r in runs)
+    assert all(
+        r.config.model.sparse_layer == ("none" if r.variant.startswith("dense") else r.variant.split("_t")[0])
+        for r in runs
+    )
     # one backbone for all: the main job's
     assert {(r.config.model.d_model, r.config.model.n_layers, r.config.model.n_heads) for r in runs} == {(48, 4, 2)}
 
@@ -67,7 +69,7 @@ def test_later_stages_follow_the_protocol_and_refuse_partial_results(tmp_path):
     nxt, tool = _next_tool(), _tool()
     results = tmp_path / "results"
     names = {m: [f"{m}_t{t + 1:02d}" for t in range(tool.TRIALS)] for m in tool.SPACES}
-    for m, ns in names.items():  # trial t's loss: 5 + |t - 7| / 100, so t08, t07/t09 are the best three
+    for ns in names.values():  # trial t's loss: 5 + |t - 7| / 100, so t08, t07/t09 are the best three
         for t, n in enumerate(ns):
             if n != "pkm_t16":
                 _fake_result(results, n, 10, 5 + abs(t - 7) / 100)

@@ -5,14 +5,13 @@ import math
 from pathlib import Path
 
 import pytest
+from sweep_fixtures import tiny_seeded_sweep
 
 from peer.config import ConfigError
-from peer.flops import train_flops_per_step
 from peer.experiments.sweep import compute_optimal, load_sweep, method_ordering, plan, table1_markdown
 from peer.experiments.sweep.analysis import aggregate
 from peer.experiments.sweep.runner import collect, run_threads
-
-from sweep_fixtures import tiny_seeded_sweep
+from peer.flops import train_flops_per_step
 
 SWEEP = """
 [sweep]
@@ -74,6 +73,7 @@ def test_progress_lines_are_flushed(spec, monkeypatch):
     monkeypatch.setattr("builtins.print", lambda *a, **kw: calls.append((a, kw)))
     spec.min_steps = 10**6
     from peer.experiments.sweep.runner import run_sweep
+
     assert run_sweep(spec, dry_run=True) == []
     assert calls and all(kw.get("flush") for _, kw in calls)
     assert all(a[0].startswith("[skip] ") for a, _ in calls)
@@ -84,7 +84,9 @@ def test_bad_sweep_files(tmp_path):
     p.write_text("[sweep]\nbudgets = []\n")
     with pytest.raises(ConfigError, match="sweep.budgets"):
         load_sweep(p)
-    p.write_text('[sweep]\nbudgets = [1e12]\n[[sizes]]\nname = "a"\nset = ["model.nope=1"]\n[variants.dense]\nset = []\n')
+    p.write_text(
+        '[sweep]\nbudgets = [1e12]\n[[sizes]]\nname = "a"\nset = ["model.nope=1"]\n[variants.dense]\nset = []\n'
+    )
     with pytest.raises(ConfigError, match="model.nope"):
         plan(load_sweep(p))
 
@@ -113,9 +115,14 @@ def _res(budget, variant, size, ppl, ood=None):
 
 def test_compute_optimal_selection():
     results = [
-        _res(1e12, "dense", "s", 30.0, 40), _res(1e12, "dense", "m", 25.0, 41), _res(1e12, "dense", "l", 27.0, 39),
-        _res(1e12, "peer", "s", 24.0, 35), _res(1e12, "peer", "m", 26.0, 33), _res(1e12, "peer", "l", float("nan")),
-        _res(1e13, "dense", "s", 20.0), _res(1e13, "peer", "s", 21.0),
+        _res(1e12, "dense", "s", 30.0, 40),
+        _res(1e12, "dense", "m", 25.0, 41),
+        _res(1e12, "dense", "l", 27.0, 39),
+        _res(1e12, "peer", "s", 24.0, 35),
+        _res(1e12, "peer", "m", 26.0, 33),
+        _res(1e12, "peer", "l", float("nan")),
+        _res(1e13, "dense", "s", 20.0),
+        _res(1e13, "peer", "s", 21.0),
     ]
     best = compute_optimal(results)
     assert best[(1e12, "dense")]["size"] == "m"  # chosen on val, not on the OOD set
@@ -131,7 +138,7 @@ def test_compute_optimal_selection():
 
 def test_seeds_plan_one_run_per_seed(tmp_path):
     p = tmp_path / "s.toml"
-    p.write_text(SWEEP.format(out=tmp_path / "res").replace('min_steps = 10', 'min_steps = 10\nseeds = [0, 3]'))
+    p.write_text(SWEEP.format(out=tmp_path / "res").replace("min_steps = 10", "min_steps = 10\nseeds = [0, 3]"))
     spec = load_sweep(p)
     runs = [r for r in plan(spec) if not r.skipped]
     ids = {r.run_id for r in runs}
@@ -151,21 +158,23 @@ def test_seeds_plan_one_run_per_seed(tmp_path):
 def test_bad_seeds(tmp_path):
     for bad in ("[]", "[1, 1]", "[-1]", '["a"]', "3"):
         p = tmp_path / "s.toml"
-        p.write_text(SWEEP.format(out=tmp_path / "res").replace('min_steps = 10', f'min_steps = 10\nseeds = {bad}'))
+        p.write_text(SWEEP.format(out=tmp_path / "res").replace("min_steps = 10", f"min_steps = 10\nseeds = {bad}"))
         with pytest.raises(ConfigError, match="sweep.seeds"):
             load_sweep(p)
 
 
 def test_collect_reads_seed_dirs(tmp_path):
     import json
+
     p = tmp_path / "s.toml"
-    p.write_text(SWEEP.format(out=tmp_path / "res").replace('min_steps = 10', 'min_steps = 10\nseeds = [0, 1]'))
+    p.write_text(SWEEP.format(out=tmp_path / "res").replace("min_steps = 10", "min_steps = 10\nseeds = [0, 1]"))
     spec = load_sweep(p)
     for seed, ppl in ((0, 30.0), (1, 34.0), (2, 1.0)):  # seed 2 is not in this sweep
         d = tmp_path / "res" / "1e11" / "dense" / "small" / f"seed{seed}"
         d.mkdir(parents=True)
-        (d / "result.json").write_text(json.dumps(dict(_res(1e11, "dense", "small", ppl), seed=seed,
-                                                        run_id=f"1e11/dense/small/seed{seed}")))
+        (d / "result.json").write_text(
+            json.dumps(dict(_res(1e11, "dense", "small", ppl), seed=seed, run_id=f"1e11/dense/small/seed{seed}"))
+        )
     got = collect(spec)
     assert sorted(r["seed"] for r in got) == [0, 1]
     (point,) = aggregate(got)
@@ -191,8 +200,12 @@ def test_every_point_table_marks_the_seed_mean_optimum():
     """One row per point, in size order, with its seed mean; only the optimum on the mean is bold."""
     from peer.experiments.sweep.analysis import points_markdown
 
-    runs = [dict(_res(1e12, "peer", "a", p), seed=i, params_active=50, steps=10) for i, p in enumerate([20.0, 40.0, 42.0])]
-    runs += [dict(_res(1e12, "peer", "b", p), seed=i, params_active=80, steps=7) for i, p in enumerate([30.0, 31.0, 32.0])]
+    runs = [
+        dict(_res(1e12, "peer", "a", p), seed=i, params_active=50, steps=10) for i, p in enumerate([20.0, 40.0, 42.0])
+    ]
+    runs += [
+        dict(_res(1e12, "peer", "b", p), seed=i, params_active=80, steps=7) for i, p in enumerate([30.0, 31.0, 32.0])
+    ]
     runs += [dict(_res(1e12, "dense", "a", 50.0), params_active=40, steps=12)]
     md = points_markdown(runs)
     rows = [line for line in md.splitlines() if line.startswith("| 1e12")]
@@ -209,8 +222,12 @@ def test_seeded_sweep_end_to_end(tmp_path):
     spec = load_sweep(tiny_seeded_sweep(tmp_path, "e2e", ', "model.peer.value_init_scale=0.5"'))
     logs = []
     results = run_sweep(spec, log=logs.append)
-    assert sorted(r["run_id"] for r in results) == ["3e8/dense/d32/seed0", "3e8/dense/d32/seed1",
-                                                   "3e8/peer/d32/seed0", "3e8/peer/d32/seed1"]
+    assert sorted(r["run_id"] for r in results) == [
+        "3e8/dense/d32/seed0",
+        "3e8/dense/d32/seed1",
+        "3e8/peer/d32/seed0",
+        "3e8/peer/d32/seed1",
+    ]
     by = {r["run_id"]: r for r in results}
     assert by["3e8/peer/d32/seed0"]["perplexity"]["val"] != by["3e8/peer/d32/seed1"]["perplexity"]["val"]
     for r in results:
@@ -246,18 +263,20 @@ def test_base_resolves_against_the_sweep_file(tmp_path, monkeypatch):
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "mybase.toml").write_text("[optim]\nlr = 0.0123\n")
     p = tmp_path / "cfg" / "s.toml"
-    p.write_text(SWEEP.format(out=tmp_path / "res").replace('min_steps = 10', 'min_steps = 10\nbase = "mybase.toml"'))
+    p.write_text(SWEEP.format(out=tmp_path / "res").replace("min_steps = 10", 'min_steps = 10\nbase = "mybase.toml"'))
     monkeypatch.chdir(tmp_path)  # not the sweep file's folder
     runs = plan(load_sweep(p))
     assert all(r.config.optim.lr == 0.0123 for r in runs)
-    p.write_text(SWEEP.format(out=tmp_path / "res").replace('min_steps = 10', 'min_steps = 10\nbase = "nope.toml"'))
+    p.write_text(SWEEP.format(out=tmp_path / "res").replace("min_steps = 10", 'min_steps = 10\nbase = "nope.toml"'))
     with pytest.raises(ConfigError, match="sweep.base"):
         load_sweep(p)
 
 
 def test_compare_two_points_in_nats(tmp_path, capsys):
     import json
+
     from peer.cli import main as cli_main
+
     for side, ppls in (("a", [100.0, 110.0, 105.0]), ("b", [120.0, 121.0, 119.0])):
         for seed, p in enumerate(ppls):
             d = tmp_path / side / f"seed{seed}"
@@ -267,6 +286,7 @@ def test_compare_two_points_in_nats(tmp_path, capsys):
     res = json.loads(capsys.readouterr().out)
     la, lb = [math.log(p) for p in (100, 110, 105)], [math.log(p) for p in (120, 121, 119)]
     import statistics as st
+
     sp = math.sqrt((2 * st.stdev(la) ** 2 + 2 * st.stdev(lb) ** 2) / 4)
     assert math.isclose(res["val"]["gap"], st.fmean(la) - st.fmean(lb))
     assert math.isclose(res["val"]["pooled_std"], sp) and res["val"]["gap_in_std"] < -2
@@ -277,7 +297,9 @@ def test_compare_two_points_in_nats(tmp_path, capsys):
 def test_compare_one_seed_each_has_no_pooled_std(tmp_path, capsys):
     """With n = 1 on both sides the pooled std is undefined: the table says "-", not nan."""
     import json
+
     from peer.cli import main as cli_main
+
     for side, p in (("a", 100.0), ("b", 120.0)):
         d = tmp_path / side / "seed0"
         d.mkdir(parents=True)
@@ -293,8 +315,13 @@ def test_a_shared_run_dir_trained_with_another_config_is_not_reused(spec):
     from peer.config import config_to_dict
     from peer.experiments.sweep.runner import _launch, config_differences
 
-    assert config_differences({"optim": {"lr": 1e-3}, "train": {"threads": 1, "old": 1}},
-                              {"optim": {"lr": 1e-3}, "train": {"threads": 2}, "new": {}}) == []
+    assert (
+        config_differences(
+            {"optim": {"lr": 1e-3}, "train": {"threads": 1, "old": 1}},
+            {"optim": {"lr": 1e-3}, "train": {"threads": 2}, "new": {}},
+        )
+        == []
+    )
     assert config_differences({"optim": {"lr": 1e-3, "b": 1}}, {"optim": {"lr": 3e-3, "b": 1}}) == ["optim.lr"]
     r = plan(spec)[0]
     out = Path(r.config.train.out_dir)
@@ -327,8 +354,10 @@ def test_device_is_an_execution_setting(spec, tmp_path, monkeypatch):
     assert load_sweep(p).device == "cpu"
     r = plan(spec)[0]
     launched = []
-    monkeypatch.setattr("peer.experiments.sweep.runner.Workers.run",
-                        lambda self, argv, out: launched.append(json.loads(Path(argv[-1]).read_text())) or 1)
+    monkeypatch.setattr(
+        "peer.experiments.sweep.runner.Workers.run",
+        lambda self, argv, out: launched.append(json.loads(Path(argv[-1]).read_text())) or 1,
+    )
     spec.device = "cpu"
     assert _launch(r, spec, 1, lambda line: None) is None  # the stand-in worker wrote no result
     assert launched[-1]["config"]["train"]["device"] == "cpu"
@@ -350,8 +379,14 @@ def test_only_selectors_set_the_order_runs_start_in(spec, monkeypatch):
     started = []
     monkeypatch.setattr(runner, "_run_locked", lambda spec, todo, log: started.extend(r.run_id for r in todo) or [])
     runner.run_sweep(spec, only=["4e11/peer", "1e11/dense/big", "small"], log=lambda line: None)
-    assert started == ["4e11/peer/small", "4e11/peer/big", "1e11/dense/big",
-                       "1e11/dense/small", "1e11/peer/small", "4e11/dense/small"]
+    assert started == [
+        "4e11/peer/small",
+        "4e11/peer/big",
+        "1e11/dense/big",
+        "1e11/dense/small",
+        "1e11/peer/small",
+        "4e11/dense/small",
+    ]
 
 
 def test_result_records_the_hardware():
@@ -360,6 +395,7 @@ def test_result_records_the_hardware():
     hw = hardware("cpu")
     assert hw["device"] == "cpu" and hw["name"] and hw["threads"] >= 1
     import torch
+
     assert hw["torch"] == torch.__version__
 
 
@@ -374,14 +410,16 @@ def test_a_stopped_sweep_forwards_the_signal_once_and_starts_no_run(tmp_path):
 
     from peer.experiments.sweep.runner import Workers
 
-    child = ("import signal, sys, time\n"
-             "n = []\n"
-             "signal.signal(signal.SIGINT, lambda *a: n.append(1))\n"
-             "print('ready', flush=True)\n"
-             "t = time.time()\n"
-             "while not n and time.time() - t < 30: time.sleep(0.01)\n"
-             "time.sleep(0.3)\n"
-             "sys.exit(10 + len(n))\n")
+    child = (
+        "import signal, sys, time\n"
+        "n = []\n"
+        "signal.signal(signal.SIGINT, lambda *a: n.append(1))\n"
+        "print('ready', flush=True)\n"
+        "t = time.time()\n"
+        "while not n and time.time() - t < 30: time.sleep(0.01)\n"
+        "time.sleep(0.3)\n"
+        "sys.exit(10 + len(n))\n"
+    )
     workers, codes = Workers(), []
     log = tmp_path / "w.log"
     with open(log, "w") as fh:
@@ -428,8 +466,8 @@ def test_a_resumed_run_counts_the_training_time_of_every_attempt(tmp_path, monke
 
     import peer.eval
     import peer.train
-    from peer.experiments.sweep import runner
     from peer.config import Config, config_to_dict
+    from peer.experiments.sweep import runner
     from peer.train.signals import Interrupted
 
     run_dir = tmp_path / "run"

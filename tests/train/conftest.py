@@ -42,8 +42,17 @@ def tiny(tmp_path, corpus):
     """``tiny(*overrides)`` -> Config from configs/tiny.toml on the synthetic corpus, run dir in tmp_path."""
 
     def make(*overrides: str, out: str = "run"):
-        return load_config(ROOT / "configs" / "tiny.toml", [
-            f"data.corpus='{corpus}'", f"train.out_dir='{tmp_path / out}'", f"model.vocab_size={VOCAB}",
-            "train.progress=false", "train.tensorboard=false", "train.threads=1", *overrides])
+        return load_config(
+            ROOT / "configs" / "tiny.toml",
+            [
+                f"data.corpus='{corpus}'",
+                f"train.out_dir='{tmp_path / out}'",
+                f"model.vocab_size={VOCAB}",
+                "train.progress=false",
+                "train.tensorboard=false",
+                "train.threads=1",
+                *overrides,
+            ],
+        )
 
     return make

@@ -9,8 +9,14 @@ import torch
 
 from peer.config import config_to_dict, load_config
 from peer.model import PeerLM
-from peer.train.checkpoint import (CheckpointError, list_checkpoints, load_model_weights, load_state,
-                                   resolve_checkpoint, save_checkpoint)
+from peer.train.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    load_model_weights,
+    load_state,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,7 +41,7 @@ def test_round_trip_keeps_weights_and_tying(tmp_path):
     torch.manual_seed(1)
     b = PeerLM(cfg.model)
     load_model_weights(ck, b)
-    for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+    for (n, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(p, q), n
     assert b.lm_head.weight.data_ptr() == b.tok_emb.weight.data_ptr()  # still tied after loading
 
@@ -48,7 +54,7 @@ def test_round_trip_keeps_a_shared_expert_pool(tmp_path):
     torch.manual_seed(1)
     b = PeerLM(cfg.model)
     load_model_weights(ck, b)
-    for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+    for (n, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(p, q), n
     layers = list(b.sparse_layers().values())
     assert all(m.u.data_ptr() == layers[0].u.data_ptr() and m.v is layers[0].v for m in layers)

@@ -5,11 +5,11 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from tomli_w import dumps
 
 from peer.cli import main
 from peer.config import config_to_dict, load_config
 from peer.flops import count_params
-from tomli_w import dumps
 
 ROOT = Path(__file__).resolve().parents[2]
 PRESETS = ["dense", "moe", "pkm", "peer"]
@@ -17,8 +17,17 @@ PRESETS = ["dense", "moe", "pkm", "peer"]
 
 def test_cli_train_then_resume(corpus, tmp_path, capsys):
     out = tmp_path / "cli run"
-    base = [str(ROOT / "configs" / "tiny.toml"), "--set", f"data.corpus={corpus}", "model.vocab_size=64",
-            "train.progress=false", "--set", "train.steps=3", "--out", str(out)]
+    base = [
+        str(ROOT / "configs" / "tiny.toml"),
+        "--set",
+        f"data.corpus={corpus}",
+        "model.vocab_size=64",
+        "train.progress=false",
+        "--set",
+        "train.steps=3",
+        "--out",
+        str(out),
+    ]
     assert main(["train", *base]) == 0
     assert capsys.readouterr().out.strip() == str(out)
     assert json.loads((out / "checkpoints" / "step_0000003" / "meta.json").read_text())["step"] == 3
@@ -44,7 +53,10 @@ def test_presets_load_and_round_trip_through_toml(name):
 
 def test_presets_share_one_backbone():
     cfgs = {n: load_config(ROOT / "configs" / f"{n}.toml") for n in PRESETS}
-    backbone = lambda c: {k: v for k, v in config_to_dict(c.model).items() if k not in ("sparse_layer", "peer", "pkm", "moe")}
+
+    def backbone(c):
+        return {k: v for k, v in config_to_dict(c.model).items() if k not in ("sparse_layer", "peer", "pkm", "moe")}
+
     ref = backbone(cfgs["dense"])
     for name, cfg in cfgs.items():
         assert backbone(cfg) == ref, name
@@ -58,8 +70,10 @@ def test_presets_share_one_backbone():
 
 def test_run_config_toml_round_trips_awkward_paths_and_numbers():
     """config.toml (written with tomli-w) reads back equal: quotes, backslashes, unicode, 1e-8, lists."""
-    cfg = load_config(ROOT / "configs" / "peer.toml", ["train.out_dir='r\\u\"n é/x y'", "optim.eps=1e-8",
-                                                       "model.sparse_blocks=[0, 2]"])
+    cfg = load_config(
+        ROOT / "configs" / "peer.toml",
+        ["train.out_dir='r\\u\"n é/x y'", "optim.eps=1e-8", "model.sparse_blocks=[0, 2]"],
+    )
     d = config_to_dict(cfg)
     assert tomllib.loads(dumps(d)) == d
 
@@ -68,6 +82,7 @@ def test_run_config_toml_round_trips_awkward_paths_and_numbers():
 def test_main_job_presets_are_the_recipe_studys_runs(preset, run):
     """configs/dense.toml and peer.toml are, field for field (model and optimizer), the seeded runs
     that docs/recipe.md reports (results/recipe/main/1.5e13/<run>/d48_l4/seed*/config.toml)."""
+
     def norm(cfg):
         m = config_to_dict(cfg.model) | {"d_ff": cfg.model.ffn_dim}  # 0 means 4 d
         unused = {"peer", "pkm", "moe"} - {cfg.model.sparse_layer}  # settings of layers the model does not have
@@ -97,7 +112,10 @@ def test_cli_output_into_a_closed_pipe_is_quiet(tmp_path):
         "m.run = run\n"
         "sys.modules['many_lines'] = m\n"
         "cli.COMMANDS['many'] = ('many_lines', 'prints many lines')\n"
-        "sys.exit(cli.main(['many']))\n")
-    res = subprocess.run(f"{sys.executable} {script} | head -1", shell=True, capture_output=True, text=True, timeout=120)
+        "sys.exit(cli.main(['many']))\n"
+    )
+    res = subprocess.run(
+        f"{sys.executable} {script} | head -1", shell=True, capture_output=True, text=True, timeout=120
+    )
     assert res.stdout == "line 0\n"
     assert "Traceback" not in res.stderr and "BrokenPipe" not in res.stderr, res.stderr

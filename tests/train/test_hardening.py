@@ -23,8 +23,18 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _base(corpus, out, *more):
-    return [str(ROOT / "configs" / "tiny.toml"), "--set", f"data.corpus={corpus}", "model.vocab_size=64",
-            "train.progress=false", "train.tensorboard=false", "train.threads=1", *more, "--out", str(out)]
+    return [
+        str(ROOT / "configs" / "tiny.toml"),
+        "--set",
+        f"data.corpus={corpus}",
+        "model.vocab_size=64",
+        "train.progress=false",
+        "train.tensorboard=false",
+        "train.threads=1",
+        *more,
+        "--out",
+        str(out),
+    ]
 
 
 def _one_error_line(err: str) -> bool:
@@ -34,8 +44,10 @@ def _one_error_line(err: str) -> bool:
 
 def _hold_lock(folder: Path) -> subprocess.Popen:
     """Another process that holds ``folder``'s lock until killed."""
-    code = ("import sys, time; from peer.fsutil import FolderLock\n"
-            f"with FolderLock({str(folder)!r}):\n    print('held', flush=True); time.sleep(60)")
+    code = (
+        "import sys, time; from peer.fsutil import FolderLock\n"
+        f"with FolderLock({str(folder)!r}):\n    print('held', flush=True); time.sleep(60)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     return proc
@@ -112,8 +124,12 @@ def test_internal_errors_keep_their_traceback(monkeypatch):
 def test_sigterm_saves_a_checkpoint_at_the_current_step_and_resume_finishes(corpus, tmp_path):
     out = tmp_path / "run"
     args = _base(corpus, out, "--set", "train.steps=100000", "train.ckpt_every=100000", "train.log_every=1")
-    proc = subprocess.Popen([sys.executable, "-m", "peer", "train", *args], stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "peer", "train", *args],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
@@ -137,7 +153,11 @@ def test_a_nan_token_does_not_poison_batchnorm_statistics(layer):
     from peer.layers.pkm import PKM
 
     torch.manual_seed(0)
-    m = PEER(16, num_experts=64, heads=2, topk=4, key_dim=8) if layer == "peer" else PKM(16, num_memories=64, heads=2, topk=4, key_dim=8)
+    m = (
+        PEER(16, num_experts=64, heads=2, topk=4, key_dim=8)
+        if layer == "peer"
+        else PKM(16, num_memories=64, heads=2, topk=4, key_dim=8)
+    )
     m.train()
     m(torch.randn(32, 16))
     before = {k: v.clone() for k, v in m.query_norm.state_dict().items()}
@@ -173,20 +193,33 @@ def test_a_run_folder_is_portable(corpus, tmp_path, monkeypatch, capsys):
     accepts the corpus spelled as an absolute path, still evaluates after being moved, and a missing
     corpus is a clear error (never a silent drop of the corpus splits)."""
     import shutil
+
     work = tmp_path / "work"
     shutil.copytree(corpus, work / "data" / "c")
     monkeypatch.chdir(work)
-    args = [str(ROOT / "configs" / "tiny.toml"), "--set", "data.corpus=data/c", "model.vocab_size=64",
-            "train.progress=false", "train.tensorboard=false", "train.threads=1", "train.steps=2", "--out", "runs/r"]
+    args = [
+        str(ROOT / "configs" / "tiny.toml"),
+        "--set",
+        "data.corpus=data/c",
+        "model.vocab_size=64",
+        "train.progress=false",
+        "train.tensorboard=false",
+        "train.threads=1",
+        "train.steps=2",
+        "--out",
+        "runs/r",
+    ]
     assert main(["train", *args]) == 0
     run = work / "runs" / "r"
-    assert f"corpus = \"{work / 'data' / 'c'}\"" in (run / "config.toml").read_text()
+    assert f'corpus = "{work / "data" / "c"}"' in (run / "config.toml").read_text()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     assert main(["train", str(run), "--resume", "--set", "train.steps=3"]) == 0
     assert main(["train", str(run), "--resume", "--set", f"data.corpus={work / 'data' / 'c'}", "train.steps=4"]) == 0
-    assert main(["train", str(run), "--resume", "--set", f"data.corpus={work / 'data' / '.' / 'c'}", "train.steps=5"]) == 0
+    assert (
+        main(["train", str(run), "--resume", "--set", f"data.corpus={work / 'data' / '.' / 'c'}", "train.steps=5"]) == 0
+    )
     moved = tmp_path / "moved_run"
     run.rename(moved)
     capsys.readouterr()
@@ -214,8 +247,18 @@ def test_eval_text_that_is_not_utf8(tmp_path, capsys):
         (tmp_path / "in" / f"d{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(400)))
     build_corpus([tmp_path / "in"], tmp_path / "c", vocab_size=300, min_tokens=100, log=lambda *_: None)
     out = tmp_path / "r"
-    args = [str(ROOT / "configs" / "tiny.toml"), "--set", f"data.corpus={tmp_path / 'c'}", "model.vocab_size=300",
-            "train.progress=false", "train.tensorboard=false", "train.threads=1", "train.steps=2", "--out", str(out)]
+    args = [
+        str(ROOT / "configs" / "tiny.toml"),
+        "--set",
+        f"data.corpus={tmp_path / 'c'}",
+        "model.vocab_size=300",
+        "train.progress=false",
+        "train.tensorboard=false",
+        "train.threads=1",
+        "train.steps=2",
+        "--out",
+        str(out),
+    ]
     assert main(["train", *args]) == 0
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"fine text " * 40 + b"\xff\xfe broken " + b"more text " * 40)
@@ -229,7 +272,9 @@ def test_eval_text_that_is_not_utf8(tmp_path, capsys):
 
 def test_corrupted_latest_checkpoint_names_the_newest_intact_one(corpus, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", *_base(corpus, out, "--set", "train.steps=4", "train.ckpt_every=2", "train.keep_last=3")]) == 0
+    assert (
+        main(["train", *_base(corpus, out, "--set", "train.steps=4", "train.ckpt_every=2", "train.keep_last=3")]) == 0
+    )
     latest = out / "checkpoints" / "step_0000004" / "model.safetensors"
     data = bytearray(latest.read_bytes())
     data[-5] ^= 0xFF
@@ -248,6 +293,7 @@ def test_corrupted_latest_checkpoint_names_the_newest_intact_one(corpus, tmp_pat
 
 def test_bench_with_a_missing_optional_implementation_is_one_line(capsys):
     import importlib.util
+
     if importlib.util.find_spec("PEER_pytorch") is not None:
         pytest.skip("peer-pytorch is installed here")
     assert main(["bench", "layer", "--impls", "peer-pytorch", "--experts", "16"]) == 2
@@ -257,6 +303,7 @@ def test_bench_with_a_missing_optional_implementation_is_one_line(capsys):
 
 def test_checkpoints_and_plots_follow_the_umask(corpus, tmp_path):
     import stat
+
     out = tmp_path / "run"
     old = os.umask(0o022)
     try:
@@ -281,9 +328,17 @@ def test_vocab_size_zero_is_taken_from_the_corpus_tokenizer(corpus, tmp_path):
     corpus = Path(shutil.copytree(corpus, tmp_path / "corpus"))  # a copy: a tokenizer is added below
     tok = train_tokenizer(["some text to learn a few merges from, " * 40], vocab_size=300)
     assert tok.vocab_size >= 64  # the synthetic corpus holds ids < 64
-    cfg = load_config(ROOT / "configs" / "tiny.toml", [
-        f"data.corpus='{corpus}'", f"train.out_dir='{tmp_path / 'run'}'", "train.steps=1",
-        "train.progress=false", "train.tensorboard=false", "train.threads=1"])
+    cfg = load_config(
+        ROOT / "configs" / "tiny.toml",
+        [
+            f"data.corpus='{corpus}'",
+            f"train.out_dir='{tmp_path / 'run'}'",
+            "train.steps=1",
+            "train.progress=false",
+            "train.tensorboard=false",
+            "train.threads=1",
+        ],
+    )
     assert cfg.model.vocab_size == 0
     with pytest.raises(ConfigError, match="model.vocab_size: 0 takes the size of the run's tokenizer"):
         with_corpus_vocab(cfg)  # the corpus has no tokenizer.json yet: no guess

@@ -12,7 +12,6 @@ from peer.config import ConfigError
 from peer.data.tokens import eval_splits, write_split
 from peer.eval import evaluate
 from peer.train import train
-
 from tests.train.conftest import VOCAB
 
 

@@ -20,9 +20,18 @@ from peer.train import train
 
 aten = torch.ops.aten
 # ops that make a CUDA host wait: a value read, or an output whose size depends on the values
-SYNCING = {aten._local_scalar_dense.default, aten.nonzero.default, aten.nonzero_static.default,
-           aten.masked_select.default, aten.unique_consecutive.default, aten._unique2.default,
-           aten.unique_dim.default, aten.is_nonzero.default, aten.equal.default, aten.bincount.default}
+SYNCING = {
+    aten._local_scalar_dense.default,
+    aten.nonzero.default,
+    aten.nonzero_static.default,
+    aten.masked_select.default,
+    aten.unique_consecutive.default,
+    aten._unique2.default,
+    aten.unique_dim.default,
+    aten.is_nonzero.default,
+    aten.equal.default,
+    aten.bincount.default,
+}
 
 
 class SyncWatch(TorchDispatchMode):
@@ -39,7 +48,8 @@ class SyncWatch(TorchDispatchMode):
         elif func is aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
             self.seen.append(str(func))
         elif func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default) and any(
-                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())):
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())
+        ):
             self.seen.append(f"{func} (boolean mask)")
         return func(*args, **kwargs)
 
@@ -69,16 +79,20 @@ def watched_steps(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("overrides", [
-    pytest.param(("model.sparse_layer=none",), id="dense"),
-    pytest.param(("model.sparse_layer=peer",), id="peer"),
-    pytest.param(("model.sparse_layer=peer", "model.peer.backend=reference"), id="peer-reference"),
-    pytest.param(("model.sparse_layer=pkm",), id="pkm"),
-    pytest.param(("model.sparse_layer=moe",), id="moe-expert-choice"),
-    pytest.param(("model.sparse_layer=moe", "model.moe.routing=token_choice", "model.moe.topk=2"),
-                 id="moe-token-choice"),
-    pytest.param(("model.sparse_layer=none", "train.grad_accum=2", "optim.grad_clip=0.01"), id="accum-clipped"),
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param(("model.sparse_layer=none",), id="dense"),
+        pytest.param(("model.sparse_layer=peer",), id="peer"),
+        pytest.param(("model.sparse_layer=peer", "model.peer.backend=reference"), id="peer-reference"),
+        pytest.param(("model.sparse_layer=pkm",), id="pkm"),
+        pytest.param(("model.sparse_layer=moe",), id="moe-expert-choice"),
+        pytest.param(
+            ("model.sparse_layer=moe", "model.moe.routing=token_choice", "model.moe.topk=2"), id="moe-token-choice"
+        ),
+        pytest.param(("model.sparse_layer=none", "train.grad_accum=2", "optim.grad_clip=0.01"), id="accum-clipped"),
+    ],
+)
 def test_a_training_step_makes_no_host_sync(tiny, watched_steps, overrides):
     train(tiny("train.steps=6", "train.log_every=3", "train.ckpt_every=100", *overrides))
     assert len(watched_steps) == 6
@@ -129,10 +143,9 @@ def test_a_checkpoint_or_an_eval_reads_the_pending_steps_first(tiny, monkeypatch
 
 
 def test_nan_between_log_lines_names_its_step_and_keeps_the_last_good_checkpoint(tiny, monkeypatch):
-    from tests.train.test_loop import _NaNAfter  # loss NaN from the 5th training forward on
-
     from peer.train import TrainingDiverged
     from peer.train.checkpoint import list_checkpoints
+    from tests.train.test_loop import _NaNAfter  # loss NaN from the 5th training forward on
 
     monkeypatch.setattr(loop_mod, "PeerLM", _NaNAfter)
     _NaNAfter.calls = 0

@@ -72,8 +72,9 @@ def test_flop_budget_sets_steps(tiny):
 
 def test_metrics_fields(tiny):
     pytest.importorskip("torch.utils.tensorboard")
-    cfg = tiny("train.steps=4", "train.grad_accum=2", "train.log_every=2", "train.eval_every=3",
-               "train.tensorboard=true")
+    cfg = tiny(
+        "train.steps=4", "train.grad_accum=2", "train.log_every=2", "train.eval_every=3", "train.tensorboard=true"
+    )
     run = train(cfg)
     m = _metrics(run)
     assert [r["step"] for r in m] == [2, 3, 4]
@@ -159,8 +160,12 @@ def test_load_run_from_run_or_checkpoint_dir(tiny):
     from peer.train.loop import evaluate_loss
 
     t = cfg1.train
-    batches = eval_batches(open_tokens(cfg1.data.corpus, "val"), t.batch_size, t.seq_len,
-                           max_tokens=t.eval_batches * t.batch_size * t.seq_len)
+    batches = eval_batches(
+        open_tokens(cfg1.data.corpus, "val"),
+        t.batch_size,
+        t.seq_len,
+        max_tokens=t.eval_batches * t.batch_size * t.seq_len,
+    )
     assert evaluate_loss(m1, batches, cfg1, torch.device("cpu")) == _metrics(run)[-1]["val_loss"]
 
 

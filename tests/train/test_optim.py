@@ -39,8 +39,15 @@ def test_each_parameter_in_exactly_one_group(layer):
 
 
 def test_peer_tables_and_keys_get_their_settings():
-    cfg = _cfg("model.sparse_layer=peer", "optim.expert_lr_mult=5.0", "optim.expert_weight_decay=0.01",
-               "optim.key_lr_mult=0.5", "optim.key_weight_decay=0.0", "optim.weight_decay=0.1", "optim.lr=1e-3")
+    cfg = _cfg(
+        "model.sparse_layer=peer",
+        "optim.expert_lr_mult=5.0",
+        "optim.expert_weight_decay=0.01",
+        "optim.key_lr_mult=0.5",
+        "optim.key_weight_decay=0.0",
+        "optim.weight_decay=0.1",
+        "optim.lr=1e-3",
+    )
     model = PeerLM(cfg.model)
     peer = model.sparse_layers()["blocks.1.ffn"]
     by = _groups_by_name(param_groups(model, cfg.optim))

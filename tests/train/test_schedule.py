@@ -1,5 +1,6 @@
 """Warmup + cosine schedule: values against hand-computed numbers, and group multipliers."""
 
+import itertools
 import math
 
 import pytest
@@ -25,7 +26,7 @@ def test_cosine_values():
 def test_monotone_after_warmup_and_no_warmup_starts_at_one():
     f = [lr_factor(s, 50, 0, 0.0) for s in range(60)]
     assert f[0] == 1.0
-    assert all(a >= b for a, b in zip(f, f[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(f))
     assert f[50] == pytest.approx(0.0)
 
 
@@ -52,7 +53,7 @@ def test_apply_uses_group_multipliers():
 def test_expert_multiplier_decays_from_start_to_final(kind):
     vals = [expert_mult(s, 11, 10.0, 1.0, kind) for s in range(11)]
     assert vals[0] == 10.0 and math.isclose(vals[-1], 1.0)
-    assert all(a > b for a, b in zip(vals, vals[1:]))  # strictly decreasing
+    assert all(a > b for a, b in itertools.pairwise(vals))  # strictly decreasing
     mid = 5.5 if kind == "linear" else 5.5  # both pass the midpoint at half the run
     assert math.isclose(vals[5], mid)
     if kind == "cosine":
@@ -62,13 +63,27 @@ def test_expert_multiplier_decays_from_start_to_final(kind):
 
 def test_apply_decays_only_the_expert_group():
     from peer.config import load_config
-    cfg = load_config(None, ["optim.expert_lr_mult=8", "optim.expert_lr_mult_schedule=linear",
-                             "optim.expert_lr_mult_final=2", "optim.key_lr_mult=3", "optim.warmup_steps=0",
-                             "optim.min_lr_ratio=1.0", "optim.lr=0.1"])
+
+    cfg = load_config(
+        None,
+        [
+            "optim.expert_lr_mult=8",
+            "optim.expert_lr_mult_schedule=linear",
+            "optim.expert_lr_mult_final=2",
+            "optim.key_lr_mult=3",
+            "optim.warmup_steps=0",
+            "optim.min_lr_ratio=1.0",
+            "optim.lr=0.1",
+        ],
+    )
     p = [torch.nn.Parameter(torch.zeros(2)) for _ in range(3)]
-    opt = torch.optim.AdamW([{"params": [p[0]], "name": "experts", "lr_mult": 8.0},
-                             {"params": [p[1]], "name": "keys", "lr_mult": 3.0},
-                             {"params": [p[2]], "name": "decay", "lr_mult": 1.0}])
+    opt = torch.optim.AdamW(
+        [
+            {"params": [p[0]], "name": "experts", "lr_mult": 8.0},
+            {"params": [p[1]], "name": "keys", "lr_mult": 3.0},
+            {"params": [p[2]], "name": "decay", "lr_mult": 1.0},
+        ]
+    )
     sched = Schedule.from_config(cfg.optim, 5)
     lrs = []
     for step in range(5):

@@ -10,8 +10,10 @@ from peer.layers import PEER
 from peer.train import adamw_kernel
 from peer.train.sparse_optim import SparseRowAdamW, clip_grad_norm_, coalesced
 
-PATHS = [pytest.param("cpp", marks=pytest.mark.skipif(adamw_kernel.LIB.get() is None, reason="no C++ compiler")),
-         "torch"]
+PATHS = [
+    pytest.param("cpp", marks=pytest.mark.skipif(adamw_kernel.LIB.get() is None, reason="no C++ compiler")),
+    "torch",
+]
 HP = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
 
 
@@ -166,8 +168,13 @@ def test_state_dict_round_trip_resumes_exactly(state_dtype):
 
 def test_bad_arguments_are_named():
     p = torch.nn.Parameter(torch.randn(4, 4))
-    for kwargs, match in ((dict(lr=-1), "lr"), (dict(betas=(1.0, 0.9)), "betas"), (dict(eps=-1), "eps"),
-                          (dict(weight_decay=-1), "weight_decay"), (dict(state_dtype="float16"), "state_dtype")):
+    for kwargs, match in (
+        (dict(lr=-1), "lr"),
+        (dict(betas=(1.0, 0.9)), "betas"),
+        (dict(eps=-1), "eps"),
+        (dict(weight_decay=-1), "weight_decay"),
+        (dict(state_dtype="float16"), "state_dtype"),
+    ):
         with pytest.raises(ValueError, match=match):
             SparseRowAdamW([p], **kwargs)
     with pytest.raises(ValueError, match="2-D"):
@@ -223,7 +230,7 @@ def test_clip_grad_norm_handles_sparse_and_dense_like_torch():
     dense = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(2)]
     sparse = [torch.nn.Parameter(torch.randn(9, 3)) for _ in range(2)]
     ref = [torch.nn.Parameter(p.detach().clone()) for p in dense + sparse]
-    for k, (p, r) in enumerate(zip(dense + sparse, ref)):
+    for k, (p, r) in enumerate(zip(dense + sparse, ref, strict=True)):
         g = torch.randn(p.shape)
         if k >= len(dense):
             rows = torch.tensor([1, 4, 4, 7])  # uncoalesced, with a duplicate row
@@ -234,6 +241,6 @@ def test_clip_grad_norm_handles_sparse_and_dense_like_torch():
     n_ref = torch.nn.utils.clip_grad_norm_(ref, 0.5)
     n = clip_grad_norm_(dense + sparse, 0.5)
     assert torch.allclose(n, n_ref, atol=1e-6)
-    for p, r in zip(dense + sparse, ref):
+    for p, r in zip(dense + sparse, ref, strict=True):
         got = p.grad.to_dense() if p.grad.is_sparse else p.grad
         assert torch.allclose(got, r.grad, atol=1e-6)

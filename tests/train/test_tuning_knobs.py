@@ -40,8 +40,10 @@ def test_pkm_value_init_scale():
         PKM(16, 256, heads=2, topk=4, key_dim=8, value_init_scale=0.0)
 
 
-@pytest.mark.parametrize("override,field", [("model.init_std=0", "model.init_std"),
-                                            ("model.pkm.value_init_scale=-1", "model.pkm.value_init_scale")])
+@pytest.mark.parametrize(
+    "override,field",
+    [("model.init_std=0", "model.init_std"), ("model.pkm.value_init_scale=-1", "model.pkm.value_init_scale")],
+)
 def test_bad_values_name_their_field(override, field):
     from tests.train.conftest import ROOT
 

@@ -11,10 +11,20 @@ import time
 from pathlib import Path
 
 import torch
+
 from ..errors import UsageError
 
-__all__ = ["rss_bytes", "reset_peak_rss", "peak_rss_bytes", "measure", "machine_info", "write_json", "median",
-           "fmt_bytes", "parse_int_list"]
+__all__ = [
+    "rss_bytes",
+    "reset_peak_rss",
+    "peak_rss_bytes",
+    "measure",
+    "machine_info",
+    "write_json",
+    "median",
+    "fmt_bytes",
+    "parse_int_list",
+]
 
 
 def _status_kb(field: str) -> int | None:
@@ -82,8 +92,11 @@ def machine_info() -> dict:
     """What the numbers were measured on."""
     cpu = platform.processor()
     try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("model name"))
+        cpu = next(
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     try:
@@ -94,9 +107,16 @@ def machine_info() -> dict:
         load = os.getloadavg()
     except OSError:
         load = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "memory_bytes": mem,
-            "torch": torch.__version__, "python": platform.python_version(), "loadavg": load,
-            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "memory_bytes": mem,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "loadavg": load,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
 
 
 def write_json(path: str | Path, obj) -> None:

@@ -34,8 +34,16 @@ def _peak_mb() -> float:
 def _config(n: int, dim: int):
     from peer.config import ModelConfig, PEERConfig
 
-    return ModelConfig(vocab_size=8192, d_model=dim, n_layers=2, n_heads=4, d_ff=4 * dim, max_seq_len=128,
-                       sparse_layer="peer", peer=PEERConfig(num_experts=n * n, heads=8, topk=16, key_dim=128))
+    return ModelConfig(
+        vocab_size=8192,
+        d_model=dim,
+        n_layers=2,
+        n_heads=4,
+        d_ff=4 * dim,
+        max_seq_len=128,
+        sparse_layer="peer",
+        peer=PEERConfig(num_experts=n * n, heads=8, topk=16, key_dim=128),
+    )
 
 
 def _worker(rank: int, world: int, port: int, mode: str, n: int, dim: int, out_dir: str) -> None:
@@ -57,9 +65,17 @@ def _worker(rank: int, world: int, port: int, mode: str, n: int, dim: int, out_d
             model.to_empty(device="cpu")
             model.init_weights()
         shard_bytes = sum(p.nbytes for p in expert_shards(model))
-        record = dict(mode=mode, world=world, rank=rank, experts=n * n, dim=dim, import_peak_mb=before,
-                      peak_mb=_peak_mb(), shard_mb=shard_bytes / 2**20,
-                      params_mb=sum(p.nbytes for p in model.parameters()) / 2**20)
+        record = dict(
+            mode=mode,
+            world=world,
+            rank=rank,
+            experts=n * n,
+            dim=dim,
+            import_peak_mb=before,
+            peak_mb=_peak_mb(),
+            shard_mb=shard_bytes / 2**20,
+            params_mb=sum(p.nbytes for p in model.parameters()) / 2**20,
+        )
         Path(out_dir, f"{mode}_{world}_{rank}.json").write_text(json.dumps(record))
         dist.barrier()
     finally:
@@ -84,16 +100,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         for world in (int(w) for w in args.world.split(",")):
             for mode in args.modes.split(","):
-                mp.spawn(_worker, args=(world, _free_port(), mode, args.experts, args.dim, tmp), nprocs=world,
-                         join=True)
+                mp.spawn(
+                    _worker, args=(world, _free_port(), mode, args.experts, args.dim, tmp), nprocs=world, join=True
+                )
                 records += [json.loads(Path(tmp, f"{mode}_{world}_{r}.json").read_text()) for r in range(world)]
     full_tables = 2 * args.experts**2 * args.dim * 4 / 2**20
     print(f"N = {args.experts}^2, d = {args.dim}: u + v = {full_tables:,.0f} MiB unsharded (fp32)")
-    print(f"{'mode':<6} {'ranks':>5} {'rank':>4} {'shard MiB':>10} {'params MiB':>10} {'peak RSS MiB':>12} "
-          f"{'(after import)':>14}")
+    print(
+        f"{'mode':<6} {'ranks':>5} {'rank':>4} {'shard MiB':>10} {'params MiB':>10} {'peak RSS MiB':>12} "
+        f"{'(after import)':>14}"
+    )
     for r in records:
-        print(f"{r['mode']:<6} {r['world']:>5} {r['rank']:>4} {r['shard_mb']:>10,.0f} {r['params_mb']:>10,.0f} "
-              f"{r['peak_mb']:>12,.0f} {r['import_peak_mb']:>14,.0f}")
+        print(
+            f"{r['mode']:<6} {r['world']:>5} {r['rank']:>4} {r['shard_mb']:>10,.0f} {r['params_mb']:>10,.0f} "
+            f"{r['peak_mb']:>12,.0f} {r['import_peak_mb']:>14,.0f}"
+        )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(records, indent=1) + "\n")

@@ -41,15 +41,44 @@ from .common import machine_info
 __all__ = ["bench_gpu", "print_gpu", "HBM_GBPS", "TINY"]
 
 # datasheet HBM bandwidth, GB/s (10^9 bytes), by a substring of torch.cuda.get_device_name()
-HBM_GBPS = {"H200": 4800, "H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 NVL": 3900, "H100 PCIe": 2000,
-            "H100": 3350, "A100-SXM4-80GB": 2039, "A100 80GB PCIe": 1935, "A100": 1555, "L40S": 864,
-            "L4": 300, "A10G": 600, "RTX 4090": 1008, "B200": 8000}
+HBM_GBPS = {
+    "H200": 4800,
+    "H100 SXM": 3350,
+    "H100 80GB HBM3": 3350,
+    "H100 NVL": 3900,
+    "H100 PCIe": 2000,
+    "H100": 3350,
+    "A100-SXM4-80GB": 2039,
+    "A100 80GB PCIe": 1935,
+    "A100": 1555,
+    "L40S": 864,
+    "L4": 300,
+    "A10G": 600,
+    "RTX 4090": 1008,
+    "B200": 8000,
+}
 
 # the full run's shapes, and the tiny ones the tests run under the Triton interpreter
-FULL = dict(dims=(1024, 2048), n=1024, heads=8, topk=16, key_dim=128, tokens=16384, rounds=10,
-            lm=dict(d_model=512, n_layers=8, n_heads=8, n=512, batch=32, seq=512, vocab=32768, steps=10))
-TINY = dict(dims=(32,), n=8, heads=2, topk=4, key_dim=8, tokens=64, rounds=2,
-            lm=dict(d_model=32, n_layers=2, n_heads=2, n=8, batch=2, seq=16, vocab=64, steps=2))
+FULL = dict(
+    dims=(1024, 2048),
+    n=1024,
+    heads=8,
+    topk=16,
+    key_dim=128,
+    tokens=16384,
+    rounds=10,
+    lm=dict(d_model=512, n_layers=8, n_heads=8, n=512, batch=32, seq=512, vocab=32768, steps=10),
+)
+TINY = dict(
+    dims=(32,),
+    n=8,
+    heads=2,
+    topk=4,
+    key_dim=8,
+    tokens=64,
+    rounds=2,
+    lm=dict(d_model=32, n_layers=2, n_heads=2, n=8, batch=2, seq=16, vocab=64, steps=2),
+)
 
 
 # ------------------------------------------------------------------------------ timing
@@ -138,35 +167,53 @@ def check_ops(device: torch.device, backend: str = "triton") -> list[dict]:
                 g = torch.randn(T, m, device=device).softmax(-1).requires_grad_()
                 idx = torch.randint(0, N, (T, m), device=device)
                 idx[:, 1] = idx[:, 0]  # a repeated expert: its gradient rows add up
-                tabs = [(torch.randn(N, d, device=device) / d**0.5).to(table_dtype).requires_grad_()
-                        for _ in range(3 if glu else 2)]
+                tabs = [
+                    (torch.randn(N, d, device=device) / d**0.5).to(table_dtype).requires_grad_()
+                    for _ in range(3 if glu else 2)
+                ]
                 u, v, gate = tabs[0], tabs[1], (tabs[2] if glu else None)
                 try:
                     if table_dtype == torch.float32:
-                        opcheck(torch.ops.peer.expert_mix.default, (x, g, idx, u, v, gate, "gelu", backend, sparse),
-                                test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+                        opcheck(
+                            torch.ops.peer.expert_mix.default,
+                            (x, g, idx, u, v, gate, "gelu", backend, sparse),
+                            test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+                        )
                     y = expert_mix(x, u, v, idx, g, "gelu", gate, backend=backend, sparse_grad=sparse)
                     dy = torch.randn_like(y)
                     grads = torch.autograd.grad(y, [x, g, *tabs], dy)
                     ref_tabs = [t.detach().float().requires_grad_() for t in tabs]
                     xr, gr = x.detach().requires_grad_(), g.detach().requires_grad_()
-                    yr = reference_expert_mix(xr, ref_tabs[0], ref_tabs[1], idx, gr, "gelu",
-                                              ref_tabs[2] if glu else None)
+                    yr = reference_expert_mix(
+                        xr, ref_tabs[0], ref_tabs[1], idx, gr, "gelu", ref_tabs[2] if glu else None
+                    )
                     rgrads = torch.autograd.grad(yr, [xr, gr, *ref_tabs], dy)
-                    err = [(a.to_dense() if a.is_sparse else a).float().sub(b).abs().max().item() /
-                           max(b.abs().max().item(), 1e-6) for a, b in zip((y, *grads), (yr, *rgrads))]
+                    err = [
+                        (a.to_dense() if a.is_sparse else a).float().sub(b).abs().max().item()
+                        / max(b.abs().max().item(), 1e-6)
+                        for a, b in zip((y, *grads), (yr, *rgrads), strict=True)
+                    ]
                     row["max_rel_err"] = max(err)
                     tol = 2e-2 if table_dtype == torch.bfloat16 else 1e-4  # bf16: the gradients are rounded to bf16
                     row["ok"] = row["max_rel_err"] <= tol
-                except Exception as e:  # noqa: BLE001 - a failed case is a result to report, not a crash
+                except Exception as e:
                     row["ok"], row["error"] = False, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
                 rows.append(row)
     return rows
 
 
 # ------------------------------------------------------------------------------ (b) layer
-def _layer_impls(name: str, dim: int, n: int, heads: int, topk: int, key_dim: int, table_dtype: str,
-                 device: torch.device, backend: str):
+def _layer_impls(
+    name: str,
+    dim: int,
+    n: int,
+    heads: int,
+    topk: int,
+    key_dim: int,
+    table_dtype: str,
+    device: torch.device,
+    backend: str,
+):
     """Build one implementation on the device (None: peer-pytorch is not installed)."""
     from peer.layers import PEER
     from peer.layers.dense import DenseFFN
@@ -175,8 +222,9 @@ def _layer_impls(name: str, dim: int, n: int, heads: int, topk: int, key_dim: in
     if name == "dense":
         return DenseFFN(dim, 4 * dim, activation="gelu").to(device)
     if name == "pkm":
-        return PKM(dim, n * n, heads=8, topk=min(32, n), key_dim=256 if dim >= 256 else 2 * key_dim,
-                   device=device).train()
+        return PKM(
+            dim, n * n, heads=8, topk=min(32, n), key_dim=256 if dim >= 256 else 2 * key_dim, device=device
+        ).train()
     layer = PEER(dim, n * n, heads, topk, key_dim, table_dtype=table_dtype, backend=backend, device=device).train()
     if name == "peer":
         return layer
@@ -185,16 +233,24 @@ def _layer_impls(name: str, dim: int, n: int, heads: int, topk: int, key_dim: in
     return _peer_pytorch(layer, device)
 
 
-def bench_layers(device: torch.device, clock: _Clock, shapes: dict, backend: str, hbm_gbps: float | None,
-                 log=print) -> list[dict]:
+def bench_layers(
+    device: torch.device, clock: _Clock, shapes: dict, backend: str, hbm_gbps: float | None, log=print
+) -> list[dict]:
     rows = []
     T, n, h, k, kd = shapes["tokens"], shapes["n"], shapes["heads"], shapes["topk"], shapes["key_dim"]
     for dim in shapes["dims"]:
         for table_dtype in ("float32", "bfloat16"):
             # dense and PKM keep fp32 weights: measured once per width; peer-pytorch shares fp32 tables only
             for name in ("peer", "dense", "pkm", "peer-pytorch") if table_dtype == "float32" else ("peer",):
-                row = {"impl": name, "dim": dim, "table_dtype": table_dtype, "tokens": T, "num_experts": n * n,
-                       "heads": h, "topk": k}
+                row = {
+                    "impl": name,
+                    "dim": dim,
+                    "table_dtype": table_dtype,
+                    "tokens": T,
+                    "num_experts": n * n,
+                    "heads": h,
+                    "topk": k,
+                }
                 with _oom_as_record(row):
                     torch.manual_seed(0)
                     module = _layer_impls(name, dim, n, h, k, kd, table_dtype, device, backend)
@@ -204,11 +260,11 @@ def bench_layers(device: torch.device, clock: _Clock, shapes: dict, backend: str
                         x = torch.randn(T, dim, device=device)
                         dy = torch.randn_like(x)
 
-                        def fwd():
+                        def fwd(module=module, x=x):
                             with torch.no_grad():
                                 module(x)
 
-                        def fwd_bwd():
+                        def fwd_bwd(module=module, x=x, dy=dy):
                             xg = x.detach().requires_grad_()
                             module(xg).backward(dy)
                             for p in module.parameters():
@@ -250,11 +306,27 @@ def layer_ratios(rows: list[dict]) -> list[dict]:
         if r["impl"] != "peer" or "error" in r:
             continue
         for other in ("peer-pytorch", "dense", "pkm"):
-            o = next((x for x in rows if x["impl"] == other and x["dim"] == r["dim"] and "error" not in x
-                      and (other != "peer-pytorch" or x["table_dtype"] == r["table_dtype"])), None)
+            o = next(
+                (
+                    x
+                    for x in rows
+                    if x["impl"] == other
+                    and x["dim"] == r["dim"]
+                    and "error" not in x
+                    and (other != "peer-pytorch" or x["table_dtype"] == r["table_dtype"])
+                ),
+                None,
+            )
             if o is not None:
-                out.append({"dim": r["dim"], "table_dtype": r["table_dtype"], "vs": other,
-                            "fwd_time_ratio": r["fwd_s"] / o["fwd_s"], "fwd_bwd_time_ratio": r["fwd_bwd_s"] / o["fwd_bwd_s"]})
+                out.append(
+                    {
+                        "dim": r["dim"],
+                        "table_dtype": r["table_dtype"],
+                        "vs": other,
+                        "fwd_time_ratio": r["fwd_s"] / o["fwd_s"],
+                        "fwd_bwd_time_ratio": r["fwd_bwd_s"] / o["fwd_bwd_s"],
+                    }
+                )
     return out
 
 
@@ -302,17 +374,36 @@ def bench_step(device: torch.device, clock: _Clock, lm: dict, backend: str, comp
     rows = []
     for sparse in ("none", "peer"):
         for compiled in (False, True) if compile_too else (False,):
-            row = {"model": "dense" if sparse == "none" else f"peer {lm['n']}^2", "compiled": compiled,
-                   "tokens_per_step": lm["batch"] * lm["seq"]}
+            row = {
+                "model": "dense" if sparse == "none" else f"peer {lm['n']}^2",
+                "compiled": compiled,
+                "tokens_per_step": lm["batch"] * lm["seq"],
+            }
             with _oom_as_record(row):
-                mcfg = ModelConfig(vocab_size=lm["vocab"], d_model=lm["d_model"], n_layers=lm["n_layers"],
-                                   n_heads=lm["n_heads"], d_ff=4 * lm["d_model"], max_seq_len=lm["seq"],
-                                   sparse_layer=sparse, sparse_blocks="middle",
-                                   peer=PEERConfig(num_experts=lm["n"] ** 2, heads=8 if lm["d_model"] >= 256 else 2,
-                                                   topk=16 if lm["n"] >= 16 else 4, key_dim=128 if lm["d_model"] >= 256 else 8,
-                                                   backend=backend))
-                cfg = Config(model=mcfg, optim=OptimConfig(), train=TrainConfig(
-                    batch_size=lm["batch"], seq_len=lm["seq"], device=str(device), steps=lm["steps"] + 2))
+                mcfg = ModelConfig(
+                    vocab_size=lm["vocab"],
+                    d_model=lm["d_model"],
+                    n_layers=lm["n_layers"],
+                    n_heads=lm["n_heads"],
+                    d_ff=4 * lm["d_model"],
+                    max_seq_len=lm["seq"],
+                    sparse_layer=sparse,
+                    sparse_blocks="middle",
+                    peer=PEERConfig(
+                        num_experts=lm["n"] ** 2,
+                        heads=8 if lm["d_model"] >= 256 else 2,
+                        topk=16 if lm["n"] >= 16 else 4,
+                        key_dim=128 if lm["d_model"] >= 256 else 8,
+                        backend=backend,
+                    ),
+                )
+                cfg = Config(
+                    model=mcfg,
+                    optim=OptimConfig(),
+                    train=TrainConfig(
+                        batch_size=lm["batch"], seq_len=lm["seq"], device=str(device), steps=lm["steps"] + 2
+                    ),
+                )
                 torch.manual_seed(0)
                 model = PeerLM(mcfg, device=device).train()
                 fwd = torch.compile(model, fullgraph=True) if compiled else model
@@ -323,8 +414,10 @@ def bench_step(device: torch.device, clock: _Clock, lm: dict, backend: str, comp
                 clip = (params, set(), cfg.optim.grad_clip)
                 state = {"s": 0}
 
-                def step():
-                    loop._step(fwd, opt, schedule, batches, cfg, device, _OneProcess, clip, state["s"] % cfg.train.steps)
+                def step(fwd=fwd, opt=opt, schedule=schedule, batches=batches, cfg=cfg, clip=clip, state=state):
+                    loop._step(
+                        fwd, opt, schedule, batches, cfg, device, _OneProcess, clip, state["s"] % cfg.train.steps
+                    )
                     state["s"] += 1
 
                 t0 = time.perf_counter()
@@ -353,13 +446,16 @@ def _step_line(r: dict) -> str:
         return head + " " + r["error"]
     mem = f"{r['peak_bytes'] / 2**30:.2f} GiB" if r.get("peak_bytes") else "-"
     syncs = "-" if r["host_syncs_per_step"] is None else str(r["host_syncs_per_step"])
-    return (head + f" step {r['step_s'] * 1e3:8.2f} ms  {r['tokens_per_s']:10.0f} tok/s  peak {mem}"
-            f"  host syncs/step {syncs}  (first step {r['first_step_s']:.1f} s)")
+    return (
+        head + f" step {r['step_s'] * 1e3:8.2f} ms  {r['tokens_per_s']:10.0f} tok/s  peak {mem}"
+        f"  host syncs/step {syncs}  (first step {r['first_step_s']:.1f} s)"
+    )
 
 
 # ------------------------------------------------------------------------------ the whole run
-def bench_gpu(device: str = "cuda", tiny: bool = False, compile_too: bool = True, parts=("ops", "layer", "step"),
-              log=print) -> dict:
+def bench_gpu(
+    device: str = "cuda", tiny: bool = False, compile_too: bool = True, parts=("ops", "layer", "step"), log=print
+) -> dict:
     """Run the parts and return {"machine", "device", "config", "ops", "layer", "layer_ratios", "step"}."""
     from peer.ops import triton as triton_engine
 
@@ -369,7 +465,9 @@ def bench_gpu(device: str = "cuda", tiny: bool = False, compile_too: bool = True
 
         raise UsageError("peer bench gpu needs triton and a CUDA device (or TRITON_INTERPRET=1 with --tiny)")
     shapes = TINY if tiny else FULL
-    backend = "triton" if dev.type == "cpu" else "auto"  # auto: triton on CUDA (the interpreter on the CPU needs it named)
+    backend = (
+        "triton" if dev.type == "cpu" else "auto"
+    )  # auto: triton on CUDA (the interpreter on the CPU needs it named)
     clock = _Clock(dev)
     info = {"type": dev.type}
     if dev.type == "cuda":
@@ -378,28 +476,42 @@ def bench_gpu(device: str = "cuda", tiny: bool = False, compile_too: bool = True
         info["measured_copy_gbps"] = measured_copy_gbps(dev, clock, 2 << 30)
     hbm = info.get("datasheet_hbm_gbps") or info.get("measured_copy_gbps")
     res = {"machine": machine_info(), "device": info, "config": dict(shapes, tiny=tiny, backend=backend)}
-    log(f"peer bench gpu on {info.get('name', device)}"
-        + (f": HBM {info['datasheet_hbm_gbps']} GB/s datasheet, {info['measured_copy_gbps']:.0f} GB/s measured copy"
-           if dev.type == "cuda" else " (Triton interpreter)"))
+    log(
+        f"peer bench gpu on {info.get('name', device)}"
+        + (
+            f": HBM {info['datasheet_hbm_gbps']} GB/s datasheet, {info['measured_copy_gbps']:.0f} GB/s measured copy"
+            if dev.type == "cuda"
+            else " (Triton interpreter)"
+        )
+    )
     t0 = time.perf_counter()
     if "ops" in parts:
         log("(a) Triton expert mix vs the reference (opcheck; values and gradients)")
         res["ops"] = check_ops(dev, "triton")
         for r in res["ops"]:
-            log(f"  {r['table_dtype']:<9} glu={r['glu']!s:<5} sparse={r['sparse_grad']!s:<5} "
-                + ("ok" if r["ok"] else "FAILED") + (f"  max rel err {r['max_rel_err']:.2e}" if "max_rel_err" in r else "")
-                + (f"  {r['error']}" if "error" in r else ""))
+            log(
+                f"  {r['table_dtype']:<9} glu={r['glu']!s:<5} sparse={r['sparse_grad']!s:<5} "
+                + ("ok" if r["ok"] else "FAILED")
+                + (f"  max rel err {r['max_rel_err']:.2e}" if "max_rel_err" in r else "")
+                + (f"  {r['error']}" if "error" in r else "")
+            )
     if "layer" in parts:
-        log(f"(b) layers at N = {shapes['n']}^2, h = {shapes['heads']}, k = {shapes['topk']}, {shapes['tokens']} tokens")
+        log(
+            f"(b) layers at N = {shapes['n']}^2, h = {shapes['heads']}, k = {shapes['topk']}, {shapes['tokens']} tokens"
+        )
         res["layer"] = bench_layers(dev, clock, shapes, backend, hbm, log)
         res["layer_ratios"] = layer_ratios(res["layer"])
         for r in res["layer_ratios"]:
-            log(f"  PEER d={r['dim']} {r['table_dtype']}: {r['fwd_time_ratio']:.2f}x the forward time of {r['vs']}, "
-                f"{r['fwd_bwd_time_ratio']:.2f}x its forward+backward time")
+            log(
+                f"  PEER d={r['dim']} {r['table_dtype']}: {r['fwd_time_ratio']:.2f}x the forward time of {r['vs']}, "
+                f"{r['fwd_bwd_time_ratio']:.2f}x its forward+backward time"
+            )
     if "step" in parts:
         lm = shapes["lm"]
-        log(f"(c) training step: d={lm['d_model']}, {lm['n_layers']} blocks, PEER {lm['n']}^2 in the middle, "
-            f"{lm['batch']} x {lm['seq']} tokens")
+        log(
+            f"(c) training step: d={lm['d_model']}, {lm['n_layers']} blocks, PEER {lm['n']}^2 in the middle, "
+            f"{lm['batch']} x {lm['seq']} tokens"
+        )
         res["step"] = bench_step(dev, clock, lm, backend, compile_too, log)
     res["seconds"] = time.perf_counter() - t0
     return res
@@ -407,20 +519,32 @@ def bench_gpu(device: str = "cuda", tiny: bool = False, compile_too: bool = True
 
 def print_gpu(res: dict, out=print) -> None:
     """The targets of the speed issue that this run decides."""
-    best = [r for r in res.get("layer", []) if r["impl"] == "peer" and "fwd_hbm_fraction" in r
-            and r["dim"] == max(res["config"]["dims"]) and r["table_dtype"] == "bfloat16"]
+    best = [
+        r
+        for r in res.get("layer", [])
+        if r["impl"] == "peer"
+        and "fwd_hbm_fraction" in r
+        and r["dim"] == max(res["config"]["dims"])
+        and r["table_dtype"] == "bfloat16"
+    ]
     for r in best:
         f = r["fwd_hbm_fraction"]
-        out(f"target: forward at d={r['dim']} bf16 reads its rows at {100 * f:.0f} % of HBM bandwidth (>= 50 %, "
-            f"moonshot >= 75 %): {'MET' if f >= 0.5 else 'NOT MET'}")
+        out(
+            f"target: forward at d={r['dim']} bf16 reads its rows at {100 * f:.0f} % of HBM bandwidth (>= 50 %, "
+            f"moonshot >= 75 %): {'MET' if f >= 0.5 else 'NOT MET'}"
+        )
     for r in res.get("layer_ratios", []):
         if r["vs"] == "peer-pytorch":
             speedup = 1 / r["fwd_bwd_time_ratio"]
-            out(f"target: fwd+bwd speed-up over peer-pytorch at d={r['dim']}: {speedup:.2f}x (>= 5x): "
-                f"{'MET' if speedup >= 5 else 'NOT MET'}")
+            out(
+                f"target: fwd+bwd speed-up over peer-pytorch at d={r['dim']}: {speedup:.2f}x (>= 5x): "
+                f"{'MET' if speedup >= 5 else 'NOT MET'}"
+            )
     for r in res.get("step", []):
         if r["model"] != "dense" and "step_vs_dense" in r:
             kind = "compiled" if r["compiled"] else "eager"
-            out(f"target: PeerLM step / dense step ({kind}): {r['step_vs_dense']:.2f}x (<= 1.3x): "
-                f"{'MET' if r['step_vs_dense'] <= 1.3 else 'NOT MET'}")
+            out(
+                f"target: PeerLM step / dense step ({kind}): {r['step_vs_dense']:.2f}x (<= 1.3x): "
+                f"{'MET' if r['step_vs_dense'] <= 1.3 else 'NOT MET'}"
+            )
     out(f"done in {res['seconds']:.0f} s")

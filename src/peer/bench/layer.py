@@ -19,14 +19,15 @@ and the dense FFW. Implementations:
 
 from __future__ import annotations
 
+import functools
 import gc
 
 import torch
 
 from peer.layers import PEER
 
-from .common import fmt_bytes, machine_info, measure, median
 from ..errors import UsageError
+from .common import fmt_bytes, machine_info, measure, median
 
 __all__ = ["IMPLS", "bench_layer", "print_layer", "check_targets"]
 
@@ -40,8 +41,14 @@ def _peer_pytorch(layer: PEER, device="cpu"):
     except ImportError:
         return None
     with torch.device("meta"):
-        pp = PP(dim=layer.dim, heads=layer.heads, num_experts=layer.num_experts, num_experts_per_head=layer.topk,
-                dim_key=layer.key_dim, non_competing_scores=False)
+        pp = PP(
+            dim=layer.dim,
+            heads=layer.heads,
+            num_experts=layer.num_experts,
+            num_experts_per_head=layer.topk,
+            dim_key=layer.key_dim,
+            non_competing_scores=False,
+        )
     pp.to_empty(device=device)  # untouched empty tables: no memory until written
     pp.weight_down_embed.weight = layer.u  # its "down" (input) projection is our u, "up" our v
     pp.weight_up_embed.weight = layer.v
@@ -78,11 +85,13 @@ def _peer_setup(layer: PEER, backend: str, sparse: bool, reference_index: bool):
             layer.index.topk = lambda q, k, backend="auto": layer.index.topk_reference(q, k)
         else:
             layer.index.__dict__.pop("topk", None)
+
     return setup
 
 
-def build_runners(impls, n: int, dim: int, heads: int, topk: int, key_dim: int,
-                  table_dtype: str = "float32", device: str = "cpu") -> dict[str, _Runner]:
+def build_runners(
+    impls, n: int, dim: int, heads: int, topk: int, key_dim: int, table_dtype: str = "float32", device: str = "cpu"
+) -> dict[str, _Runner]:
     """The requested implementations at N = n^2 (missing optional ones are skipped)."""
     runners: dict[str, _Runner] = {}
     fast = "triton" if str(device).startswith("cuda") else "fused"  # the fused kernels of the device
@@ -115,8 +124,20 @@ def build_runners(impls, n: int, dim: int, heads: int, topk: int, key_dim: int,
     return runners
 
 
-def bench_layer(experts, impls=IMPLS, tokens=4096, dim=512, heads=8, topk=16, key_dim=128, rounds=5,
-                modes=("fwd", "fwd+bwd"), table_dtype="float32", device="cpu", log=print) -> dict:
+def bench_layer(
+    experts,
+    impls=IMPLS,
+    tokens=4096,
+    dim=512,
+    heads=8,
+    topk=16,
+    key_dim=128,
+    rounds=5,
+    modes=("fwd", "fwd+bwd"),
+    table_dtype="float32",
+    device="cpu",
+    log=print,
+) -> dict:
     """Run the layer benchmark; returns {"machine", "config", "results": [row per (n, impl)]}."""
     seq = min(512, tokens)
     if tokens % seq:
@@ -134,29 +155,46 @@ def bench_layer(experts, impls=IMPLS, tokens=4096, dim=512, heads=8, topk=16, ke
             r.fwd_bwd(x, dy)
         names = list(runners)
         for rnd in range(rounds):
-            for name in names[rnd % len(names):] + names[: rnd % len(names)]:
+            for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
                 r = runners[name]
                 for m in modes:
-                    dt, mem = measure(lambda: r.fwd(x) if m == "fwd" else r.fwd_bwd(x, dy), device)
+                    work = functools.partial(r.fwd, x) if m == "fwd" else functools.partial(r.fwd_bwd, x, dy)
+                    dt, mem = measure(work, device)
                     times[(name, m)].append(dt)
                     mems[(name, m)].append(mem)
-            log(f"  round {rnd + 1}/{rounds}: " + ", ".join(
-                f"{nm} {times[(nm, modes[-1])][-1]:.3f}s" for nm in names))
+            log(f"  round {rnd + 1}/{rounds}: " + ", ".join(f"{nm} {times[(nm, modes[-1])][-1]:.3f}s" for nm in names))
         for name in names:
             row = {"n": n, "num_experts": n * n, "impl": name, "tokens": tokens}
             for m in modes:
                 t = median(times[(name, m)])
-                row[m] = {"seconds": t, "tokens_per_s": tokens / t, "all_seconds": times[(name, m)],
-                          "peak_rss_above_bytes": max(mems[(name, m)])}
+                row[m] = {
+                    "seconds": t,
+                    "tokens_per_s": tokens / t,
+                    "all_seconds": times[(name, m)],
+                    "peak_rss_above_bytes": max(mems[(name, m)]),
+                }
             results.append(row)
         del runners, x, dy
         gc.collect()
     info = machine_info()
     if str(device).startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(device)
-    return {"machine": info, "results": results,
-            "config": {"device": str(device), "tokens": tokens, "dim": dim, "heads": heads, "topk": topk, "key_dim": key_dim,
-                       "rounds": rounds, "experts": list(experts), "impls": list(impls), "table_dtype": table_dtype}}
+    return {
+        "machine": info,
+        "results": results,
+        "config": {
+            "device": str(device),
+            "tokens": tokens,
+            "dim": dim,
+            "heads": heads,
+            "topk": topk,
+            "key_dim": key_dim,
+            "rounds": rounds,
+            "experts": list(experts),
+            "impls": list(impls),
+            "table_dtype": table_dtype,
+        },
+    }
 
 
 def _get(res, n, impl, mode):
@@ -168,14 +206,18 @@ def _get(res, n, impl, mode):
 
 def print_layer(res: dict, out=print) -> None:
     modes = [m for m in ("fwd", "fwd+bwd") if any(m in r for r in res["results"])]
-    out(f"{'N':>9} {'impl':<13}" + "".join(f" {m + ' s':>10} {'tok/s':>9} {'mem':>10}" for m in modes)
-        + f" {'x peer-pytorch':>15} {'x dense':>8}")
+    out(
+        f"{'N':>9} {'impl':<13}"
+        + "".join(f" {m + ' s':>10} {'tok/s':>9} {'mem':>10}" for m in modes)
+        + f" {'x peer-pytorch':>15} {'x dense':>8}"
+    )
     for r in res["results"]:
         n = r["n"]
         line = f"{str(n) + '^2':>9} {r['impl']:<13}"
         for m in modes:
-            line += (f" {r[m]['seconds']:>10.3f} {r[m]['tokens_per_s']:>9.0f}"
-                     f" {fmt_bytes(r[m]['peak_rss_above_bytes']):>10}")
+            line += (
+                f" {r[m]['seconds']:>10.3f} {r[m]['tokens_per_s']:>9.0f} {fmt_bytes(r[m]['peak_rss_above_bytes']):>10}"
+            )
         m = modes[-1]
         pp, dense = _get(res, n, "peer-pytorch", m), _get(res, n, "dense", m)
         line += f" {pp / r[m]['seconds']:>14.2f}x" if pp else f" {'-':>15}"
@@ -211,8 +253,11 @@ def plot_layer(res: dict, path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for impl in dict.fromkeys(r["impl"] for r in res["results"]):
-        rows = sorted((r["num_experts"], r["fwd+bwd"]["tokens_per_s"]) for r in res["results"]
-                      if r["impl"] == impl and "fwd+bwd" in r)
+        rows = sorted(
+            (r["num_experts"], r["fwd+bwd"]["tokens_per_s"])
+            for r in res["results"]
+            if r["impl"] == impl and "fwd+bwd" in r
+        )
         if rows:
             ax.plot([a for a, _ in rows], [b for _, b in rows], marker="o", label=impl)
     ax.set_xscale("log", base=2)
@@ -239,4 +284,3 @@ def _save_fig(fig, path) -> None:
     import matplotlib.pyplot as plt
 
     plt.close(fig)
-

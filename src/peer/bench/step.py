@@ -48,12 +48,19 @@ def _side(preset: str, compiled: bool, vocab_size: int):
         return float(loss.detach())
 
     name = preset + (" (compiled)" if compiled else "")
-    return dict(name=name, preset=preset, compiled=compiled, flops_per_step=train_flops_per_step(cfg),
-                tokens_per_step=b * t, step=step)
+    return dict(
+        name=name,
+        preset=preset,
+        compiled=compiled,
+        flops_per_step=train_flops_per_step(cfg),
+        tokens_per_step=b * t,
+        step=step,
+    )
 
 
-def bench_step(presets: list[str], rounds: int = 10, warmup: int = 2, compile_too: bool = False,
-               vocab_size: int = 8192) -> dict:
+def bench_step(
+    presets: list[str], rounds: int = 10, warmup: int = 2, compile_too: bool = False, vocab_size: int = 8192
+) -> dict:
     sides = [_side(p, c, vocab_size) for c in ([False, True] if compile_too else [False]) for p in presets]
     compile_s = {}
     for s in sides:
@@ -73,20 +80,36 @@ def bench_step(presets: list[str], rounds: int = 10, warmup: int = 2, compile_to
     for s in sides:
         t = median(times[s["name"]])
         per_tflop = t / (s["flops_per_step"] / 1e12)
-        results.append(dict(name=s["name"], preset=s["preset"], compiled=s["compiled"], step_s=t,
-                            flops_per_step=s["flops_per_step"], tokens_per_step=s["tokens_per_step"],
-                            s_per_tflop=per_tflop, step_ratio=t / base_t,
-                            per_flop_ratio=per_tflop / (base_t / (base["flops_per_step"] / 1e12)),
-                            warmup_s=compile_s[s["name"]], times=times[s["name"]]))
-    return {"config": dict(presets=presets, rounds=rounds, warmup=warmup, threads=torch.get_num_threads()),
-            "results": results}
+        results.append(
+            dict(
+                name=s["name"],
+                preset=s["preset"],
+                compiled=s["compiled"],
+                step_s=t,
+                flops_per_step=s["flops_per_step"],
+                tokens_per_step=s["tokens_per_step"],
+                s_per_tflop=per_tflop,
+                step_ratio=t / base_t,
+                per_flop_ratio=per_tflop / (base_t / (base["flops_per_step"] / 1e12)),
+                warmup_s=compile_s[s["name"]],
+                times=times[s["name"]],
+            )
+        )
+    return {
+        "config": dict(presets=presets, rounds=rounds, warmup=warmup, threads=torch.get_num_threads()),
+        "results": results,
+    }
 
 
 def print_step(res: dict) -> None:
     cfg = res["config"]
     print(f"training steps, {cfg['rounds']} interleaved rounds, {cfg['threads']} threads (medians)")
-    print(f"{'side':<28} {'step s':>8} {'GFLOP/step':>11} {'s/TFLOP':>8} {'step x':>7} {'per-FLOP x':>10} "
-          f"{'warm-up s':>9}")
+    print(
+        f"{'side':<28} {'step s':>8} {'GFLOP/step':>11} {'s/TFLOP':>8} {'step x':>7} {'per-FLOP x':>10} "
+        f"{'warm-up s':>9}"
+    )
     for r in res["results"]:
-        print(f"{r['name']:<28} {r['step_s']:>8.3f} {r['flops_per_step'] / 1e9:>11.2f} {r['s_per_tflop']:>8.1f} "
-              f"{r['step_ratio']:>7.2f} {r['per_flop_ratio']:>10.2f} {r['warmup_s']:>9.1f}")
+        print(
+            f"{r['name']:<28} {r['step_s']:>8.3f} {r['flops_per_step'] / 1e9:>11.2f} {r['s_per_tflop']:>8.1f} "
+            f"{r['step_ratio']:>7.2f} {r['per_flop_ratio']:>10.2f} {r['warmup_s']:>9.1f}"
+        )

@@ -25,13 +25,21 @@ import time
 
 import torch
 
-from .common import fmt_bytes, machine_info, median, peak_rss_bytes, rss_bytes
 from ..errors import UsageError
+from .common import fmt_bytes, machine_info, median, peak_rss_bytes, rss_bytes
 
 __all__ = ["IMPLS", "bench_train", "print_train", "plot_train", "estimate_bytes"]
 
-IMPLS = ("dense-adamw", "fused-adamw", "fused-sparse", "fused-sparse-lite", "reference-adamw",
-         "peer-pytorch-adamw", "lm-fused-adamw", "lm-fused-sparse")
+IMPLS = (
+    "dense-adamw",
+    "fused-adamw",
+    "fused-sparse",
+    "fused-sparse-lite",
+    "reference-adamw",
+    "peer-pytorch-adamw",
+    "lm-fused-adamw",
+    "lm-fused-sparse",
+)
 LM_DIM, LM_SEQ = 256, 256
 
 
@@ -79,8 +87,14 @@ def _build(spec: dict):
         from peer.model import PeerLM
         from peer.train.optim import build_optimizer
 
-        cfg = ModelConfig(d_model=LM_DIM, n_layers=4, n_heads=4, max_seq_len=LM_SEQ, sparse_layer="peer",
-                          peer=PEERConfig(num_experts=n * n, table_dtype=spec["table_dtype"]))
+        cfg = ModelConfig(
+            d_model=LM_DIM,
+            n_layers=4,
+            n_heads=4,
+            max_seq_len=LM_SEQ,
+            sparse_layer="peer",
+            peer=PEERConfig(num_experts=n * n, table_dtype=spec["table_dtype"]),
+        )
         model = PeerLM(cfg).train()
         opt = build_optimizer(model, OptimConfig(sparse_experts=impl == "lm-fused-sparse", weight_decay=0.0))
         idx = torch.randint(0, cfg.vocab_size, (tokens // LM_SEQ, LM_SEQ + 1))
@@ -94,13 +108,21 @@ def _build(spec: dict):
     elif impl == "peer-pytorch-adamw":
         from PEER_pytorch import PEER as PP
 
-        model = PP(dim=dim, heads=8, num_experts=n * n, num_experts_per_head=16, dim_key=128,
-                   non_competing_scores=False).train()
+        model = PP(
+            dim=dim, heads=8, num_experts=n * n, num_experts_per_head=16, dim_key=128, non_competing_scores=False
+        ).train()
     else:
         from peer.layers import PEER
 
-        model = PEER(dim, n * n, 8, min(16, n), 128, backend="reference" if impl == "reference-adamw" else "fused",
-                     table_dtype=spec["table_dtype"]).train()
+        model = PEER(
+            dim,
+            n * n,
+            8,
+            min(16, n),
+            128,
+            backend="reference" if impl == "reference-adamw" else "fused",
+            table_dtype=spec["table_dtype"],
+        ).train()
     loss_fn = lambda: torch.nn.functional.mse_loss(model(x), target)  # noqa: E731
     if impl in ("fused-sparse", "fused-sparse-lite"):
         from peer.train.optim import MultiOptimizer
@@ -109,8 +131,12 @@ def _build(spec: dict):
         tables = [model.u, model.v]
         rest = [p for p in model.parameters() if all(p is not t for t in tables)]
         lite = impl == "fused-sparse-lite"
-        opt = MultiOptimizer([torch.optim.AdamW(rest, lr=1e-3, fused=True),
-                              SparseRowAdamW(tables, lr=1e-3, state_dtype="bfloat16" if lite else None, rowwise=lite)])
+        opt = MultiOptimizer(
+            [
+                torch.optim.AdamW(rest, lr=1e-3, fused=True),
+                SparseRowAdamW(tables, lr=1e-3, state_dtype="bfloat16" if lite else None, rowwise=lite),
+            ]
+        )
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     return model, opt, loss_fn
@@ -137,14 +163,31 @@ def run_one(spec: dict) -> dict:
             state += sum(v.nbytes for v in st.values() if isinstance(v, torch.Tensor))
     params = sum(p.nbytes for p in model.parameters())
     t = median(times)
-    return {**spec, "seconds": t, "all_seconds": times, "tokens_per_s": spec["tokens"] / t, "build_s": build_s,
-            "rss_after_build_bytes": rss_model, "peak_rss_bytes": peak_rss_bytes(), "param_bytes": params,
-            "optimizer_state_bytes": state, "loss": float(loss)}
+    return {
+        **spec,
+        "seconds": t,
+        "all_seconds": times,
+        "tokens_per_s": spec["tokens"] / t,
+        "build_s": build_s,
+        "rss_after_build_bytes": rss_model,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "param_bytes": params,
+        "optimizer_state_bytes": state,
+        "loss": float(loss),
+    }
 
 
 # ------------------------------------------------------------------------------ driver
-def bench_train(experts, impls=("fused-adamw", "fused-sparse", "fused-sparse-lite", "peer-pytorch-adamw"),
-                tokens=4096, dim=512, steps=3, table_dtype="float32", force=False, log=print) -> dict:
+def bench_train(
+    experts,
+    impls=("fused-adamw", "fused-sparse", "fused-sparse-lite", "peer-pytorch-adamw"),
+    tokens=4096,
+    dim=512,
+    steps=3,
+    table_dtype="float32",
+    force=False,
+    log=print,
+) -> dict:
     results = []
     for n in experts:
         for impl in impls:
@@ -154,26 +197,44 @@ def bench_train(experts, impls=("fused-adamw", "fused-sparse", "fused-sparse-lit
                 log(f"  {impl}: peer-pytorch is not installed (pip install peer-experts[bench]); skipped")
                 continue
             est, avail = estimate_bytes(impl, n, dim, table_dtype, tokens), _mem_available()
-            spec = {"impl": impl, "n": n, "dim": LM_DIM if impl.startswith("lm-") else dim, "tokens": tokens,
-                    "steps": steps, "table_dtype": table_dtype}
+            spec = {
+                "impl": impl,
+                "n": n,
+                "dim": LM_DIM if impl.startswith("lm-") else dim,
+                "tokens": tokens,
+                "steps": steps,
+                "table_dtype": table_dtype,
+            }
             if est > avail - (2 << 30) and not force:
                 log(f"  {impl} at {n}^2: needs ~{fmt_bytes(est)}, {fmt_bytes(avail)} available now; skipped")
                 results.append({**spec, "skipped": f"estimated {est} bytes > available {avail}"})
                 continue
             log(f"  {impl} at {n}^2 (estimated peak {fmt_bytes(est)}) ...")
-            proc = subprocess.run([sys.executable, "-m", "peer.bench.train", "--child", json.dumps(spec)],
-                                  capture_output=True, text=True)
+            proc = subprocess.run(
+                [sys.executable, "-m", "peer.bench.train", "--child", json.dumps(spec)], capture_output=True, text=True
+            )
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
             if proc.returncode != 0 or not lines:
                 log(f"    failed (exit {proc.returncode}): {proc.stderr.strip()[-800:]}")
                 results.append({**spec, "error": proc.stderr.strip()[-2000:], "returncode": proc.returncode})
                 continue
             row = json.loads(lines[-1])
-            log(f"    {row['seconds']:.3f} s/step, {row['tokens_per_s']:.0f} tok/s, peak RSS {fmt_bytes(row['peak_rss_bytes'])}")
+            log(
+                f"    {row['seconds']:.3f} s/step, {row['tokens_per_s']:.0f} tok/s, peak RSS {fmt_bytes(row['peak_rss_bytes'])}"
+            )
             results.append(row)
-    return {"machine": machine_info(), "results": results,
-            "config": {"tokens": tokens, "dim": dim, "steps": steps, "experts": list(experts), "impls": list(impls),
-                       "table_dtype": table_dtype}}
+    return {
+        "machine": machine_info(),
+        "results": results,
+        "config": {
+            "tokens": tokens,
+            "dim": dim,
+            "steps": steps,
+            "experts": list(experts),
+            "impls": list(impls),
+            "table_dtype": table_dtype,
+        },
+    }
 
 
 def _importable(module: str) -> bool:
@@ -192,8 +253,10 @@ def print_train(res: dict, out=print) -> None:
         if "seconds" not in r:
             out(head + "  " + ("skipped: " + r["skipped"] if "skipped" in r else "failed"))
             continue
-        out(head + f" {r['seconds']:>8.3f} {r['tokens_per_s']:>8.0f} {fmt_bytes(r['peak_rss_bytes']):>11}"
-            f" {fmt_bytes(r['param_bytes']):>11} {fmt_bytes(r['optimizer_state_bytes']):>12}")
+        out(
+            head + f" {r['seconds']:>8.3f} {r['tokens_per_s']:>8.0f} {fmt_bytes(r['peak_rss_bytes']):>11}"
+            f" {fmt_bytes(r['param_bytes']):>11} {fmt_bytes(r['optimizer_state_bytes']):>12}"
+        )
 
 
 def plot_train(results: list[dict], path) -> None:
@@ -208,8 +271,11 @@ def plot_train(results: list[dict], path) -> None:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     ok = [r for r in results if "seconds" in r]
     for impl, dim in dict.fromkeys((r["impl"], r["dim"]) for r in ok):  # one line per implementation and width
-        rows = sorted((r["n"] ** 2, r["tokens_per_s"], r["peak_rss_bytes"] / 2**30) for r in ok
-                      if r["impl"] == impl and r["dim"] == dim)
+        rows = sorted(
+            (r["n"] ** 2, r["tokens_per_s"], r["peak_rss_bytes"] / 2**30)
+            for r in ok
+            if r["impl"] == impl and r["dim"] == dim
+        )
         label = f"{impl} (d={dim})"
         a1.plot([a for a, _, _ in rows], [b for _, b, _ in rows], marker="o", label=label)
         a2.plot([a for a, _, _ in rows], [c for _, _, c in rows], marker="o", label=label)

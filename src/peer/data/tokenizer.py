@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
-from .sources import DataError
 from ..fsutil import atomic_write_text
+from .sources import DataError
 
 __all__ = ["EOS_TOKEN", "EOS_CANDIDATES", "Tokenizer", "train_tokenizer", "load_tokenizer"]
 
@@ -38,14 +38,20 @@ class Tokenizer:
         ids = [(n, backend.token_to_id(n)) for n in names]
         found = [(n, i) for n, i in ids if i is not None]
         if not found:
-            raise DataError(f"tokenizer {path or '(in memory)'}: no end-of-document token; looked for "
-                            f"{', '.join(names)} (pass eos_token= / --eos-token to name it)")
+            raise DataError(
+                f"tokenizer {path or '(in memory)'}: no end-of-document token; looked for "
+                f"{', '.join(names)} (pass eos_token= / --eos-token to name it)"
+            )
         self.eos_token, self.eos_id = found[0]
         # ids run 0..vocab_size-1; added tokens may sit above the model vocab
         self.vocab_size = max(backend.get_vocab(with_added_tokens=True).values()) + 1
         pre = backend.pre_tokenizer
-        self._piecewise = (backend.normalizer is None and type(pre).__name__ == "ByteLevel"
-                           and not pre.add_prefix_space and pre.use_regex)
+        self._piecewise = (
+            backend.normalizer is None
+            and type(pre).__name__ == "ByteLevel"
+            and not pre.add_prefix_space
+            and pre.use_regex
+        )
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
@@ -64,7 +70,10 @@ class Tokenizer:
             parts, group, size = [], [], 0
             for piece in _pieces(text) + [None]:
                 if group and (piece is None or size + len(piece) > group_chars):
-                    parts += [np.asarray(e.ids, dtype=dtype) for e in self.backend.encode_batch(group, add_special_tokens=False)]
+                    parts += [
+                        np.asarray(e.ids, dtype=dtype)
+                        for e in self.backend.encode_batch(group, add_special_tokens=False)
+                    ]
                     group, size = [], 0
                 if piece is not None:
                     group.append(piece)
@@ -101,14 +110,19 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192, min_frequency:
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 257 + 1:
-        raise DataError(f"vocab_size={vocab_size}: a byte-level BPE needs at least 258 (256 bytes, "
-                        f"{EOS_TOKEN}, one merge)")
+        raise DataError(
+            f"vocab_size={vocab_size}: a byte-level BPE needs at least 258 (256 bytes, {EOS_TOKEN}, one merge)"
+        )
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                  special_tokens=[EOS_TOKEN], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOS_TOKEN],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator((p for t in texts for p in _pieces(t)), trainer=trainer)
     return Tokenizer(tok)
 
@@ -145,7 +159,7 @@ def _pieces(text: str, size: int = 1 << 15, hard: int = HARD_PIECE) -> list[str]
         else:
             cuts = [c.start() for c in _CLASS_CUT.finditer(text, start + 1, start + hard + 1)]
             cut = cuts[-1] if cuts else start + hard
-        out.append(text[start: cut])
+        out.append(text[start:cut])
         start = cut
     out.append(text[start:])
     return out

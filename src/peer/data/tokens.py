@@ -16,16 +16,16 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
+from ..errors import disk_full_as_error
 from ..fsutil import atomic_write_text, publish
 from .sources import DataError
 
-__all__ = ["token_dtype", "write_split", "open_tokens", "split_info", "list_splits", "eval_splits",
-           "pack_documents"]
+__all__ = ["token_dtype", "write_split", "open_tokens", "split_info", "list_splits", "eval_splits", "pack_documents"]
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -38,14 +38,21 @@ def pack_documents(docs_ids: Sequence[Sequence[int]], eos_id: int, dtype=np.int6
     out = np.empty(total, dtype=dtype)
     pos = 0
     for d in docs_ids:
-        out[pos: pos + len(d)] = d
+        out[pos : pos + len(d)] = d
         out[pos + len(d)] = eos_id
         pos += len(d) + 1
     return out
 
 
-def write_split(corpus_dir: str | Path, split: str, doc_ids: Sequence[str], docs_tokens: Sequence[Sequence[int]],
-                eos_id: int, vocab_size: int, doc_sha256: Sequence[str] | None = None) -> dict:
+def write_split(
+    corpus_dir: str | Path,
+    split: str,
+    doc_ids: Sequence[str],
+    docs_tokens: Sequence[Sequence[int]],
+    eos_id: int,
+    vocab_size: int,
+    doc_sha256: Sequence[str] | None = None,
+) -> dict:
     """Write ``splits/<split>.bin`` and ``.json`` atomically; returns the json dict (without documents)."""
     if len(doc_ids) != len(docs_tokens):
         raise ValueError(f"split {split!r}: {len(doc_ids)} ids for {len(docs_tokens)} documents")
@@ -58,23 +65,30 @@ def write_split(corpus_dir: str | Path, split: str, doc_ids: Sequence[str], docs
     arr = pack_documents(docs_tokens, eos_id, dtype)
     sdir = Path(corpus_dir) / "splits"
     sdir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=sdir, prefix=f".{split}.bin.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            arr.tofile(f)
-        publish(tmp, sdir / f"{split}.bin")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with disk_full_as_error(sdir / f"{split}.bin", f"split {split!r}"):
+        fd, tmp = tempfile.mkstemp(dir=sdir, prefix=f".{split}.bin.")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                arr.tofile(f)
+            publish(tmp, sdir / f"{split}.bin")
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     documents, offset = [], 0
-    for i, (did, toks) in enumerate(zip(doc_ids, docs_tokens)):
+    for i, (did, toks) in enumerate(zip(doc_ids, docs_tokens, strict=True)):
         entry = {"id": did, "offset": offset, "tokens": len(toks)}
         if doc_sha256 is not None:
             entry["sha256"] = doc_sha256[i]
         documents.append(entry)
         offset += len(toks) + 1
-    info = {"split": split, "dtype": dtype.name, "eos_id": int(eos_id), "vocab_size": int(vocab_size),
-            "num_tokens": int(arr.size), "num_documents": len(documents)}
+    info = {
+        "split": split,
+        "dtype": dtype.name,
+        "eos_id": int(eos_id),
+        "vocab_size": int(vocab_size),
+        "num_tokens": int(arr.size),
+        "num_documents": len(documents),
+    }
     atomic_write_text(sdir / f"{split}.json", json.dumps({**info, "documents": documents}, indent=1) + "\n")
     return info
 
@@ -95,8 +109,10 @@ def open_tokens(corpus_dir: str | Path, split: str) -> np.memmap:
     dtype = np.dtype(info["dtype"])
     size = path.stat().st_size if path.is_file() else -1
     if size != info["num_tokens"] * dtype.itemsize:
-        raise DataError(f"split {split!r}: {path} has {size} bytes, expected {info['num_tokens']} x "
-                        f"{dtype.itemsize} (re-run `peer data prepare` / `peer data tokenize`)")
+        raise DataError(
+            f"split {split!r}: {path} has {size} bytes, expected {info['num_tokens']} x "
+            f"{dtype.itemsize} (re-run `peer data prepare` / `peer data tokenize`)"
+        )
     return np.memmap(path, dtype=dtype, mode="r", shape=(info["num_tokens"],))
 
 
@@ -111,5 +127,6 @@ def list_splits(corpus_dir: str | Path) -> list[str]:
 def eval_splits(corpus_dir: str | Path, test: bool = False) -> list[str]:
     """The splits to evaluate on: ``val`` (in-domain) first, then every ``eval_*``; with ``test=True``
     also the held-out ``test_*`` splits, last (only a final, pre-registered comparison should ask)."""
-    return [n for n in list_splits(corpus_dir) if n == "val" or n.startswith("eval_")
-            or (test and n.startswith("test_"))]
+    return [
+        n for n in list_splits(corpus_dir) if n == "val" or n.startswith("eval_") or (test and n.startswith("test_"))
+    ]

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -47,8 +47,10 @@ def _read_text(path: Path, replace_errors: bool) -> str:
     try:
         return data[bom:].decode("utf-8", errors="replace" if replace_errors else "strict")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 at byte offset {bom + e.start} (byte 0x{data[bom + e.start]:02x}); "
-                        "pass --replace-errors to replace bad bytes with U+FFFD") from None
+        raise DataError(
+            f"{path}: not valid UTF-8 at byte offset {bom + e.start} (byte 0x{data[bom + e.start]:02x}); "
+            "pass --replace-errors to replace bad bytes with U+FFFD"
+        ) from None
 
 
 def _jsonl_documents(path: Path, text_field: str, replace_errors: bool) -> list[Document]:
@@ -84,8 +86,10 @@ def _hf_documents(spec: str, text_field: str, max_docs: int | None) -> Iterator[
     try:
         import datasets
     except ImportError:
-        raise DataError(f"input {spec!r}: reading a Hugging Face dataset needs the `datasets` package "
-                        "(pip install datasets) and network access to the hub") from None
+        raise DataError(
+            f"input {spec!r}: reading a Hugging Face dataset needs the `datasets` package "
+            "(pip install datasets) and network access to the hub"
+        ) from None
     try:
         ds = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
     except Exception as e:  # network, unknown name or config
@@ -102,8 +106,12 @@ def _hf_documents(spec: str, text_field: str, max_docs: int | None) -> Iterator[
             yield Document(f"{spec}#{i}", text)
 
 
-def read_documents(inputs: str | Path | Sequence[str | Path], text_field: str = "text",
-                   replace_errors: bool = False, max_docs: int | None = None) -> list[Document]:
+def read_documents(
+    inputs: str | Path | Sequence[str | Path],
+    text_field: str = "text",
+    replace_errors: bool = False,
+    max_docs: int | None = None,
+) -> list[Document]:
     """Documents from files, directories, JSONL files and ``hf:`` datasets (see the module doc)."""
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
@@ -122,11 +130,15 @@ def read_documents(inputs: str | Path | Sequence[str | Path], text_field: str = 
                 text = _read_text(f, replace_errors)
                 (found.append(Document(str(f), text)) if text.strip() else empty.append(str(f)))
             if not found:
-                raise DataError(f"{p}: no text in this directory (looked for non-empty {', '.join(TEXT_SUFFIXES)} "
-                                f"files; {len(files)} found, {len(empty)} empty)")
+                raise DataError(
+                    f"{p}: no text in this directory (looked for non-empty {', '.join(TEXT_SUFFIXES)} "
+                    f"files; {len(files)} found, {len(empty)} empty)"
+                )
             if empty:
-                _warn(f"{p}: skipped {len(empty)} empty file(s): {', '.join(empty[:10])}"
-                      + (" ..." if len(empty) > 10 else ""))
+                _warn(
+                    f"{p}: skipped {len(empty)} empty file(s): {', '.join(empty[:10])}"
+                    + (" ..." if len(empty) > 10 else "")
+                )
             docs += found
         elif p.is_file():
             if p.suffix.lower() == ".jsonl":
@@ -168,45 +180,75 @@ def split_train_val(docs: Sequence[Document], val_fraction: float = 0.1, seed: i
             val_idx.add(i)
             size += len(docs[i].text)
     if val_idx:
-        return {"train": [d for i, d in enumerate(docs) if i not in val_idx],
-                "val": [d for i, d in enumerate(docs) if i in val_idx]}
+        return {
+            "train": [d for i, d in enumerate(docs) if i not in val_idx],
+            "val": [d for i, d in enumerate(docs) if i in val_idx],
+        }
     big = max(range(len(docs)), key=lambda i: len(docs[i].text))
     d = docs[big]
     at = _cut(d.text, int(len(d.text) - budget))
     if at <= 0 or at >= len(d.text):
         raise DataError(f"{d.id}: too short to split into train and val")
     rest = [x for i, x in enumerate(docs) if i != big]
-    return {"train": [*rest, Document(f"{d.id}#train", d.text[:at], d.meta)],
-            "val": [Document(f"{d.id}#val", d.text[at:], d.meta)]}
+    return {
+        "train": [*rest, Document(f"{d.id}#train", d.text[:at], d.meta)],
+        "val": [Document(f"{d.id}#val", d.text[at:], d.meta)],
+    }
 
 
 def _as_tokenizer(tokenizer: Tokenizer | str | Path) -> Tokenizer:
     return tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
 
 
-def encode_texts(paths: str | Path | Sequence[str | Path], tokenizer: Tokenizer | str | Path,
-                 text_field: str = "text", replace_errors: bool = False) -> np.ndarray:
+def encode_texts(
+    paths: str | Path | Sequence[str | Path],
+    tokenizer: Tokenizer | str | Path,
+    text_field: str = "text",
+    replace_errors: bool = False,
+) -> np.ndarray:
     """User text as one int64 token array: each document followed by the EOS id (``peer eval --text``)."""
     tok = _as_tokenizer(tokenizer)
     docs = read_documents(paths, text_field=text_field, replace_errors=replace_errors)
     return pack_documents(tok.encode_arrays([d.text for d in docs]), tok.eos_id, np.int64)
 
 
-def build_corpus(inputs: Iterable[str | Path], out: str | Path, tokenizer: Tokenizer | str | Path | None = None,
-                 vocab_size: int = 8192, text_field: str = "text", replace_errors: bool = False,
-                 val_fraction: float = 0.1, seed: int = 0, min_tokens: int = 1024, max_docs: int | None = None,
-                 log: Callable[[str], None] = print, overwrite: bool = False) -> dict:
+def build_corpus(
+    inputs: Iterable[str | Path],
+    out: str | Path,
+    tokenizer: Tokenizer | str | Path | None = None,
+    vocab_size: int = 8192,
+    text_field: str = "text",
+    replace_errors: bool = False,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    min_tokens: int = 1024,
+    max_docs: int | None = None,
+    log: Callable[[str], None] = print,
+    overwrite: bool = False,
+) -> dict:
     """A corpus directory (train/val, tokenizer.json, manifest.json) from user inputs; returns the manifest.
     An existing corpus at ``out`` is replaced only with ``overwrite``; a run or other files never."""
     check_corpus_target(out, overwrite)  # before reading any input: a refused --out costs nothing
     with FolderLock(out, "corpus"):
         check_corpus_target(out, overwrite)
-        return _build_corpus(inputs, out, tokenizer, vocab_size, text_field, replace_errors, val_fraction, seed,
-                             min_tokens, max_docs, log)
+        return _build_corpus(
+            inputs,
+            out,
+            tokenizer,
+            vocab_size,
+            text_field,
+            replace_errors,
+            val_fraction,
+            seed,
+            min_tokens,
+            max_docs,
+            log,
+        )
 
 
-def _build_corpus(inputs, out, tokenizer, vocab_size, text_field, replace_errors, val_fraction, seed, min_tokens,
-                  max_docs, log) -> dict:
+def _build_corpus(
+    inputs, out, tokenizer, vocab_size, text_field, replace_errors, val_fraction, seed, min_tokens, max_docs, log
+) -> dict:
     inputs = [str(i) for i in inputs]
     docs = read_documents(inputs, text_field, replace_errors, max_docs)
     splits, dropped = dedupe(split_train_val(docs, val_fraction, seed))
@@ -217,11 +259,17 @@ def _build_corpus(inputs, out, tokenizer, vocab_size, text_field, replace_errors
     else:
         tok, how = train_tokenizer([d.text for d in splits["train"]], vocab_size), {"trained": True}
     chars = {k: sum(len(d.text) for d in v) for k, v in splits.items()}
-    log(f"{len(docs)} documents; split: train {len(splits['train'])} documents ({chars['train']:,} characters), "
+    log(
+        f"{len(docs)} documents; split: train {len(splits['train'])} documents ({chars['train']:,} characters), "
         f"val {len(splits['val'])} ({chars['val']:,} characters, {chars['val'] / max(1, sum(chars.values())):.1%}"
         f"{'; cut from ' + splits['val'][0].id.rsplit('#', 1)[0] if splits['val'][0].id.endswith('#val') else ''}); "
-        f"tokenizer with {tok.vocab_size} ids")
-    extra = {"inputs": inputs, "tokenizer": how, "duplicates_dropped": dropped,
-             "split_rule": f"val: whole documents up to {val_fraction:g} of the text (seed {seed}; the largest "
-                           "document is cut when none fits); train: the rest"}
+        f"tokenizer with {tok.vocab_size} ids"
+    )
+    extra = {
+        "inputs": inputs,
+        "tokenizer": how,
+        "duplicates_dropped": dropped,
+        "split_rule": f"val: whole documents up to {val_fraction:g} of the text (seed {seed}; the largest "
+        "document is cut when none fits); train: the rest",
+    }
     return write_corpus(out, splits, tok, extra, log, min_train_tokens=min_tokens)

@@ -30,8 +30,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from .expert_parallel import ExpertShardedPEER, gather_full_state
 
-__all__ = ["model_state_dict", "optim_state_dict", "save_sharded", "load_sharded", "load_model_dcp",
-           "full_model_state"]
+__all__ = ["model_state_dict", "optim_state_dict", "save_sharded", "load_sharded", "load_model_dcp", "full_model_state"]
 
 _MESHES: dict = {}
 
@@ -89,8 +88,10 @@ def optim_state_dict(model: nn.Module, optimizer) -> dict:
             continue
         rows = layer.shard_end - layer.shard_start
         # a new dict: the one returned may be the optimizer's own state
-        osd["state"][fqn] = {k: _as_global(v, layer) if isinstance(v, torch.Tensor) and v.dim() >= 1
-                             and v.shape[0] == rows else v for k, v in st.items()}
+        osd["state"][fqn] = {
+            k: _as_global(v, layer) if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == rows else v
+            for k, v in st.items()
+        }
     return osd
 
 
@@ -137,8 +138,10 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer=None) -> None:
         with _single_process_quiet():
             dcp.load(state, checkpoint_id=str(path))
     except Exception as e:  # DCP raises CheckpointException / RuntimeError with per-rank details
-        raise ValueError(f"{path}: cannot load the sharded checkpoint into this model ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from e
+        raise ValueError(
+            f"{path}: cannot load the sharded checkpoint into this model ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''})"
+        ) from e
     _copy_back(model, state["model"])
     if optimizer is not None:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
@@ -173,8 +176,9 @@ def full_model_state(model: nn.Module, dst: int = 0) -> dict[str, torch.Tensor] 
     sd = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     done: dict[tuple, torch.Tensor] = {}  # tied tensors (same storage) are gathered once
-    ep_prefix = {f"{n}." if n else "": m for n, m in model.named_modules()
-                 if isinstance(m, ExpertShardedPEER) and m.ep_size > 1}
+    ep_prefix = {
+        f"{n}." if n else "": m for n, m in model.named_modules() if isinstance(m, ExpertShardedPEER) and m.ep_size > 1
+    }
     for prefix, layer in ep_prefix.items():
         full = gather_full_state(layer, dst=dst)
         if full is not None:

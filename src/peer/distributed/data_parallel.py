@@ -23,7 +23,6 @@ over sharded ones (expert rows, FSDP shards) whose squared norms are summed over
 from __future__ import annotations
 
 import contextlib
-
 import math
 
 import torch
@@ -31,14 +30,35 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import Config, ConfigError
-from ..layers.peer import PEER
-from .env import DistEnv, DistributedError, _collective, all_reduce_sum, barrier, current_env, failure_message, \
-    init_distributed, is_distributed
+from ..layers.router import ProductKeyRouter
+from .env import (
+    DistEnv,
+    DistributedError,
+    _collective,
+    all_reduce_sum,
+    barrier,
+    current_env,
+    failure_message,
+    init_distributed,
+    is_distributed,
+)
 from .expert_parallel import ExpertShardedPEER, expert_shards, shard_model
 
 __all__ = [
-    "setup", "check_config", "finish", "per_rank_batch", "shard_experts", "wrap_model", "unwrap", "is_sharded_config", "clip_grad_norm",
-    "mean_over_ranks", "all_finite", "reduce_usage", "rebatch_state", "explain_failure", "barrier",
+    "setup",
+    "check_config",
+    "finish",
+    "per_rank_batch",
+    "shard_experts",
+    "wrap_model",
+    "is_sharded_config",
+    "clip_grad_norm",
+    "mean_over_ranks",
+    "all_finite",
+    "reduce_usage",
+    "rebatch_state",
+    "explain_failure",
+    "barrier",
 ]
 
 _COLLECTIVE_HINTS = ("gloo", "nccl", "connection reset", "connection closed", "timed out", "c10d", "processgroup")
@@ -55,17 +75,21 @@ def setup(cfg: Config) -> DistEnv:
 def check_config(cfg: Config, world_size: int) -> None:
     """Settings that cannot work on ``world_size`` ranks: ConfigError naming the field."""
     if world_size > 1 and cfg.optim.sparse_experts and not cfg.dist.expert_parallel:
-        raise ConfigError("optim.sparse_experts: on several ranks the sparse row gradients of the expert tables "
-                          "need dist.expert_parallel=true (DDP/FSDP cannot average sparse gradients); set "
-                          "dist.expert_parallel=true or optim.sparse_experts=false")
+        raise ConfigError(
+            "optim.sparse_experts: on several ranks the sparse row gradients of the expert tables "
+            "need dist.expert_parallel=true (DDP/FSDP cannot average sparse gradients); set "
+            "dist.expert_parallel=true or optim.sparse_experts=false"
+        )
 
 
 def per_rank_batch(cfg: Config, world_size: int) -> int:
     """``train.batch_size / world_size`` (the global batch split evenly), else ConfigError."""
     b = cfg.train.batch_size
     if b % world_size:
-        raise ConfigError(f"train.batch_size: is the global batch ({b} sequences) and must be divisible by the "
-                          f"number of ranks ({world_size}); e.g. use {max(world_size, b // world_size * world_size)}")
+        raise ConfigError(
+            f"train.batch_size: is the global batch ({b} sequences) and must be divisible by the "
+            f"number of ranks ({world_size}); e.g. use {max(world_size, b // world_size * world_size)}"
+        )
     return b // world_size
 
 
@@ -125,11 +149,6 @@ def finish(env: DistEnv) -> None:
     from .env import teardown
 
     teardown()
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The PeerLM inside a DDP wrapper (FSDP2 works in place)."""
-    return getattr(module, "module", module)
 
 
 # ------------------------------------------------------------------ per-step reductions
@@ -213,7 +232,7 @@ def all_finite(module: nn.Module) -> bool:
 
 @torch.no_grad()
 def reduce_usage(model: nn.Module) -> None:
-    """Sum every PEER layer's usage counts over ranks, so each rank holds the whole batch's.
+    """Sum every product-key layer's (PEER, PKM) usage counts over ranks, so each rank holds the whole batch's.
 
     Expert-sharded layers already retrieve for every rank's tokens (their counts are global)
     and are left alone. Collective: call on all ranks.
@@ -223,7 +242,7 @@ def reduce_usage(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, ExpertShardedPEER):
             continue
-        if isinstance(m, PEER) or hasattr(m, "usage") and hasattr(m, "record_usage"):
+        if isinstance(m, ProductKeyRouter):
             if m.usage.numel():
                 _collective("all_reduce", dist.all_reduce, m.usage)
 
@@ -237,8 +256,10 @@ def rebatch_state(state: dict, batcher) -> dict:
     saved_global = int(state.get("batch_size", batcher.batch_size)) * int(state.get("world_size", 1))
     now_global = batcher.batch_size * batcher.world_size
     if saved_global != now_global:
-        raise ValueError(f"train.batch_size: the checkpoint's global batch is {saved_global} sequences, "
-                         f"this run's is {now_global}; the resumed run would see different batches")
+        raise ValueError(
+            f"train.batch_size: the checkpoint's global batch is {saved_global} sequences, "
+            f"this run's is {now_global}; the resumed run would see different batches"
+        )
     return {**state, "batch_size": batcher.batch_size, "rank": batcher.rank, "world_size": batcher.world_size}
 
 

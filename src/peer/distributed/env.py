@@ -23,8 +23,18 @@ import torch.distributed as dist
 from ..errors import PeerError
 
 __all__ = [
-    "DistEnv", "DistributedError", "init_distributed", "teardown", "current_env", "choose_backend",
-    "is_distributed", "get_rank", "get_world_size", "all_reduce_mean", "all_reduce_sum", "barrier",
+    "DistEnv",
+    "DistributedError",
+    "init_distributed",
+    "teardown",
+    "current_env",
+    "choose_backend",
+    "is_distributed",
+    "get_rank",
+    "get_world_size",
+    "all_reduce_mean",
+    "all_reduce_sum",
+    "barrier",
 ]
 
 
@@ -57,7 +67,7 @@ _OWNS_GROUP = False
 
 
 def choose_backend(backend: str, device: str) -> str:
-    """"auto" -> NCCL for CUDA devices, gloo otherwise; an explicit choice is checked against the device."""
+    """ "auto" -> NCCL for CUDA devices, gloo otherwise; an explicit choice is checked against the device."""
     if backend not in ("auto", "gloo", "nccl"):
         raise ValueError(f"dist.backend must be one of 'auto', 'gloo', 'nccl', got {backend!r}")
     cuda = str(device).startswith("cuda")
@@ -105,8 +115,7 @@ def init_distributed(backend: str = "auto", device: str = "cpu", timeout_s: floa
         torch.cuda.set_device(torch.device(device))
     # NCCL: abort a hung collective after the timeout instead of waiting forever
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-    dist.init_process_group(name, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=float(timeout_s)))
+    dist.init_process_group(name, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=float(timeout_s)))
     _OWNS_GROUP = True
     _ENV = DistEnv(rank, world, local_rank, name, str(device), float(timeout_s))
     return _ENV
@@ -142,9 +151,11 @@ def failure_message(what: str, err: BaseException) -> str:
     """The message of a failed collective: who, why it probably happened, what to do."""
     text = str(err)
     first = text.splitlines()[0] if text else type(err).__name__
-    return (f"rank {get_rank()} of {get_world_size()}: a collective ({what}) failed, so the run stops (a peer rank "
-            f"died, or did not answer within dist.timeout_s={_ENV.timeout_s:g}s). Resume from the last complete "
-            f"checkpoint with --resume. Cause: {type(err).__name__}: {first}")
+    return (
+        f"rank {get_rank()} of {get_world_size()}: a collective ({what}) failed, so the run stops (a peer rank "
+        f"died, or did not answer within dist.timeout_s={_ENV.timeout_s:g}s). Resume from the last complete "
+        f"checkpoint with --resume. Cause: {type(err).__name__}: {first}"
+    )
 
 
 def _collective(what: str, fn, *args, **kwargs):

@@ -42,13 +42,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers.peer import PEER, TABLES, reset_expert_tables
-from ..layers.router import ProductKeyRouter
+from ..layers.peer import PEER, TABLES
 from .env import _collective
 
 __all__ = [
-    "ExpertShardedPEER", "shard_peer_layer", "shard_model", "shard_bounds", "sharded_expert_mix",
-    "gather_full_state", "gather_full_model_state", "unshard_peer_layer", "expert_shards",
+    "ExpertShardedPEER",
+    "shard_peer_layer",
+    "shard_model",
+    "shard_bounds",
+    "sharded_expert_mix",
+    "gather_full_state",
+    "unshard_peer_layer",
+    "expert_shards",
     "comm_floats_per_token",
 ]
 
@@ -106,12 +111,16 @@ class _CopyToGroup(torch.autograd.Function):
         wide = torch.float32
         for _, dt in ctx.metas:
             wide = torch.promote_types(wide, dt)
-        buf = torch.cat([(g if g is not None else torch.zeros(s, device=ctx.device)).reshape(-1).to(wide)
-                         for g, (s, _) in zip(grads, ctx.metas)])
+        buf = torch.cat(
+            [
+                (g if g is not None else torch.zeros(s, device=ctx.device)).reshape(-1).to(wide)
+                for g, (s, _) in zip(grads, ctx.metas, strict=True)
+            ]
+        )
         _collective("all_reduce", dist.all_reduce, buf, group=ctx.group)
         out, i = [], 0
         for s, dt in ctx.metas:
-            out.append(buf[i:i + s.numel()].view(s).to(dt))
+            out.append(buf[i : i + s.numel()].view(s).to(dt))
             i += s.numel()
         return (None, *out)
 
@@ -193,66 +202,46 @@ def sharded_expert_mix(x, u, v, idx, g, start, activation="gelu", gate=None, gro
 
 
 # ------------------------------------------------------------------ the layer
-class ExpertShardedPEER(ProductKeyRouter):
-    """A PEER layer whose expert tables hold only this rank's rows; see the module docstring.
+class ExpertShardedPEER(PEER):
+    """A :class:`PEER` that holds rows [shard_start, shard_end) of its expert tables (this rank's share
+    of an expert-parallel group) and mixes with :func:`sharded_expert_mix`; see the module docstring.
 
-    Build it with :func:`shard_peer_layer`. Parameter names equal the full layer's (``u``, ``v``,
-    ``gate`` hold rows [shard_start, shard_end)), so a full state dict maps onto it row-wise.
+    Its constructor takes PEER's arguments plus the process ``group`` and ``data_parallel``; the row
+    range follows from the group (:func:`shard_bounds`), and the rows are initialised as the full
+    layer's (every rank draws the whole tables in chunks and keeps its rows). :func:`shard_peer_layer`
+    makes one from an existing full layer. Parameter names equal the full layer's, so a full state dict
+    maps onto it row-wise. Retrieval (eqs. 1, 2, 4, 5) and usage accounting are PEER's own, on the
+    replicated query network, norm and keys.
     """
 
-    # retrieval (eqs. 1, 2, 4, 5) and usage accounting: the router's code (peer.layers.router) on the
-    # full layer's replicated query network, norm and keys
-    expert_parameters = PEER.expert_parameters
-
-    def __init__(self, layer: PEER, group=None, data_parallel: bool = False):
-        super().__init__()
-        if not isinstance(layer, PEER):
-            raise ValueError(f"layer must be a peer.layers.PEER, got {type(layer).__name__}")
-        for name in ("dim", "num_experts", "heads", "topk", "key_dim", "activation", "score", "shared_keys",
-                     "glu", "query_norm_kind", "backend", "sparse_grad"):
-            setattr(self, name, getattr(layer, name))
-        if self.backend == "triton":
-            raise ValueError("an expert-sharded PEER mixes with PyTorch gathers; backend='triton' has no sharded "
-                             "kernel (use 'auto', 'fused' or 'reference': they choose the retrieval's top-k)")
-        self.table_dtype = layer.u.dtype
+    def __init__(self, *, num_experts: int, group=None, data_parallel: bool = False, **peer_kwargs):
+        if peer_kwargs.get("backend") == "triton":
+            raise ValueError(
+                "an expert-sharded PEER mixes with PyTorch gathers; backend='triton' has no sharded "
+                "kernel (use 'auto', 'fused' or 'reference': they choose the retrieval's top-k)"
+            )
+        ep_size = _group_size(group)
+        ep_rank = dist.get_rank(group) if dist.is_initialized() else 0
+        super().__init__(num_experts=num_experts, rows=shard_bounds(num_experts, ep_size, ep_rank), **peer_kwargs)
         self.group, self.data_parallel = group, bool(data_parallel)
-        self.ep_size = _group_size(group)
-        self.ep_rank = dist.get_rank(group) if dist.is_initialized() else 0
-        self.shard_start, self.shard_end = shard_bounds(self.num_experts, self.ep_size, self.ep_rank)
-        self.query_proj, self.query_norm, self.index = layer.query_proj, layer.query_norm, layer.index
-        for name in TABLES:
-            full = getattr(layer, name)
-            if full is None:
-                self.register_parameter(name, None)
-                continue
-            p = nn.Parameter(full.detach()[self.shard_start:self.shard_end].clone(), requires_grad=full.requires_grad)
-            setattr(self, name, p)  # this rank's rows: not replicated, not averaged by DDP (expert_shards)
-        self.table_stds = dict(layer.table_stds)
-        self.record_usage = False
-        self.register_buffer("usage", torch.zeros(0, dtype=torch.float64, device=layer.u.device), persistent=False)
+        self.ep_size, self.ep_rank = ep_size, ep_rank
 
-    @torch.no_grad()
-    def reset_parameters(self, pool: bool = True) -> None:
-        """:meth:`PEER.reset_parameters` of the full layer, keeping this rank's rows: every rank draws the
-        whole tables in chunks (:func:`peer.layers.peer.normal_rows_`) and keeps rows [shard_start,
-        shard_end), so a model built on the meta device, sharded, ``to_empty``'d and initialised holds
-        exactly the unsharded model's values while allocating only this rank's rows."""
-        self._reset_router(pool)
-        reset_expert_tables(self, pool, self.shard_start)
+    @property
+    def shard_start(self) -> int:
+        return self.rows[0]
+
+    @property
+    def shard_end(self) -> int:
+        return self.rows[1]
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, num_experts={self.num_experts}, heads={self.heads}, topk={self.topk}, "
-                f"rows=[{self.shard_start}, {self.shard_end}) of rank {self.ep_rank}/{self.ep_size}, "
-                f"data_parallel={self.data_parallel}")
+        return (
+            f"dim={self.dim}, num_experts={self.num_experts}, heads={self.heads}, topk={self.topk}, "
+            f"rows=[{self.shard_start}, {self.shard_end}) of rank {self.ep_rank}/{self.ep_size}, "
+            f"data_parallel={self.data_parallel}"
+        )
 
-    def peer_kwargs(self) -> dict:
-        """The constructor arguments of the equivalent full :class:`PEER`."""
-        return dict(dim=self.dim, num_experts=self.num_experts, heads=self.heads, topk=self.topk,
-                    key_dim=self.key_dim, activation=self.activation, score=self.score,
-                    query_norm=self.query_norm_kind, shared_keys=self.shared_keys, glu=self.glu,
-                    backend=self.backend, table_dtype=self.table_dtype, sparse_grad=self.sparse_grad)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_with_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         lead = x.shape[:-1]
         xf = self._flat(x)
         multi = self.ep_size > 1
@@ -271,20 +260,34 @@ class ExpertShardedPEER(ProductKeyRouter):
         y = sharded_expert_mix(xf, u, v, idx, g, self.shard_start, self.activation, gate, self.group, self.sparse_grad)
         if multi:
             y = _ScatterTokens.apply(y, self.group) if self.data_parallel else _SumReduce.apply(y, self.group)
-        return y.view(*lead, self.dim)
+        return y.view(*lead, self.dim), None
 
 
 def shard_peer_layer(layer: PEER, group=None, data_parallel: bool = False) -> ExpertShardedPEER:
-    """Keep this rank's rows of ``layer``'s expert tables; the rest of the layer is shared (not copied).
-
-    All ranks of ``group`` must pass a layer with the same parameters (same seed, or a broadcast).
-    """
-    return ExpertShardedPEER(layer, group, data_parallel)
+    """Keep this rank's rows of ``layer``'s expert tables; the rest of the layer (query network, norm,
+    keys) is shared with ``layer`` (the same Parameter and buffer objects, not copies). Draws no random
+    numbers. All ranks of ``group`` must pass a layer with the same parameters (same seed, or a broadcast)."""
+    if not isinstance(layer, PEER) or isinstance(layer, ExpertShardedPEER):
+        raise ValueError(f"layer must be a full peer.layers.PEER, got {type(layer).__name__}")
+    sharded = ExpertShardedPEER(group=group, data_parallel=data_parallel, device="meta", **layer.peer_kwargs())
+    lo, hi = sharded.rows
+    state = {
+        name: (t.detach()[lo:hi].clone() if name in TABLES else t)
+        for name, t in layer.state_dict(keep_vars=True).items()
+    }
+    sharded.load_state_dict(state, assign=True)
+    for name in TABLES:  # assign wraps the row slices in Parameters: keep the full tables' requires_grad
+        full, mine = getattr(layer, name), getattr(sharded, name)
+        if full is not None:
+            mine.requires_grad_(full.requires_grad)
+    sharded.usage = torch.zeros(0, dtype=torch.float64, device=layer.u.device)
+    sharded.train(layer.training)
+    return sharded
 
 
 def shard_model(model: nn.Module, group=None, data_parallel: bool = True) -> list[str]:
     """Replace every PEER submodule of ``model`` in place by its expert-sharded version; returns their names."""
-    names = [n for n, m in model.named_modules() if isinstance(m, PEER)]
+    names = [n for n, m in model.named_modules() if isinstance(m, PEER) and not isinstance(m, ExpertShardedPEER)]
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -334,21 +337,3 @@ def unshard_peer_layer(layer: ExpertShardedPEER) -> PEER:
     full.load_state_dict(gather_full_state(layer))
     full.train(layer.training)
     return full
-
-
-def gather_full_model_state(model: nn.Module, dst: int | None = None) -> dict[str, torch.Tensor] | None:
-    """``model.state_dict()`` with every expert-sharded table gathered to full size (for export).
-
-    On ranks other than ``dst`` (when given) returns None. Collective over each layer's group.
-    """
-    state = {k: t.detach() for k, t in model.state_dict().items()}
-    keep = True
-    for name, mod in model.named_modules():
-        if isinstance(mod, ExpertShardedPEER):
-            full = gather_full_state(mod, dst)
-            if full is None:
-                keep = False
-                continue
-            prefix = f"{name}." if name else ""
-            state.update({prefix + k: t for k, t in full.items()})
-    return state if keep else None

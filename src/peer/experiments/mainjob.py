@@ -28,8 +28,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..config import Config, ConfigError, load_config
-from ..fsutil import atomic_write_text
 from ..errors import PeerError, UsageError
+from ..fsutil import atomic_write_text
 
 __all__ = ["DEFAULT_BUDGET", "MODELS", "plan", "main_job", "format_table", "format_markdown", "add_arguments", "run"]
 
@@ -42,10 +42,23 @@ PROMPT = "The state of the Union"
 
 # --quick: tiny versions of the presets (same backbone for both), a few steps each
 QUICK = [
-    "model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.d_ff=256", "model.max_seq_len=32",
-    "model.peer.num_experts=256", "model.peer.heads=2", "model.peer.topk=4", "model.peer.key_dim=16",
-    "train.seq_len=32", "train.batch_size=4", "train.eval_batches=2", "train.log_every=1",
-    "train.eval_every=0", "train.ckpt_every=1000", "train.tensorboard=false", "optim.warmup_steps=2",
+    "model.d_model=64",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.d_ff=256",
+    "model.max_seq_len=32",
+    "model.peer.num_experts=256",
+    "model.peer.heads=2",
+    "model.peer.topk=4",
+    "model.peer.key_dim=16",
+    "train.seq_len=32",
+    "train.batch_size=4",
+    "train.eval_batches=2",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.ckpt_every=1000",
+    "train.tensorboard=false",
+    "optim.warmup_steps=2",
 ]
 QUICK_STEPS = 6  # the quick budget: this many steps of the quick dense model
 
@@ -62,14 +75,25 @@ def _say(msg: str) -> None:
 
 
 # ------------------------------------------------------------------ plan
-def plan(out: str | Path, corpus: str | Path, vocab_size: int, budget: float | None = None, quick: bool = False,
-         threads: int = 0, progress: bool = True) -> dict[str, Config]:
+def plan(
+    out: str | Path,
+    corpus: str | Path,
+    vocab_size: int,
+    budget: float | None = None,
+    quick: bool = False,
+    threads: int = 0,
+    progress: bool = True,
+) -> dict[str, Config]:
     """The two run configs: the presets with the corpus, out dirs and the shared FLOP budget."""
     from ..flops import train_flops_per_step
 
     out, cfgs = Path(out), {}
-    base = [f"data.corpus={json.dumps(str(corpus))}", f"model.vocab_size={vocab_size}",
-            f"train.threads={threads}", f"train.progress={'true' if progress else 'false'}"]
+    base = [
+        f"data.corpus={json.dumps(str(corpus))}",
+        f"model.vocab_size={vocab_size}",
+        f"train.threads={threads}",
+        f"train.progress={'true' if progress else 'false'}",
+    ]
     if quick:
         base += QUICK
         if budget is None:
@@ -79,8 +103,10 @@ def plan(out: str | Path, corpus: str | Path, vocab_size: int, budget: float | N
     if not budget > 0:
         raise ConfigError(f"--budget: must be a positive number of FLOPs, got {budget}")
     for name in MODELS:
-        cfgs[name] = load_config(_configs_dir() / f"{name}.toml",
-                                 base + [f"train.flops={budget!r}", f"train.out_dir={json.dumps(str(out / name))}"])
+        cfgs[name] = load_config(
+            _configs_dir() / f"{name}.toml",
+            base + [f"train.flops={budget!r}", f"train.out_dir={json.dumps(str(out / name))}"],
+        )
     return cfgs
 
 
@@ -91,14 +117,25 @@ def _prepare_corpus(corpus: Path, default: bool) -> None:
     if default:
         prepare(out=corpus, log=_say)
     elif "train" not in list_splits(corpus):
-        raise FileNotFoundError(f"--corpus {str(corpus)!r}: not a prepared corpus (no splits/train.bin); "
-                                "see `peer data prepare` / `peer data tokenize`")
+        raise FileNotFoundError(
+            f"--corpus {str(corpus)!r}: not a prepared corpus (no splits/train.bin); "
+            "see `peer data prepare` / `peer data tokenize`"
+        )
 
 
 # ------------------------------------------------------------------ the job
-def main_job(out: str | Path = "runs/main", budget: float | None = None, quick: bool = False,
-             corpus: str | Path | None = None, eval_batches: int | None = EVAL_BATCHES, threads: int = 0,
-             prompt: str = PROMPT, max_new_tokens: int = 60, progress: bool = True, parallel: int = 2) -> dict:
+def main_job(
+    out: str | Path = "runs/main",
+    budget: float | None = None,
+    quick: bool = False,
+    corpus: str | Path | None = None,
+    eval_batches: int | None = EVAL_BATCHES,
+    threads: int = 0,
+    prompt: str = PROMPT,
+    max_new_tokens: int = 60,
+    progress: bool = True,
+    parallel: int = 2,
+) -> dict:
     """Run the main job (see the module docstring); returns the comparison written to comparison.json."""
     from ..data import load_tokenizer
     from ..eval import evaluate, run_tokenizer
@@ -125,8 +162,10 @@ def main_job(out: str | Path = "runs/main", budget: float | None = None, quick: 
         _say(f"== train {', '.join(cfgs)} side by side, {each} thread(s) each; logs in <run>/train.log")
         cfgs = {n: replace(c, train=replace(c.train, threads=each, progress=False)) for n, c in cfgs.items()}
     for name, cfg in cfgs.items():
-        _say(f"== train {name}: {resolve_steps(cfg)} steps x {cfg.train.tokens_per_step} tokens, "
-             f"budget {budget:.3g} FLOPs -> {cfg.train.out_dir}")
+        _say(
+            f"== train {name}: {resolve_steps(cfg)} steps x {cfg.train.tokens_per_step} tokens, "
+            f"budget {budget:.3g} FLOPs -> {cfg.train.out_dir}"
+        )
         _say(f"   recipe: {describe_recipe(cfg)}")
 
     workers = Workers()  # side by side: Ctrl-C / SIGTERM reach the children, which save a checkpoint and stop
@@ -139,11 +178,14 @@ def main_job(out: str | Path = "runs/main", budget: float | None = None, quick: 
 
     if side_by_side:
         with workers.forwarding(), ThreadPoolExecutor(len(cfgs)) as pool:
-            done = dict(zip(cfgs, pool.map(train_one, cfgs)))
+            done = dict(zip(cfgs, pool.map(train_one, cfgs), strict=True))
         if workers.stopped:
             stopped = [name for name, (status, _) in done.items() if status == "stopped"]
-            raise Interrupted(f"stopped by {signal.Signals(workers.stopped).name}: {', '.join(stopped) or 'no run'} "
-                              "saved a checkpoint; the same command resumes", workers.stopped)
+            raise Interrupted(
+                f"stopped by {signal.Signals(workers.stopped).name}: {', '.join(stopped) or 'no run'} "
+                "saved a checkpoint; the same command resumes",
+                workers.stopped,
+            )
     else:
         done = {name: train_one(name) for name in cfgs}
     results: dict[str, dict] = {}
@@ -154,9 +196,14 @@ def main_job(out: str | Path = "runs/main", budget: float | None = None, quick: 
             state[f"{name}_train_s"] = before + seconds
             atomic_write_text(state_path, json.dumps(state, indent=1) + "\n")
         steps = resolve_steps(cfg)
-        results[name] = {"run_dir": cfg.train.out_dir, "status": status, "steps": steps, "recipe": describe_recipe(cfg),
-                         "tokens": steps * cfg.train.tokens_per_step,
-                         "train_s": state.get(f"{name}_train_s")}
+        results[name] = {
+            "run_dir": cfg.train.out_dir,
+            "status": status,
+            "steps": steps,
+            "recipe": describe_recipe(cfg),
+            "tokens": steps * cfg.train.tokens_per_step,
+            "train_s": state.get(f"{name}_train_s"),
+        }
     timing["train_s"] = sum(r["train_s"] or 0.0 for r in results.values())
     timing["train_wall_s"] = time.perf_counter() - t0 - timing["prepare_s"]
 
@@ -165,18 +212,24 @@ def main_job(out: str | Path = "runs/main", budget: float | None = None, quick: 
     for name, cfg in cfgs.items():
         _say(f"== evaluate {name}")
         model, run_cfg, meta = load_run(cfg.train.out_dir)
-        report = evaluate(cfg.train.out_dir, max_batches=eval_batches, plot_dir=plots,
-                          model_and_cfg=(model, run_cfg, meta))
+        report = evaluate(
+            cfg.train.out_dir, max_batches=eval_batches, plot_dir=plots, model_and_cfg=(model, run_cfg, meta)
+        )
         results[name].update(report=report, flops=float(meta.get("flops", budget)))
-        results[name]["sample"] = sample(model, run_tokenizer(cfg.train.out_dir, run_cfg), prompt,
-                                         max_new_tokens=max_new_tokens, seed=0)
+        results[name]["sample"] = sample(
+            model, run_tokenizer(cfg.train.out_dir, run_cfg), prompt, max_new_tokens=max_new_tokens, seed=0
+        )
     timing["eval_s"] = time.perf_counter() - t
     curves = plot_curves([cfgs[n].train.out_dir for n in cfgs], plots, names=list(cfgs))
     timing["total_s"] = time.perf_counter() - t0
 
     comparison = {
-        "budget_flops": budget, "corpus": str(corpus_path), "quick": quick, "eval_batches": eval_batches,
-        "prompt": prompt, "timing": timing,
+        "budget_flops": budget,
+        "corpus": str(corpus_path),
+        "quick": quick,
+        "eval_batches": eval_batches,
+        "prompt": prompt,
+        "timing": timing,
         "plots": sorted(str(p) for p in plots.glob("*.png")),
         "runs": {name: _summary(r, curves[name]) for name, r in results.items()},
     }
@@ -185,8 +238,10 @@ def main_job(out: str | Path = "runs/main", budget: float | None = None, quick: 
     print("\n" + format_table(comparison))
     for name, r in comparison["runs"].items():
         print(f"\n--- sample from {name} (temperature 0.8, top-k 50, top-p 0.95, seed 0) ---\n{prompt}{r['sample']}")
-    print(f"\nwrote {out / 'comparison.json'}, {out / 'comparison.md'} and plots in {plots} "
-          f"({timing['total_s']:.0f} s in all)")
+    print(
+        f"\nwrote {out / 'comparison.json'}, {out / 'comparison.md'} and plots in {plots} "
+        f"({timing['total_s']:.0f} s in all)"
+    )
     return comparison
 
 
@@ -206,23 +261,32 @@ def _train_in_process(cfg: Config, workers) -> str:
     status = json.loads(job.read_text(encoding="utf-8")).get("status")
     if code != 0 or status is None:
         tail = (run_dir / "train.log").read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:]
-        raise PeerError(f"training {run_dir} failed (exit {code}): {tail[0] if tail else 'no output'}; "
-                        f"see {run_dir / 'train.log'}")
+        raise PeerError(
+            f"training {run_dir} failed (exit {code}): {tail[0] if tail else 'no output'}; see {run_dir / 'train.log'}"
+        )
     return status
 
 
 def _summary(r: dict, curve: dict) -> dict:
     rep = r["report"]
     return {
-        "run_dir": r["run_dir"], "status": r["status"], "recipe": r.get("recipe", ""), "steps": r["steps"],
+        "run_dir": r["run_dir"],
+        "status": r["status"],
+        "recipe": r.get("recipe", ""),
+        "steps": r["steps"],
         "tokens": r["tokens"],
-        "train_flops": r["flops"], "train_s": r["train_s"], "model": rep["model"], "params": rep["params"],
+        "train_flops": r["flops"],
+        "train_s": r["train_s"],
+        "model": rep["model"],
+        "params": rep["params"],
         "final_train_loss": float(curve["loss"][-1]) if len(curve["loss"]) else None,
         "final_val_loss": float(curve["val_loss"][-1]) if len(curve["val_loss"]) else None,
         "perplexity": {s: v["perplexity"] for s, v in rep["sets"].items()},
         "eval_tokens": {s: v["tokens"] for s, v in rep["sets"].items()},
-        "experts": {layer: {k: e.get(k) for k in ("experts", "usage", "unevenness", "set")}
-                    for layer, e in rep["experts"].items()},
+        "experts": {
+            layer: {k: e.get(k) for k in ("experts", "usage", "unevenness", "set")}
+            for layer, e in rep["experts"].items()
+        },
         "sample": r["sample"],
     }
 
@@ -233,13 +297,20 @@ def describe_recipe(cfg: Config) -> str:
     text = f"d_model {m.d_model}, {m.n_layers} blocks, lr {o.lr:g}, warmup {o.warmup_steps}"
     if m.sparse_layer == "peer":
         p = m.peer
-        n = int(round(p.num_experts ** 0.5))
+        n = int(round(p.num_experts**0.5))
         where = m.sparse_blocks if isinstance(m.sparse_blocks, str) else ",".join(map(str, m.sparse_blocks))
-        text += (f"; PEER {n}^2 experts, h={p.heads}, k={p.topk}, key_dim={p.key_dim}, {p.query_norm}, {p.score}, "
-                 f"v init x{p.value_init_scale:g}, blocks {where} ({m.sparse_placement}"
-                 f"{', shared pool' if m.share_experts else ''}), expert lr x{o.expert_lr_mult:g}"
-                 + (f" -> x{o.expert_lr_mult_final:g} ({o.expert_lr_mult_schedule})" if o.expert_lr_mult_schedule != "constant" else "")
-                 + f", table weight decay {o.expert_weight_decay:g}" + (", lazy row AdamW" if o.sparse_experts else ""))
+        text += (
+            f"; PEER {n}^2 experts, h={p.heads}, k={p.topk}, key_dim={p.key_dim}, {p.query_norm}, {p.score}, "
+            f"v init x{p.value_init_scale:g}, blocks {where} ({m.sparse_placement}"
+            f"{', shared pool' if m.share_experts else ''}), expert lr x{o.expert_lr_mult:g}"
+            + (
+                f" -> x{o.expert_lr_mult_final:g} ({o.expert_lr_mult_schedule})"
+                if o.expert_lr_mult_schedule != "constant"
+                else ""
+            )
+            + f", table weight decay {o.expert_weight_decay:g}"
+            + (", lazy row AdamW" if o.sparse_experts else "")
+        )
     elif m.sparse_layer != "none":
         text += f"; {m.sparse_layer} in blocks {m.sparse_blocks}"
     return text
@@ -261,11 +332,21 @@ def _rows(comparison: dict) -> tuple[list[str], list[tuple[str, list[str]]]]:
         rows.append((f"perplexity {s}", [f"{r['perplexity'][s]:.2f}" if s in r["perplexity"] else "-" for r in runs]))
     layers = list(dict.fromkeys(layer for r in runs for layer in r["experts"]))
     for layer in layers:
-        for key, label, fmt in (("usage", "expert usage", lambda v: f"{100 * v:.1f}%"),
-                                ("unevenness", "unevenness (KL)", lambda v: f"{v:.3f}")):
-            rows.append((f"{label}, {layer}",
-                         [fmt(r["experts"][layer][key]) if layer in r["experts"] and r["experts"][layer].get(key) is not None
-                          else "-" for r in runs]))
+        for key, label, fmt in (
+            ("usage", "expert usage", lambda v: f"{100 * v:.1f}%"),
+            ("unevenness", "unevenness (KL)", lambda v: f"{v:.3f}"),
+        ):
+            rows.append(
+                (
+                    f"{label}, {layer}",
+                    [
+                        fmt(r["experts"][layer][key])
+                        if layer in r["experts"] and r["experts"][layer].get(key) is not None
+                        else "-"
+                        for r in runs
+                    ],
+                )
+            )
     return names, rows
 
 
@@ -274,22 +355,30 @@ def format_table(comparison: dict) -> str:
     names, rows = _rows(comparison)
     w0 = max(len(label) for label, _ in rows)
     ws = [max(len(n), *(len(v[i]) for _, v in rows)) for i, n in enumerate(names)]
-    head = f"{'':<{w0}}  " + "  ".join(f"{n:>{w}}" for n, w in zip(names, ws))
+    head = f"{'':<{w0}}  " + "  ".join(f"{n:>{w}}" for n, w in zip(names, ws, strict=True))
     lines = [f"dense vs PEER at {comparison['budget_flops']:.3g} training FLOPs each (one seed each)"]
     lines += [f"  recipe {n}: {comparison['runs'][n].get('recipe', '')}" for n in names]
     lines += [head, "-" * len(head)]
-    lines += [f"{label:<{w0}}  " + "  ".join(f"{v:>{w}}" for v, w in zip(vals, ws)) for label, vals in rows]
+    lines += [
+        f"{label:<{w0}}  " + "  ".join(f"{v:>{w}}" for v, w in zip(vals, ws, strict=True)) for label, vals in rows
+    ]
     return "\n".join(lines)
 
 
 def format_markdown(comparison: dict) -> str:
     """comparison.md: the table and the samples."""
     names, rows = _rows(comparison)
-    md = [f"# Main job: dense vs PEER at {comparison['budget_flops']:.3g} training FLOPs", "",
-          f"Corpus `{comparison['corpus']}`; perplexity over up to {comparison['eval_batches']} batches per set; "
-          f"wall time {comparison['timing']['total_s']:.0f} s; one seed per model.", "",
-          *[f"- recipe **{n}**: {comparison['runs'][n].get('recipe', '')}" for n in names], "",
-          "| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    md = [
+        f"# Main job: dense vs PEER at {comparison['budget_flops']:.3g} training FLOPs",
+        "",
+        f"Corpus `{comparison['corpus']}`; perplexity over up to {comparison['eval_batches']} batches per set; "
+        f"wall time {comparison['timing']['total_s']:.0f} s; one seed per model.",
+        "",
+        *[f"- recipe **{n}**: {comparison['runs'][n].get('recipe', '')}" for n in names],
+        "",
+        "| | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
     md += [f"| {label} | " + " | ".join(vals) + " |" for label, vals in rows]
     md += ["", "## Samples", ""]
     for n in names:
@@ -301,14 +390,29 @@ def format_markdown(comparison: dict) -> str:
 # ------------------------------------------------------------------ CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/main", help="where the runs, plots and comparison go")
-    parser.add_argument("--budget", type=float, default=None,
-                        help=f"training FLOPs per model (default {DEFAULT_BUDGET:g}; --quick: {QUICK_STEPS} tiny steps)")
-    parser.add_argument("--quick", action="store_true", help="tiny models, a few steps: a seconds-long end-to-end check")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help=f"training FLOPs per model (default {DEFAULT_BUDGET:g}; --quick: {QUICK_STEPS} tiny steps)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny models, a few steps: a seconds-long end-to-end check"
+    )
     parser.add_argument("--corpus", default=None, help="a prepared corpus dir (default: build data/starter)")
-    parser.add_argument("--eval-batches", type=int, default=EVAL_BATCHES, help=f"batches per evaluation set (default {EVAL_BATCHES}; 0: all)")
+    parser.add_argument(
+        "--eval-batches",
+        type=int,
+        default=EVAL_BATCHES,
+        help=f"batches per evaluation set (default {EVAL_BATCHES}; 0: all)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads in all (0: torch's default)")
-    parser.add_argument("--parallel", type=int, default=2,
-                        help="train the two runs side by side, each with 1/parallel of the threads (default 2; 1: one after the other)")
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        default=2,
+        help="train the two runs side by side, each with 1/parallel of the threads (default 2; 1: one after the other)",
+    )
     parser.add_argument("--prompt", default=PROMPT, help="prompt for the samples")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -318,6 +422,15 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--eval-batches: must be >= 0, got {args.eval_batches}")
     if args.parallel < 1:
         raise UsageError(f"--parallel: must be >= 1, got {args.parallel}")
-    main_job(args.out, args.budget, args.quick, args.corpus, args.eval_batches or None, args.threads,
-             args.prompt, progress=not args.no_progress and sys.stderr.isatty(), parallel=args.parallel)
+    main_job(
+        args.out,
+        args.budget,
+        args.quick,
+        args.corpus,
+        args.eval_batches or None,
+        args.threads,
+        args.prompt,
+        progress=not args.no_progress and sys.stderr.isatty(),
+        parallel=args.parallel,
+    )
     return 0

@@ -11,9 +11,19 @@ from .modeling import PeerCache, PeerCausalLMOutput, PeerForCausalLM, PeerPreTra
 from .peerify import SUPPORTED_ARCHITECTURES, PeerMLP, freeze_except_peer, load_peerified, peerify, unfreeze
 
 __all__ = [
-    "PeerConfig", "PeerForCausalLM", "PeerPreTrainedModel", "PeerCache", "PeerCausalLMOutput",
-    "peerify", "PeerMLP", "SUPPORTED_ARCHITECTURES", "freeze_except_peer", "unfreeze", "load_peerified",
-    "export_run", "save_tokenizer",
+    "PeerConfig",
+    "PeerForCausalLM",
+    "PeerPreTrainedModel",
+    "PeerCache",
+    "PeerCausalLMOutput",
+    "peerify",
+    "PeerMLP",
+    "SUPPORTED_ARCHITECTURES",
+    "freeze_except_peer",
+    "unfreeze",
+    "load_peerified",
+    "export_run",
+    "save_tokenizer",
 ]
 
 

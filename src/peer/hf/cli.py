@@ -13,11 +13,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from ..errors import UsageError
+
+    if importlib.util.find_spec("transformers") is None:
+        raise UsageError('peer export needs Hugging Face transformers: pip install "peer-experts[hf]"')
     from .export import export_run
 
     out = export_run(args.run, args.out, tokenizer=not args.no_tokenizer, overwrite=args.overwrite)
     print(f"exported {args.run} -> {out}")
-    print(f"  load with: import peer.hf; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-          f"             AutoModelForCausalLM.from_pretrained({str(out)!r})"
-          + ("" if args.no_tokenizer else f"; AutoTokenizer.from_pretrained({str(out)!r})"))
+    print(
+        f"  load with: import peer.hf; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"             AutoModelForCausalLM.from_pretrained({str(out)!r})"
+        + ("" if args.no_tokenizer else f"; AutoTokenizer.from_pretrained({str(out)!r})")
+    )
     return 0

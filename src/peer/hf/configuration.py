@@ -63,7 +63,7 @@ class PeerConfig(PretrainedConfig):
 
     # ------------------------------------------------------------------ ModelConfig bridge
     @classmethod
-    def from_model_config(cls, model_cfg: ModelConfig, **kwargs: Any) -> "PeerConfig":
+    def from_model_config(cls, model_cfg: ModelConfig, **kwargs: Any) -> PeerConfig:
         """A PeerConfig with the fields of ``model_cfg`` (plus extra HF settings, e.g. ``eos_token_id``)."""
         if not isinstance(model_cfg, ModelConfig):
             raise ValueError(f"model_cfg must be a peer.config.ModelConfig, got {type(model_cfg).__name__}")

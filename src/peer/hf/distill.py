@@ -21,13 +21,16 @@ __all__ = ["capture", "distill"]
 
 def _as_batches(sample_inputs) -> list[dict]:
     """``sample_inputs`` as a list of model-input dicts (token ids [B, T] become ``{'input_ids': ids}``)."""
+
     def one(item):
         if isinstance(item, torch.Tensor):
             if item.dim() == 1:
                 item = item[None]
             if item.dim() != 2 or item.dtype != torch.long:
-                raise ValueError(f"sample_inputs: token ids must be a [batch, seq] torch.long tensor, "
-                                 f"got {tuple(item.shape)} {item.dtype}")
+                raise ValueError(
+                    f"sample_inputs: token ids must be a [batch, seq] torch.long tensor, "
+                    f"got {tuple(item.shape)} {item.dtype}"
+                )
             return {"input_ids": item}
         if isinstance(item, Mapping) and "input_ids" in item:
             return dict(item)
@@ -43,7 +46,9 @@ def _as_batches(sample_inputs) -> list[dict]:
 
 
 @torch.no_grad()
-def capture(model: nn.Module, mlps: dict[int, nn.Module], sample_inputs) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def capture(
+    model: nn.Module, mlps: dict[int, nn.Module], sample_inputs
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Run the model on the sample; return block id -> (MLP inputs, MLP outputs), [tokens, d] float32."""
     store: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {i: [] for i in mlps}
     keep: list[torch.Tensor | None] = [None]  # the current batch's attention mask, flattened
@@ -56,6 +61,7 @@ def capture(model: nn.Module, mlps: dict[int, nn.Module], sample_inputs) -> dict
             if keep[0] is not None:
                 x, y = x[keep[0]], y[keep[0]]
             store[i].append((x.cpu(), y.cpu()))
+
         return hook
 
     handles = [m.register_forward_hook(hook_for(i), with_kwargs=True) for i, m in mlps.items()]
@@ -75,8 +81,16 @@ def capture(model: nn.Module, mlps: dict[int, nn.Module], sample_inputs) -> dict
     return {i: (torch.cat([x for x, _ in v]), torch.cat([y for _, y in v])) for i, v in store.items()}
 
 
-def distill(layer: PEER, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, batch: int,
-            ridge: float = 0.1, cg_iters: int = 200) -> dict[str, float]:
+def distill(
+    layer: PEER,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    lr: float,
+    batch: int,
+    ridge: float = 0.1,
+    cg_iters: int = 200,
+) -> dict[str, float]:
     """Fit ``layer(x)`` to ``y``: calibrate the query BatchNorm, least-squares values, then Adam (see module doc).
 
     Returns the MSE before / after, the MSE of predicting 0 (the scale of y), and the token count.
@@ -101,15 +115,19 @@ def distill(layer: PEER, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float
                 loss.backward()
                 opt.step()
                 sched.step()
-    return {"mse_before": before, "mse_after": _mse(layer, x, y), "mse_zero": float(y.pow(2).mean()),
-            "tokens": int(x.shape[0])}
+    return {
+        "mse_before": before,
+        "mse_after": _mse(layer, x, y),
+        "mse_zero": float(y.pow(2).mean()),
+        "tokens": int(x.shape[0]),
+    }
 
 
 @torch.no_grad()
 def _mse(layer: PEER, x: torch.Tensor, y: torch.Tensor) -> float:
     """Mean squared error of ``layer(x)`` against ``y`` in eval mode."""
     layer.eval()
-    total = sum(F.mse_loss(layer(xb), yb, reduction="sum") for xb, yb in zip(x.split(4096), y.split(4096)))
+    total = sum(F.mse_loss(layer(xb), yb, reduction="sum") for xb, yb in zip(x.split(4096), y.split(4096), strict=True))
     return float(total / y.numel())
 
 
@@ -134,7 +152,7 @@ def _least_squares_values(layer: PEER, x: torch.Tensor, y: torch.Tensor, ridge: 
     """
     layer.eval()
     rows, cols, vals = [], [], []
-    for start, xb in zip(range(0, x.shape[0], 4096), x.split(4096)):
+    for start, xb in zip(range(0, x.shape[0], 4096), x.split(4096), strict=True):
         g, idx = layer.retrieve(xb)  # [T, h, k]
         idx, g = idx.flatten(1), g.flatten(1)
         h = torch.einsum("td,tmd->tm", xb, F.embedding(idx, layer.u).to(xb.dtype))
@@ -147,8 +165,9 @@ def _least_squares_values(layer: PEER, x: torch.Tensor, y: torch.Tensor, ridge: 
         cols.append(idx.flatten())
         vals.append((g.to(h.dtype) * h).flatten())
     n = layer.num_experts
-    phi = torch.sparse_coo_tensor(torch.stack([torch.cat(rows), torch.cat(cols)]), torch.cat(vals).float(),
-                                  (x.shape[0], n)).coalesce()
+    phi = torch.sparse_coo_tensor(
+        torch.stack([torch.cat(rows), torch.cat(cols)]), torch.cat(vals).float(), (x.shape[0], n)
+    ).coalesce()
     phi_t = phi.t().coalesce()
     v = layer.v.detach().float()
     pred = torch.sparse.mm(phi, v)

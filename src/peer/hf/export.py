@@ -22,9 +22,9 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
 
+from ..errors import UsageError, disk_full_as_error
 from ..fsutil import FolderLock, folder_kind, make_temp_dir, umask
 from .modeling import PeerForCausalLM
-from ..errors import UsageError
 
 __all__ = ["export_run", "save_tokenizer", "to_hf_tokenizer"]
 
@@ -46,19 +46,29 @@ def to_hf_tokenizer(tokenizer, model_max_length: int | None = None) -> PreTraine
     if eos is None:
         raise UsageError("tokenizer: no end-of-text token found (looked for <|endoftext|>, </s>, <eos>, ...)")
     kwargs = {"model_max_length": model_max_length} if model_max_length else {}
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, bos_token=eos, pad_token=eos,
-                                   padding_side="right", model_input_names=["input_ids", "attention_mask"], **kwargs)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=eos,
+        bos_token=eos,
+        pad_token=eos,
+        padding_side="right",
+        model_input_names=["input_ids", "attention_mask"],
+        **kwargs,
+    )
 
 
-def save_tokenizer(tokenizer, out_dir: str | os.PathLike, model_max_length: int | None = None) -> PreTrainedTokenizerFast:
+def save_tokenizer(
+    tokenizer, out_dir: str | os.PathLike, model_max_length: int | None = None
+) -> PreTrainedTokenizerFast:
     """Write ``tokenizer`` (see :func:`to_hf_tokenizer`) to ``out_dir`` so ``AutoTokenizer.from_pretrained`` loads it."""
     fast = to_hf_tokenizer(tokenizer, model_max_length)
     fast.save_pretrained(str(out_dir))
     return fast
 
 
-def export_run(run: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: bool = True,
-               overwrite: bool = False) -> Path:
+def export_run(
+    run: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: bool = True, overwrite: bool = False
+) -> Path:
     """Convert a run (latest checkpoint) or a checkpoint directory to a transformers directory ``out_dir``.
 
     ``tokenizer=False`` skips the tokenizer (otherwise a run without one is an error naming the
@@ -75,31 +85,34 @@ def export_run(run: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: bo
     ids = {}
     if tok is not None:
         if tok.vocab_size > cfg.model.vocab_size:
-            raise UsageError(f"the run's tokenizer has {tok.vocab_size} ids but model.vocab_size is {cfg.model.vocab_size}")
+            raise UsageError(
+                f"the run's tokenizer has {tok.vocab_size} ids but model.vocab_size is {cfg.model.vocab_size}"
+            )
         ids = {"eos_token_id": tok.eos_id, "bos_token_id": tok.eos_id, "pad_token_id": tok.eos_id}
     model = PeerForCausalLM.from_peer_lm(lm, **ids).eval()
     model.config.peer_source = {"checkpoint": str(meta.get("path", run)), "step": meta.get("step")}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(out.parent, f".{out.name}.tmp-")
-    try:
-        model.save_pretrained(str(tmp))
-        if tok is not None:
-            save_tokenizer(tok, tmp, model_max_length=cfg.model.max_seq_len)
-        for f in tmp.rglob("*"):  # transformers writes through tempfile: give files the umask's mode
-            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask())
-        if out.exists():
-            with FolderLock(out, "export folder"):
-                check_export_target(run, out, overwrite)  # re-checked under the lock, just before replacing
-                old = out.with_name(f".{out.name}.old-{os.getpid()}")
-                os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)  # a previous export (checked above): ours to delete
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with disk_full_as_error(out, "the export"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = make_temp_dir(out.parent, f".{out.name}.tmp-")
+        try:
+            model.save_pretrained(str(tmp))
+            if tok is not None:
+                save_tokenizer(tok, tmp, model_max_length=cfg.model.max_seq_len)
+            for f in tmp.rglob("*"):  # transformers writes through tempfile: give files the umask's mode
+                os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask())
+            if out.exists():
+                with FolderLock(out, "export folder"):
+                    check_export_target(run, out, overwrite)  # re-checked under the lock, just before replacing
+                    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                    os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)  # a previous export (checked above): ours to delete
+            else:
+                os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return out
 
 
@@ -116,6 +129,10 @@ def check_export_target(run: str | os.PathLike, out: Path, overwrite: bool) -> N
         if not overwrite:
             raise UsageError(f"DIR {str(out)!r} holds a previous export (pass --overwrite to replace it)")
         return
-    what = {"run": "a training run", "corpus": "a corpus", "sweep": "sweep results"}.get(kind, "files that peer export did not write")
-    raise UsageError(f"DIR {str(out)!r} holds {what}; peer export never replaces it (--overwrite replaces "
-                     "a previous export only): choose another folder")
+    what = {"run": "a training run", "corpus": "a corpus", "sweep": "sweep results"}.get(
+        kind, "files that peer export did not write"
+    )
+    raise UsageError(
+        f"DIR {str(out)!r} holds {what}; peer export never replaces it (--overwrite replaces "
+        "a previous export only): choose another folder"
+    )

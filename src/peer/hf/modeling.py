@@ -116,7 +116,7 @@ class PeerForCausalLM(PeerPreTrainedModel, GenerationMixin):
         self.post_init()
 
     @classmethod
-    def from_peer_lm(cls, lm: PeerLM, **config_kwargs) -> "PeerForCausalLM":
+    def from_peer_lm(cls, lm: PeerLM, **config_kwargs) -> PeerForCausalLM:
         """Wrap a trained PeerLM (same weights, copied); ``config_kwargs`` go to PeerConfig (e.g. eos_token_id)."""
         if not isinstance(lm, PeerLM):
             raise ValueError(f"lm must be a peer.model.PeerLM, got {type(lm).__name__}")
@@ -174,35 +174,44 @@ class PeerForCausalLM(PeerPreTrainedModel, GenerationMixin):
         targets = None
         if labels is not None:
             if labels.shape != input_ids.shape:
-                raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
-                                 f"got {tuple(labels.shape)}")
+                raise ValueError(
+                    f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}"
+                )
             # HF convention: labels are the input ids; position t predicts labels[t+1]
             targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1).long()
         out = self.model(input_ids, targets=targets, kv_cache=past.kv if past is not None else None)
-        result = PeerCausalLMOutput(loss=out.loss, logits=out.logits, aux_loss=out.aux_loss,
-                                    **{_CACHE_FIELD: past})
+        result = PeerCausalLMOutput(loss=out.loss, logits=out.logits, aux_loss=out.aux_loss, **{_CACHE_FIELD: past})
         if return_dict is False:
             return result.to_tuple()
         return result
 
     # ------------------------------------------------------------------ generation
-    def prepare_inputs_for_generation(self, input_ids, cache=None, past_key_values=None, attention_mask=None,
-                                      use_cache=True, inputs_embeds=None, **kwargs):
+    def prepare_inputs_for_generation(
+        self,
+        input_ids,
+        cache=None,
+        past_key_values=None,
+        attention_mask=None,
+        use_cache=True,
+        inputs_embeds=None,
+        **kwargs,
+    ):
         """Feed only the tokens the cache has not seen; the cache object travels in model kwargs."""
         if inputs_embeds is not None:
             raise ValueError("inputs_embeds is not supported by PeerForCausalLM.generate; pass input_ids")
         past = cache if cache is not None else past_key_values
         if past is not None:
             if not isinstance(past, PeerCache):
-                raise ValueError(f"PeerForCausalLM.generate needs its own PeerCache (or none), got {type(past).__name__}")
-            input_ids = input_ids[:, past.get_seq_length():]
+                raise ValueError(
+                    f"PeerForCausalLM.generate needs its own PeerCache (or none), got {type(past).__name__}"
+                )
+            input_ids = input_ids[:, past.get_seq_length() :]
         inputs = {"input_ids": input_ids.contiguous(), "attention_mask": attention_mask, "use_cache": use_cache}
         if past is not None:
             inputs[_CACHE_FIELD] = past
         return inputs
 
-    def generate(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                 **kwargs):
+    def generate(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs):
         """``GenerationMixin.generate`` with two additions. The length is checked up front: prompt +
         new tokens must fit in ``max_seq_len`` (the KV cache's size). A padded batch (a 0 anywhere in
         ``attention_mask``, padding on either side) is generated one sequence at a time from its
@@ -216,9 +225,11 @@ class PeerForCausalLM(PeerPreTrainedModel, GenerationMixin):
                 max_length = kwargs.get("max_length", getattr(gc, "max_length", None))
                 new = (max_length - T) if max_length else 0
             if T + new > self.config.max_seq_len:
-                raise ValueError(f"generate: the prompt ({T} tokens) + max_new_tokens ({new}) exceed the model's "
-                                 f"max_seq_len={self.config.max_seq_len}; shorten the prompt or ask for at most "
-                                 f"{max(0, self.config.max_seq_len - T)} new tokens")
+                raise ValueError(
+                    f"generate: the prompt ({T} tokens) + max_new_tokens ({new}) exceed the model's "
+                    f"max_seq_len={self.config.max_seq_len}; shorten the prompt or ask for at most "
+                    f"{max(0, self.config.max_seq_len - T)} new tokens"
+                )
             if attention_mask is not None and not bool(attention_mask.bool().all()):
                 return self._generate_rows(input_ids, attention_mask.bool(), gc, kwargs)
         return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -226,8 +237,10 @@ class PeerForCausalLM(PeerPreTrainedModel, GenerationMixin):
     def _generate_rows(self, input_ids, mask, gc, kwargs):
         """A padded batch, one row at a time (see :meth:`generate`)."""
         if kwargs.get("return_dict_in_generate", getattr(gc, "return_dict_in_generate", False)):
-            raise ValueError("generate: a padded batch is generated one sequence at a time, which cannot "
-                             "return_dict_in_generate; generate the sequences separately")
+            raise ValueError(
+                "generate: a padded batch is generated one sequence at a time, which cannot "
+                "return_dict_in_generate; generate the sequences separately"
+            )
         if "max_length" in kwargs and "max_new_tokens" not in kwargs:
             raise ValueError("generate: with a padded batch give max_new_tokens (max_length would differ per sequence)")
         pad = gc.pad_token_id if gc.pad_token_id is not None else gc.eos_token_id
@@ -236,7 +249,7 @@ class PeerForCausalLM(PeerPreTrainedModel, GenerationMixin):
         if pad is None:
             raise ValueError("generate: a padded batch needs pad_token_id (or eos_token_id) to pad the results")
         rows = []
-        for ids, m in zip(input_ids, mask):
+        for ids, m in zip(input_ids, mask, strict=True):
             real = ids[m][None]
             if real.shape[1] == 0:
                 raise ValueError("generate: a row of attention_mask has no real token")
@@ -257,5 +270,7 @@ def _check_attention_mask(mask: torch.Tensor | None) -> None:
         return
     m = mask.bool()
     if bool((~m[:, :-1] & m[:, 1:]).any()):
-        raise ValueError("attention_mask: PeerForCausalLM supports right padding only (a 0 before a 1 was found); "
-                         "pad on the right or generate one sequence at a time")
+        raise ValueError(
+            "attention_mask: PeerForCausalLM supports right padding only (a 0 before a 1 was found); "
+            "pad on the right or generate one sequence at a time"
+        )

@@ -42,10 +42,25 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "gpt2": "transformer.h",
     "gpt_neox": "gpt_neox.layers",
     "phi": "model.layers",
-    **{t: "model.layers" for t in (
-        "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo", "olmo2",
-        "granite", "stablelm", "starcoder2", "smollm3",
-    )},
+    **{
+        t: "model.layers"
+        for t in (
+            "llama",
+            "mistral",
+            "qwen2",
+            "qwen3",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "phi3",
+            "olmo",
+            "olmo2",
+            "granite",
+            "stablelm",
+            "starcoder2",
+            "smollm3",
+        )
+    },
 }
 
 
@@ -74,15 +89,19 @@ def _blocks(model: nn.Module) -> nn.ModuleList:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     path = SUPPORTED_ARCHITECTURES.get(model_type)
     if path is None:
-        raise ValueError(f"peerify: unsupported architecture {model_type or type(model).__name__!r}; "
-                         f"supported model types: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}")
+        raise ValueError(
+            f"peerify: unsupported architecture {model_type or type(model).__name__!r}; "
+            f"supported model types: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+        )
     node = model
     for part in path.split("."):
         node = getattr(node, part, None)
         if node is None:
-            raise ValueError(f"peerify: a {model_type!r} model without {path!r} (is it a causal LM such as "
-                             f"{model_type.capitalize()}ForCausalLM?); supported model types: "
-                             f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}")
+            raise ValueError(
+                f"peerify: a {model_type!r} model without {path!r} (is it a causal LM such as "
+                f"{model_type.capitalize()}ForCausalLM?); supported model types: "
+                f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+            )
     if not isinstance(node, nn.ModuleList) or not all(hasattr(b, "mlp") for b in node):
         raise ValueError(f"peerify: {path!r} of this {model_type!r} model is not a list of blocks with an 'mlp'")
     return node
@@ -172,8 +191,14 @@ def peerify(
             layer.train(old.training)
         blocks[i].mlp = new
 
-    record = {"layers": ids, "num_experts": num_experts, "heads": heads, "topk": topk, "key_dim": key_dim,
-              **peer_kwargs}
+    record = {
+        "layers": ids,
+        "num_experts": num_experts,
+        "heads": heads,
+        "topk": topk,
+        "key_dim": key_dim,
+        **peer_kwargs,
+    }
     model.config.peerify = record
     if freeze_base:
         freeze_except_peer(model)
@@ -228,9 +253,13 @@ def load_peerified(path: str | os.PathLike, **from_config_kwargs) -> nn.Module:
     for f in files:
         state.update(load_file(str(f)))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False) else set()
+    tied = (
+        {k for k in missing if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False) else set()
+    )
     if set(missing) - tied or unexpected:
-        raise ValueError(f"load_peerified: weights in {str(path)!r} do not match the model "
-                         f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
+        raise ValueError(
+            f"load_peerified: weights in {str(path)!r} do not match the model "
+            f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})"
+        )
     model.tie_weights()
     return model.eval()

@@ -16,7 +16,7 @@ from peer import ops
 __all__ = ["ProductKeyIndex", "check_square", "check_product_keys"]
 
 
-def _is_int(v) -> bool:
+def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -28,8 +28,14 @@ def check_square(n: int, name: str) -> int:
     return r
 
 
-def check_product_keys(num_keys: int, key_dim: int, topk: int | None = None, heads: int | None = None,
-                       prefix: str = "", keys_name: str = "num_experts") -> int:
+def check_product_keys(
+    num_keys: int,
+    key_dim: int,
+    topk: int | None = None,
+    heads: int | None = None,
+    prefix: str = "",
+    keys_name: str = "num_experts",
+) -> int:
     """The one check of a product-key shape (PEER, PKM, their configs and FLOP counts): N a positive
     perfect square, key_dim positive and even (two halves), 1 <= topk <= sqrt(N), heads >= 1.
     Returns sqrt(N); a ValueError names the field (``prefix + name``) and the allowed values."""
@@ -49,8 +55,15 @@ class ProductKeyIndex(nn.Module):
     ``groups`` is 1 when all heads share keys (the paper) or ``heads`` otherwise.
     """
 
-    def __init__(self, num_keys: int, key_dim: int, groups: int = 1, name: str = "num_experts", device=None,
-                 dtype=None):
+    def __init__(
+        self,
+        num_keys: int,
+        key_dim: int,
+        groups: int = 1,
+        name: str = "num_experts",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self.n = check_product_keys(num_keys, key_dim, keys_name=name)
         self.num_keys, self.key_dim, self.groups = num_keys, key_dim, groups

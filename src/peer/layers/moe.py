@@ -33,12 +33,14 @@ other tokens, future ones included (non-causal, like the query BatchNorm of PEER
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dense import check_choice as _choice, check_dim, check_positive_int
+from .base import SparseFeedForward, check_dim, check_positive_int
+from .base import check_choice as _choice
 
 __all__ = ["MoE"]
 
@@ -46,7 +48,7 @@ _ROUTINGS = ("expert_choice", "token_choice", "dropless")
 _ACTS = ("gelu", "relu", "swiglu")
 
 
-class MoE(nn.Module):
+class MoE(SparseFeedForward):
     """E MLP experts ``d -> hidden -> d`` (no biases) with a softmax router.
 
     Args:
@@ -61,9 +63,9 @@ class MoE(nn.Module):
         aux_loss_weight: weight of the token-choice load-balancing loss.
         activation: "gelu" (paper), "relu" or "swiglu" (adds a gate matrix per expert).
 
-    :meth:`forward_with_aux` returns the output and the weighted load-balancing loss (token choice)
-    or a zero scalar (expert choice, which is balanced by construction); ``forward`` the output
-    alone. No loss is kept on the module.
+    ``moe(x, return_aux=True)`` (or :meth:`forward_with_aux`) returns the output and the weighted
+    load-balancing loss (token choice) or a zero scalar (expert choice, which is balanced by
+    construction); ``moe(x)`` the output alone. No loss is kept on the module.
     """
 
     def __init__(
@@ -76,9 +78,9 @@ class MoE(nn.Module):
         capacity_factor: float = 1.0,
         aux_loss_weight: float = 0.01,
         activation: str = "gelu",
-        device=None,
-        dtype=None,
-    ):
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         check_positive_int(dim, "dim")
         check_positive_int(hidden, "hidden")
@@ -96,21 +98,28 @@ class MoE(nn.Module):
 
         self.router = nn.Linear(dim, num_experts, bias=False, device=device, dtype=dtype)
         # batched expert weights; init as nn.Linear's default, U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-        kw = dict(device=device, dtype=dtype)
+        kw: dict[str, Any] = dict(device=device, dtype=dtype)
         self.w1 = nn.Parameter(_uniform_(torch.empty(num_experts, dim, hidden, **kw)))
         self.w2 = nn.Parameter(_uniform_(torch.empty(num_experts, hidden, dim, **kw)))
-        self.w3 = nn.Parameter(_uniform_(torch.empty(num_experts, dim, hidden, **kw))) if activation == "swiglu" else None
+        self.w3 = (
+            nn.Parameter(_uniform_(torch.empty(num_experts, dim, hidden, **kw))) if activation == "swiglu" else None
+        )
 
-    def reset_parameters(self) -> None:
-        """Initialise again as the constructor did (same draws from the generator, same order)."""
+    def reset_parameters(self, pool: bool = True) -> None:
+        """Initialise again as the constructor did (same draws from the generator, same order). MoE
+        experts are never a shared pool (``pool=False`` is refused)."""
+        if not pool:
+            raise ValueError("MoE experts cannot be shared between layers")
         self.router.reset_parameters()
         for w in (self.w1, self.w2, self.w3):
             if w is not None:
                 _uniform_(w)
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, hidden={self.hidden}, num_experts={self.num_experts}, routing={self.routing!r}, "
-                f"topk={self.topk}, capacity_factor={self.capacity_factor}, activation={self.activation!r}")
+        return (
+            f"dim={self.dim}, hidden={self.hidden}, num_experts={self.num_experts}, routing={self.routing!r}, "
+            f"topk={self.topk}, capacity_factor={self.capacity_factor}, activation={self.activation!r}"
+        )
 
     def capacity(self, num_tokens: int) -> int:
         """Tokens per expert C for a batch of ``num_tokens`` tokens (clamped to 1..num_tokens)."""
@@ -160,23 +169,14 @@ class MoE(nn.Module):
     def experts(self, xs: torch.Tensor) -> torch.Tensor:
         """Every expert on its own slots: xs [E, C, d] -> [E, C, d] (one bmm per layer)."""
         h = torch.bmm(xs, self.w1.to(xs.dtype))
-        if self.activation == "swiglu":
+        if self.w3 is not None:  # swiglu
             h = F.silu(h) * torch.bmm(xs, self.w3.to(xs.dtype))
         else:
             h = F.gelu(h) if self.activation == "gelu" else F.relu(h)
         return torch.bmm(h, self.w2.to(xs.dtype))
 
-    has_aux = True  # forward(x, return_aux=True) -> (y, aux): peer.model's blocks collect it
-
     def forward_with_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(output like ``x``, weighted auxiliary loss: a scalar)."""
-        return self(x, return_aux=True)
-
-    def forward(self, x: torch.Tensor, return_aux: bool = False):
-        y, aux = self._forward(x)
-        return (y, aux) if return_aux else y
-
-    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         xf = check_dim(x, self.dim)
         T = xf.shape[0]
         if T == 0:  # nothing to route: an empty output, and no balancing loss

@@ -18,23 +18,31 @@ Initialisation (keeps Var[y] ~ Var[x] ~ 1 at init for any N, h, k):
 
 from __future__ import annotations
 
+import itertools
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
-from .index import check_product_keys
-from .dense import check_choice as _choice
-from .router import ProductKeyRouter
-from peer.ops import BACKENDS, expert_mix
+from peer.ops import expert_mix
 from peer.ops.workspace import advise_hugepages
+
+from .base import check_choice as _choice
+from .base import check_positive_number
+from .router import ProductKeyRouter
 
 __all__ = ["PEER", "TABLES", "normal_rows_", "reset_expert_tables"]
 
 TABLES = ("u", "v", "gate")  # the expert tables, in the order they are initialised
 
 _ACTS = ("gelu", "relu")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, torch.float32: torch.float32, torch.bfloat16: torch.bfloat16}
+_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    torch.float32: torch.float32,
+    torch.bfloat16: torch.bfloat16,
+}
 # E[act(z)^2] for z ~ N(0, 1)
 _ACT_SECOND_MOMENT = {"relu": 0.5, "gelu": 0.4252}
 
@@ -59,7 +67,11 @@ class PEER(ProductKeyRouter):
         sparse_grad: the tables' gradients are sparse COO rows (only the retrieved ones), as
             ``nn.Embedding(sparse=True)``; for a row-wise optimizer such as
             :class:`peer.train.sparse_optim.SparseRowAdamW`. Fused and triton backends only.
+        rows: (lo, hi): the layer holds rows [lo, hi) of its expert tables, initialised as the full
+            layer's (an expert-parallel rank: :class:`peer.distributed.ExpertShardedPEER`); default all.
     """
+
+    supports_sparse_grad = True
 
     def __init__(
         self,
@@ -77,41 +89,58 @@ class PEER(ProductKeyRouter):
         table_dtype: str | torch.dtype = "float32",
         value_init_scale: float = 1.0,
         sparse_grad: bool = False,
-        device=None,
-        dtype=None,
-    ):
-        super().__init__()
-        if not isinstance(dim, int) or dim <= 0:
-            raise ValueError(f"dim must be a positive integer, got {dim!r}")
-        check_product_keys(num_experts, key_dim, topk, heads)
-        self.activation = _choice(activation, _ACTS, "activation")
-        self.backend = _choice(backend, BACKENDS, "backend")
+        rows: tuple[int, int] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        _choice(activation, _ACTS, "activation")
         if table_dtype not in _DTYPES:
             raise ValueError(f"table_dtype must be one of 'float32', 'bfloat16', got {table_dtype!r}")
-        tdtype = _DTYPES[table_dtype]
-        if not isinstance(value_init_scale, (int, float)) or not math.isfinite(value_init_scale) or value_init_scale <= 0:
-            raise ValueError(f"value_init_scale must be a positive number, got {value_init_scale!r}")
-        self.dim, self.num_experts, self.heads, self.topk, self.key_dim = dim, num_experts, heads, topk, key_dim
-        self.shared_keys, self.glu = bool(shared_keys), bool(glu)
-        self.sparse_grad = bool(sparse_grad)
-
+        check_positive_number(value_init_scale, "value_init_scale")
+        lo, hi = (0, num_experts) if rows is None else rows
+        if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi <= num_experts):
+            raise ValueError(
+                f"rows must be a range (lo, hi) with 0 <= lo <= hi <= num_experts={num_experts}, got {rows!r}"
+            )
         # eqs. 1, 2, 4, 5, 7: h query networks, their norm, product keys shared by all heads (or one
         # set per head), router scores, usage accounting (peer.layers.router)
-        self._init_router(num_experts, query_norm, 1 if shared_keys else heads, score, device=device, dtype=dtype)
+        super().__init__(
+            dim,
+            num_experts,
+            heads,
+            topk,
+            key_dim,
+            query_norm,
+            1 if shared_keys else heads,
+            score,
+            backend,
+            device=device,
+            dtype=dtype,
+        )
+        self.activation = activation
+        self.num_experts = num_experts
+        self.shared_keys, self.glu = bool(shared_keys), bool(glu)
+        self.sparse_grad = bool(sparse_grad)
+        self.value_init_scale = float(value_init_scale)
+        self.rows = (lo, hi)  # the rows of the expert tables this layer holds (all, unless expert-sharded)
+        tdtype = _DTYPES[table_dtype]
         # eq. 6: expert i is the neuron (u_i, v_i); GLU adds a gate vector per expert
         s = (1.0 / topk) if score == "softmax" else float(topk)
         v_std = value_init_scale / math.sqrt(heads * s * _ACT_SECOND_MOMENT[activation])
         self.table_stds = {"u": 1.0 / math.sqrt(dim), "v": v_std, "gate": 1.0 / math.sqrt(dim)}  # init std of each
-        self.u = nn.Parameter(_normal(num_experts, dim, self.table_stds["u"], tdtype, device))
-        self.v = nn.Parameter(_normal(num_experts, dim, v_std, tdtype, device))
-        self.gate = nn.Parameter(_normal(num_experts, dim, self.table_stds["gate"], tdtype, device)) if glu else None
+        self.u = nn.Parameter(_table(hi - lo, dim, tdtype, device))
+        self.v = nn.Parameter(_table(hi - lo, dim, tdtype, device))
+        self.gate = nn.Parameter(_table(hi - lo, dim, tdtype, device)) if glu else None
+        reset_expert_tables(self, start=lo)
 
     # ------------------------------------------------------------------ public API
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, num_experts={self.num_experts}, heads={self.heads}, topk={self.topk}, "
-                f"key_dim={self.key_dim}, activation={self.activation!r}, score={self.score!r}, "
-                f"query_norm={self.query_norm_kind!r}, shared_keys={self.shared_keys}, glu={self.glu}"
-                + (", sparse_grad=True" if self.sparse_grad else ""))
+        return (
+            f"dim={self.dim}, num_experts={self.num_experts}, heads={self.heads}, topk={self.topk}, "
+            f"key_dim={self.key_dim}, activation={self.activation!r}, score={self.score!r}, "
+            f"query_norm={self.query_norm_kind!r}, shared_keys={self.shared_keys}, glu={self.glu}"
+            + (", sparse_grad=True" if self.sparse_grad else "")
+        )
 
     @torch.no_grad()
     def reset_parameters(self, pool: bool = True) -> None:
@@ -121,37 +150,79 @@ class PEER(ProductKeyRouter):
         ``torch.manual_seed(s)``. ``pool=False`` draws but does not write the expert pool (keys and
         tables), for a layer whose pool is shared with an earlier one."""
         self._reset_router(pool)
-        reset_expert_tables(self, pool)
+        reset_expert_tables(self, pool, self.rows[0])
 
     def expert_parameters(self) -> list[nn.Parameter]:
         """The expert tables (u, v, and the GLU gate): the optimizer's ``experts`` group."""
         return [p for p in (self.u, self.v, self.gate) if p is not None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def residual_table(self) -> torch.Tensor:
+        """The output table v (eq. 6): the LM scales it by 1/sqrt(2 n_layers) at init."""
+        return self.v
+
+    def pool_names(self) -> tuple[str, ...]:
+        return ("u", "v", "gate", "index")
+
+    def peer_kwargs(self) -> dict[str, Any]:
+        """The constructor arguments of this layer (``rows`` left out: the full layer's)."""
+        return dict(
+            dim=self.dim,
+            num_experts=self.num_experts,
+            heads=self.heads,
+            topk=self.topk,
+            key_dim=self.key_dim,
+            activation=self.activation,
+            score=self.score,
+            query_norm=self.query_norm_kind,
+            shared_keys=self.shared_keys,
+            glu=self.glu,
+            backend=self.backend,
+            table_dtype=self.u.dtype,
+            value_init_scale=self.value_init_scale,
+            sparse_grad=self.sparse_grad,
+        )
+
+    def forward_with_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """f(x) of eqs. 3, 7; PEER has no auxiliary loss."""
+        if self.rows != (0, self.num_experts):
+            raise ValueError(
+                f"this PEER holds rows {self.rows} of {self.num_experts}: an expert-sharded layer "
+                "mixes with peer.distributed.ExpertShardedPEER"
+            )
         lead = x.shape[:-1]
         xf = self._flat(x)
         g, idx = self._retrieve(xf)  # [T, h, k]
         if self.record_usage:
             self._accumulate_usage(g, idx)
         # eqs. 3, 6, 7: sum over heads and their top-k of g_i * act(u_i . x) * v_i
-        y = expert_mix(xf, self.u, self.v, idx.flatten(1), g.flatten(1).to(xf.dtype), self.activation,
-                       self.gate, backend=self.backend, sparse_grad=self.sparse_grad)
-        return y.view(*lead, self.dim)
+        y = expert_mix(
+            xf,
+            self.u,
+            self.v,
+            idx.flatten(1),
+            g.flatten(1).to(xf.dtype),
+            self.activation,
+            self.gate,
+            backend=self.backend,
+            sparse_grad=self.sparse_grad,
+        )
+        return y.view(*lead, self.dim), None
 
 
-def _normal(rows: int, cols: int, std: float, dtype: torch.dtype, device=None) -> torch.Tensor:
-    """An N(0, std^2) table, filled in place (no temporaries: a 1M x 512 table is 2 GB)."""
+def _table(rows: int, cols: int, dtype: torch.dtype, device: torch.device | str | None = None) -> torch.Tensor:
+    """An uninitialised expert table (filled in place by :func:`reset_expert_tables`: no temporaries,
+    a 1M x 512 table is 2 GB)."""
     t = torch.empty(rows, cols, dtype=dtype, device=device)
     advise_hugepages(t)  # 2 MB pages: faster random row reads (fewer TLB misses), cheaper first touch
-    return t.normal_(0.0, std)
+    return t
 
 
-def reset_expert_tables(layer: nn.Module, pool: bool = True, start: int = 0) -> None:
+def reset_expert_tables(layer: PEER, pool: bool = True, start: int = 0) -> None:
     """Draw ``layer``'s tables (u, v, gate) as its constructor did, each an N(0, table_stds[name]^2)
     [num_experts, dim] table; a table holding rows [start, start + n) of it (an expert-sharded layer)
     keeps those rows. ``pool=False`` draws without writing."""
     for name in TABLES:
-        t = getattr(layer, name)
+        t: torch.Tensor | None = getattr(layer, name)
         if t is not None:
             normal_rows_(t if pool else None, layer.table_stds[name], start, layer.num_experts, layer.dim, t.dtype)
 
@@ -160,7 +231,9 @@ _CHUNK_VALUES = 1 << 22  # values drawn per chunk by normal_rows_ (16 MB of fp32
 
 
 @torch.no_grad()
-def normal_rows_(out: torch.Tensor | None, std: float, start: int, rows: int, cols: int, dtype=None) -> None:
+def normal_rows_(
+    out: torch.Tensor | None, std: float, start: int, rows: int, cols: int, dtype: torch.dtype | None = None
+) -> None:
     """Fill ``out`` [n, cols] with rows [start, start + n) of the N(0, std^2) [rows, cols] table that one
     ``normal_`` call would draw from the default generator, without materialising the whole table: it
     is drawn in chunks of rows. (The CPU ``normal_`` consumes the generator in order, so chunks whose
@@ -176,10 +249,10 @@ def normal_rows_(out: torch.Tensor | None, std: float, start: int, rows: int, co
     if len(bounds) > 2 and (bounds[-1] - bounds[-2]) * cols < 16:
         del bounds[-2]  # a last chunk of < 16 values would take normal_'s scalar path: merge it
     device = out.device if out is not None else None
-    size = max(e - s for s, e in zip(bounds, bounds[1:]))
+    size = max(e - s for s, e in itertools.pairwise(bounds))
     buf = torch.empty(size, cols, dtype=dtype if out is None else out.dtype, device=device)
-    for s, e in zip(bounds, bounds[1:]):
+    for s, e in itertools.pairwise(bounds):
         b = buf[: e - s].normal_(0.0, std)
         lo, hi = max(s, start), min(e, start + n)
-        if lo < hi:
-            out[lo - start:hi - start].copy_(b[lo - s:hi - s])
+        if out is not None and lo < hi:
+            out[lo - start : hi - start].copy_(b[lo - s : hi - s])

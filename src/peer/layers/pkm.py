@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dense import check_positive_int
-from .index import check_product_keys
+from .base import check_positive_number
 from .router import ProductKeyRouter
 
 __all__ = ["PKM"]
@@ -49,19 +48,26 @@ class PKM(ProductKeyRouter):
         key_dim: int = 256,
         query_norm: str = "batchnorm",
         value_init_scale: float = 1.0,
-        device=None,
-        dtype=None,
-    ):
-        super().__init__()
-        check_positive_int(dim, "dim")
-        if not isinstance(value_init_scale, (int, float)) or not math.isfinite(value_init_scale) or value_init_scale <= 0:
-            raise ValueError(f"value_init_scale must be a positive number, got {value_init_scale!r}")
-        self.value_init_scale = float(value_init_scale)
-        check_product_keys(num_memories, key_dim, topk, heads, keys_name="num_memories")
-        self.dim, self.num_memories, self.heads, self.topk, self.key_dim = dim, num_memories, heads, topk, key_dim
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        check_positive_number(value_init_scale, "value_init_scale")
         # queries, their norm, one set of product keys per head, softmax scores, usage (peer.layers.router)
-        self._init_router(num_memories, query_norm, heads, "softmax", keys_name="num_memories", device=device,
-                          dtype=dtype)
+        super().__init__(
+            dim,
+            num_memories,
+            heads,
+            topk,
+            key_dim,
+            query_norm,
+            heads,
+            "softmax",
+            keys_name="num_memories",
+            device=device,
+            dtype=dtype,
+        )
+        self.value_init_scale = float(value_init_scale)
+        self.num_memories = num_memories
         self.values = nn.Parameter(torch.empty(num_memories, dim, device=device, dtype=dtype))
         self._reset_values()
 
@@ -85,16 +91,27 @@ class PKM(ProductKeyRouter):
         """The value table: the optimizer's ``experts`` group (its own lr, as XLM's PKM)."""
         return [self.values]
 
-    def extra_repr(self) -> str:
-        return (f"dim={self.dim}, num_memories={self.num_memories}, heads={self.heads}, topk={self.topk}, "
-                f"key_dim={self.key_dim}, query_norm={self.query_norm_kind!r}")
+    def residual_table(self) -> torch.Tensor:
+        """The value table: the LM scales it by 1/sqrt(2 n_layers) at init."""
+        return self.values
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def pool_names(self) -> tuple[str, ...]:
+        return ("index", "values")
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_memories={self.num_memories}, heads={self.heads}, topk={self.topk}, "
+            f"key_dim={self.key_dim}, query_norm={self.query_norm_kind!r}"
+        )
+
+    def forward_with_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """y(x) of the module docstring; PKM has no auxiliary loss."""
         xf = self._flat(x)
         w, idx = self._retrieve(xf)  # [T, h, k]
         if self.record_usage:
             self._accumulate_usage(w, idx)
         # one bag of h*k weighted value rows per token
-        y = F.embedding_bag(idx.flatten(1), self.values, per_sample_weights=w.flatten(1).to(self.values.dtype),
-                            mode="sum")
-        return y.view(*x.shape[:-1], self.dim)
+        y = F.embedding_bag(
+            idx.flatten(1), self.values, per_sample_weights=w.flatten(1).to(self.values.dtype), mode="sum"
+        )
+        return y.view(*x.shape[:-1], self.dim), None

@@ -4,10 +4,11 @@
     I_h(x) = top-k_i { q_h(x)^T k_i },  k_i = [c_a; c'_b]  (eqs. 1, 4, 5: exact, product keys)
     g_i(x) = softmax (or sigmoid, ReLU) of the k scores   (eq. 2)
 
-:class:`ProductKeyRouter` is a base class: a layer calls :meth:`_init_router` and then owns
-``query_proj``, ``query_norm`` and ``index`` itself (parameter names stay ``<layer>.query_proj``,
-``<layer>.index.keys``), and inherits query, retrieval, ``key_parameters()`` and the usage
-accounting of the paper's Table 2 (``record_usage``, ``usage``, ``reset_usage()``).
+:class:`ProductKeyRouter` is the base class of the product-key layers (a
+:class:`~peer.layers.base.SparseFeedForward`): its constructor builds ``query_proj``, ``query_norm`` and
+``index`` (parameter names stay ``<layer>.query_proj``, ``<layer>.index.keys``), and it gives its
+subclasses query, retrieval, ``key_parameters()`` and the usage accounting of the paper's Table 2
+(``record_usage``, ``usage``, ``reset_usage()``).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from torch import nn
 
 from peer import ops
 
-from .dense import check_choice as _choice, check_dim
-from .index import ProductKeyIndex
+from .base import SparseFeedForward, check_dim, check_positive_int
+from .base import check_choice as _choice
+from .index import ProductKeyIndex, check_product_keys
 
 __all__ = ["ProductKeyRouter", "QueryBatchNorm", "make_query_norm", "SCORES", "QUERY_NORMS"]
 
@@ -34,6 +36,10 @@ class QueryBatchNorm(nn.BatchNorm1d):
 
     The batch updates copies of the running statistics (autograd keeps those), which are then
     written back only where finite."""
+
+    running_mean: torch.Tensor  # tracked statistics (track_running_stats=True)
+    running_var: torch.Tensor
+    num_batches_tracked: torch.Tensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and self.track_running_stats):
@@ -52,7 +58,9 @@ class QueryBatchNorm(nn.BatchNorm1d):
         return y
 
 
-def make_query_norm(kind: str, heads: int, key_dim: int, device=None, dtype=None) -> nn.Module:
+def make_query_norm(
+    kind: str, heads: int, key_dim: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> nn.Module:
     """The query normaliser: BatchNorm over all h*key_dim features (paper), per-head LayerNorm, or identity."""
     _choice(kind, QUERY_NORMS, "query_norm")
     if kind == "batchnorm":
@@ -67,33 +75,56 @@ def _bn_single(bn: nn.BatchNorm1d, q: torch.Tensor) -> torch.Tensor:
     return F.batch_norm(q, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
 
 
-class ProductKeyRouter(nn.Module):
+class ProductKeyRouter(SparseFeedForward):
     """Query networks + query norm + product-key index + router scores + usage accounting.
 
-    Subclasses set ``dim``, ``heads``, ``topk``, ``key_dim`` and call :meth:`_init_router`; a
-    ``backend`` attribute of ``"reference"`` makes retrieval plain PyTorch too.
+    Args:
+        dim: model width d (the queries' input).
+        num_keys: N, the number of product keys (a perfect square).
+        heads: h query networks.
+        topk: k keys retrieved per head (at most sqrt(N)).
+        key_dim: query/key width (even).
+        query_norm: "batchnorm" (paper), "layernorm" or "none".
+        key_groups: 1 (every head searches the same keys) or ``heads`` (a key set per head).
+        score: "softmax", "sigmoid" or "relu" of the retrieved scores (eq. 2).
+        backend: "reference" makes retrieval plain PyTorch; the others take the C++ top-k where it applies.
+        keys_name: what N is called in error messages ("num_experts", "num_memories").
     """
 
-    backend = "auto"
-    score = "softmax"
-
-    def _init_router(self, num_keys: int, query_norm: str, key_groups: int, score: str = "softmax",
-                     keys_name: str = "num_experts", device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_keys: int,
+        heads: int,
+        topk: int,
+        key_dim: int,
+        query_norm: str = "batchnorm",
+        key_groups: int = 1,
+        score: str = "softmax",
+        backend: str = "auto",
+        keys_name: str = "num_experts",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        check_positive_int(dim, "dim")
+        check_product_keys(num_keys, key_dim, topk, heads, keys_name=keys_name)
         self.score = _choice(score, SCORES, "score")
+        self.backend = _choice(backend, ops.BACKENDS, "backend")
+        self.dim, self.heads, self.topk, self.key_dim = dim, heads, topk, key_dim
         self.query_norm_kind = query_norm
-        kw = dict(device=device, dtype=dtype)
-        self.query_proj = nn.Linear(self.dim, self.heads * self.key_dim, bias=False, **kw)  # eq. 7
-        self.query_norm = make_query_norm(query_norm, self.heads, self.key_dim, **kw)
-        self.index = ProductKeyIndex(num_keys, self.key_dim, groups=key_groups, name=keys_name, **kw)  # eqs. 4-5
+        self.query_proj = nn.Linear(dim, heads * key_dim, bias=False, device=device, dtype=dtype)  # eq. 7
+        self.query_norm = make_query_norm(query_norm, heads, key_dim, device=device, dtype=dtype)
+        self.index = ProductKeyIndex(num_keys, key_dim, key_groups, keys_name, device, dtype)  # eqs. 4-5
         ops.load_kernels(self.backend)  # built/loaded now, not inside a (traced) forward
         self.record_usage = False  # usage accounting (paper Table 2), off by default
         self.register_buffer("usage", torch.zeros(0, dtype=torch.float64, device=device), persistent=False)
 
     def _reset_router(self, pool: bool = True) -> None:
-        """Re-initialise the query network, its norm and the keys as :meth:`_init_router` did (same draws
+        """Re-initialise the query network, its norm and the keys as the constructor did (same draws
         from the generator, same order); ``pool=False`` draws the keys but keeps them (a shared pool)."""
         self.query_proj.reset_parameters()
-        if hasattr(self.query_norm, "reset_parameters"):
+        if isinstance(self.query_norm, (nn.BatchNorm1d, nn.LayerNorm)):
             self.query_norm.reset_parameters()
         self.index.reset_parameters(write=pool)
         self.usage = torch.zeros(0, dtype=torch.float64, device=self.query_proj.weight.device)
@@ -118,9 +149,12 @@ class ProductKeyRouter(nn.Module):
         q = self.query_proj(xf)  # [T, h*key_dim]
         if self.query_norm_kind == "batchnorm":
             # one token in training mode has no batch statistics: fall back to the running ones
-            q = _bn_single(self.query_norm, q) if (self.training and q.shape[0] == 1) else self.query_norm(q)
+            bn = self.query_norm
+            assert isinstance(bn, nn.BatchNorm1d)
+            q = _bn_single(bn, q) if (self.training and q.shape[0] == 1) else bn(q)
             return q.view(-1, self.heads, self.key_dim)
-        return self.query_norm(q.view(-1, self.heads, self.key_dim))
+        out: torch.Tensor = self.query_norm(q.view(-1, self.heads, self.key_dim))
+        return out
 
     def retrieve(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router weights g and ids, each [..., heads, topk], best first (eqs. 1, 2, 4, 5)."""

@@ -21,26 +21,30 @@ Every engine is tested against :func:`reference_expert_mix` (values and every gr
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import torch
 
-from . import build, cpu, topk
+from . import build, cpu
 from . import triton as triton_engine
 from .build import KernelUnavailable
 from .mix import fused_mix
 from .reference import expert_mix as reference_expert_mix
 from .topk import product_topk
 
-__all__ = ["expert_mix", "reference_expert_mix", "fused_mix", "product_topk", "available_backends",
-           "mix_engine", "topk_engine", "load_kernels", "KernelUnavailable"]
+__all__ = [
+    "expert_mix",
+    "reference_expert_mix",
+    "fused_mix",
+    "product_topk",
+    "mix_engine",
+    "topk_engine",
+    "load_kernels",
+    "KernelUnavailable",
+]
 
 BACKENDS = ("auto", "reference", "fused", "triton")
 _warned: set[str] = set()
-
-
-def available_backends() -> list[str]:
-    """The backends that run here ("fused" always: its torch engine needs nothing)."""
-    return ["reference", "fused"] + (["triton"] if triton_engine.available() else [])
 
 
 def _check_backend(backend: str) -> None:
@@ -58,8 +62,11 @@ def _cpu_kernel(backend: str, what: str) -> bool:
     if cpu.LIB.error and what not in _warned:
         _warned.add(what)
         why = " ".join(cpu.LIB.error.split())[:300]
-        warnings.warn(f"peer: the C++ kernels are unavailable ({why}); backend='auto' computes the {what} with "
-                      "the PyTorch reference", stacklevel=5)
+        warnings.warn(
+            f"peer: the C++ kernels are unavailable ({why}); backend='auto' computes the {what} with "
+            "the PyTorch reference",
+            stacklevel=5,
+        )
     return False
 
 
@@ -68,7 +75,7 @@ def _cpu_kernel(backend: str, what: str) -> bool:
 # tracing and keeps their answers as constants (assume_constant_result), so the choice costs nothing
 # in a compiled graph and the library's build/load (file I/O, ctypes) never meets the tracer. The
 # layers also load the library when they are built (load_kernels), so tracing finds it ready.
-@torch.compiler.assume_constant_result
+@torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]
 def _cpp_engine(backend: str, what: str) -> str:
     """The CPU engine for fp32 inputs: "torch" (PEER_NO_CPP_KERNEL), "cpp" (built) or "reference"."""
     if build.disabled():
@@ -76,7 +83,7 @@ def _cpp_engine(backend: str, what: str) -> str:
     return "cpp" if _cpu_kernel(backend, what) else "reference"
 
 
-@torch.compiler.assume_constant_result
+@torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]
 def _triton_ready() -> bool:
     return triton_engine.available()
 
@@ -90,32 +97,40 @@ def load_kernels(backend: str = "auto") -> None:
         cpu.LIB.get()
 
 
-def mix_engine(backend: str, x: torch.Tensor, tables) -> str:
+def mix_engine(backend: str, x: torch.Tensor, tables: Sequence[torch.Tensor | None]) -> str:
     """The engine of the expert mix for ``backend``: "reference", "cpp", "torch" or "triton"."""
     _check_backend(backend)
     if backend == "reference":
         return "reference"
     if backend == "triton":
         if not _triton_ready():
-            raise KernelUnavailable("backend 'triton' needs the triton package and a CUDA device "
-                                    "(or TRITON_INTERPRET=1)")
+            raise KernelUnavailable(
+                "backend 'triton' needs the triton package and a CUDA device (or TRITON_INTERPRET=1)"
+            )
         return "triton"
     if x.device.type != "cpu":
         return "triton" if backend == "auto" and x.is_cuda and _triton_ready() else "torch"
-    tables = [t for t in tables if t is not None]
-    kernel_dtypes = (x.dtype == torch.float32 and tables[0].dtype in (torch.float32, torch.bfloat16)
-                     and all(t.device.type == "cpu" and t.dtype == tables[0].dtype and t.is_contiguous()
-                             for t in tables))
+    present = [t for t in tables if t is not None]
+    kernel_dtypes = (
+        x.dtype == torch.float32
+        and present[0].dtype in (torch.float32, torch.bfloat16)
+        and all(t.device.type == "cpu" and t.dtype == present[0].dtype and t.is_contiguous() for t in present)
+    )
     if not kernel_dtypes:
         return "torch"
-    return _cpp_engine(backend, "expert mix")
+    engine: str = _cpp_engine(backend, "expert mix")
+    return engine
 
 
 def topk_engine(backend: str, q: torch.Tensor, keys: torch.Tensor) -> str:
     """The engine of the product-key top-k: "cpp" or "reference" (PyTorch, any device)."""
     _check_backend(backend)
-    if backend == "reference" or not (q.device.type == "cpu" and keys.device.type == "cpu"
-                                      and q.dtype == torch.float32 and keys.dtype == torch.float32):
+    if backend == "reference" or not (
+        q.device.type == "cpu"
+        and keys.device.type == "cpu"
+        and q.dtype == torch.float32
+        and keys.dtype == torch.float32
+    ):
         return "reference"
     engine = _cpp_engine("auto" if backend == "triton" else backend, "product-key top-k")
     return "cpp" if engine == "cpp" else "reference"
@@ -143,4 +158,3 @@ def expert_mix(
     if engine == "triton" and x.dtype != torch.float32:  # the kernels keep h and the coefficients in fp32
         return fused_mix(x.float(), u, v, idx, g.float(), activation, gate, sparse_grad, engine).to(x.dtype)
     return fused_mix(x, u, v, idx, g, activation, gate, sparse_grad, engine)
-

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from peer.errors import PeerError
 
@@ -43,7 +44,11 @@ def disabled() -> bool:
     return os.environ.get("PEER_NO_CPP_KERNEL", "") not in ("", "0")
 
 
-def ptr(t) -> int | None:
+if TYPE_CHECKING:
+    import torch
+
+
+def ptr(t: torch.Tensor | None) -> int | None:
     """A tensor's data pointer for a C call (None for an absent tensor: a null pointer)."""
     return None if t is None else t.data_ptr()
 
@@ -73,7 +78,13 @@ class CLibrary:
     ``signatures`` maps a function name to (argtypes, restype). :meth:`get` returns the loaded
     ``ctypes.CDLL`` or None (disabled, no compiler, build failed: see :attr:`error`)."""
 
-    def __init__(self, name: str, sources: list[Path], signatures: dict, headers: tuple[Path, ...] = ()):
+    def __init__(
+        self,
+        name: str,
+        sources: list[Path],
+        signatures: dict[str, tuple[list[Any], Any]],
+        headers: tuple[Path, ...] = (),
+    ) -> None:
         self.name, self.sources, self.signatures = name, list(sources), signatures
         self.headers = list(headers) + sorted(CSRC.glob("*.h"))
         self.error: str | None = None
@@ -96,8 +107,10 @@ class CLibrary:
         dll = self.get()
         if dll is None:
             why = "PEER_NO_CPP_KERNEL is set" if disabled() else self.error
-            raise KernelUnavailable(f"peer: the C++ kernels ({self.name}) are unavailable: {why}; "
-                                    "use backend='auto' (falls back to the reference) or backend='reference'")
+            raise KernelUnavailable(
+                f"peer: the C++ kernels ({self.name}) are unavailable: {why}; "
+                "use backend='auto' (falls back to the reference) or backend='reference'"
+            )
         return dll
 
     def reset(self) -> None:
@@ -135,8 +148,12 @@ class CLibrary:
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=so.parent)
             os.close(fd)
             for flags in _flag_sets():
-                res = subprocess.run([cxx, *flags, f"-I{CSRC}", *map(str, self.sources), "-o", tmp],
-                                     capture_output=True, text=True, timeout=600)
+                res = subprocess.run(
+                    [cxx, *flags, f"-I{CSRC}", *map(str, self.sources), "-o", tmp],
+                    capture_output=True,
+                    text=True,
+                    timeout=600,
+                )
                 if res.returncode == 0:
                     os.replace(tmp, so)
                     tmp = None

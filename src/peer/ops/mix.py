@@ -34,7 +34,8 @@ product and sum accumulates in fp32; the table gradients are rounded to bf16 at 
 
 from __future__ import annotations
 
-from typing import Optional
+from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -51,11 +52,23 @@ ENGINES = {"cpp": cpu, "torch": torch_engine, "triton": triton_engine}
 _EMPTY = (0,)
 
 
-def fused_mix(x, u, v, idx, g, activation="gelu", gate=None, sparse_grad=False, engine="torch"):
+def fused_mix(
+    x: Tensor,
+    u: Tensor,
+    v: Tensor,
+    idx: Tensor,
+    g: Tensor,
+    activation: str = "gelu",
+    gate: Tensor | None = None,
+    sparse_grad: bool = False,
+    engine: str = "torch",
+) -> Tensor:
     """y[t] = sum_j g[t, j] * act(u[idx[t, j]] . x[t]) * v[idx[t, j]] by ``engine``; the reference's contract."""
     if x.dim() != 2 or idx.dim() != 2 or g.shape != idx.shape or x.shape[0] != idx.shape[0]:
-        raise ValueError(f"expert_mix: need x [T, d], idx and g [T, m]; got x {tuple(x.shape)}, "
-                         f"idx {tuple(idx.shape)}, g {tuple(g.shape)}")
+        raise ValueError(
+            f"expert_mix: need x [T, d], idx and g [T, m]; got x {tuple(x.shape)}, "
+            f"idx {tuple(idx.shape)}, g {tuple(g.shape)}"
+        )
     if activation not in ("gelu", "relu"):
         raise ValueError(f"activation must be 'gelu' or 'relu', got {activation!r}")
     if engine not in ENGINES:
@@ -63,9 +76,18 @@ def fused_mix(x, u, v, idx, g, activation="gelu", gate=None, sparse_grad=False, 
     for name, t in (("u", u), ("v", v), ("gate", gate)):
         if t is not None and (t.dim() != 2 or t.shape != u.shape or t.shape[1] != x.shape[1]):
             raise ValueError(f"expert_mix: table {name} must be [N, d={x.shape[1]}] like u, got {tuple(t.shape)}")
-    y, _, _ = torch.ops.peer.expert_mix(x.contiguous(), g.to(x.dtype).contiguous(), idx.long().contiguous(),
-                                        u, v, gate, activation, engine, bool(sparse_grad))
-    return y
+    y, _, _ = torch.ops.peer.expert_mix(
+        x.contiguous(),
+        g.to(x.dtype).contiguous(),
+        idx.long().contiguous(),
+        u,
+        v,
+        gate,
+        activation,
+        engine,
+        bool(sparse_grad),
+    )
+    return cast(Tensor, y)
 
 
 def _check_ids(idx: Tensor, n: int) -> None:
@@ -73,14 +95,24 @@ def _check_ids(idx: Tensor, n: int) -> None:
     no host sync (:func:`peer.errors.check_values`)."""
     if idx.numel():
         lo, hi = torch.aminmax(idx)
-        check_values((lo >= 0) & (hi < n), f"expert_mix: idx must lie in [0, {n})",
-                     lambda: f", got [{int(lo)}, {int(hi)}]")
+        check_values(
+            (lo >= 0) & (hi < n), f"expert_mix: idx must lie in [0, {n})", lambda: f", got [{int(lo)}, {int(hi)}]"
+        )
 
 
 # ------------------------------------------------------------------------------ forward
 @torch.library.custom_op("peer::expert_mix", mutates_args=())
-def _expert_mix(x: Tensor, g: Tensor, idx: Tensor, u: Tensor, v: Tensor, gate: Optional[Tensor], activation: str,
-                engine: str, sparse_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _expert_mix(
+    x: Tensor,
+    g: Tensor,
+    idx: Tensor,
+    u: Tensor,
+    v: Tensor,
+    gate: Tensor | None,
+    activation: str,
+    engine: str,
+    sparse_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     _check_ids(idx, u.shape[0])
     T, d = x.shape
     m = idx.shape[1]
@@ -91,14 +123,40 @@ def _expert_mix(x: Tensor, g: Tensor, idx: Tensor, u: Tensor, v: Tensor, gate: O
 
 
 @_expert_mix.register_fake
-def _(x, g, idx, u, v, gate, activation, engine, sparse_grad):
+def _(
+    x: Tensor,
+    g: Tensor,
+    idx: Tensor,
+    u: Tensor,
+    v: Tensor,
+    gate: Tensor | None,
+    activation: str,
+    engine: str,
+    sparse_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     T, d = x.shape
     m = idx.shape[1]
     return x.new_empty(T, d), x.new_empty(T, m), x.new_empty((T, m) if gate is not None else _EMPTY)
 
 
 # ------------------------------------------------------------------------------ backward
-def _coefficients(dy, x, g, idx, u, v, gate, h, hg, activation, engine, need_x, need_u, need_v, need_gate):
+def _coefficients(
+    dy: Tensor,
+    x: Tensor,
+    g: Tensor,
+    idx: Tensor,
+    u: Tensor,
+    v: Tensor,
+    gate: Tensor | None,
+    h: Tensor,
+    hg: Tensor,
+    activation: str,
+    engine: str,
+    need_x: bool,
+    need_u: bool,
+    need_v: bool,
+    need_gate: bool,
+) -> tuple[Tensor | None, Tensor, tuple[Tensor, Tensor, Tensor], list[tuple[Tensor, Tensor] | None]]:
     """dx (None unless need_x), dg, the three tables (u, v, gate; u standing in for an absent gate)
     and, per table, the (src [T, d], coef [T, m]) of its gradient, or None when not wanted."""
     T, d = x.shape
@@ -108,33 +166,56 @@ def _coefficients(dy, x, g, idx, u, v, gate, h, hg, activation, engine, need_x, 
     coef_u = x.new_empty(T, m)  # d loss / d (u_i . x)
     coef_v = x.new_empty(T, m)  # g * a: the weight of dy in grad v_i
     coef_w = x.new_empty(T, m) if gate is not None else None  # d loss / d (w_i . x)
-    ENGINES[engine].backward(x, dy, g, idx, u, v, gate, h, hg if gate is not None else None, dx, dg,
-                             coef_u, coef_v, coef_w, activation == "gelu")
-    srcs = [(x, coef_u), (dy, coef_v), (x, coef_w) if gate is not None else None]
-    wanted = [w if need else None for w, need in zip(srcs, (need_u, need_v, need_gate))]
+    ENGINES[engine].backward(
+        x,
+        dy,
+        g,
+        idx,
+        u,
+        v,
+        gate,
+        h,
+        hg if gate is not None else None,
+        dx,
+        dg,
+        coef_u,
+        coef_v,
+        coef_w,
+        activation == "gelu",
+    )
+    srcs: list[tuple[Tensor, Tensor] | None] = [(x, coef_u), (dy, coef_v), (x, coef_w) if coef_w is not None else None]
+    wanted = [w if need else None for w, need in zip(srcs, (need_u, need_v, need_gate), strict=True)]
     return dx, dg, (u, v, gate if gate is not None else u), wanted
 
 
-def _block(eng, table, src, coef, perm, offsets, m, rows):
+def _block(
+    eng: Any, table: Tensor, src: Tensor, coef: Tensor, perm: Tensor, offsets: Tensor, m: int, rows: Tensor
+) -> Tensor:
     """Gradient rows [U, d] of ``table`` (in src's dtype) in a recycled buffer."""
-    block = WORKSPACE.take(table, "block", (rows.numel(), src.shape[1]), src.dtype, slack=1.1)
+    block: Tensor = WORKSPACE.take(table, "block", (rows.numel(), src.shape[1]), src.dtype, slack=1.1)
     eng.table_grads(perm, offsets, m, [(src, coef, block)])
     return block
 
 
-def _dense_grads(eng, tables, wanted, idx):
+def _dense_grads(
+    eng: Any, tables: Sequence[Tensor], wanted: Sequence[tuple[Tensor, Tensor] | None], idx: Tensor
+) -> list[Tensor | None]:
     """Dense [N, d] gradients (recycled buffers, zero except the retrieved rows) of the wanted tables."""
-    out = [None] * len(tables)
+    out: list[Tensor | None] = [None] * len(tables)
     if all(w is None for w in wanted):
         return out
     m = idx.shape[1]
     if eng is triton_engine:  # no host sync on the GPU: never asks how many distinct rows there are
-        out = [None if w is None else WORKSPACE.take(t, "dense", t.shape, t.dtype, zero=True)
-               for t, w in zip(tables, wanted)]
-        eng.dense_table_grads(idx, m, [None if w is None else (w[0], w[1], g) for w, g in zip(wanted, out)])
+        out = [
+            None if w is None else WORKSPACE.take(t, "dense", t.shape, t.dtype, zero=True)
+            for t, w in zip(tables, wanted, strict=True)
+        ]
+        eng.dense_table_grads(
+            idx, m, [None if w is None else (w[0], w[1], g) for w, g in zip(wanted, out, strict=True)]
+        )
         return out
     rows, perm, offsets = eng.sort_pairs(idx, tables[0].shape[0])
-    for k, (table, w) in enumerate(zip(tables, wanted)):
+    for k, (table, w) in enumerate(zip(tables, wanted, strict=True)):
         if w is None:
             continue
         grad = WORKSPACE.take(table, "dense", table.shape, table.dtype, zero=True)
@@ -146,12 +227,14 @@ def _dense_grads(eng, tables, wanted, idx):
     return out
 
 
-def _row_grads(eng, tables, wanted, idx):
+def _row_grads(
+    eng: Any, tables: Sequence[Tensor], wanted: Sequence[tuple[Tensor, Tensor] | None], idx: Tensor
+) -> tuple[Tensor, list[Tensor | None]]:
     """(rows [U] ascending, then per table its gradient rows [U, d] in the table's dtype or None)."""
     m = idx.shape[1]
     rows, perm, offsets = eng.sort_pairs(idx, tables[0].shape[0])
-    out = []
-    for table, w in zip(tables, wanted):
+    out: list[Tensor | None] = []
+    for table, w in zip(tables, wanted, strict=True):
         if w is None:
             out.append(None)
             continue
@@ -167,43 +250,119 @@ def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("peer::expert_mix_backward", mutates_args=())
-def _expert_mix_backward(dy: Tensor, x: Tensor, g: Tensor, idx: Tensor, u: Tensor, v: Tensor, gate: Optional[Tensor],
-                         h: Tensor, hg: Tensor, activation: str, engine: str, need_x: bool, need_u: bool,
-                         need_v: bool, need_gate: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dx, dg, tables, wanted = _coefficients(dy, x, g, idx, u, v, gate, h, hg, activation, engine, need_x, need_u,
-                                           need_v, need_gate)
+def _expert_mix_backward(
+    dy: Tensor,
+    x: Tensor,
+    g: Tensor,
+    idx: Tensor,
+    u: Tensor,
+    v: Tensor,
+    gate: Tensor | None,
+    h: Tensor,
+    hg: Tensor,
+    activation: str,
+    engine: str,
+    need_x: bool,
+    need_u: bool,
+    need_v: bool,
+    need_gate: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dx, dg, tables, wanted = _coefficients(
+        dy, x, g, idx, u, v, gate, h, hg, activation, engine, need_x, need_u, need_v, need_gate
+    )
     grads = _dense_grads(ENGINES[engine], tables, wanted, idx)
-    return (_or_empty(dx, x), dg, *(_or_empty(gr, t) for gr, t in zip(grads, tables)))
+    gu, gv, gw = (_or_empty(gr, t) for gr, t in zip(grads, tables, strict=True))
+    return _or_empty(dx, x), dg, gu, gv, gw
 
 
 @_expert_mix_backward.register_fake
-def _(dy, x, g, idx, u, v, gate, h, hg, activation, engine, need_x, need_u, need_v, need_gate):
+def _(
+    dy: Tensor,
+    x: Tensor,
+    g: Tensor,
+    idx: Tensor,
+    u: Tensor,
+    v: Tensor,
+    gate: Tensor | None,
+    h: Tensor,
+    hg: Tensor,
+    activation: str,
+    engine: str,
+    need_x: bool,
+    need_u: bool,
+    need_v: bool,
+    need_gate: bool,
+) -> tuple[Tensor, ...]:
     tables = (u, v, gate if gate is not None else u)
-    return (x.new_empty(x.shape if need_x else _EMPTY), x.new_empty(idx.shape),
-            *(t.new_empty(t.shape if need else _EMPTY) for t, need in zip(tables, (need_u, need_v, need_gate))))
+    return (
+        x.new_empty(x.shape if need_x else _EMPTY),
+        x.new_empty(idx.shape),
+        *(
+            t.new_empty(t.shape if need else _EMPTY)
+            for t, need in zip(tables, (need_u, need_v, need_gate), strict=True)
+        ),
+    )
 
 
 @torch.library.custom_op("peer::expert_mix_backward_rows", mutates_args=())
-def _expert_mix_backward_rows(dy: Tensor, x: Tensor, g: Tensor, idx: Tensor, u: Tensor, v: Tensor,
-                              gate: Optional[Tensor], h: Tensor, hg: Tensor, activation: str, engine: str,
-                              need_x: bool, need_u: bool, need_v: bool,
-                              need_gate: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dx, dg, tables, wanted = _coefficients(dy, x, g, idx, u, v, gate, h, hg, activation, engine, need_x, need_u,
-                                           need_v, need_gate)
+def _expert_mix_backward_rows(
+    dy: Tensor,
+    x: Tensor,
+    g: Tensor,
+    idx: Tensor,
+    u: Tensor,
+    v: Tensor,
+    gate: Tensor | None,
+    h: Tensor,
+    hg: Tensor,
+    activation: str,
+    engine: str,
+    need_x: bool,
+    need_u: bool,
+    need_v: bool,
+    need_gate: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dx, dg, tables, wanted = _coefficients(
+        dy, x, g, idx, u, v, gate, h, hg, activation, engine, need_x, need_u, need_v, need_gate
+    )
     rows, blocks = _row_grads(ENGINES[engine], tables, wanted, idx)
-    return (_or_empty(dx, x), dg, rows, *(_or_empty(b, t) for b, t in zip(blocks, tables)))
+    bu, bv, bw = (_or_empty(b, t) for b, t in zip(blocks, tables, strict=True))
+    return _or_empty(dx, x), dg, rows, bu, bv, bw
 
 
 @_expert_mix_backward_rows.register_fake
-def _(dy, x, g, idx, u, v, gate, h, hg, activation, engine, need_x, need_u, need_v, need_gate):
+def _(
+    dy: Tensor,
+    x: Tensor,
+    g: Tensor,
+    idx: Tensor,
+    u: Tensor,
+    v: Tensor,
+    gate: Tensor | None,
+    h: Tensor,
+    hg: Tensor,
+    activation: str,
+    engine: str,
+    need_x: bool,
+    need_u: bool,
+    need_v: bool,
+    need_gate: bool,
+) -> tuple[Tensor, ...]:
     U = torch.library.get_ctx().new_dynamic_size()
     tables = (u, v, gate if gate is not None else u)
-    return (x.new_empty(x.shape if need_x else _EMPTY), x.new_empty(idx.shape), idx.new_empty(U),
-            *(t.new_empty((U, t.shape[1]) if need else _EMPTY) for t, need in zip(tables, (need_u, need_v, need_gate))))
+    return (
+        x.new_empty(x.shape if need_x else _EMPTY),
+        x.new_empty(idx.shape),
+        idx.new_empty(U),
+        *(
+            t.new_empty((U, t.shape[1]) if need else _EMPTY)
+            for t, need in zip(tables, (need_u, need_v, need_gate), strict=True)
+        ),
+    )
 
 
 # ------------------------------------------------------------------------------ autograd
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
     x, g, idx, u, v, gate, activation, engine, sparse_grad = inputs
     _, h, hg = output
     ctx.mark_non_differentiable(h, hg)
@@ -211,19 +370,36 @@ def _setup_context(ctx, inputs, output):
     ctx.activation, ctx.engine, ctx.sparse_grad = activation, engine, sparse_grad
 
 
-def _backward(ctx, dy, _dh, _dhg):
+def _backward(ctx: Any, dy: Tensor, _dh: Tensor, _dhg: Tensor) -> tuple[Tensor | None, ...]:
     x, g, idx, u, v, gate, h, hg = ctx.saved_tensors
     need_x, need_g, _, need_u, need_v, need_gate = ctx.needs_input_grad[:6]
     need_gate = need_gate and gate is not None
-    args = (dy.contiguous().to(x.dtype), x, g, idx, u, v, gate, h, hg, ctx.activation, ctx.engine,
-            need_x, need_u, need_v, need_gate)
+    args = (
+        dy.contiguous().to(x.dtype),
+        x,
+        g,
+        idx,
+        u,
+        v,
+        gate,
+        h,
+        hg,
+        ctx.activation,
+        ctx.engine,
+        need_x,
+        need_u,
+        need_v,
+        need_gate,
+    )
     if ctx.sparse_grad and (need_u or need_v or need_gate):
         dx, dg, rows, *blocks = torch.ops.peer.expert_mix_backward_rows(*args)
-        grads = [torch.sparse_coo_tensor(rows[None], b, t.shape, is_coalesced=True, check_invariants=False)
-                 if need else None for b, t, need in zip(blocks, (u, v, gate), (need_u, need_v, need_gate))]
+        grads = [
+            torch.sparse_coo_tensor(rows[None], b, t.shape, is_coalesced=True, check_invariants=False) if need else None
+            for b, t, need in zip(blocks, (u, v, gate), (need_u, need_v, need_gate), strict=True)
+        ]
     else:
         dx, dg, *dense = torch.ops.peer.expert_mix_backward(*args)
-        grads = [gr if need else None for gr, need in zip(dense, (need_u, need_v, need_gate))]
+        grads = [gr if need else None for gr, need in zip(dense, (need_u, need_v, need_gate), strict=True)]
     return (dx if need_x else None, dg if need_g else None, None, *grads, None, None, None)
 
 

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"gelu": F.gelu, "relu": F.relu}
 
 
-def expert_mix(x, u, v, idx, g, activation="gelu", gate=None):
+def expert_mix(
+    x: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    idx: torch.Tensor,
+    g: torch.Tensor,
+    activation: str = "gelu",
+    gate: torch.Tensor | None = None,
+) -> torch.Tensor:
     """y[t] = sum_j g[t, j] * act(u[idx[t, j]] . x[t]) * v[idx[t, j]]   (eqs. 3 and 6).
 
     With ``gate`` (GLU experts): act(gate_i . x) * (u_i . x) replaces act(u_i . x).

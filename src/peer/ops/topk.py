@@ -18,6 +18,8 @@ the index's PyTorch code.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -26,7 +28,9 @@ from .workspace import WORKSPACE
 
 __all__ = ["product_topk"]
 
-SCORE_CHUNK_BYTES = 4 << 20  # sub-key scores per chunk of tokens: stays in cache for the selection pass (measured: 32 MB, 1 MB slower)
+SCORE_CHUNK_BYTES = (
+    4 << 20
+)  # sub-key scores per chunk of tokens: stays in cache for the selection pass (measured: 32 MB, 1 MB slower)
 
 
 def product_topk(q: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -67,7 +71,7 @@ def _pk_topk(q: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 @_pk_topk.register_fake
-def _(q, keys, k):
+def _(q: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     T, h, _ = q.shape
     return q.new_empty(T, h, k), q.new_empty(T, h, k, dtype=torch.int64), q.new_empty(T, h, k, 2, dtype=torch.int64)
 
@@ -81,18 +85,18 @@ def _pk_topk_backward(G: Tensor, ab: Tensor, q: Tensor, keys: Tensor) -> tuple[T
 
 
 @_pk_topk_backward.register_fake
-def _(G, ab, q, keys):
+def _(G: Tensor, ab: Tensor, q: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
     return torch.empty_like(q), torch.empty_like(keys, memory_format=torch.contiguous_format)
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
     q, keys, _ = inputs
     _, ids, ab = output
     ctx.mark_non_differentiable(ids, ab)
     ctx.save_for_backward(q, keys, ab)
 
 
-def _backward(ctx, G, _dids, _dab):
+def _backward(ctx: Any, G: Tensor, _dids: Tensor, _dab: Tensor) -> tuple[Tensor, Tensor, None]:
     q, keys, ab = ctx.saved_tensors
     dq, dkeys = torch.ops.peer.pk_topk_backward(G, ab, q, keys)
     return dq, dkeys, None

@@ -1,3 +1,5 @@
+# mypy: disallow-untyped-defs=False, disallow-incomplete-defs=False, disallow-untyped-decorators=False
+# (the @triton.jit kernels take pointers and tl.constexpr: they have no Python types)
 """Triton kernels of the fused expert mix (the GPU path), same arithmetic as ``fused_cpu.cpp``.
 
     forward : one program per token: tiles of BLOCK_M retrieved rows [BLOCK_M, d] of u (and the
@@ -17,8 +19,10 @@ interpreter.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
+from torch import Tensor
 
 from .torch_engine import sort_pairs  # torch.sort groups the pairs on the GPU too
 
@@ -42,28 +46,95 @@ def _blocks(m: int, d: int) -> tuple[int, int]:
     return block_m, block_d
 
 
-def forward(x, g, idx, u, v, w, y, h, hg, gelu: bool) -> None:
+def forward(
+    x: Tensor,
+    g: Tensor,
+    idx: Tensor,
+    u: Tensor,
+    v: Tensor,
+    w: Tensor | None,
+    y: Tensor,
+    h: Tensor,
+    hg: Tensor | None,
+    gelu: bool,
+) -> None:
     T, d = x.shape
     m = idx.shape[1]
     if T == 0:
         return
     bm, bd = _blocks(m, d)
-    _fwd[(T,)](x, g, idx, u, v, w if w is not None else u, y, h, hg if hg is not None else h, m, d,
-               HAS_GATE=w is not None, GELU=gelu, BLOCK_M=bm, BLOCK_D=bd)
+    _fwd[(T,)](
+        x,
+        g,
+        idx,
+        u,
+        v,
+        w if w is not None else u,
+        y,
+        h,
+        hg if hg is not None else h,
+        m,
+        d,
+        HAS_GATE=w is not None,
+        GELU=gelu,
+        BLOCK_M=bm,
+        BLOCK_D=bd,
+    )
 
 
-def backward(x, dy, g, idx, u, v, w, h, hg, dx, dg, cu, cv, cw, gelu: bool) -> None:
+def backward(
+    x: Tensor,
+    dy: Tensor,
+    g: Tensor,
+    idx: Tensor,
+    u: Tensor,
+    v: Tensor,
+    w: Tensor | None,
+    h: Tensor,
+    hg: Tensor | None,
+    dx: Tensor | None,
+    dg: Tensor,
+    cu: Tensor,
+    cv: Tensor,
+    cw: Tensor | None,
+    gelu: bool,
+) -> None:
     T, d = x.shape
     m = idx.shape[1]
     if T == 0:
         return
     bm, bd = _blocks(m, d)
-    _bwd[(T,)](dy, g, idx, u, v, w if w is not None else u, h, hg if hg is not None else h,
-               dx if dx is not None else dy, dg, cu, cv, cw if cw is not None else cu, m, d,
-               HAS_GATE=w is not None, HAS_DX=dx is not None, GELU=gelu, BLOCK_M=bm, BLOCK_D=bd)
+    _bwd[(T,)](
+        dy,
+        g,
+        idx,
+        u,
+        v,
+        w if w is not None else u,
+        h,
+        hg if hg is not None else h,
+        dx if dx is not None else dy,
+        dg,
+        cu,
+        cv,
+        cw if cw is not None else cu,
+        m,
+        d,
+        HAS_GATE=w is not None,
+        HAS_DX=dx is not None,
+        GELU=gelu,
+        BLOCK_M=bm,
+        BLOCK_D=bd,
+    )
 
 
-def table_grads(perm, offsets, m: int, triples, out_rows=None) -> None:
+def table_grads(
+    perm: Tensor,
+    offsets: Tensor,
+    m: int,
+    triples: Sequence[tuple[Tensor, Tensor, Tensor] | None],
+    out_rows: Tensor | None = None,
+) -> None:
     """For each (src [T, d], coef [T, m], out): out[r] (or out[out_rows[r]]) = sum over bag r of
     coef[pair] * src[pair // m]; bag r is perm[offsets[r]:offsets[r + 1]]."""
     U = offsets.numel() - 1
@@ -72,11 +143,21 @@ def table_grads(perm, offsets, m: int, triples, out_rows=None) -> None:
             continue
         src, coef, out = t
         d = src.shape[1]
-        _bag[(U,)](perm, offsets, out_rows if out_rows is not None else perm, src, coef, out, m, d,
-                   HAS_ROWS=out_rows is not None, BLOCK_D=triton.next_power_of_2(d))
+        _bag[(U,)](
+            perm,
+            offsets,
+            out_rows if out_rows is not None else perm,
+            src,
+            coef,
+            out,
+            m,
+            d,
+            HAS_ROWS=out_rows is not None,
+            BLOCK_D=triton.next_power_of_2(d),
+        )
 
 
-def dense_table_grads(idx, m: int, triples) -> None:
+def dense_table_grads(idx: Tensor, m: int, triples: Sequence[tuple[Tensor, Tensor, Tensor] | None]) -> None:
     """For each (src [T, d], coef [T, m], out [N, d] zeroed) in ``triples``: out[i] = sum over the pairs
     (t, j) with idx[t, j] = i of coef[t, j] * src[t]. Without a host sync: the pairs are sorted by
     expert on the device and one program per pair sums the run of equal ids that starts there (the
@@ -111,8 +192,23 @@ if triton is not None:
             return tl.where(h > 0.0, 1.0, 0.0)
 
     @triton.jit
-    def _fwd(x_ptr, g_ptr, idx_ptr, u_ptr, v_ptr, w_ptr, y_ptr, h_ptr, hg_ptr, m, d,
-             HAS_GATE: tl.constexpr, GELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _fwd(
+        x_ptr,
+        g_ptr,
+        idx_ptr,
+        u_ptr,
+        v_ptr,
+        w_ptr,
+        y_ptr,
+        h_ptr,
+        hg_ptr,
+        m,
+        d,
+        HAS_GATE: tl.constexpr,
+        GELU: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         t = tl.program_id(0).to(tl.int64)
         offs_d = tl.arange(0, BLOCK_D)
         dmask = offs_d < d
@@ -137,9 +233,28 @@ if triton is not None:
         tl.store(y_ptr + t * d + offs_d, acc, mask=dmask)
 
     @triton.jit
-    def _bwd(dy_ptr, g_ptr, idx_ptr, u_ptr, v_ptr, w_ptr, h_ptr, hg_ptr, dx_ptr, dg_ptr, cu_ptr, cv_ptr, cw_ptr,
-             m, d, HAS_GATE: tl.constexpr, HAS_DX: tl.constexpr, GELU: tl.constexpr, BLOCK_M: tl.constexpr,
-             BLOCK_D: tl.constexpr):
+    def _bwd(
+        dy_ptr,
+        g_ptr,
+        idx_ptr,
+        u_ptr,
+        v_ptr,
+        w_ptr,
+        h_ptr,
+        hg_ptr,
+        dx_ptr,
+        dg_ptr,
+        cu_ptr,
+        cv_ptr,
+        cw_ptr,
+        m,
+        d,
+        HAS_GATE: tl.constexpr,
+        HAS_DX: tl.constexpr,
+        GELU: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         t = tl.program_id(0).to(tl.int64)
         offs_d = tl.arange(0, BLOCK_D)
         dmask = offs_d < d
@@ -176,8 +291,9 @@ if triton is not None:
             tl.store(dx_ptr + t * d + offs_d, dx, mask=dmask)
 
     @triton.jit
-    def _bag(perm_ptr, off_ptr, rows_ptr, src_ptr, coef_ptr, out_ptr, m, d, HAS_ROWS: tl.constexpr,
-             BLOCK_D: tl.constexpr):
+    def _bag(
+        perm_ptr, off_ptr, rows_ptr, src_ptr, coef_ptr, out_ptr, m, d, HAS_ROWS: tl.constexpr, BLOCK_D: tl.constexpr
+    ):
         r = tl.program_id(0).to(tl.int64)
         offs_d = tl.arange(0, BLOCK_D)
         dmask = offs_d < d

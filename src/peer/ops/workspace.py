@@ -12,6 +12,7 @@ import ctypes
 import math
 import sys
 import weakref
+from collections.abc import Sequence
 
 import torch
 
@@ -37,12 +38,14 @@ def advise_hugepages(t: torch.Tensor) -> bool:
             _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         start = (t.data_ptr() + _HUGE - 1) & ~(_HUGE - 1)
         end = (t.data_ptr() + t.nbytes) & ~(_HUGE - 1)
-        return _libc.madvise(start, end - start, _MADV_HUGEPAGE) == 0
+        return bool(_libc.madvise(start, end - start, _MADV_HUGEPAGE) == 0)
     except (OSError, AttributeError):
         return False
 
 
-def empty_hugepage(shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
+def empty_hugepage(
+    shape: Sequence[int], dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """``torch.empty``, with a large CPU buffer huge-page advised before its first touch."""
     out = torch.empty(shape, dtype=dtype, device=device)
     advise_hugepages(out)
@@ -62,17 +65,26 @@ class Workspace:
     is never overwritten. At most ``keep`` buffers are kept per table and kind.
     """
 
-    def __init__(self, keep: int = 2):
+    def __init__(self, keep: int = 2) -> None:
         self.keep = keep
-        self._bufs: dict[int, tuple[weakref.ref, dict]] = {}  # id(table) -> (ref to table, kind -> buffers)
-        self._baseline = None
+        # id(table) -> (ref to table, kind -> buffers)
+        self._bufs: dict[int, tuple[weakref.ref[torch.Tensor], dict[str, list[torch.Tensor]]]] = {}
+        self._baseline: int | None = None
 
     def _free(self, buf: torch.Tensor) -> bool:
         if self._baseline is None:  # users seen for a tensor nobody else views (itself + the probe)
             self._baseline = _storage_users(torch.empty(1))
         return _storage_users(buf) <= self._baseline
 
-    def take(self, table: torch.Tensor, kind: str, shape, dtype, zero: bool = False, slack: float = 1.0):
+    def take(
+        self,
+        table: torch.Tensor,
+        kind: str,
+        shape: Sequence[int],
+        dtype: torch.dtype,
+        zero: bool = False,
+        slack: float = 1.0,
+    ) -> torch.Tensor:
         """A tensor of ``shape``/``dtype`` (zeroed if asked) in a recycled buffer tied to ``table``."""
         numel = math.prod(shape)
         bufs = self._kinds(table).setdefault(kind, [])
@@ -87,11 +99,15 @@ class Workspace:
         out = buf[:numel].view(shape)
         return out.zero_() if zero else out
 
-    def _kinds(self, table: torch.Tensor) -> dict:
+    def _kinds(self, table: torch.Tensor) -> dict[str, list[torch.Tensor]]:
         key = id(table)
         entry = self._bufs.get(key)
         if entry is None or entry[0]() is not table:  # new table (or a dead one's id reused)
-            entry = (weakref.ref(table, lambda _, k=key: self._bufs.pop(k, None)), {})
+
+            def forget(_: object, k: int = key) -> None:
+                self._bufs.pop(k, None)
+
+            entry = (weakref.ref(table, forget), {})
             self._bufs[key] = entry
         return entry[1]
 

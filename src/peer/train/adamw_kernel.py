@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -22,18 +21,38 @@ from peer.ops.build import CLibrary, check, ptr
 __all__ = ["LIB", "available", "adamw_rows"]
 
 _P, _I, _F, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-LIB = CLibrary("adamw", [Path(__file__).with_name("adamw_cpu.cpp")],
-               {"peer_adamw_rows": ([_P] * 5 + [_I] * 2 + [_F] * 7 + [_C] * 4, _C)})
+LIB = CLibrary(
+    "adamw",
+    [Path(__file__).with_name("adamw_cpu.cpp")],
+    {"peer_adamw_rows": ([_P] * 5 + [_I] * 2 + [_F] * 7 + [_C] * 4, _C)},
+)
 
 
 def available(p: Tensor) -> bool:
-    return (p.device.type == "cpu" and p.is_contiguous() and p.dtype in (torch.float32, torch.bfloat16)
-            and LIB.get() is not None)
+    return (
+        p.device.type == "cpu"
+        and p.is_contiguous()
+        and p.dtype in (torch.float32, torch.bfloat16)
+        and LIB.get() is not None
+    )
 
 
 @torch.library.custom_op("peer::adamw_rows", mutates_args=("p", "m", "v"), device_types="cpu")
-def adamw_rows(p: Tensor, m: Tensor, v: Tensor, g: Tensor, rows: Optional[Tensor], lr: float, beta1: float,
-               beta2: float, eps: float, weight_decay: float, bc1: float, bc2: float, rowwise: bool) -> None:
+def adamw_rows(
+    p: Tensor,
+    m: Tensor,
+    v: Tensor,
+    g: Tensor,
+    rows: Tensor | None,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    bc1: float,
+    bc2: float,
+    rowwise: bool,
+) -> None:
     """AdamW on rows ``rows`` [U] (None: every row) of p [N, d] (fp32/bf16) with gradient rows g [U, d] (fp32).
     m is [N, d] and v is [N, d] (or [N] fp32 when ``rowwise``), fp32 or bf16, updated in place."""
     U, d = g.shape
@@ -42,8 +61,25 @@ def adamw_rows(p: Tensor, m: Tensor, v: Tensor, g: Tensor, rows: Optional[Tensor
     g = g.float().contiguous()
     rows = rows.contiguous() if rows is not None else None
     rc = LIB.require().peer_adamw_rows(
-        ptr(p), ptr(m), ptr(v), ptr(g), ptr(rows), U, d, lr, beta1, beta2, eps, weight_decay, bc1, bc2,
-        int(p.dtype == torch.bfloat16), int(m.dtype == torch.bfloat16), int(rowwise), torch.get_num_threads())
+        ptr(p),
+        ptr(m),
+        ptr(v),
+        ptr(g),
+        ptr(rows),
+        U,
+        d,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        bc1,
+        bc2,
+        int(p.dtype == torch.bfloat16),
+        int(m.dtype == torch.bfloat16),
+        int(rowwise),
+        torch.get_num_threads(),
+    )
     check(rc, "adamw_rows")
 
 

@@ -29,13 +29,23 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..errors import PeerError
+from ..errors import PeerError, disk_full_as_error
 from ..fsutil import umask
 
 __all__ = [
-    "CheckpointError", "save_checkpoint", "list_checkpoints", "latest_checkpoint", "resolve_checkpoint",
-    "read_meta", "verify_checksums", "load_model_weights", "load_state", "capture_rng", "restore_rng",
-    "clean_partial", "checkpoint_name",
+    "CheckpointError",
+    "save_checkpoint",
+    "list_checkpoints",
+    "latest_checkpoint",
+    "resolve_checkpoint",
+    "read_meta",
+    "verify_checksums",
+    "load_model_weights",
+    "load_state",
+    "capture_rng",
+    "restore_rng",
+    "clean_partial",
+    "checkpoint_name",
 ]
 
 MODEL_FILE, STATE_FILE, META_FILE = "model.safetensors", "state.pt", "meta.json"
@@ -166,49 +176,65 @@ def _dedupe(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
     return kept, aliases
 
 
-def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, state: dict, meta: dict, keep_last: int = 0, *,
-                    model_state: dict | None = None, write_model: bool = True,
-                    extra_dirs: dict[str, Path] | None = None) -> Path:
+def save_checkpoint(
+    run_dir: str | Path,
+    model: torch.nn.Module,
+    state: dict,
+    meta: dict,
+    keep_last: int = 0,
+    *,
+    model_state: dict | None = None,
+    write_model: bool = True,
+    extra_dirs: dict[str, Path] | None = None,
+) -> Path:
     """Write checkpoint ``step_{meta['step']}`` atomically; then delete all but the last ``keep_last`` (0 keeps all).
 
     ``state`` goes to ``state.pt`` (numpy arrays converted), ``meta`` (JSON-serialisable; must hold
     ``step``) to ``meta.json`` together with the files' sha256 and the tied-tensor aliases.
     """
     step = int(meta["step"])
-    root = Path(run_dir) / CKPT_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / checkpoint_name(step)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        aliases = {}
-        if write_model:  # model_state: e.g. the full weights gathered from a sharded run (peer.distributed)
-            tensors, aliases = _dedupe(model.state_dict() if model_state is None else model_state)
-            save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
-        torch.save(_pack(state), tmp / STATE_FILE)
-        for name, src in (extra_dirs or {}).items():  # e.g. dcp/: a torch.distributed.checkpoint directory
-            os.replace(src, tmp / name)
-        files = {}
-        for name in ((MODEL_FILE,) if write_model else ()) + (STATE_FILE,):
-            os.chmod(tmp / name, 0o666 & ~umask())  # safetensors writes through a 0600 temp file
-            _fsync(tmp / name)
-            files[name] = _sha256(tmp / name)
-        full_meta = {"format_version": FORMAT_VERSION, **meta, "files": files, "tied": aliases,
-                     "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch_version": torch.__version__}
-        (tmp / META_FILE).write_text(json.dumps(full_meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        _fsync(tmp / META_FILE)
-        if final.exists():  # re-saving a step (e.g. after a resume): swap the old one out first
-            old = root / f".old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    final = Path(run_dir) / CKPT_DIR / checkpoint_name(step)
+    with disk_full_as_error(final, f"checkpoint step {step}"):
+        root = Path(run_dir) / CKPT_DIR
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / checkpoint_name(step)
+        tmp = root / f".tmp-{final.name}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        try:
+            aliases = {}
+            if write_model:  # model_state: e.g. the full weights gathered from a sharded run (peer.distributed)
+                tensors, aliases = _dedupe(model.state_dict() if model_state is None else model_state)
+                save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+            torch.save(_pack(state), tmp / STATE_FILE)
+            for name, src in (extra_dirs or {}).items():  # e.g. dcp/: a torch.distributed.checkpoint directory
+                os.replace(src, tmp / name)
+            files = {}
+            for name in ((MODEL_FILE,) if write_model else ()) + (STATE_FILE,):
+                os.chmod(tmp / name, 0o666 & ~umask())  # safetensors writes through a 0600 temp file
+                _fsync(tmp / name)
+                files[name] = _sha256(tmp / name)
+            full_meta = {
+                "format_version": FORMAT_VERSION,
+                **meta,
+                "files": files,
+                "tied": aliases,
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "torch_version": torch.__version__,
+            }
+            (tmp / META_FILE).write_text(json.dumps(full_meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+            _fsync(tmp / META_FILE)
+            if final.exists():  # re-saving a step (e.g. after a resume): swap the old one out first
+                old = root / f".old-{final.name}-{os.getpid()}"
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     if keep_last > 0:
         for old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
@@ -243,8 +269,9 @@ def verify_checksums(ckpt: str | Path, meta: dict, names: tuple[str, ...] = (MOD
             raise CheckpointError(f"{Path(ckpt) / META_FILE}: has no checksum for {name}")
         got = _sha256(path)
         if got != want:
-            raise CheckpointError(f"{path}: corrupted (sha256 {got[:12]}... does not match {want[:12]}... "
-                                  f"recorded in {META_FILE})")
+            raise CheckpointError(
+                f"{path}: corrupted (sha256 {got[:12]}... does not match {want[:12]}... recorded in {META_FILE})"
+            )
 
 
 def load_model_weights(ckpt: str | Path, model: torch.nn.Module, meta: dict | None = None, verify: bool = True) -> dict:
@@ -278,15 +305,19 @@ def load_model_weights(ckpt: str | Path, model: torch.nn.Module, meta: dict | No
             raise CheckpointError(f"{path}: has no tensor {name!r} that the model needs (a different model shape?)")
         got = tensors[src]
         if tuple(got.shape) != tuple(t.shape):
-            raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(got.shape)} but the model expects "
-                                  f"{tuple(t.shape)} (checkpoint from a different model config?)")
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has shape {tuple(got.shape)} but the model expects "
+                f"{tuple(t.shape)} (checkpoint from a different model config?)"
+            )
         if got.dtype != t.dtype:
             raise CheckpointError(f"{path}: tensor {name!r} has dtype {got.dtype} but the model expects {t.dtype}")
         full[name] = got
     extra = sorted(set(tensors) - {aliases.get(n, n) for n in expected})
     if extra:
-        raise CheckpointError(f"{path}: has tensor(s) the model does not: {', '.join(extra[:5])} "
-                              f"(checkpoint from a different model config?)")
+        raise CheckpointError(
+            f"{path}: has tensor(s) the model does not: {', '.join(extra[:5])} "
+            f"(checkpoint from a different model config?)"
+        )
     model.load_state_dict(full, strict=True)
     return meta
 

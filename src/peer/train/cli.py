@@ -19,11 +19,25 @@ __all__ = ["add_arguments", "run"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="TOML config (e.g. configs/peer.toml), or a run directory")
-    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="override a setting, e.g. --set train.flops=3e13 model.peer.topk=8 (repeatable)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in the output directory from its latest checkpoint")
-    parser.add_argument("--from", dest="from_checkpoint", default=None, metavar="CHECKPOINT",
-                        help="with --resume: continue from this checkpoint dir instead of the latest")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. --set train.flops=3e13 model.peer.topk=8 (repeatable)",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in the output directory from its latest checkpoint"
+    )
+    parser.add_argument(
+        "--from",
+        dest="from_checkpoint",
+        default=None,
+        metavar="CHECKPOINT",
+        help="with --resume: continue from this checkpoint dir instead of the latest",
+    )
     parser.add_argument("--out", default=None, help="run directory (overrides train.out_dir)")
 
 
@@ -39,17 +53,20 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(path, args.overrides)
     explicit_steps = [o for o in args.overrides if o.split("=", 1)[0].strip() == "train.steps"]
     if explicit_steps and cfg.train.flops > 0:
-        raise ConfigError(f"--set {explicit_steps[-1]}: train.flops={cfg.train.flops:g} sets the length of this run "
-                          "(steps = budget / FLOPs per step), so train.steps would be ignored; add --set train.flops=0 "
-                          "to train for train.steps steps, or drop train.steps")
+        raise ConfigError(
+            f"--set {explicit_steps[-1]}: train.flops={cfg.train.flops:g} sets the length of this run "
+            "(steps = budget / FLOPs per step), so train.steps would be ignored; add --set train.flops=0 "
+            "to train for train.steps steps, or drop train.steps"
+        )
     if out is not None:
         cfg = replace(cfg, train=replace(cfg.train, out_dir=str(out)))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     steps = resolve_steps(cfg)
     main = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
     if main:
-        print(f"peer train: {steps} steps of {cfg.train.tokens_per_step} "
-              f"tokens -> {cfg.train.out_dir}", file=sys.stderr)
+        print(
+            f"peer train: {steps} steps of {cfg.train.tokens_per_step} tokens -> {cfg.train.out_dir}", file=sys.stderr
+        )
     try:
         if args.from_checkpoint and not args.resume:
             raise ConfigError("--from: only with --resume (it names the checkpoint to continue from)")
@@ -64,8 +81,11 @@ def run(args: argparse.Namespace) -> int:
         from .checkpoint import latest_checkpoint
 
         last = latest_checkpoint(cfg.train.out_dir)
-        print(f"\npeer train: interrupted; last checkpoint: {last or 'none'}"
-              + (f"; continue with: peer train {cfg.train.out_dir} --resume" if last else ""), file=sys.stderr)
+        print(
+            f"\npeer train: interrupted; last checkpoint: {last or 'none'}"
+            + (f"; continue with: peer train {cfg.train.out_dir} --resume" if last else ""),
+            file=sys.stderr,
+        )
         return 130
     if main:
         print(run_dir)

@@ -45,31 +45,60 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tomli_w import dumps as toml_dumps
 
 from ..config import Config, ConfigError, config_from_dict, config_to_dict
 from ..distributed import data_parallel as dpar
 from ..fsutil import FolderLock, atomic_copy, atomic_write_text
-from ..memory import retain_freed_memory
+from ..memory import available_bytes, retain_freed_memory
 from ..model import PeerLM, summed_nll
-from .checkpoint import (CheckpointError, clean_partial, latest_checkpoint, list_checkpoints, load_model_weights,
-                         load_state, read_meta, resolve_checkpoint, restore_rng, verify_checksums)
+from .checkpoint import (
+    CheckpointError,
+    clean_partial,
+    latest_checkpoint,
+    list_checkpoints,
+    load_model_weights,
+    load_state,
+    read_meta,
+    resolve_checkpoint,
+    restore_rng,
+    verify_checksums,
+)
 from .optim import build_optimizer, clip_grad_norm
-from .schedule import Schedule
 from .parts import Saver, StepLog, TrainingDiverged, scalar_dtype
+from .schedule import Schedule
 from .signals import Interrupted, StopOnSignal
-from tomli_w import dumps as toml_dumps
 
-__all__ = ["train", "train_or_resume", "check_device", "load_run", "resolve_steps", "check_resume_config", "evaluate_loss", "TrainingDiverged",
-           "RESUME_MAY_CHANGE"]
+__all__ = [
+    "train",
+    "train_or_resume",
+    "check_device",
+    "load_run",
+    "resolve_steps",
+    "check_resume_config",
+    "evaluate_loss",
+    "TrainingDiverged",
+    "RESUME_MAY_CHANGE",
+]
 
 log = logging.getLogger("peer.train")
 
 # config fields that may differ between a run and its resumption: they change neither the model
 # nor the trajectory of a step (train.steps/flops lengthen or shorten the run and so the cosine tail)
-RESUME_MAY_CHANGE = frozenset({
-    "train.steps", "train.flops", "train.out_dir", "train.progress", "train.tensorboard", "train.log_every",
-    "train.eval_every", "train.eval_batches", "train.ckpt_every", "train.keep_last",
-})
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "train.steps",
+        "train.flops",
+        "train.out_dir",
+        "train.progress",
+        "train.tensorboard",
+        "train.log_every",
+        "train.eval_every",
+        "train.eval_batches",
+        "train.ckpt_every",
+        "train.keep_last",
+    }
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -83,8 +112,10 @@ def resolve_steps(cfg: Config) -> int:
         per_step = train_flops_per_step(cfg)
         steps = int(cfg.train.flops // per_step)
         if steps < 1:
-            raise ConfigError(f"train.flops: the budget {cfg.train.flops:.4g} FLOPs is less than one step "
-                              f"({per_step:.4g} FLOPs/step at this model and batch size)")
+            raise ConfigError(
+                f"train.flops: the budget {cfg.train.flops:.4g} FLOPs is less than one step "
+                f"({per_step:.4g} FLOPs/step at this model and batch size)"
+            )
         return steps
     return cfg.train.steps
 
@@ -123,8 +154,10 @@ def with_corpus_vocab(cfg: Config) -> Config:
     if where.is_file():
         vocab = load_tokenizer(where).vocab_size
     elif cfg.data.tokenizer or corpus.is_dir():
-        raise ConfigError(f"model.vocab_size: 0 takes the size of the run's tokenizer, but {str(where)!r} "
-                          "does not exist; set model.vocab_size or data.tokenizer")
+        raise ConfigError(
+            f"model.vocab_size: 0 takes the size of the run's tokenizer, but {str(where)!r} "
+            "does not exist; set model.vocab_size or data.tokenizer"
+        )
     else:
         vocab = cfg.data.vocab_size
     return replace(cfg, model=replace(cfg.model, vocab_size=vocab))
@@ -141,11 +174,16 @@ def check_resume_config(run_cfg: dict, cfg: Config, where: Path) -> None:
     # a field added to the config since the run was written counts as its default there
     old = {**_flatten(config_to_dict(Config())), **_flatten(run_cfg)}
     new = _flatten(config_to_dict(cfg))
-    diffs = [f"{k}: run has {old.get(k)!r}, now {new.get(k)!r}" for k in sorted(set(old) | set(new))
-             if k not in RESUME_MAY_CHANGE and not _same(k, old.get(k), new.get(k))]
+    diffs = [
+        f"{k}: run has {old.get(k)!r}, now {new.get(k)!r}"
+        for k in sorted(set(old) | set(new))
+        if k not in RESUME_MAY_CHANGE and not _same(k, old.get(k), new.get(k))
+    ]
     if diffs:
-        raise ConfigError(f"cannot resume {where} with a different config (only "
-                          f"{', '.join(sorted(RESUME_MAY_CHANGE))} may change):\n  " + "\n  ".join(diffs))
+        raise ConfigError(
+            f"cannot resume {where} with a different config (only "
+            f"{', '.join(sorted(RESUME_MAY_CHANGE))} may change):\n  " + "\n  ".join(diffs)
+        )
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -173,13 +211,17 @@ def _open_split(cfg: Config, split: str, required: bool):
         raise ConfigError(f"data.corpus: {str(corpus)!r} is not a directory (prepare one with `peer data prepare`)")
     if split not in data.list_splits(corpus):
         if required:
-            raise ConfigError(f"data.train_split: corpus {str(corpus)!r} has no split {split!r} "
-                              f"(it has: {', '.join(data.list_splits(corpus))})")
+            raise ConfigError(
+                f"data.train_split: corpus {str(corpus)!r} has no split {split!r} "
+                f"(it has: {', '.join(data.list_splits(corpus))})"
+            )
         return None
     tokens = data.open_tokens(corpus, split)
     if len(tokens) and int(tokens.max()) >= cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is too small for split {split!r} of "
-                          f"{str(corpus)!r}, which holds token id {int(tokens.max())}")
+        raise ConfigError(
+            f"model.vocab_size: {cfg.model.vocab_size} is too small for split {split!r} of "
+            f"{str(corpus)!r}, which holds token id {int(tokens.max())}"
+        )
     return tokens
 
 
@@ -232,8 +274,9 @@ def _forward_backward(model, batcher, cfg: Config, device: torch.device) -> tupl
     return ce_sum / n, aux_sum / n
 
 
-def train(cfg: Config, resume: bool = False, *, stop_after: int | None = None,
-          from_checkpoint: str | Path | None = None) -> Path:
+def train(
+    cfg: Config, resume: bool = False, *, stop_after: int | None = None, from_checkpoint: str | Path | None = None
+) -> Path:
     """Train ``PeerLM(cfg.model)`` on ``cfg.data`` and return the run directory.
 
     ``resume`` continues from the run's latest checkpoint. ``stop_after`` stops once that many
@@ -246,9 +289,30 @@ def train(cfg: Config, resume: bool = False, *, stop_after: int | None = None,
     retain_freed_memory()  # no page-fault storm from the per-step buffers (peer.memory); a no-op once applied
     check_device(cfg.train.device)  # before the lock: a bad device leaves no run folder behind
     cfg = with_corpus_vocab(absolute_paths(cfg))  # the run's config.toml then works from any directory
-    lock = FolderLock(cfg.train.out_dir, "run folder") if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+    check_fits(cfg)  # before the lock: a model that cannot be allocated leaves no run folder behind
+    lock = (
+        FolderLock(cfg.train.out_dir, "run folder") if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+    )
     with lock:
         return _train(cfg, resume, stop_after, from_checkpoint)
+
+
+def check_fits(cfg: Config) -> None:
+    """ConfigError when the model's weights alone (at their storage width) exceed the memory the
+    training device has available: such a run can only fail, after writing its folder. Training needs
+    more (gradients, optimizer state, activations); this refuses only what is certain to fail."""
+    from ..flops import count_params
+
+    free = available_bytes(cfg.train.device)
+    if free is None or cfg.dist.expert_parallel:  # expert-parallel ranks hold a share of the tables
+        return
+    need = 4 * count_params(cfg.model).total
+    if need > free:
+        raise ConfigError(
+            f"model: {count_params(cfg.model).total:,} parameters need {need / 2**30:,.1f} GiB for the weights "
+            f"alone, more than the {free / 2**30:,.1f} GiB available on {cfg.train.device}; choose a smaller model "
+            "(model.d_model, model.n_layers, model.peer.num_experts, ...)"
+        )
 
 
 def check_device(device: str) -> None:
@@ -258,8 +322,10 @@ def check_device(device: str) -> None:
     except RuntimeError:
         raise ConfigError(f"train.device: {device!r} is not a device; use 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device: {device!r} requested but this torch build sees no CUDA device "
-                          f"(torch {torch.__version__}); use train.device=cpu")
+        raise ConfigError(
+            f"train.device: {device!r} requested but this torch build sees no CUDA device "
+            f"(torch {torch.__version__}); use train.device=cpu"
+        )
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ConfigError(f"train.device: {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
@@ -289,8 +355,10 @@ def train_or_resume(cfg: Config) -> str:
         meta = read_meta(ckpt)
         planned = meta["config"]["train"]["steps"]
         if planned != steps:
-            raise ConfigError(f"{run_dir} holds a run planned for {planned} steps, this one needs {steps} "
-                              "(another budget?): use another out dir or remove that run")
+            raise ConfigError(
+                f"{run_dir} holds a run planned for {planned} steps, this one needs {steps} "
+                "(another budget?): use another out dir or remove that run"
+            )
         check_resume_config(meta["config"], cfg, run_dir)
         if int(meta["step"]) >= steps:
             return "complete"
@@ -321,8 +389,10 @@ def resume_checkpoint(run_dir: Path, from_checkpoint: str | Path | None = None) 
                 verify_checksums(older, m, tuple(m["files"]))
             except CheckpointError:
                 continue
-            raise CheckpointError(f"{e}; the newest intact checkpoint is {older} (step {m['step']}): resume from it "
-                                  f"with: peer train {run_dir} --resume --from {older}") from None
+            raise CheckpointError(
+                f"{e}; the newest intact checkpoint is {older} (step {m['step']}): resume from it "
+                f"with: peer train {run_dir} --resume --from {older}"
+            ) from None
         raise CheckpointError(f"{e}; no intact checkpoint is left in {run_dir / 'checkpoints'}") from None
 
 
@@ -339,8 +409,10 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, from_checkpoint=No
         ckpt, meta = resume_checkpoint(run_dir, from_checkpoint)
         check_resume_config(meta["config"], cfg, run_dir)
     elif list_checkpoints(run_dir):
-        raise ConfigError(f"train.out_dir: {str(run_dir)!r} already holds a run with checkpoints; "
-                          "pass --resume to continue it, or choose another --out")
+        raise ConfigError(
+            f"train.out_dir: {str(run_dir)!r} already holds a run with checkpoints; "
+            "pass --resume to continue it, or choose another --out"
+        )
     denv = dpar.setup(cfg)  # torch.distributed under torchrun (WORLD_SIZE > 1), else one process
     batcher, val_batches = _open_data(cfg, denv)
     if denv.is_main:
@@ -356,8 +428,15 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, from_checkpoint=No
     model, fwd, optimizer, schedule = _build(cfg, denv, device, steps)
     start = _restore(ckpt, meta, model, optimizer, batcher, run_dir, denv) if ckpt is not None else 0
     saver = Saver(cfg, run_dir, model, optimizer, schedule, batcher, denv, last_good=ckpt)
-    log_ = StepLog(cfg, run_dir, start, steps, denv, saver.diverged,
-                   tb=_open_tb(run_dir, start if resume else None) if t.tensorboard and denv.is_main else None)
+    log_ = StepLog(
+        cfg,
+        run_dir,
+        start,
+        steps,
+        denv,
+        saver.diverged,
+        tb=_open_tb(run_dir, start if resume else None) if t.tensorboard and denv.is_main else None,
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     clip = (params, dpar.expert_shards(model), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
     model.train()
@@ -379,8 +458,11 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, from_checkpoint=No
                 log_.flush()  # no checkpoint past a step that was not checked
                 saver.save(done, record)
             if stop.requested and done < steps:
-                raise Interrupted(f"stopped by {stop.name} after step {done} of {steps}; checkpoint saved: "
-                                  f"{saver.last_good}; continue with: peer train {run_dir} --resume", stop.signum)
+                raise Interrupted(
+                    f"stopped by {stop.name} after step {done} of {steps}; checkpoint saved: "
+                    f"{saver.last_good}; continue with: peer train {run_dir} --resume",
+                    stop.signum,
+                )
             if stop_after is not None and done >= stop_after:
                 break
     except RuntimeError as e:  # a failed collective (peer died / timed out) -> peer.distributed.DistributedError
@@ -405,13 +487,20 @@ def _open_data(cfg: Config, denv):
     val_batches = None
     try:
         if val_tokens is not None:  # the first train.eval_batches batches of the validation split, in order
-            val_batches = data.eval_batches(val_tokens, t.batch_size, t.seq_len,
-                                            max_tokens=t.eval_batches * t.batch_size * t.seq_len)
+            val_batches = data.eval_batches(
+                val_tokens, t.batch_size, t.seq_len, max_tokens=t.eval_batches * t.batch_size * t.seq_len
+            )
     except ValueError as e:
         raise ConfigError(f"data.val_split: split {cfg.data.val_split!r} of {cfg.data.corpus!r}: {e}") from None
     try:
-        batcher = data.Batcher(train_tokens, dpar.per_rank_batch(cfg, denv.world_size), t.seq_len, seed=t.seed,
-                               rank=denv.rank, world_size=denv.world_size)  # train.batch_size is global
+        batcher = data.Batcher(
+            train_tokens,
+            dpar.per_rank_batch(cfg, denv.world_size),
+            t.seq_len,
+            seed=t.seed,
+            rank=denv.rank,
+            world_size=denv.world_size,
+        )  # train.batch_size is global
     except ValueError as e:
         raise ConfigError(f"data.train_split: split {cfg.data.train_split!r} of {cfg.data.corpus!r}: {e}") from None
     return batcher, val_batches
@@ -431,7 +520,7 @@ def _build(cfg: Config, denv, device: torch.device, steps: int):
     else:
         model = PeerLM(cfg.model).to(device)
     for layer in model.sparse_layers().values():  # row-wise AdamW wants sparse row gradients (nn.Embedding style)
-        if hasattr(layer, "sparse_grad"):
+        if layer.supports_sparse_grad:
             layer.sparse_grad = bool(cfg.optim.sparse_experts)
     fwd = dpar.wrap_model(model, cfg, denv)  # DDP / FSDP2 / expert-sharded PEER; `model` on one process
     return model, fwd, build_optimizer(model, cfg.optim), Schedule.from_config(cfg.optim, steps)
@@ -464,8 +553,11 @@ def _step(fwd, optimizer, schedule, batcher, cfg: Config, device, denv, clip, s:
     lr = schedule.apply(optimizer, s)
     loss, aux_loss = dpar.mean_over_ranks(*_forward_backward(fwd, batcher, cfg, device))
     params, shards, max_norm = clip
-    grad_norm = (dpar.clip_grad_norm(params, max_norm, shards) if denv.distributed  # global norm over shards
-                 else clip_grad_norm(params, max_norm))
+    grad_norm = (
+        dpar.clip_grad_norm(params, max_norm, shards)
+        if denv.distributed  # global norm over shards
+        else clip_grad_norm(params, max_norm)
+    )
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return lr, (loss, aux_loss, grad_norm)

@@ -28,6 +28,8 @@ import logging
 import torch
 from torch import nn
 
+from ..layers.base import FeedForward
+
 __all__ = ["param_groups", "build_optimizer", "MultiOptimizer", "clip_grad_norm", "GROUP_NAMES"]
 
 log = logging.getLogger("peer.train")
@@ -37,10 +39,11 @@ GROUP_NAMES = ("decay", "no_decay", "experts", "keys")
 def param_groups(model: nn.Module, optim_cfg) -> list[dict]:
     """Split ``model``'s trainable parameters into the groups above (module docstring)."""
     buckets: dict[str, list[nn.Parameter]] = {n: [] for n in GROUP_NAMES}
-    experts, keys = set(), set()  # asked of the layers: PEER / PKM expert_parameters(), key_parameters()
+    experts, keys = set(), set()  # asked of the layers (the FeedForward contract, peer.layers.base)
     for m in model.modules():
-        experts |= {id(p) for p in getattr(m, "expert_parameters", lambda: [])()}
-        keys |= {id(p) for p in getattr(m, "key_parameters", lambda: [])()}
+        if isinstance(m, FeedForward):
+            experts |= {id(p) for p in m.expert_parameters()}
+            keys |= {id(p) for p in m.key_parameters()}
     seen: set[int] = set()
     for _, p in model.named_parameters():  # named_parameters() already yields tied tensors once
         if not p.requires_grad or id(p) in seen:
@@ -65,8 +68,15 @@ def param_groups(model: nn.Module, optim_cfg) -> list[dict]:
     for name in GROUP_NAMES:
         if buckets[name]:
             mult, wd = settings[name]
-            groups.append({"params": buckets[name], "name": name, "lr_mult": float(mult),
-                           "lr": o.lr * mult, "weight_decay": float(wd)})
+            groups.append(
+                {
+                    "params": buckets[name],
+                    "name": name,
+                    "lr_mult": float(mult),
+                    "lr": o.lr * mult,
+                    "weight_decay": float(wd),
+                }
+            )
     return groups
 
 
@@ -93,8 +103,9 @@ def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.Optimizer:
         from .sparse_optim import SparseRowAdamW  # our own module: an ImportError here is a bug, not a fallback
 
         o = optim_cfg
-        sparse = SparseRowAdamW(expert, lr=o.lr * o.expert_lr_mult, betas=(o.beta1, o.beta2), eps=o.eps,
-                                weight_decay=o.expert_weight_decay)
+        sparse = SparseRowAdamW(
+            expert, lr=o.lr * o.expert_lr_mult, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.expert_weight_decay
+        )
         rest = [g for g in groups if g["name"] != "experts"]
         return MultiOptimizer([_adamw(rest, optim_cfg), sparse] if rest else [sparse])
     return _adamw(groups, optim_cfg)
@@ -124,9 +135,11 @@ class MultiOptimizer:
     def load_state_dict(self, state: dict) -> None:
         parts = state.get("multi") if isinstance(state, dict) else None
         if parts is None or len(parts) != len(self.optimizers):
-            raise ValueError(f"optimizer state holds {len(parts) if parts else 1} optimizer(s), "
-                             f"this run has {len(self.optimizers)} (optim.sparse_experts changed?)")
-        for o, s in zip(self.optimizers, parts):
+            raise ValueError(
+                f"optimizer state holds {len(parts) if parts else 1} optimizer(s), "
+                f"this run has {len(self.optimizers)} (optim.sparse_experts changed?)"
+            )
+        for o, s in zip(self.optimizers, parts, strict=True):
             o.load_state_dict(s)
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from ..config import Config, config_to_dict
-from ..errors import PeerError
 from ..distributed import data_parallel as dpar
+from ..errors import PeerError
 from .checkpoint import capture_rng, checkpoint_name, save_checkpoint
 
 __all__ = ["StepLog", "Saver", "save_distributed", "TrainingDiverged"]
@@ -29,6 +29,7 @@ class TrainingDiverged(PeerError, RuntimeError):
     def __init__(self, message: str, step: int, checkpoint: Path | None):
         super().__init__(message)
         self.step, self.checkpoint = step, checkpoint
+
 
 def scalar_dtype(device: torch.device) -> torch.dtype:
     """The dtype the step scalars are summed and read in: float64, as Python floats (MPS has none: float32)."""
@@ -47,6 +48,7 @@ class StepLog:
 
     def __init__(self, cfg: Config, run_dir: Path, start: int, steps: int, denv, diverged, tb=None):
         from tqdm.auto import tqdm
+
         from ..flops import train_flops_per_step
 
         t = cfg.train
@@ -56,8 +58,9 @@ class StepLog:
         self.path = run_dir / "metrics.jsonl"
         self.busy, self.last = 0.0, start  # seconds in training steps since the last line (no eval/checkpoint)
         self.pending: list[tuple[int, tuple]] = []  # (step, (loss, aux_loss, grad_norm) tensors) not read yet
-        self.bar = tqdm(total=steps, initial=start, disable=not (t.progress and denv.is_main), unit="step",
-                        dynamic_ncols=True)
+        self.bar = tqdm(
+            total=steps, initial=start, disable=not (t.progress and denv.is_main), unit="step", dynamic_ncols=True
+        )
 
     def _base(self, done: int) -> dict:
         return {"step": done, "tokens": done * self.tokens_per_step, "flops": done * self.flops_per_step}
@@ -69,11 +72,12 @@ class StepLog:
             return None
         dev = torch.as_tensor(self.pending[0][1][0]).device
         dtype = scalar_dtype(dev)
-        values = torch.stack([torch.stack([torch.as_tensor(v).to(dev, dtype) for v in scalars])
-                              for _, scalars in self.pending]).tolist()
+        values = torch.stack(
+            [torch.stack([torch.as_tensor(v).to(dev, dtype) for v in scalars]) for _, scalars in self.pending]
+        ).tolist()
         steps = [step for step, _ in self.pending]
         self.pending.clear()
-        for step, (loss, aux_loss, grad_norm) in zip(steps, values):
+        for step, (loss, aux_loss, grad_norm) in zip(steps, values, strict=True):
             if not math.isfinite(loss + aux_loss):
                 raise self.diverged(f"loss is {loss + aux_loss}", step)
             if not math.isfinite(grad_norm):
@@ -93,8 +97,15 @@ class StepLog:
             return None
         tps = (done - self.last) * self.tokens_per_step / max(self.busy, 1e-9)
         self.busy, self.last = 0.0, done
-        record = {"step": done, "loss": loss, "lr": lr, "tokens": done * self.tokens_per_step,
-                  "flops": done * self.flops_per_step, "tokens_per_s": tps, "grad_norm": grad_norm}
+        record = {
+            "step": done,
+            "loss": loss,
+            "lr": lr,
+            "tokens": done * self.tokens_per_step,
+            "flops": done * self.flops_per_step,
+            "tokens_per_s": tps,
+            "grad_norm": grad_norm,
+        }
         if aux_loss:
             record["aux_loss"] = aux_loss
         self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
@@ -133,24 +144,40 @@ class Saver:
         self.tokens_per_step, self.flops_per_step = t.tokens_per_step, train_flops_per_step(cfg)
 
     def diverged(self, what: str, step: int) -> TrainingDiverged:
-        where = (f"the last good checkpoint is kept: {self.last_good}" if self.last_good
-                 else "no checkpoint was written yet")
+        where = (
+            f"the last good checkpoint is kept: {self.last_good}" if self.last_good else "no checkpoint was written yet"
+        )
         return TrainingDiverged(
             f"{what} at step {step}; the run is stopped and nothing of this step was saved ({where}). "
             "A resumed run replays the same batches exactly, so start a new run with a lower optim.lr, "
-            "more optim.warmup_steps or a tighter optim.grad_clip.", step, self.last_good)
+            "more optim.warmup_steps or a tighter optim.grad_clip.",
+            step,
+            self.last_good,
+        )
 
     def save(self, done: int, record: dict | None) -> Path:
         cfg = self.cfg
         if not dpar.all_finite(self.model):
             raise self.diverged("the weights (or BatchNorm statistics) became non-finite", done)
-        state = {"step": done, "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
-                 "rng": capture_rng(), "batcher": self.batcher.state_dict(), "metrics": record}
-        meta_out = {"step": done, "tokens": done * self.tokens_per_step, "flops": done * self.flops_per_step,
-                    "config": config_to_dict(cfg), "metrics": record}
+        state = {
+            "step": done,
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "rng": capture_rng(),
+            "batcher": self.batcher.state_dict(),
+            "metrics": record,
+        }
+        meta_out = {
+            "step": done,
+            "tokens": done * self.tokens_per_step,
+            "flops": done * self.flops_per_step,
+            "config": config_to_dict(cfg),
+            "metrics": record,
+        }
         if self.denv.distributed or dpar.is_sharded_config(cfg):
-            self.last_good = save_distributed(self.run_dir, self.model, self.optimizer, state, meta_out, cfg,
-                                               self.denv, done == cfg.train.steps)
+            self.last_good = save_distributed(
+                self.run_dir, self.model, self.optimizer, state, meta_out, cfg, self.denv, done == cfg.train.steps
+            )
         else:
             self.last_good = save_checkpoint(self.run_dir, self.model, state, meta_out, keep_last=cfg.train.keep_last)
         return self.last_good
@@ -173,9 +200,15 @@ def save_distributed(run_dir: Path, model, optimizer, state: dict, meta: dict, c
         model_state = full_model_state(model) if final else None
         write_model, extra = final, {"dcp": tmp}
     if denv.is_main:
-        save_checkpoint(run_dir, model, state, meta, keep_last=cfg.train.keep_last, model_state=model_state,
-                        write_model=write_model, extra_dirs=extra)
+        save_checkpoint(
+            run_dir,
+            model,
+            state,
+            meta,
+            keep_last=cfg.train.keep_last,
+            model_state=model_state,
+            write_model=write_model,
+            extra_dirs=extra,
+        )
     dpar.barrier()
     return run_dir / "checkpoints" / name
-
-

@@ -69,9 +69,15 @@ class Schedule:
     expert_mult_final: float = 1.0
 
     @classmethod
-    def from_config(cls, optim_cfg, total_steps: int) -> "Schedule":
-        return cls(optim_cfg.lr, total_steps, optim_cfg.warmup_steps, optim_cfg.min_lr_ratio,
-                   optim_cfg.expert_lr_mult_schedule, optim_cfg.expert_lr_mult_final)
+    def from_config(cls, optim_cfg, total_steps: int) -> Schedule:
+        return cls(
+            optim_cfg.lr,
+            total_steps,
+            optim_cfg.warmup_steps,
+            optim_cfg.min_lr_ratio,
+            optim_cfg.expert_lr_mult_schedule,
+            optim_cfg.expert_lr_mult_final,
+        )
 
     def __call__(self, step: int) -> float:
         """The base learning rate (before group multipliers) for update ``step``."""
@@ -88,6 +94,11 @@ class Schedule:
 
     def state_dict(self) -> dict:
         """For the record only (the schedule is a pure function of the step and the config)."""
-        return {"lr": self.lr, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
-                "min_lr_ratio": self.min_lr_ratio, "expert_mult_schedule": self.expert_mult_schedule,
-                "expert_mult_final": self.expert_mult_final}
+        return {
+            "lr": self.lr,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "min_lr_ratio": self.min_lr_ratio,
+            "expert_mult_schedule": self.expert_mult_schedule,
+            "expert_mult_final": self.expert_mult_final,
+        }

@@ -59,7 +59,7 @@ class StopOnSignal:
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborted")
         self.signum = signum
 
-    def __enter__(self) -> "StopOnSignal":
+    def __enter__(self) -> StopOnSignal:
         if self.enabled:
             for s in self.SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
@@ -99,7 +99,9 @@ class Workers:
             first = self.stopped is None
             self.stopped = signum
             procs = list(self._procs)
-        for proc in procs:  # a second signal is forwarded too: the children then abort their save (the previous checkpoint stays)
+        for proc in (
+            procs
+        ):  # a second signal is forwarded too: the children then abort their save (the previous checkpoint stays)
             proc.send_signal(signum if first else signal.SIGINT)
 
     @contextlib.contextmanager

@@ -43,8 +43,13 @@ from . import adamw_kernel
 
 __all__ = ["SparseRowAdamW", "clip_grad_norm_", "coalesced"]
 
-_STATE_DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16,
-                 torch.float32: torch.float32, torch.bfloat16: torch.bfloat16}
+_STATE_DTYPES = {
+    None: None,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    torch.float32: torch.float32,
+    torch.bfloat16: torch.bfloat16,
+}
 
 
 class SparseRowAdamW(torch.optim.Optimizer):
@@ -57,8 +62,17 @@ class SparseRowAdamW(torch.optim.Optimizer):
         rowwise: one second moment per row instead of per element.
     """
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 *, state_dtype=None, rowwise: bool = False):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        state_dtype=None,
+        rowwise: bool = False,
+    ):
         if not lr >= 0:
             raise ValueError(f"lr must be >= 0, got {lr!r}")
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
@@ -74,7 +88,9 @@ class SparseRowAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dim() != 2:
-                    raise ValueError(f"SparseRowAdamW: params must be 2-D tables [rows, dim], got shape {tuple(p.shape)}")
+                    raise ValueError(
+                        f"SparseRowAdamW: params must be 2-D tables [rows, dim], got shape {tuple(p.shape)}"
+                    )
 
     def _init_state(self, p: torch.Tensor) -> dict:
         dtype = self.state_dtype or p.dtype
@@ -100,8 +116,21 @@ class SparseRowAdamW(torch.optim.Optimizer):
                 state["step"] += 1
                 t = float(state["step"])
                 rows, values = _grad_rows(p.grad)
-                _adamw_rows(p, state["exp_avg"], state["exp_avg_sq"], values, rows, lr, b1, b2, eps, wd,
-                            1 - b1**t, 1 - b2**t, self.rowwise)
+                _adamw_rows(
+                    p,
+                    state["exp_avg"],
+                    state["exp_avg_sq"],
+                    values,
+                    rows,
+                    lr,
+                    b1,
+                    b2,
+                    eps,
+                    wd,
+                    1 - b1**t,
+                    1 - b2**t,
+                    self.rowwise,
+                )
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -162,8 +191,9 @@ def _adamw_rows(p, m, v, g, rows, lr, b1, b2, eps, wd, bc1, bc2, rowwise) -> Non
 
 
 @torch.no_grad()
-def clip_grad_norm_(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm: float,
-                    error_if_nonfinite: bool = False) -> torch.Tensor:
+def clip_grad_norm_(
+    parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm: float, error_if_nonfinite: bool = False
+) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ (2-norm) for a mix of dense and sparse COO gradients.
 
     Sparse gradients are coalesced in place (so duplicate rows add up before the norm)."""

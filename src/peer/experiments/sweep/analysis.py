@@ -2,7 +2,7 @@
 
 Seeds: the runs of one (budget, variant, size) point with different ``train.seed`` are first
 merged by :func:`aggregate` into one point whose ``perplexity`` is the mean over seeds, with
-``perplexity_std`` (sample std, ddof=1; 0 for one seed) and ``n``. Compute-optimal points are
+``perplexity_std`` (sample std, ddof=1; NaN for one seed) and ``n``. Compute-optimal points are
 chosen on that mean; every table prints ``mean ± std (n)``.
 """
 
@@ -11,8 +11,18 @@ from __future__ import annotations
 import math
 import statistics
 
-__all__ = ["aggregate", "compute_optimal", "table1_markdown", "ablation_markdown", "points_markdown", "method_ordering",
-           "fmt_ppl"]
+from ...metrics import mean_std
+from .plan import budget_label
+
+__all__ = [
+    "aggregate",
+    "compute_optimal",
+    "table1_markdown",
+    "ablation_markdown",
+    "points_markdown",
+    "method_ordering",
+    "fmt_ppl",
+]
 
 
 def _point_key(r: dict) -> tuple:
@@ -26,7 +36,7 @@ def aggregate(results: list[dict]) -> list[dict]:
     for r in results:
         groups.setdefault(_point_key(r), []).append(r)
     out = []
-    for key, runs in groups.items():
+    for runs in groups.values():
         if len(runs) == 1 and "n" in runs[0]:
             out.append(runs[0])
             continue
@@ -35,17 +45,23 @@ def aggregate(results: list[dict]) -> list[dict]:
         mean, std, n = {}, {}, {}
         for s in sets:
             vals = [r["perplexity"][s] for r in runs if s in r.get("perplexity", {})]
-            mean[s] = statistics.fmean(vals)
-            std[s] = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            n[s] = len(vals)
+            mean[s], std[s], n[s] = mean_std(vals)
         experts = {}
         for layer in sorted({name for r in runs for name in (r.get("experts") or {})}):
             es = [r["experts"][layer] for r in runs if layer in (r.get("experts") or {})]
-            experts[layer] = {k: statistics.fmean(e[k] for e in es) for k in ("usage", "unevenness") if all(k in e for e in es)}
+            experts[layer] = {
+                k: statistics.fmean(e[k] for e in es) for k in ("usage", "unevenness") if all(k in e for e in es)
+            }
         point = dict(runs[0])
-        point.update(perplexity=mean, perplexity_std=std, n=n, seeds=[r.get("seed", 0) for r in runs],
-                     experts=experts, runs=[r.get("run_id") for r in runs],
-                     train_seconds=statistics.fmean(r.get("train_seconds", 0.0) for r in runs))
+        point.update(
+            perplexity=mean,
+            perplexity_std=std,
+            n=n,
+            seeds=[r.get("seed", 0) for r in runs],
+            experts=experts,
+            runs=[r.get("run_id") for r in runs],
+            train_seconds=statistics.fmean(r.get("train_seconds", 0.0) for r in runs),
+        )
         point.pop("eval", None)
         out.append(point)
     return out
@@ -83,14 +99,11 @@ def method_ordering(results: list[dict], metric_set: str = "val") -> dict[float,
     for budget in sorted({b for b, _ in best}):
         runs = {v: r for (b, v), r in best.items() if b == budget}
         sets = sorted({s for r in runs.values() for s in r["perplexity"]})
-        out[budget] = {s: sorted((v for v in runs if s in runs[v]["perplexity"]), key=lambda v: runs[v]["perplexity"][s])
-                       for s in sets}
+        out[budget] = {
+            s: sorted((v for v in runs if s in runs[v]["perplexity"]), key=lambda v: runs[v]["perplexity"][s])
+            for s in sets
+        }
     return out
-
-
-def _fmt_budget(b: float) -> str:
-    m, e = f"{b:.1e}".split("e")
-    return f"{m.rstrip('0').rstrip('.')}e{int(e)}"
 
 
 def table1_markdown(results: list[dict], metric_set: str = "val", order: list[str] | None = None) -> str:
@@ -100,11 +113,15 @@ def table1_markdown(results: list[dict], metric_set: str = "val", order: list[st
         return "_no finished runs_\n"
     sets = sorted({s for r in best.values() for s in r["perplexity"]}, key=lambda s: (s != metric_set, s))
     variants = order or sorted({v for _, v in best})
-    lines = ["| budget | method | size (active params) | " + " | ".join(sets) + " |",
-             "|---" * (3 + len(sets)) + "|"]
+    lines = ["| budget | method | size (active params) | " + " | ".join(sets) + " |", "|---" * (3 + len(sets)) + "|"]
     for budget in sorted({b for b, _ in best}):
-        cols = {s: min((best[(budget, v)]["perplexity"].get(s, math.inf) for v in variants if (budget, v) in best),
-                       default=math.inf) for s in sets}
+        cols = {
+            s: min(
+                (best[(budget, v)]["perplexity"].get(s, math.inf) for v in variants if (budget, v) in best),
+                default=math.inf,
+            )
+            for s in sets
+        }
         for v in variants:
             r = best.get((budget, v))
             if r is None:
@@ -114,7 +131,9 @@ def table1_markdown(results: list[dict], metric_set: str = "val", order: list[st
                 p = r["perplexity"].get(s)
                 txt = fmt_ppl(r, s)
                 cells.append(f"**{txt}**" if p is not None and p == cols[s] else txt)
-            lines.append(f"| {_fmt_budget(budget)} | {v} | {r['size']} ({r['params_active']:,}) | " + " | ".join(cells) + " |")
+            lines.append(
+                f"| {budget_label(budget)} | {v} | {r['size']} ({r['params_active']:,}) | " + " | ".join(cells) + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -129,11 +148,13 @@ def _expert_cells(point: dict) -> tuple[str, str]:
 def ablation_markdown(results: list[dict], metric_set: str = "val") -> str:
     """One row per variant (best size per budget): perplexity, and expert usage/unevenness per sparse layer."""
     best = compute_optimal(results, metric_set)
-    lines = ["| budget | variant | size | ppl (" + metric_set + "), mean ± std (seeds) | usage % | unevenness |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| budget | variant | size | ppl (" + metric_set + "), mean ± std (seeds) | usage % | unevenness |",
+        "|---|---|---|---|---|---|",
+    ]
     for (budget, v), r in sorted(best.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         usage, uneven = _expert_cells(r)
-        lines.append(f"| {_fmt_budget(budget)} | {v} | {r['size']} | {fmt_ppl(r, metric_set)} | {usage} | {uneven} |")
+        lines.append(f"| {budget_label(budget)} | {v} | {r['size']} | {fmt_ppl(r, metric_set)} | {usage} | {uneven} |")
     return "\n".join(lines) + "\n"
 
 
@@ -143,12 +164,16 @@ def points_markdown(results: list[dict], metric_set: str = "val") -> str:
     compute-optimal size of each (budget, variant) in bold."""
     points = sorted(aggregate(results), key=lambda r: (r["budget"], r["variant"], r.get("params_active", 0)))
     best = {id(r) for r in compute_optimal(points, metric_set).values()}  # aggregated points pass through as they are
-    lines = [f"| budget | variant | size (active params) | steps | ppl ({metric_set}), mean ± std (seeds) | usage % | train s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| budget | variant | size (active params) | steps | ppl ({metric_set}), mean ± std (seeds) | usage % | train s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in points:
         txt = fmt_ppl(r, metric_set)
         usage, _ = _expert_cells(r)
-        lines.append(f"| {_fmt_budget(r['budget'])} | {r['variant']} | {r['size']} ({r.get('params_active', 0):,}) | "
-                     f"{r.get('steps', '-')} | {f'**{txt}**' if id(r) in best else txt} | {usage} | "
-                     f"{r.get('train_seconds', 0.0):.0f} |")
+        lines.append(
+            f"| {budget_label(r['budget'])} | {r['variant']} | {r['size']} ({r.get('params_active', 0):,}) | "
+            f"{r.get('steps', '-')} | {f'**{txt}**' if id(r) in best else txt} | {usage} | "
+            f"{r.get('train_seconds', 0.0):.0f} |"
+        )
     return "\n".join(lines) + "\n"

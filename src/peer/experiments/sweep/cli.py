@@ -6,23 +6,40 @@ a bracketed optimum and its neighbours still need),
 from __future__ import annotations
 
 from pathlib import Path
+
 from ...errors import UsageError
 from ...fsutil import atomic_write_text
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("action_or_file", help="'plan', 'plot', 'next', 'compare', or a sweep TOML file (runs the sweep)")
-    parser.add_argument("file", nargs="?", help="the sweep TOML file (after 'plan', 'plot' or 'next'); point A (after 'compare')")
+    parser.add_argument(
+        "action_or_file", help="'plan', 'plot', 'next', 'compare', or a sweep TOML file (runs the sweep)"
+    )
+    parser.add_argument(
+        "file", nargs="?", help="the sweep TOML file (after 'plan', 'plot' or 'next'); point A (after 'compare')"
+    )
     parser.add_argument("other", nargs="?", help="point B (after 'compare')")
     parser.add_argument("--names", default="A,B", help="compare: the two sides' names (default: A,B)")
     parser.add_argument("--json", action="store_true", help="compare: print JSON")
-    parser.add_argument("--only", action="append", default=[], help="run only runs whose id contains this (repeatable; runs start in the order of the first selector each matches)")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        help="run only runs whose id contains this (repeatable; runs start in the order of the first selector each matches)",
+    )
     parser.add_argument("--parallel", type=int, default=0, help="runs at a time (default: the sweep file's)")
-    parser.add_argument("--threads", type=int, default=-1,
-                        help="torch threads per run (default: the sweep file's; 0: the cores split over the parallel runs)")
-    parser.add_argument("--device", default="",
-                        help="train.device of the runs (e.g. cuda; default: the sweep file's, else the config's). "
-                             "An execution setting, like --threads: finished runs are reused whatever device they ran on")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=-1,
+        help="torch threads per run (default: the sweep file's; 0: the cores split over the parallel runs)",
+    )
+    parser.add_argument(
+        "--device",
+        default="",
+        help="train.device of the runs (e.g. cuda; default: the sweep file's, else the config's). "
+        "An execution setting, like --threads: finished runs are reused whatever device they ran on",
+    )
     parser.add_argument("--into", metavar="DOC", help="plot: also refresh DOC's <!-- sweep NAME:KEY --> blocks")
     parser.add_argument("--metric-set", default="val", help="evaluation set that picks compute-optimal models")
 
@@ -86,13 +103,20 @@ def print_next(spec, metric_set: str = "val") -> int:
     for r in plan(spec):
         if not r.skipped:
             sizes.setdefault((r.budget, r.variant), set()).add((r.params_active, r.size))
-    nxt = next_runs(collect(spec), {k: sorted(v) for k, v in sizes.items()}, metric_set=metric_set,
-                    arm_seeds=tuple(spec.seeds))
+    nxt = next_runs(
+        collect(spec), {k: sorted(v) for k, v in sizes.items()}, metric_set=metric_set, arm_seeds=tuple(spec.seeds)
+    )
     for e in nxt["edges"]:
-        beyond = (f"next: {e['next_size']}" if e["next_size"] is not None
-                  else "the grid has no size beyond it: add one to the sweep file")
-        print(f"# edge: {budget_label(e['budget'])} {e['method']} ({e['variant']}): optimum {e['size']} is the "
-              f"{e['side']} size run so far ({beyond})", flush=True)
+        beyond = (
+            f"next: {e['next_size']}"
+            if e["next_size"] is not None
+            else "the grid has no size beyond it: add one to the sweep file"
+        )
+        print(
+            f"# edge: {budget_label(e['budget'])} {e['method']} ({e['variant']}): optimum {e['size']} is the "
+            f"{e['side']} size run so far ({beyond})",
+            flush=True,
+        )
     missing = sorted({s for s in (1, 2)} - set(spec.seeds))
     if any(r["seed"] in missing for r in nxt["seed_runs"]):
         print(f"# sweep.seeds lacks {missing}: add them to the sweep file to run these")

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 from pathlib import Path
 
 from ...errors import UsageError
+from ...metrics import mean_std
 
 __all__ = ["load_point", "compare", "format_compare"]
 
@@ -36,36 +36,49 @@ def load_point(spec: str) -> list[dict]:
 
 
 def _stats(runs: list[dict], s: str) -> tuple[float, float, int]:
-    vals = [math.log(r["perplexity"][s]) for r in runs if s in r.get("perplexity", {})]
-    if not vals:
-        return math.nan, math.nan, 0
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0), len(vals)
+    return mean_std(math.log(r["perplexity"][s]) for r in runs if s in r.get("perplexity", {}))
 
 
 def compare(a: list[dict], b: list[dict]) -> dict[str, dict]:
     """Per set shared by both sides: means, stds, n, pooled std, gap (A - B) and gap in pooled stds."""
-    sets = sorted({s for r in a for s in r["perplexity"]} & {s for r in b for s in r["perplexity"]},
-                  key=lambda s: (s != "val", s))
+    sets = sorted(
+        {s for r in a for s in r["perplexity"]} & {s for r in b for s in r["perplexity"]}, key=lambda s: (s != "val", s)
+    )
     out = {}
     for s in sets:
         ma, sa, na = _stats(a, s)
         mb, sb, nb = _stats(b, s)
         dof = na + nb - 2
-        sp = math.sqrt(((na - 1) * sa ** 2 + (nb - 1) * sb ** 2) / dof) if dof > 0 else math.nan
+        ss = sum((n - 1) * sd**2 for sd, n in ((sa, na), (sb, nb)) if n > 1)  # one run adds no spread
+        sp = math.sqrt(ss / dof) if dof > 0 else math.nan
         gap = ma - mb
-        out[s] = {"mean_a": ma, "std_a": sa, "n_a": na, "mean_b": mb, "std_b": sb, "n_b": nb, "pooled_std": sp,
-                  "gap": gap, "gap_in_std": gap / sp if sp and math.isfinite(sp) and sp > 0 else math.nan,
-                  "ppl_a": math.exp(ma), "ppl_b": math.exp(mb)}
+        out[s] = {
+            "mean_a": ma,
+            "std_a": sa,
+            "n_a": na,
+            "mean_b": mb,
+            "std_b": sb,
+            "n_b": nb,
+            "pooled_std": sp,
+            "gap": gap,
+            "gap_in_std": gap / sp if sp and math.isfinite(sp) and sp > 0 else math.nan,
+            "ppl_a": math.exp(ma),
+            "ppl_b": math.exp(mb),
+        }
     return out
 
 
 def format_compare(res: dict[str, dict], name_a: str = "A", name_b: str = "B") -> str:
-    lines = [f"| set | {name_a}: ppl (ln ± std, n) | {name_b}: ppl (ln ± std, n) | gap A-B (nats) | pooled std | gap / std |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"| set | {name_a}: ppl (ln ± std, n) | {name_b}: ppl (ln ± std, n) | gap A-B (nats) | pooled std | gap / std |",
+        "|---|---|---|---|---|---|",
+    ]
     for s, r in res.items():
-        lines.append(f"| {s} | {r['ppl_a']:.1f} ({r['mean_a']:.3f} ± {r['std_a']:.3f}, {r['n_a']}) | "
-                     f"{r['ppl_b']:.1f} ({r['mean_b']:.3f} ± {r['std_b']:.3f}, {r['n_b']}) | {r['gap']:+.3f} | "
-                     f"{_num(r['pooled_std'], '.3f')} | {_num(r['gap_in_std'], '+.1f')} |")
+        lines.append(
+            f"| {s} | {r['ppl_a']:.1f} ({r['mean_a']:.3f} ± {_num(r['std_a'], '.3f')}, {r['n_a']}) | "
+            f"{r['ppl_b']:.1f} ({r['mean_b']:.3f} ± {_num(r['std_b'], '.3f')}, {r['n_b']}) | {r['gap']:+.3f} | "
+            f"{_num(r['pooled_std'], '.3f')} | {_num(r['gap_in_std'], '+.1f')} |"
+        )
     return "\n".join(lines)
 
 

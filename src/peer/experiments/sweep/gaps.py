@@ -16,13 +16,22 @@ the delta-method standard error of the crossing.
 from __future__ import annotations
 
 import math
-import statistics
 
+from ...metrics import mean_std
 from .analysis import compute_optimal
 from .plan import budget_label
 
-__all__ = ["METHODS", "method_of", "best_recipes", "best_recipe_results", "headline_results", "gaps", "gap_trend",
-           "gaps_markdown", "next_runs"]
+__all__ = [
+    "METHODS",
+    "method_of",
+    "best_recipes",
+    "best_recipe_results",
+    "headline_results",
+    "gaps",
+    "gap_trend",
+    "gaps_markdown",
+    "next_runs",
+]
 
 
 METHODS = ("dense", "moe", "pkm", "peer")  # the paper's four: one colour each in every figure
@@ -57,17 +66,25 @@ def headline_results(results: list[dict], metric_set: str = "val") -> list[dict]
 
 
 def _seed_logs(results: list[dict], point: dict, metric_set: str) -> list[float]:
-    return [math.log(r["perplexity"][metric_set]) for r in results
-            if (r["budget"], r["variant"], r["size"]) == (point["budget"], point["variant"], point["size"])
-            and metric_set in r.get("perplexity", {})]
+    return [
+        math.log(r["perplexity"][metric_set])
+        for r in results
+        if (r["budget"], r["variant"], r["size"]) == (point["budget"], point["variant"], point["size"])
+        and metric_set in r.get("perplexity", {})
+    ]
 
 
 def _mean_sd(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else math.nan)
+    return mean_std(xs)[:2]
 
 
-def gaps(results: list[dict], method: str = "peer", others: tuple[str, ...] = ("dense", "moe"),
-         metric_set: str = "val", sets: list[str] | None = None) -> list[dict]:
+def gaps(
+    results: list[dict],
+    method: str = "peer",
+    others: tuple[str, ...] = ("dense", "moe"),
+    metric_set: str = "val",
+    sets: list[str] | None = None,
+) -> list[dict]:
     """One row per (budget, other method, eval set): the gap of ``method``'s best recipe to the other's,
     in nats (negative: ``method`` is better), with its standard error and the two points."""
     best = best_recipes(results, metric_set)
@@ -85,10 +102,21 @@ def gaps(results: list[dict], method: str = "peer", others: tuple[str, ...] = ("
                 if not la or not lb:
                     continue
                 (ma, sa), (mb, sb) = _mean_sd(la), _mean_sd(lb)
-                se = math.sqrt(sa ** 2 / len(la) + sb ** 2 / len(lb))
-                rows.append(dict(budget=budget, method=method, other=other, set=s, gap=ma - mb, se=se,
-                                 n=(len(la), len(lb)), std=(sa, sb), ppl=(math.exp(ma), math.exp(mb)),
-                                 points=(f"{a['variant']}/{a['size']}", f"{b['variant']}/{b['size']}")))
+                se = math.sqrt(sa**2 / len(la) + sb**2 / len(lb))
+                rows.append(
+                    dict(
+                        budget=budget,
+                        method=method,
+                        other=other,
+                        set=s,
+                        gap=ma - mb,
+                        se=se,
+                        n=(len(la), len(lb)),
+                        std=(sa, sb),
+                        ppl=(math.exp(ma), math.exp(mb)),
+                        points=(f"{a['variant']}/{a['size']}", f"{b['variant']}/{b['size']}"),
+                    )
+                )
     return rows
 
 
@@ -106,7 +134,7 @@ def gap_trend(rows: list[dict]) -> dict | None:
     y = np.array([r["gap"] for r in rows])
     se = np.array([r["se"] for r in rows])
     weighted = bool(np.all(np.isfinite(se)) and np.all(se > 0))
-    w = 1.0 / se ** 2 if weighted else np.ones_like(y)
+    w = 1.0 / se**2 if weighted else np.ones_like(y)
     X = np.stack([np.ones_like(x), x], 1)
     A = X.T @ (w[:, None] * X)
     coef = np.linalg.solve(A, X.T @ (w * y))
@@ -123,12 +151,19 @@ def gap_trend(rows: list[dict]) -> dict | None:
     else:
         cov = np.full((2, 2), np.nan)  # two points, no seeds: the line is exact and its error unknown
     a, b = float(coef[0]), float(coef[1])
-    out = dict(intercept=a, slope=b, slope_se=float(math.sqrt(cov[1, 1])) if np.isfinite(cov[1, 1]) else math.nan,
-               weighted=weighted, chi2_dof=chi2_dof, fitted={float(r["budget"]): float(f) for r, f in zip(rows, X @ coef)},
-               log10_cross=None, log10_cross_se=None)
+    out = dict(
+        intercept=a,
+        slope=b,
+        slope_se=float(math.sqrt(cov[1, 1])) if np.isfinite(cov[1, 1]) else math.nan,
+        weighted=weighted,
+        chi2_dof=chi2_dof,
+        fitted={float(r["budget"]): float(f) for r, f in zip(rows, X @ coef, strict=True)},
+        log10_cross=None,
+        log10_cross_se=None,
+    )
     if b != 0:
         c = -a / b
-        g = np.array([-1.0 / b, a / b ** 2])  # d c / d (a, b)
+        g = np.array([-1.0 / b, a / b**2])  # d c / d (a, b)
         var = float(g @ cov @ g)
         out.update(log10_cross=c, log10_cross_se=math.sqrt(var) if np.isfinite(var) and var >= 0 else math.nan)
     return out
@@ -150,10 +185,13 @@ def _crossing(t: dict, rows: list[dict]) -> str:
     where = _where(t["log10_cross"], [math.log10(r["budget"]) for r in rows])
     se = t["log10_cross_se"]
     at = f"10^{t['log10_cross']:.2f} = {10 ** t['log10_cross']:.1e} FLOPs" + (
-        f" (log10 ± {se:.2f})" if se is not None and math.isfinite(se) else " (uncertainty unknown)")
+        f" (log10 ± {se:.2f})" if se is not None and math.isfinite(se) else " (uncertainty unknown)"
+    )
     if math.isfinite(t["slope_se"]) and abs(t["slope"]) < 2 * t["slope_se"]:
         resolved = se is not None and math.isfinite(se) and se <= 1.0
-        return "not resolved: the slope is within 2 se of zero" + (f" (the fitted line crosses at {at}{where})" if resolved else "")
+        return "not resolved: the slope is within 2 se of zero" + (
+            f" (the fitted line crosses at {at}{where})" if resolved else ""
+        )
     return at + where
 
 
@@ -161,19 +199,28 @@ def _fmt_se(x: float) -> str:
     return "n/a (1 seed)" if not math.isfinite(x) else f"{x:.3f}"
 
 
-def gaps_markdown(results: list[dict], method: str = "peer", others: tuple[str, ...] = ("dense", "moe"),
-                  metric_set: str = "val", sets: list[str] | None = None) -> str:
+def gaps_markdown(
+    results: list[dict],
+    method: str = "peer",
+    others: tuple[str, ...] = ("dense", "moe"),
+    metric_set: str = "val",
+    sets: list[str] | None = None,
+) -> str:
     """The gap table (every budget, other method and set) and, per other method on the metric set, its trend."""
     rows = gaps(results, method, others, metric_set, sets)
     if not rows:
         return "_no budget has both methods yet_\n"
-    lines = [f"| budget | {method} vs | set | {method} | other | gap (nats) | se | gap / se | seeds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| budget | {method} vs | set | {method} | other | gap (nats) | se | gap / se | seeds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         z = r["gap"] / r["se"] if math.isfinite(r["se"]) and r["se"] > 0 else math.nan
-        lines.append(f"| {budget_label(r['budget'])} | {r['other']} ({r['points'][1]}) | {r['set']} | {r['ppl'][0]:.2f} "
-                     f"| {r['ppl'][1]:.2f} | {r['gap']:+.3f} | {_fmt_se(r['se'])} | "
-                     f"{'-' if not math.isfinite(z) else f'{z:+.1f}'} | {r['n'][0]}, {r['n'][1]} |")
+        lines.append(
+            f"| {budget_label(r['budget'])} | {r['other']} ({r['points'][1]}) | {r['set']} | {r['ppl'][0]:.2f} "
+            f"| {r['ppl'][1]:.2f} | {r['gap']:+.3f} | {_fmt_se(r['se'])} | "
+            f"{'-' if not math.isfinite(z) else f'{z:+.1f}'} | {r['n'][0]}, {r['n'][1]} |"
+        )
     lines.append("")
     for other in others:
         sub = [r for r in rows if r["other"] == other and r["set"] == metric_set]
@@ -181,16 +228,26 @@ def gaps_markdown(results: list[dict], method: str = "peer", others: tuple[str, 
         if t is None:
             continue
         cross = "never (flat)" if t["log10_cross"] is None else _crossing(t, sub)
-        lines.append(f"- {method} vs {other} on {metric_set}: gap {t['slope']:+.3f} nats per decade of budget"
-                     f" (± {_fmt_se(t['slope_se'])}, {'weighted by seeds' if t['weighted'] else 'unweighted'},"
-                     + (f" chi²/dof {t['chi2_dof']:.1f}{' (errors scaled by its root)' if t['chi2_dof'] > 1 else ''},"
-                        if math.isfinite(t["chi2_dof"]) else "")
-                     + f" {len(sub)} budgets); zero crossing {cross}")
+        lines.append(
+            f"- {method} vs {other} on {metric_set}: gap {t['slope']:+.3f} nats per decade of budget"
+            f" (± {_fmt_se(t['slope_se'])}, {'weighted by seeds' if t['weighted'] else 'unweighted'},"
+            + (
+                f" chi²/dof {t['chi2_dof']:.1f}{' (errors scaled by its root)' if t['chi2_dof'] > 1 else ''},"
+                if math.isfinite(t["chi2_dof"])
+                else ""
+            )
+            + f" {len(sub)} budgets); zero crossing {cross}"
+        )
     return "\n".join(lines) + "\n"
 
 
-def next_runs(results: list[dict], sizes_by_variant: dict[tuple[float, str], list[tuple[int, str]]],
-              seeds: tuple[int, ...] = (1, 2), metric_set: str = "val", arm_seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
+def next_runs(
+    results: list[dict],
+    sizes_by_variant: dict[tuple[float, str], list[tuple[int, str]]],
+    seeds: tuple[int, ...] = (1, 2),
+    metric_set: str = "val",
+    arm_seeds: tuple[int, ...] = (0, 1, 2),
+) -> dict:
     """What the study needs next, per (budget, method)'s best recipe. ``edges``: the optimum is the
     smallest or largest size that has run, with ``next_size`` the planned size beyond it (None: the grid
     has none, add one to the sweep file); ``extend_runs``: seed 0 of those next sizes, to bracket the
@@ -204,8 +261,11 @@ def next_runs(results: list[dict], sizes_by_variant: dict[tuple[float, str], lis
     fixed = sorted(k for k, v in sizes_by_variant.items() if len(v) == 1)
     for budget, variant in fixed:
         size = sizes_by_variant[budget, variant][0][1]
-        seed_runs += [dict(budget=budget, variant=variant, size=size, seed=seed) for seed in arm_seeds
-                      if (budget, variant, size, seed) not in done]
+        seed_runs += [
+            dict(budget=budget, variant=variant, size=size, seed=seed)
+            for seed in arm_seeds
+            if (budget, variant, size, seed) not in done
+        ]
     for (budget, method), point in sorted(best_recipes(results, metric_set).items()):
         variant = point["variant"]
         if (budget, variant) in fixed:
@@ -220,13 +280,14 @@ def next_runs(results: list[dict], sizes_by_variant: dict[tuple[float, str], lis
         for side in sides:
             j = planned.index(point["size"]) + (-1 if side == "smallest" else 1)
             nxt = planned[j] if 0 <= j < len(planned) else None
-            edges.append(dict(budget=budget, method=method, variant=variant, size=point["size"], side=side,
-                              next_size=nxt))
+            edges.append(
+                dict(budget=budget, method=method, variant=variant, size=point["size"], side=side, next_size=nxt)
+            )
             if nxt is not None and (budget, variant, nxt, 0) not in done:
                 extend_runs.append(dict(budget=budget, variant=variant, size=nxt, seed=0))
         if sides:
             continue  # seeds wait until the optimum is bracketed
-        for size in sizes[i - 1: i + 2]:
+        for size in sizes[i - 1 : i + 2]:
             for seed in seeds:
                 if (budget, variant, size, seed) not in done:
                     seed_runs.append(dict(budget=budget, variant=variant, size=size, seed=seed))

@@ -122,7 +122,20 @@ def load_sweep(path: str | Path) -> SweepSpec:
         if key not in known:
             raise ConfigError(f"{key}: unknown section; known sections: {', '.join(sorted(known))}")
     s = data.get("sweep", {})
-    allowed = {"name", "budgets", "base", "set", "min_steps", "max_params", "out_dir", "parallel", "threads", "device", "eval_batches", "seeds"}
+    allowed = {
+        "name",
+        "budgets",
+        "base",
+        "set",
+        "min_steps",
+        "max_params",
+        "out_dir",
+        "parallel",
+        "threads",
+        "device",
+        "eval_batches",
+        "seeds",
+    }
     for key in s:
         if key not in allowed:
             raise ConfigError(f"sweep.{key}: unknown setting; known: {', '.join(sorted(allowed))}")
@@ -134,7 +147,9 @@ def load_sweep(path: str | Path) -> SweepSpec:
         if not isinstance(entry, dict) or "name" not in entry:
             raise ConfigError(f"sizes[{i}]: each size needs a name and a set list")
         if set(entry) - {"name", "set"}:
-            raise ConfigError(f"sizes[{i}]: unknown key(s) {', '.join(sorted(set(entry) - {'name', 'set'}))}; known: name, set")
+            raise ConfigError(
+                f"sizes[{i}]: unknown key(s) {', '.join(sorted(set(entry) - {'name', 'set'}))}; known: name, set"
+            )
         sizes[str(entry["name"])] = _str_list(entry.get("set"), f"sizes[{i}].set")
     if not sizes:
         raise ConfigError("sizes: at least one [[sizes]] entry is required")
@@ -143,22 +158,38 @@ def load_sweep(path: str | Path) -> SweepSpec:
         if not isinstance(entry, dict):
             raise ConfigError(f"variants.{name}: expected a table with a set list")
         if set(entry) - {"set"}:  # e.g. [variants.lr0.1] is the table lr0 holding a table "1": quote dotted names
-            raise ConfigError(f"variants.{name}: unknown key(s) {', '.join(map(repr, sorted(set(entry) - {'set'})))}; "
-                              "known: set (quote a variant name that holds a dot: [variants.\"lr0.1\"])")
+            raise ConfigError(
+                f"variants.{name}: unknown key(s) {', '.join(map(repr, sorted(set(entry) - {'set'})))}; "
+                'known: set (quote a variant name that holds a dot: [variants."lr0.1"])'
+            )
         variants[name] = _str_list(entry.get("set"), f"variants.{name}.set")
     if not variants:
         raise ConfigError("variants: at least one [variants.NAME] table is required")
     seeds = s.get("seeds", [0])
-    if (not isinstance(seeds, list) or not seeds or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in seeds)
-            or len(set(seeds)) != len(seeds)):
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in seeds)
+        or len(set(seeds)) != len(seeds)
+    ):
         raise ConfigError(f"sweep.seeds: expected a non-empty list of distinct integers >= 0, got {seeds!r}")
     spec = SweepSpec(
-        name=str(s.get("name", p.stem)), budgets=[float(b) for b in budgets], sizes=sizes, variants=variants,
-        base=_resolve_base(p, str(s.get("base", ""))), overrides=_str_list(s.get("set"), "sweep.set"),
-        min_steps=int(s.get("min_steps", 20)), max_params=int(s.get("max_params", 0)),
-        out_dir=str(s.get("out_dir", "")), parallel=int(s.get("parallel", 1)),
-        threads=int(s.get("threads", 0)), device=str(s.get("device", "")),
-        eval_batches=int(s.get("eval_batches", 40)), source=str(p), seeds=list(seeds), seeded="seeds" in s,
+        name=str(s.get("name", p.stem)),
+        budgets=[float(b) for b in budgets],
+        sizes=sizes,
+        variants=variants,
+        base=_resolve_base(p, str(s.get("base", ""))),
+        overrides=_str_list(s.get("set"), "sweep.set"),
+        min_steps=int(s.get("min_steps", 20)),
+        max_params=int(s.get("max_params", 0)),
+        out_dir=str(s.get("out_dir", "")),
+        parallel=int(s.get("parallel", 1)),
+        threads=int(s.get("threads", 0)),
+        device=str(s.get("device", "")),
+        eval_batches=int(s.get("eval_batches", 40)),
+        source=str(p),
+        seeds=list(seeds),
+        seeded="seeds" in s,
     )
     if spec.parallel < 1:
         raise ConfigError("sweep.parallel: must be >= 1")
@@ -178,8 +209,10 @@ def _resolve_base(sweep_file: Path, base: str) -> str:
         return str(here)
     if Path(base).is_file():
         return base
-    raise ConfigError(f"sweep.base: {base!r} is neither at {str(here)!r} (next to the sweep file) "
-                      f"nor at {str(Path(base).resolve())!r}")
+    raise ConfigError(
+        f"sweep.base: {base!r} is neither at {str(here)!r} (next to the sweep file) "
+        f"nor at {str(Path(base).resolve())!r}"
+    )
 
 
 def plan(spec: SweepSpec) -> list[PlannedRun]:
@@ -194,8 +227,9 @@ def plan(spec: SweepSpec) -> list[PlannedRun]:
     return runs
 
 
-def _plan_one(spec: SweepSpec, base: Config, budget: float, variant: str, vset: list[str], size: str,
-              sset: list[str], seed: int) -> PlannedRun:
+def _plan_one(
+    spec: SweepSpec, base: Config, budget: float, variant: str, vset: list[str], size: str, sset: list[str], seed: int
+) -> PlannedRun:
     where = f"budget {budget_label(budget)}, variant {variant!r}, size {size!r}"
     try:
         cfg = apply_overrides(base, [*spec.overrides, *sset, *vset, "train.steps=1", f"train.seed={seed}"])
@@ -213,11 +247,11 @@ def _plan_one(spec: SweepSpec, base: Config, budget: float, variant: str, vset: 
     run_dir = spec.root / budget_label(budget) / variant / size
     if spec.seeded:
         run_dir = run_dir / f"seed{seed}"
-    cfg = apply_overrides(cfg, [f"train.steps={max(steps, 1)}", "train.flops=0",
-                                f"train.out_dir={run_dir.as_posix()}"])
+    cfg = apply_overrides(cfg, [f"train.steps={max(steps, 1)}", "train.flops=0", f"train.out_dir={run_dir.as_posix()}"])
     tokens = steps * cfg.train.tokens_per_step
-    return PlannedRun(budget, variant, size, cfg, steps, per_step, tokens, pc.total, pc.active, skipped,
-                      seed=seed, seeded=spec.seeded)
+    return PlannedRun(
+        budget, variant, size, cfg, steps, per_step, tokens, pc.total, pc.active, skipped, seed=seed, seeded=spec.seeded
+    )
 
 
 def plan_table(runs: list[PlannedRun]) -> str:
@@ -225,6 +259,8 @@ def plan_table(runs: list[PlannedRun]) -> str:
     head = f"{'budget':>8} {'variant':<14} {'size':<12} {'seed':>4} {'params':>10} {'active':>10} {'steps':>7} {'tokens':>11}  note"
     lines = [head, "-" * len(head)]
     for r in runs:
-        lines.append(f"{budget_label(r.budget):>8} {r.variant:<14} {r.size:<12} {r.seed:>4} {r.params_total:>10,} "
-                     f"{r.params_active:>10,} {r.steps:>7} {r.tokens:>11,}  {r.skipped}")
+        lines.append(
+            f"{budget_label(r.budget):>8} {r.variant:<14} {r.size:<12} {r.seed:>4} {r.params_total:>10,} "
+            f"{r.params_active:>10,} {r.steps:>7} {r.tokens:>11,}  {r.skipped}"
+        )
     return "\n".join(lines)

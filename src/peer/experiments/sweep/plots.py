@@ -35,17 +35,29 @@ def isoflop_figure(results: list[dict], out: Path, metric_set: str = "val", x: s
     styles = ["-", "--", ":", "-."]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     variants = sorted({v for _, v in series}, key=lambda v: (method_of(v) not in METHODS, v))
-    hues = {v: colors[(METHODS.index(method_of(v)) if method_of(v) in METHODS else len(METHODS) + i) % len(colors)]
-            for i, v in enumerate(variants)}
+    hues = {
+        v: colors[(METHODS.index(method_of(v)) if method_of(v) in METHODS else len(METHODS) + i) % len(colors)]
+        for i, v in enumerate(variants)
+    }
     fig, ax = plt.subplots(figsize=(8.5, 4.8))
     for (b, v), pts in sorted(series.items()):
-        xs, ys, sds = zip(*pts)
+        xs, ys, sds = zip(*pts, strict=True)
         ls = styles[budgets.index(b) % len(styles)]
-        ax.errorbar(xs, ys, yerr=sds if any(sds) else None, fmt=ls, marker=_MARKERS.get(method_of(v), "o"),
-                    color=hues[v], capsize=3, label=f"{v} @ {b:.0e}")
+        ax.errorbar(
+            xs,
+            ys,
+            yerr=sds if any(sds) else None,
+            fmt=ls,
+            marker=_MARKERS.get(method_of(v), "o"),
+            color=hues[v],
+            capsize=3,
+            label=f"{v} @ {b:.0e}",
+        )
         opt = best.get((b, v))
         if opt is not None:
-            ax.scatter([opt[x]], [opt["perplexity"][metric_set]], s=180, facecolors="none", edgecolors=hues[v], linewidths=2)
+            ax.scatter(
+                [opt[x]], [opt["perplexity"][metric_set]], s=180, facecolors="none", edgecolors=hues[v], linewidths=2
+            )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("active parameters" if x == "params_active" else x)
@@ -60,8 +72,13 @@ def isoflop_figure(results: list[dict], out: Path, metric_set: str = "val", x: s
     return {f"{v}@{b:g}": pts for (b, v), pts in series.items()}
 
 
-def gap_figure(results: list[dict], out: Path, method: str = "peer", others: tuple[str, ...] = ("dense", "moe"),
-               metric_set: str = "val") -> dict:
+def gap_figure(
+    results: list[dict],
+    out: Path,
+    method: str = "peer",
+    others: tuple[str, ...] = ("dense", "moe"),
+    metric_set: str = "val",
+) -> dict:
     """PEER's gap to each other method (nats of ``metric_set``, ± one standard error over seeds) against
     the budget, with the fitted trend line. Returns {other: [(budget, gap, se)]} for checking."""
     import math
@@ -80,15 +97,21 @@ def gap_figure(results: list[dict], out: Path, method: str = "peer", others: tup
             continue
         pts = [(r["budget"], r["gap"], r["se"]) for r in sub]
         series[other] = pts
-        xs, ys, ses = zip(*pts)
+        xs, ys, ses = zip(*pts, strict=True)
         yerr = [s if math.isfinite(s) else 0.0 for s in ses]
         line = ax.errorbar(xs, ys, yerr=yerr if any(yerr) else None, fmt="o", capsize=3, label=f"{method} - {other}")
         t = gap_trend(sub)
         if t is not None:
             lo, hi = math.log10(min(xs)), math.log10(max(xs))
             gx = [10 ** (lo + (hi - lo) * i / 20) for i in range(21)]
-            ax.plot(gx, [t["intercept"] + t["slope"] * math.log10(g) for g in gx], "--", color=line[0].get_color(),
-                    alpha=0.7, label=f"trend {t['slope']:+.3f} / decade")
+            ax.plot(
+                gx,
+                [t["intercept"] + t["slope"] * math.log10(g) for g in gx],
+                "--",
+                color=line[0].get_color(),
+                alpha=0.7,
+                label=f"trend {t['slope']:+.3f} / decade",
+            )
     ax.axhline(0.0, color="k", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs")

@@ -21,13 +21,17 @@ from ...errors import UsageError
 from ...fsutil import atomic_write_text
 
 SECTIONS = ("summary", "table1", "sizes", "variants", "gaps", "ordering", "points", "wall", "hardware")
-_TITLES = {"summary": "PEER against each method's best recipe, per budget", "table1": None,
-           "sizes": "Each method's best recipe at every size run (bold: compute-optimal)", "variants": "Per variant (best size)",
-           "gaps": "PEER's gap to each method's best recipe (nats; < 0: PEER better)",
-           "ordering": "Ordering of each method's best recipe (best first)",
-           "points": "Every point (bold: compute-optimal size of its variant)",
-           "wall": "Wall time (training seconds of the finished runs)",
-           "hardware": "Points trained on both CPU and GPU (CPU seeds against their point's GPU seeds)"}
+_TITLES = {
+    "summary": "PEER against each method's best recipe, per budget",
+    "table1": None,
+    "sizes": "Each method's best recipe at every size run (bold: compute-optimal)",
+    "variants": "Per variant (best size)",
+    "gaps": "PEER's gap to each method's best recipe (nats; < 0: PEER better)",
+    "ordering": "Ordering of each method's best recipe (best first)",
+    "points": "Every point (bold: compute-optimal size of its variant)",
+    "wall": "Wall time (training seconds of the finished runs)",
+    "hardware": "Points trained on both CPU and GPU (CPU seeds against their point's GPU seeds)",
+}
 
 
 def _on_gpu(r: dict) -> bool:
@@ -46,10 +50,18 @@ def wall_markdown(results: list[dict], parallel: int) -> str:
         secs[key] += float(r.get("train_seconds") or 0.0)
         runs[key] += 1
     p = max(1, parallel)
-    rows = [f"| {budget_label(b)} | {name} | {runs[b, gpu, name]} | {secs[b, gpu, name] / 3600:.1f} h | "
-            f"{secs[b, gpu, name] / 3600 / p:.1f} h |" for b, gpu, name in sorted(secs)]
-    return "\n".join([f"| budget | hardware | runs | training time (sum) | wall at {p} side by side |",
-                      "|---|---|---|---|---|", *rows])
+    rows = [
+        f"| {budget_label(b)} | {name} | {runs[b, gpu, name]} | {secs[b, gpu, name] / 3600:.1f} h | "
+        f"{secs[b, gpu, name] / 3600 / p:.1f} h |"
+        for b, gpu, name in sorted(secs)
+    ]
+    return "\n".join(
+        [
+            f"| budget | hardware | runs | training time (sum) | wall at {p} side by side |",
+            "|---|---|---|---|---|",
+            *rows,
+        ]
+    )
 
 
 def hardware_markdown(results: list[dict], metric_set: str = "val") -> str | None:
@@ -75,16 +87,25 @@ def hardware_markdown(results: list[dict], metric_set: str = "val") -> str | Non
         gap = [math.log(r["perplexity"][metric_set]) - ref for r in cpu]
         diffs += gap
         seeds = [", ".join(f"{r['perplexity'][metric_set]:.1f} (s{r.get('seed', 0)})" for r in rs) for rs in (gpu, cpu)]
-        rows.append(f"| {budget_label(budget)} | {variant}/{size} | {seeds[0]} | {seeds[1]} | "
-                    + ", ".join(f"{g:+.3f}" for g in gap) + " |")
+        rows.append(
+            f"| {budget_label(budget)} | {variant}/{size} | {seeds[0]} | {seeds[1]} | "
+            + ", ".join(f"{g:+.3f}" for g in gap)
+            + " |"
+        )
     if not rows:
         return None
     mean, sd = _mean_sd(diffs)
     se = sd / math.sqrt(len(diffs))
-    return "\n".join([f"| budget | point | GPU: {metric_set} ppl (seed) | CPU: {metric_set} ppl (seed) | CPU - GPU (nats) |",
-                      "|---|---|---|---|---|", *rows, "",
-                      f"All {len(diffs)} CPU seeds against their point's GPU seeds: {mean:+.3f} ± {se:.3f} nats "
-                      "(mean ± standard error; > 0: the CPU seeds are worse)."])
+    return "\n".join(
+        [
+            f"| budget | point | GPU: {metric_set} ppl (seed) | CPU: {metric_set} ppl (seed) | CPU - GPU (nats) |",
+            "|---|---|---|---|---|",
+            *rows,
+            "",
+            f"All {len(diffs)} CPU seeds against their point's GPU seeds: {mean:+.3f} ± {se:.3f} nats "
+            "(mean ± standard error; > 0: the CPU seeds are worse).",
+        ]
+    )
 
 
 def sizes_markdown(results: list[dict], metric_set: str = "val") -> str:
@@ -92,19 +113,24 @@ def sizes_markdown(results: list[dict], metric_set: str = "val") -> str:
     run, the compute-optimal one in bold, so that a reader sees the optimum bracketed and how many seeds each
     neighbour has. Columns are the sizes any row has, smallest model first."""
     from .analysis import aggregate, fmt_ppl
-    from .gaps import METHODS, best_recipe_results, best_recipes, method_of
+    from .gaps import METHODS, best_recipe_results, best_recipes
     from .plan import budget_label
 
     best = best_recipes(results, metric_set)
-    points = {(p["budget"], p["variant"], p["size"]): p for p in aggregate(best_recipe_results(results, metric_set))
-              if metric_set in p.get("perplexity", {})}
+    points = {
+        (p["budget"], p["variant"], p["size"]): p
+        for p in aggregate(best_recipe_results(results, metric_set))
+        if metric_set in p.get("perplexity", {})
+    }
     smallest: dict[str, float] = {}
     for (_, _, size), p in points.items():
         smallest[size] = min(smallest.get(size, math.inf), float(p.get("params_active") or 0))
     sizes = sorted(smallest, key=lambda s: (smallest[s], s))
     order = {m: i for i, m in enumerate(METHODS)}
     lines = ["| budget | method (recipe) | " + " | ".join(sizes) + " |", "|---|---" + "|---" * len(sizes) + "|"]
-    for (budget, method), opt in sorted(best.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], len(order)), kv[0][1])):
+    for (budget, method), opt in sorted(
+        best.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], len(order)), kv[0][1])
+    ):
         cells = []
         for size in sizes:
             p = points.get((budget, opt["variant"], size))
@@ -125,8 +151,10 @@ def summary_markdown(results: list[dict], method: str, others: tuple[str, ...], 
     best = best_recipes(results, metric_set)
     lead = {(g["budget"], g["other"]): g for g in gaps(results, method, others, metric_set)}
     cols = (method, *others)
-    lines = ["| budget | " + " | ".join(cols) + " | " + f"{method}'s lead over " + " / ".join(others) + " (nats ± se) |",
-             "|---" * (len(cols) + 2) + "|"]
+    lines = [
+        "| budget | " + " | ".join(cols) + " | " + f"{method}'s lead over " + " / ".join(others) + " (nats ± se) |",
+        "|---" * (len(cols) + 2) + "|",
+    ]
     for budget in sorted({b for b, _ in best}):
         cells = []
         for m in cols:
@@ -167,7 +195,9 @@ def report_sections(spec, results: list[dict], metric_set: str = "val") -> dict[
     opt = compute_optimal(best, metric_set)
     out["ordering"] = "\n".join(
         f"- {budget_label(budget)} FLOPs, {s}: " + " < ".join(f"{v} {fmt_ppl(opt[(budget, v)], s)}" for v in vs)
-        for budget, per_set in method_ordering(best, metric_set).items() for s, vs in per_set.items())
+        for budget, per_set in method_ordering(best, metric_set).items()
+        for s, vs in per_set.items()
+    )
     out["points"] = points_markdown(results, metric_set)
     out["wall"] = wall_markdown(results, spec.parallel)
     if (hw := hardware_markdown(results, metric_set)) is not None:
@@ -199,15 +229,17 @@ def splice(doc: str, name: str, sections: dict[str, str]) -> tuple[str, list[str
             continue
         line = doc.count("\n", 0, m.start()) + 1
         if key not in SECTIONS:
-            raise UsageError(f"line {line}: unknown section '{key}' in marker {m.group(0)}; "
-                             f"allowed: {', '.join(SECTIONS)}")
+            raise UsageError(
+                f"line {line}: unknown section '{key}' in marker {m.group(0)}; allowed: {', '.join(SECTIONS)}"
+            )
         if not closing:
             if open_key:
                 raise UsageError(f"line {line}: marker {m.group(0)} opens inside the unclosed '{open_key}' block")
             if key not in sections:
-                raise UsageError(f"line {line}: this sweep's report has no '{key}' section "
-                                 f"(it has: {', '.join(sections)})")
-            pieces.append(doc[pos:m.end()])
+                raise UsageError(
+                    f"line {line}: this sweep's report has no '{key}' section (it has: {', '.join(sections)})"
+                )
+            pieces.append(doc[pos : m.end()])
             open_key, pos = key, m.end()
         else:
             if open_key != key:
@@ -218,7 +250,9 @@ def splice(doc: str, name: str, sections: dict[str, str]) -> tuple[str, list[str
     if open_key:
         raise UsageError(f"the '{open_key}' block of sweep '{name}' is not closed (<!-- /sweep {name}:{open_key} -->)")
     if not replaced:
-        raise UsageError(f"no <!-- sweep {name}:KEY --> ... <!-- /sweep {name}:KEY --> blocks; keys: {', '.join(SECTIONS)}")
+        raise UsageError(
+            f"no <!-- sweep {name}:KEY --> ... <!-- /sweep {name}:KEY --> blocks; keys: {', '.join(SECTIONS)}"
+        )
     pieces.append(doc[pos:])
     return "".join(pieces), replaced
 

@@ -22,7 +22,7 @@ from ...config import config_from_dict, config_to_dict
 from ...errors import PeerError
 from ...fsutil import FolderLock, atomic_write_text
 from ...train.signals import Interrupted, Workers
-from .plan import PlannedRun, SweepSpec, budget_label, plan, run_id
+from .plan import PlannedRun, SweepSpec, plan, run_id
 
 __all__ = ["run_sweep", "collect", "write_tables", "run_one", "RunsFailed"]
 
@@ -31,8 +31,10 @@ class RunsFailed(PeerError):
     """Some runs of a sweep failed; the others finished and the tables were written. ``results``: those."""
 
     def __init__(self, failed: list[str], results: list[dict]):
-        super().__init__(f"{len(failed)} run(s) failed: {', '.join(failed[:6])}{' ...' if len(failed) > 6 else ''} "
-                         "(each run's sweep.log says why)")
+        super().__init__(
+            f"{len(failed)} run(s) failed: {', '.join(failed[:6])}{' ...' if len(failed) > 6 else ''} "
+            "(each run's sweep.log says why)"
+        )
         self.failed, self.results = failed, results
 
 
@@ -52,9 +54,14 @@ def run_one(config: dict, eval_batches: int, record: dict) -> dict:
             atomic_write_text(spent, f"{_spent_seconds(spent) + time.time() - t0:.1f}\n")
     train_s = _spent_seconds(spent)
     ev = evaluate(run_dir, max_batches=eval_batches)
-    result = dict(record, train_seconds=round(train_s, 1), hardware=hardware(cfg.train.device), eval=ev,
-                  perplexity={name: s["perplexity"] for name, s in ev["sets"].items()},
-                  experts=ev.get("experts", {}))
+    result = dict(
+        record,
+        train_seconds=round(train_s, 1),
+        hardware=hardware(cfg.train.device),
+        eval=ev,
+        perplexity={name: s["perplexity"] for name, s in ev["sets"].items()},
+        experts=ev.get("experts", {}),
+    )
     atomic_write_text(Path(run_dir) / "result.json", json.dumps(result, indent=2))
     return result
 
@@ -92,11 +99,22 @@ def hardware(device: str) -> dict:
 
 
 def _record(r: PlannedRun) -> dict:
-    return dict(run_id=r.run_id, point_id=r.point_id, seed=r.seed, budget=r.budget, variant=r.variant, size=r.size,
-                steps=r.steps,
-                tokens=r.tokens, flops_per_step=r.flops_per_step, flops=r.steps * r.flops_per_step,
-                params_total=r.params_total, params_active=r.params_active,
-                d_model=r.config.model.d_model, n_layers=r.config.model.n_layers)
+    return dict(
+        run_id=r.run_id,
+        point_id=r.point_id,
+        seed=r.seed,
+        budget=r.budget,
+        variant=r.variant,
+        size=r.size,
+        steps=r.steps,
+        tokens=r.tokens,
+        flops_per_step=r.flops_per_step,
+        flops=r.steps * r.flops_per_step,
+        params_total=r.params_total,
+        params_active=r.params_active,
+        d_model=r.config.model.d_model,
+        n_layers=r.config.model.n_layers,
+    )
 
 
 # how a run was executed, not what it trained: like the thread count, the device changes float rounding only
@@ -128,8 +146,10 @@ def _launch(r: PlannedRun, spec: SweepSpec, threads: int, log, workers: Workers 
         stored = json.loads(job.read_text()).get("config", {}) if job.is_file() else {}
         diff = config_differences(stored, cfg)
         if diff:
-            log(f"[FAIL] {r.run_id}: {out} holds a run trained with another config ({', '.join(diff[:5])}); "
-                "not reused, not overwritten")
+            log(
+                f"[FAIL] {r.run_id}: {out} holds a run trained with another config ({', '.join(diff[:5])}); "
+                "not reused, not overwritten"
+            )
             return None
         log(f"[skip] {r.run_id}: done")
         return json.loads(done.read_text())
@@ -188,10 +208,13 @@ def _run_locked(spec: SweepSpec, todo: list[PlannedRun], log) -> list[dict]:
         outcomes = list(pool.map(lambda r: _launch(r, spec, threads, log, workers), todo))
     results = collect(spec)
     write_tables(spec, results)
-    unfinished = [r.run_id for r, o in zip(todo, outcomes) if o is None]
+    unfinished = [r.run_id for r, o in zip(todo, outcomes, strict=True) if o is None]
     if workers.stopped:
-        raise Interrupted(f"stopped by {signal.Signals(workers.stopped).name}: {len(unfinished)} run(s) not finished "
-                          "(those in flight saved a checkpoint); the same command resumes them", workers.stopped)
+        raise Interrupted(
+            f"stopped by {signal.Signals(workers.stopped).name}: {len(unfinished)} run(s) not finished "
+            "(those in flight saved a checkpoint); the same command resumes them",
+            workers.stopped,
+        )
     if unfinished:
         raise RunsFailed(unfinished, results)
     return results
@@ -218,8 +241,13 @@ def collect(spec: SweepSpec) -> list[dict]:
 
     Runs of a seeded sweep live in ``<point>/seed<S>/``; a sweep without ``seeds`` reads the plain
     ``<point>/`` layout. Results written before seeds existed count as seed 0 of their point."""
-    wanted = {run_id(b, v, s, seed, spec.seeded) for b in spec.budgets for v in spec.variants for s in spec.sizes
-              for seed in spec.seeds}
+    wanted = {
+        run_id(b, v, s, seed, spec.seeded)
+        for b in spec.budgets
+        for v in spec.variants
+        for s in spec.sizes
+        for seed in spec.seeds
+    }
     out = []
     for p in sorted([*spec.root.glob("*/*/*/result.json"), *spec.root.glob("*/*/*/seed*/result.json")]):
         r = json.loads(p.read_text())
@@ -235,18 +263,30 @@ def write_tables(spec: SweepSpec, results: list[dict]) -> None:
     root = spec.root
     atomic_write_text(root / f"{spec.name}_results.json", json.dumps(results, indent=2))
     sets = sorted({s for r in results for s in r.get("perplexity", {})})
-    cols = ["run_id", "seed", "budget", "variant", "size", "d_model", "n_layers", "params_total", "params_active",
-            "steps", "tokens", "flops", "train_seconds"]
+    cols = [
+        "run_id",
+        "seed",
+        "budget",
+        "variant",
+        "size",
+        "d_model",
+        "n_layers",
+        "params_total",
+        "params_active",
+        "steps",
+        "tokens",
+        "flops",
+        "train_seconds",
+    ]
     tmp = root / f"{spec.name}_results.csv.tmp"
     with open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(cols + [f"ppl_{s}" for s in sets] + ["usage", "unevenness"])
         for r in results:
             ex = next(iter(r.get("experts", {}).values()), {}) if r.get("experts") else {}
-            w.writerow([r.get(c, "") for c in cols] + [f"{r['perplexity'].get(s, float('nan')):.4f}" for s in sets]
-                       + [ex.get("usage", ""), ex.get("unevenness", "")])
+            w.writerow(
+                [r.get(c, "") for c in cols]
+                + [f"{r['perplexity'].get(s, float('nan')):.4f}" for s in sets]
+                + [ex.get("usage", ""), ex.get("unevenness", "")]
+            )
     os.replace(tmp, root / f"{spec.name}_results.csv")
-
-
-def budget_of(result: dict) -> str:
-    return budget_label(result["budget"])
