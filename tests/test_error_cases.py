@@ -172,3 +172,27 @@ def test_version(capsys):
 
     assert main(["--version"]) == 0
     assert capsys.readouterr().out == f"peer {version('peer-experts')}\n"
+
+
+def test_an_unknown_set_key_lists_the_known_ones(capsys, tmp_path):
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
+    assert main(["train", str(tiny), "--out", str(tmp_path / "r"), "--set", "model.peer.topkk=3"]) == 2
+    _, err = _one_line(capsys)
+    assert "model.peer.topkk: unknown setting; known settings here:" in err and "topk," in err
+    assert main(["train", str(tiny), "--out", str(tmp_path / "r"), "--set", "modle.d_model=3"]) == 2
+    assert "modle: unknown setting; known settings here: data, dist, model, optim, train" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_training_bar_shows_only_on_a_terminal(tmp_path, monkeypatch):
+    from peer.config import load_config
+    from peer.distributed import current_env
+    from peer.train.parts import StepLog
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.toml")
+    cfg.model.vocab_size = 64
+    for tty in (False, True):
+        monkeypatch.setattr("sys.stderr.isatty", lambda tty=tty: tty)
+        log = StepLog(cfg, tmp_path, 0, 10, current_env(), diverged=None)
+        assert log.bar.disable is (not tty)
+        log.bar.close()

@@ -305,6 +305,18 @@ def test_eval_cli_json_and_table(trained, tmp_path, capsys):
     assert "missing.txt" in capsys.readouterr().err
 
 
+def test_eval_batches_0_means_every_batch(trained, tmp_path, capsys):
+    from peer.cli import main
+
+    run, _ = trained
+    assert main(["eval", str(run), "--json", "--batches", "0", "--plot-dir", str(tmp_path)]) == 0
+    every = json.loads(capsys.readouterr().out)["sets"]["val"]["tokens"]
+    assert main(["eval", str(run), "--json", "--plot-dir", str(tmp_path)]) == 0
+    assert every == json.loads(capsys.readouterr().out)["sets"]["val"]["tokens"] > 4 * 32
+    assert main(["eval", str(run), "--batches", "-1"]) == 2
+    assert "--batches: must be positive" in capsys.readouterr().err
+
+
 def test_generate_cli_greedy_matches_sample(trained, capsys):
     from peer.cli import main
     from peer.data import load_tokenizer

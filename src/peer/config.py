@@ -325,12 +325,12 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
         node = data
-        for i, p in enumerate(parts[:-1]):
+        for i, p in enumerate(parts):
             if not isinstance(node, dict) or p not in node:
-                raise ConfigError(f"{'.'.join(parts[: i + 1])}: unknown setting")
-            node = node[p]
-        if not isinstance(node, dict) or parts[-1] not in node:
-            raise ConfigError(f"{key.strip()}: unknown setting")
+                known = f"; known settings here: {', '.join(sorted(node))}" if isinstance(node, dict) else ""
+                raise ConfigError(f"{'.'.join(parts[: i + 1])}: unknown setting{known}")
+            if i < len(parts) - 1:
+                node = node[p]
         node[parts[-1]] = _parse_scalar(value.strip())
     return config_from_dict(data)
 

@@ -280,7 +280,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also report perplexity on this text file (repeatable)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--batches", type=int, default=None, help="at most N batches per set")
+    parser.add_argument("--batches", type=int, default=None, help="at most N batches per set (0: all, the default)")
     parser.add_argument("--plot-dir", default=None, help="write expert_usage.png here (default: RUN/plots)")
     parser.add_argument(
         "--replace-errors",
@@ -307,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate(
         args.run,
         texts=args.text,
-        max_batches=args.batches,
+        max_batches=args.batches or None,  # 0: every batch (as peer main --eval-batches 0)
         plot_dir=plot_dir,
         corpus=corpus,
         replace_errors=args.replace_errors,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -59,7 +60,11 @@ class StepLog:
         self.busy, self.last = 0.0, start  # seconds in training steps since the last line (no eval/checkpoint)
         self.pending: list[tuple[int, tuple]] = []  # (step, (loss, aux_loss, grad_norm) tensors) not read yet
         self.bar = tqdm(
-            total=steps, initial=start, disable=not (t.progress and denv.is_main), unit="step", dynamic_ncols=True
+            total=steps,
+            initial=start,
+            disable=not (t.progress and denv.is_main and sys.stderr.isatty()),  # a bar only on a terminal
+            unit="step",
+            dynamic_ncols=True,
         )
 
     def _base(self, done: int) -> dict:
