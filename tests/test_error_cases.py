@@ -196,3 +196,11 @@ def test_the_training_bar_shows_only_on_a_terminal(tmp_path, monkeypatch):
         log = StepLog(cfg, tmp_path, 0, 10, current_env(), diverged=None)
         assert log.bar.disable is (not tty)
         log.bar.close()
+
+
+@pytest.mark.parametrize("setting", ["optim.lr=nan", "optim.lr=inf", "optim.lr=-1", "dist.timeout_s=nan"])
+def test_a_non_finite_setting_says_so(setting, capsys, tmp_path):
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
+    assert main(["train", str(tiny), "--out", str(tmp_path / "r"), "--set", setting]) == 2
+    _, err = _one_line(capsys)
+    assert f"{setting.split('=')[0]}: must be a positive number, got {setting.split('=')[1]}" in err

@@ -451,7 +451,11 @@ def validate(cfg: Config) -> Config:
     if m.sparse_layer == "moe":
         _check(e.num_experts > 0, "model.moe.num_experts", "must be positive")
         _check(0 < e.topk <= e.num_experts, "model.moe.topk", f"must be in 1..num_experts={e.num_experts}")
-        _check(e.capacity_factor > 0, "model.moe.capacity_factor", "must be positive")
+        _check(
+            math.isfinite(e.capacity_factor) and e.capacity_factor > 0,
+            "model.moe.capacity_factor",
+            f"must be a positive number, got {e.capacity_factor}",
+        )
     t = cfg.train
     _check(t.steps > 0 or t.flops > 0, "train.steps", "must be positive (or set train.flops)")
     _check(
@@ -466,7 +470,7 @@ def validate(cfg: Config) -> Config:
     )
     _check(t.threads >= 0, "train.threads", "must be >= 0")
     o = cfg.optim
-    _check(o.lr > 0, "optim.lr", "must be positive")
+    _check(math.isfinite(o.lr) and o.lr > 0, "optim.lr", f"must be a positive number, got {o.lr}")
     _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     _check(0 <= o.beta1 < 1, "optim.beta1", "must be in [0, 1)")
@@ -485,5 +489,9 @@ def validate(cfg: Config) -> Config:
             f"data.{name}",
             f"must not be a held-out test_* split (read those with `peer eval --test`), got {getattr(cfg.data, name)!r}",
         )
-    _check(cfg.dist.timeout_s > 0, "dist.timeout_s", "must be positive")
+    _check(
+        math.isfinite(cfg.dist.timeout_s) and cfg.dist.timeout_s > 0,
+        "dist.timeout_s",
+        f"must be a positive number, got {cfg.dist.timeout_s}",
+    )
     return cfg
