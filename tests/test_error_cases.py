@@ -204,3 +204,15 @@ def test_a_non_finite_setting_says_so(setting, capsys, tmp_path):
     assert main(["train", str(tiny), "--out", str(tmp_path / "r"), "--set", setting]) == 2
     _, err = _one_line(capsys)
     assert f"{setting.split('=')[0]}: must be a positive number, got {setting.split('=')[1]}" in err
+
+
+def test_a_folder_given_as_a_file_and_a_file_given_as_a_folder_say_what_they_are(tmp_path, capsys):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x", encoding="utf-8")
+    assert main(["eval", str(tmp_path / "run"), "--text", str(tmp_path)]) == 2  # checked before the run is read
+    assert "is a folder, not a text file" in _one_line(capsys)[1]
+    assert main(["export", str(a_file), str(tmp_path / "out")]) == 2
+    assert "is a file, not a run or checkpoint folder" in _one_line(capsys)[1]
+    assert main(["export", str(tmp_path / "run"), str(a_file)]) == 2
+    assert "is a file, not a folder" in _one_line(capsys)[1]
+    assert a_file.read_text(encoding="utf-8") == "x"

@@ -119,12 +119,23 @@ def _usage_layers(model) -> dict:
     return {name: m for name, m in model.sparse_layers().items() if isinstance(m, ProductKeyRouter)}
 
 
+def check_text_file(path: str | Path) -> Path:
+    """``path`` as a Path if it is a readable file; else one clear error saying what it is."""
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(
+            f"--text {str(p)!r} is a folder, not a text file: give its files one by one, or build a corpus from "
+            "the folder with: peer data tokenize FOLDER --out DIR"
+        )
+    if not p.is_file():
+        raise FileNotFoundError(f"--text {str(p)!r}: no such file")
+    return p
+
+
 def _text_tokens(path: str | Path, tokenizer, replace_errors: bool = False) -> np.ndarray:
     from .data import encode_texts
 
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"--text {str(p)!r}: no such file")
+    p = check_text_file(path)
     enc = encode_texts([p], tokenizer, replace_errors=replace_errors)
     if isinstance(enc, dict):
         enc = list(enc.values())
@@ -302,6 +313,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    for t in args.text or []:  # before any evaluation: a wrong path fails at once
+        check_text_file(t)
     plot_dir = args.plot_dir or str(run_dir_of(args.run) / "plots")
     corpus = "" if args.corpus == "none" else args.corpus
     report = evaluate(

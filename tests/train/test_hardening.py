@@ -286,6 +286,19 @@ def test_corrupted_latest_checkpoint_names_the_newest_intact_one(corpus, tmp_pat
     intact = out / "checkpoints" / "step_0000002"
     assert "corrupted" in err and str(intact) in err and f"--from {intact}" in err and _one_error_line(err), err
     assert latest.is_file()  # nothing was deleted
+    # eval, generate and export of the run name the same intact checkpoint, and work when given it
+    for cmd in (
+        ["eval", str(out)],
+        ["generate", str(out), "--max-new-tokens", "2"],
+        ["export", str(out), str(tmp_path / "hf")],
+    ):
+        assert main(cmd) == 2, cmd
+        err = capsys.readouterr().err
+        assert "corrupted" in err and f"give that checkpoint instead of the run: {intact}" in err, err
+        assert _one_error_line(err)
+    assert not (tmp_path / "hf").exists()
+    assert main(["eval", str(intact), "--batches", "1"]) == 0
+    capsys.readouterr()
     assert main([*resume, "--from", str(intact)]) == 0
     assert json.loads((out / "checkpoints" / "step_0000006" / "meta.json").read_text())["step"] == 6
     assert main(["train", *_base(corpus, tmp_path / "x", "--set", "train.steps=2"), "--from", str(intact)]) == 2
@@ -348,3 +361,15 @@ def test_vocab_size_zero_is_taken_from_the_corpus_tokenizer(corpus, tmp_path):
     assert f"vocab_size = {tok.vocab_size}" in (run / "config.toml").read_text()
     missing = load_config(ROOT / "configs" / "tiny.toml", [f"data.corpus='{tmp_path / 'not-yet'}'"])
     assert with_corpus_vocab(missing).model.vocab_size == missing.data.vocab_size  # what `prepare` builds
+
+
+def test_a_resume_without_its_metrics_file_says_so(corpus, tmp_path, capsys, caplog):
+    out = tmp_path / "run"
+    assert main(["train", *_base(corpus, out, "--set", "train.steps=2", "train.log_every=1")]) == 0
+    (out / "metrics.jsonl").unlink()
+    capsys.readouterr()
+    assert main(["train", str(out), "--resume", "--set", "train.flops=0", "train.steps=4"]) == 0
+    # the CLI's logging prints it on stderr; under pytest the log capture holds it
+    assert "metrics.jsonl is missing: the metrics of steps 1-2 are lost" in caplog.text
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps and min(steps) >= 3

@@ -120,6 +120,8 @@ def check_export_target(run: str | os.PathLike, out: Path, overwrite: bool) -> N
     """Refuse a DIR that would lose data: the run itself or a folder holding it, a run, a corpus,
     sweep results, any non-export folder; a previous export only with ``overwrite``."""
     src, dst = Path(run).resolve(), out.resolve()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"DIR {str(out)!r} is a file, not a folder: give the path of a new export folder")
     if dst == src or dst in src.parents:
         raise UsageError(f"DIR {str(out)!r} is the run {str(run)!r} or holds it: choose another export folder")
     kind = folder_kind(out)

@@ -90,6 +90,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return p
     if not p.exists():
         raise CheckpointError(f"{p}: no such run or checkpoint directory")
+    if not p.is_dir():
+        raise CheckpointError(f"{p} is a file, not a run or checkpoint folder")
     latest = latest_checkpoint(p)
     if latest is None:
         raise CheckpointError(f"{p}: not a checkpoint (no {META_FILE}) and holds no checkpoints under {CKPT_DIR}/")

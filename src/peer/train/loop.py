@@ -187,8 +187,16 @@ def check_resume_config(run_cfg: dict, cfg: Config, where: Path) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines logged after ``step`` (work lost with an interruption) and torn lines."""
+    """Drop metric lines logged after ``step`` (work lost with an interruption) and torn lines. A run
+    resumed without its metrics file says so (a new one starts at ``step``: the curve before it is lost)."""
     if not path.is_file():
+        if step > 0:
+            log.warning(
+                "%s is missing: the metrics of steps 1-%d are lost (the weights are not); a new file starts at step %d",
+                path,
+                step,
+                step + 1,
+            )
         return
     keep = []
     for line in path.read_text(encoding="utf-8").splitlines():
@@ -383,17 +391,22 @@ def resume_checkpoint(run_dir: Path, from_checkpoint: str | Path | None = None) 
         verify_checksums(ckpts[-1], meta, tuple(meta["files"]))
         return ckpts[-1], meta
     except CheckpointError as e:
-        for older in reversed(ckpts[:-1]):
-            try:
-                m = read_meta(older)
-                verify_checksums(older, m, tuple(m["files"]))
-            except CheckpointError:
-                continue
-            raise CheckpointError(
-                f"{e}; the newest intact checkpoint is {older} (step {m['step']}): resume from it "
-                f"with: peer train {run_dir} --resume --from {older}"
-            ) from None
-        raise CheckpointError(f"{e}; no intact checkpoint is left in {run_dir / 'checkpoints'}") from None
+        raise CheckpointError(
+            f"{e}; {_newest_intact(run_dir, ckpts[:-1], f'resume from it with: peer train {run_dir} --resume --from')}"
+        ) from None
+
+
+def _newest_intact(run_dir: Path, older: list[Path], use: str) -> str:
+    """The end of an error about a corrupt latest checkpoint: the newest intact older one and how to
+    ``use`` it (the checkpoint's path is appended), or that none is left. Nothing is deleted."""
+    for ckpt in reversed(older):
+        try:
+            meta = read_meta(ckpt)
+            verify_checksums(ckpt, meta, tuple(meta["files"]))
+        except CheckpointError:
+            continue
+        return f"the newest intact checkpoint is {ckpt} (step {meta['step']}): {use} {ckpt}"
+    return f"no intact checkpoint is left in {run_dir / 'checkpoints'}"
 
 
 def _train(cfg: Config, resume: bool, stop_after: int | None, from_checkpoint=None) -> Path:
@@ -570,13 +583,21 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> tuple[Peer
     """(model in eval mode, its Config, the checkpoint's meta) from a run dir (latest checkpoint) or a
     checkpoint dir. ``meta['path']`` is the checkpoint directory. Errors name the file at fault."""
     ckpt = resolve_checkpoint(path)
-    meta = read_meta(ckpt)
     try:
-        cfg = config_from_dict(meta["config"])
-    except ConfigError as e:
-        raise CheckpointError(f"{ckpt / 'meta.json'}: its config is invalid ({e})") from None
-    model = PeerLM(cfg.model)
-    load_model_weights(ckpt, model, meta)
+        meta = read_meta(ckpt)
+        try:
+            cfg = config_from_dict(meta["config"])
+        except ConfigError as e:
+            raise CheckpointError(f"{ckpt / 'meta.json'}: its config is invalid ({e})") from None
+        model = PeerLM(cfg.model)
+        load_model_weights(ckpt, model, meta)
+    except CheckpointError as e:
+        if ckpt == Path(path):  # a checkpoint named by the user: no other one to suggest
+            raise
+        older = [c for c in list_checkpoints(Path(path)) if c != ckpt]
+        raise CheckpointError(
+            f"{e}; {_newest_intact(Path(path), older, 'give that checkpoint instead of the run:')}"
+        ) from None
     model.to(device).eval()
     meta["path"] = str(ckpt)
     return model, cfg, meta
