@@ -47,6 +47,8 @@ EXPORT_FILES = frozenset(
         "tokenizer_config.json",
         "special_tokens_map.json",
         "chat_template.jinja",
+        "configuration_peer.py",
+        "modeling_peer.py",
         LOCK_NAME,
     }
 )

@@ -183,3 +183,35 @@ def test_export_on_a_full_disk_leaves_nothing_behind(run_dir, tmp_path, monkeypa
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no space left on the device of" in err and "the export" in err
     assert list(tmp_path.iterdir()) == []  # neither DIR nor its temp folder
+
+
+def test_an_export_loads_with_trust_remote_code_in_a_process_that_never_imported_peer_hf(run_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    run, _ = run_dir
+    out = export_run(run, tmp_path / "hf")
+    lm, _, _ = train_mod.load_run(run)
+    x = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        torch.save({"x": x, "logits": lm(x).logits}, tmp_path / "ref.pt")
+    code = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)
+ref = torch.load({str(tmp_path / "ref.pt")!r})
+with torch.no_grad():
+    assert torch.equal(model(ref["x"]).logits, ref["logits"])
+print(type(model).__name__)
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "PeerForCausalLM"
+    # without trust_remote_code (and without import peer.hf) transformers refuses it, saying why
+    code2 = f"from transformers import AutoModelForCausalLM\nAutoModelForCausalLM.from_pretrained({str(out)!r})"
+    done = subprocess.run([sys.executable, "-c", code2], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode != 0 and "trust_remote_code" in done.stderr
+    # the shims are part of what an export writes: a second export may replace the first
+    assert export_run(run, out, overwrite=True) == out

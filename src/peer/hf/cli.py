@@ -24,8 +24,8 @@ def run(args: argparse.Namespace) -> int:
     out = export_run(args.run, args.out, tokenizer=not args.no_tokenizer, overwrite=args.overwrite)
     print(f"exported {args.run} -> {out}")
     print(
-        f"  load with: import peer.hf; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-        f"             AutoModelForCausalLM.from_pretrained({str(out)!r})"
+        f"  load with: from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"             AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)"
         + ("" if args.no_tokenizer else f"; AutoTokenizer.from_pretrained({str(out)!r})")
     )
     return 0

@@ -1,12 +1,18 @@
 """Export a ``peer train`` run to a Hugging Face ``transformers`` directory (``peer export RUN DIR``).
 
     export_run("runs/peer", "hf/peer")          # a run dir (latest checkpoint) or a checkpoint dir
-    model = AutoModelForCausalLM.from_pretrained("hf/peer")   # after ``import peer.hf``
+    model = AutoModelForCausalLM.from_pretrained("hf/peer", trust_remote_code=True)
     tok = AutoTokenizer.from_pretrained("hf/peer")
 
+(or, after ``import peer.hf``, without ``trust_remote_code``.)
+
 DIR holds ``config.json`` (PeerConfig), ``model.safetensors`` (the PeerLM state dict under ``model.``),
-``generation_config.json`` and the run's tokenizer as a ``PreTrainedTokenizerFast``
-(``tokenizer.json`` + ``tokenizer_config.json``) whose end-of-text token doubles as BOS and PAD.
+``generation_config.json``, the run's tokenizer as a ``PreTrainedTokenizerFast``
+(``tokenizer.json`` + ``tokenizer_config.json``) whose end-of-text token doubles as BOS and PAD, and
+two one-line modules, ``configuration_peer.py`` and ``modeling_peer.py``, that ``config.json``'s
+``auto_map`` names: they import the classes from the installed ``peer`` package, so
+``trust_remote_code=True`` loads the folder in a process that never imported ``peer.hf`` (the
+package must be installed: ``pip install "peer-experts[hf]"``; no model code is copied).
 The directory is written next to DIR under a temporary name and moved into place at the end.
 
 No data loss: DIR must be missing, empty, or (with ``overwrite``) a previous export — a folder that
@@ -16,6 +22,7 @@ never replaced, whatever the flags; DIR may not be the run or hold it.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -97,6 +104,7 @@ def export_run(
         tmp = make_temp_dir(out.parent, f".{out.name}.tmp-")
         try:
             model.save_pretrained(str(tmp))
+            _write_auto_map(tmp)
             if tok is not None:
                 save_tokenizer(tok, tmp, model_max_length=cfg.model.max_seq_len)
             for f in tmp.rglob("*"):  # transformers writes through tempfile: give files the umask's mode
@@ -114,6 +122,28 @@ def export_run(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return out
+
+
+_SHIMS = {
+    "configuration_peer.py": ("PeerConfig", "peer.hf.configuration", "AutoConfig"),
+    "modeling_peer.py": ("PeerForCausalLM", "peer.hf.modeling", "AutoModelForCausalLM"),
+}
+
+
+def _write_auto_map(folder: Path) -> None:
+    """The ``auto_map`` of config.json and the one-line modules it names (see the module docstring)."""
+    auto_map = {}
+    for file, (cls, module, auto) in _SHIMS.items():
+        (folder / file).write_text(
+            f'"""Loads this export with trust_remote_code=True: the class comes from the installed peer package."""\n\n'
+            f'from {module} import {cls}\n\n__all__ = ["{cls}"]\n',
+            encoding="utf-8",
+        )
+        auto_map[auto] = f"{file.removesuffix('.py')}.{cls}"
+    config = folder / "config.json"
+    data = json.loads(config.read_text(encoding="utf-8"))
+    data["auto_map"] = auto_map
+    config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def check_export_target(run: str | os.PathLike, out: Path, overwrite: bool) -> None:
