@@ -21,8 +21,8 @@ main: $(STAMP)
 	$(VENV)/bin/peer main
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests tools
-	$(VENV)/bin/ruff format --check src tests tools
+	$(VENV)/bin/ruff check src tests tools studies
+	$(VENV)/bin/ruff format --check src tests tools studies
 	$(VENV)/bin/mypy
 
 test: lint

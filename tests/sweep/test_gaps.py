@@ -1,20 +1,13 @@
-"""Methods across budgets: best recipe per method, PEER's gap in nats with its standard error, the
-gap's trend and zero crossing, and what to run next (grid edges, seeds at optimum ± neighbours)."""
+"""Methods across budgets: best recipe per method and what to run next (grid edges, seeds at optimum ±
+neighbours: peer.experiments.sweep.select); PEER's gap in nats with its standard error, the gap's trend and
+zero crossing (the project's studies.gaps)."""
 
 import math
 
 import pytest
 
-from peer.experiments.sweep.gaps import (
-    best_recipe_results,
-    best_recipes,
-    gap_trend,
-    gaps,
-    gaps_markdown,
-    method_of,
-    next_runs,
-)
-from peer.experiments.sweep.plots import gap_figure
+from peer.experiments.sweep.select import best_recipe_results, best_recipes, method_of, next_runs
+from studies.gaps import gap_figure, gap_trend, gaps, gaps_markdown
 
 
 def _run(budget, variant, size, ppl, seed=0, active=100):
@@ -143,7 +136,7 @@ def test_gap_figure(tmp_path):
 
 
 def test_fig1_shows_each_methods_best_recipe_and_every_ablation_arm():
-    from peer.experiments.sweep.gaps import headline_results
+    from peer.experiments.sweep.select import headline_results
 
     runs = [
         _run(1e12, "dense", "s", 10.0),
@@ -168,7 +161,7 @@ def test_fig1_shows_each_methods_best_recipe_and_every_ablation_arm():
 
 
 def test_summary_row_per_budget_with_each_methods_best_and_peers_lead():
-    from peer.experiments.sweep.report import summary_markdown
+    from studies.report import summary_markdown
 
     runs = [_run(1e12, "peer", "s", 100.0 * f, seed=i) for i, f in enumerate((1.0, 1.02, 0.98))]
     runs += [_run(1e12, "dense_lr2e-2", "s", 110.0 * f, seed=i) for i, f in enumerate((1.0, 1.01, 0.99))]

@@ -1,11 +1,11 @@
-"""`peer sweep plot --into DOC`: marked blocks are replaced, everything else is kept, bad markers fail in one line."""
+"""`python -m studies.report SWEEP --into DOC` (the project's report, outside the package): marked blocks are replaced, everything else is kept, bad markers fail in one line."""
 
 import math
 
 import pytest
 
 from peer.errors import UsageError
-from peer.experiments.sweep.report import SECTIONS, report_markdown, splice, splice_into, wall_markdown
+from studies.report import SECTIONS, report_markdown, splice, splice_into, wall_markdown
 
 DOC = """# My study
 
@@ -89,7 +89,7 @@ def test_report_page_has_every_section_in_order():
 
 
 def test_sizes_table_shows_each_methods_best_recipe_at_every_size():
-    from peer.experiments.sweep.report import sizes_markdown
+    from studies.report import sizes_markdown
 
     def run(variant, size, ppl, seed=0, active=100):
         return dict(budget=1e12, variant=variant, size=size, seed=seed, perplexity={"val": ppl}, params_active=active)
@@ -112,7 +112,7 @@ def test_sizes_table_shows_each_methods_best_recipe_at_every_size():
 
 
 def test_hardware_check_compares_each_cpu_seed_with_its_points_gpu_seeds():
-    from peer.experiments.sweep.report import hardware_markdown
+    from studies.report import hardware_markdown
 
     gpu = {"device": "cuda", "name": "NVIDIA H200"}
 

@@ -15,8 +15,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from peer.train import loop as loop_mod
-from peer.train import train
+from peer.train import parts, train
 
 aten = torch.ops.aten
 # ops that make a CUDA host wait: a value read, or an output whose size depends on the values
@@ -56,9 +55,9 @@ class SyncWatch(TorchDispatchMode):
 
 @pytest.fixture
 def watched_steps(monkeypatch):
-    """Wraps the loop's step function: each call's syncing ops (and any ``.tolist()``) recorded."""
+    """Wraps the trainer's step (``parts.Stepper``): each call's syncing ops (and any ``.tolist()``) recorded."""
     calls: list[list[str]] = []
-    real_step, real_tolist = loop_mod._step, torch.Tensor.tolist
+    real_step, real_tolist = parts.Stepper.__call__, torch.Tensor.tolist
 
     def step(*a, **k):
         calls.append([])
@@ -75,7 +74,7 @@ def watched_steps(monkeypatch):
         calls[-1].append("tolist")
         return real_tolist(self)
 
-    monkeypatch.setattr(loop_mod, "_step", step)
+    monkeypatch.setattr(parts.Stepper, "__call__", step)
     return calls
 
 
@@ -101,8 +100,6 @@ def test_a_training_step_makes_no_host_sync(tiny, watched_steps, overrides):
 
 def test_the_step_scalars_are_read_once_per_log_line(tiny, monkeypatch):
     """Between log lines nothing is read; a log line reads every pending step in one transfer."""
-    from peer.train import parts
-
     reads = []
     real = parts.StepLog.flush
 
@@ -122,8 +119,6 @@ def test_the_step_scalars_are_read_once_per_log_line(tiny, monkeypatch):
 
 def test_a_checkpoint_or_an_eval_reads_the_pending_steps_first(tiny, monkeypatch):
     """A checkpoint is never written past an unread step (a NaN there must stop the run first)."""
-    from peer.train import parts
-
     order = []
     real_flush, real_save = parts.StepLog.flush, parts.Saver.save
 
@@ -147,7 +142,7 @@ def test_nan_between_log_lines_names_its_step_and_keeps_the_last_good_checkpoint
     from peer.train.checkpoint import list_checkpoints
     from tests.train.test_loop import _NaNAfter  # loss NaN from the 5th training forward on
 
-    monkeypatch.setattr(loop_mod, "PeerLM", _NaNAfter)
+    monkeypatch.setattr(parts, "PeerLM", _NaNAfter)
     _NaNAfter.calls = 0
     cfg = tiny("train.steps=12", "train.log_every=8", "train.ckpt_every=4")
     with pytest.raises(TrainingDiverged, match="loss is nan at step 5") as err:

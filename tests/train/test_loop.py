@@ -12,6 +12,7 @@ from peer.config import ConfigError, load_config
 from peer.flops import train_flops_per_step
 from peer.train import TrainingDiverged, load_run, train
 from peer.train import loop as loop_mod
+from peer.train import parts as parts_mod
 from peer.train.checkpoint import CheckpointError, list_checkpoints
 
 
@@ -102,7 +103,7 @@ class _NaNAfter(loop_mod.PeerLM):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, monkeypatch):
-    monkeypatch.setattr(loop_mod, "PeerLM", _NaNAfter)
+    monkeypatch.setattr(parts_mod, "PeerLM", _NaNAfter)  # the model build_model makes
     _NaNAfter.calls = 0
     cfg = tiny("train.steps=10", "train.ckpt_every=2")
     with pytest.raises(TrainingDiverged) as err:
@@ -117,7 +118,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, monkeypatch):
 
 
 def test_nan_before_any_checkpoint_says_so(tiny, monkeypatch):
-    monkeypatch.setattr(loop_mod, "PeerLM", _NaNAfter)
+    monkeypatch.setattr(parts_mod, "PeerLM", _NaNAfter)  # the model build_model makes
     _NaNAfter.calls = 3
     with pytest.raises(TrainingDiverged, match="step 2.*no checkpoint was written yet"):
         train(tiny("train.steps=10", "train.ckpt_every=5"))
@@ -193,7 +194,7 @@ def test_gradient_accumulation_syncs_only_the_last_micro_batch(tiny):
 
     from peer.data import Batcher, open_tokens
     from peer.model import PeerLM
-    from peer.train.loop import _forward_backward
+    from peer.train.parts import forward_backward
 
     cfg = tiny("train.grad_accum=3")
     model = PeerLM(cfg.model)
@@ -213,6 +214,6 @@ def test_gradient_accumulation_syncs_only_the_last_micro_batch(tiny):
             yield
 
     batcher = Batcher(open_tokens(cfg.data.corpus, "train"), cfg.train.batch_size, cfg.train.seq_len, seed=0)
-    _forward_backward(FakeDDP(model), batcher, cfg, torch.device("cpu"))
+    forward_backward(FakeDDP(model), batcher, cfg, torch.device("cpu"))
     assert entered == ["no_sync", "no_sync"]
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

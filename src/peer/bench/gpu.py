@@ -15,7 +15,7 @@ Three parts, each printed as it finishes and all saved to one JSON file (``--out
     bandwidth (its datasheet figure where the device is known, and a measured copy).
 (c) **step**: a PeerLM training step (d = 512, 8 blocks, PEER 512^2 in the middle block, 32 x 512
     tokens) against the dense LM, through the training loop's own step function
-    (:func:`peer.train.loop._step`: forward, backward, clipping, AdamW): tokens/s, peak memory,
+    (:class:`peer.train.parts.Stepper`: forward, backward, clipping, AdamW): tokens/s, peak memory,
     and the number of host syncs per step counted by ``torch.cuda.set_sync_debug_mode``; eager
     and, unless ``--no-compile``, under ``torch.compile(fullgraph=True)``.
 
@@ -364,12 +364,9 @@ def _count_syncs(device: torch.device, fn) -> int | None:
 def bench_step(device: torch.device, clock: _Clock, lm: dict, backend: str, compile_too: bool, log=print) -> list[dict]:
     from peer.config import Config, ModelConfig, OptimConfig, PEERConfig, TrainConfig
     from peer.model import PeerLM
-    from peer.train import loop
     from peer.train.optim import build_optimizer
+    from peer.train.parts import GradClipper, Stepper
     from peer.train.schedule import Schedule
-
-    class _OneProcess:
-        distributed, world_size, rank, is_main = False, 1, 0, True
 
     rows = []
     for sparse in ("none", "peer"):
@@ -410,14 +407,12 @@ def bench_step(device: torch.device, clock: _Clock, lm: dict, backend: str, comp
                 opt = build_optimizer(model, cfg.optim)
                 schedule = Schedule.from_config(cfg.optim, cfg.train.steps)
                 batches = _RandomBatches(lm["vocab"], lm["batch"], lm["seq"], device)
-                params = [p for p in model.parameters() if p.requires_grad]
-                clip = (params, set(), cfg.optim.grad_clip)
+                clipper = GradClipper(model, cfg.optim.grad_clip, distributed=False)
+                stepper = Stepper(fwd, opt, schedule, batches, clipper, cfg, device)
                 state = {"s": 0}
 
-                def step(fwd=fwd, opt=opt, schedule=schedule, batches=batches, cfg=cfg, clip=clip, state=state):
-                    loop._step(
-                        fwd, opt, schedule, batches, cfg, device, _OneProcess, clip, state["s"] % cfg.train.steps
-                    )
+                def step(stepper=stepper, cfg=cfg, state=state):
+                    stepper(state["s"] % cfg.train.steps)
                     state["s"] += 1
 
                 t0 = time.perf_counter()

@@ -1,4 +1,9 @@
-"""The training loop: ``train(cfg, resume=False) -> run_dir`` and ``load_run(path) -> (model, cfg, meta)``.
+"""Training: ``train(cfg, resume=False) -> run_dir`` and ``load_run(path) -> (model, cfg, meta)``.
+
+``train`` checks the config (device, memory), locks the run folder and runs a :class:`Trainer`: a
+holder of small stateful parts built by ``build_*`` functions (:mod:`peer.train.parts`): data, model
+(and its DDP / FSDP2 / expert-sharded wrapper), optimizer, schedule, stepper (one optimizer step,
+with its gradient clipper), checkpointer, metrics; signals are a ``with`` block around the loop.
 
 Run directory (``cfg.train.out_dir``)::
 
@@ -36,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import random
 import time
@@ -64,8 +68,8 @@ from .checkpoint import (
     restore_rng,
     verify_checksums,
 )
-from .optim import build_optimizer, clip_grad_norm
-from .parts import Saver, StepLog, TrainingDiverged, scalar_dtype
+from .optim import build_optimizer
+from .parts import GradClipper, Saver, StepLog, Stepper, TrainingDiverged, autocast, build_data, build_model
 from .schedule import Schedule
 from .signals import Interrupted, StopOnSignal
 
@@ -144,7 +148,7 @@ def with_corpus_vocab(cfg: Config) -> Config:
     """``cfg`` with ``model.vocab_size=0`` ("the corpus's") replaced by the size of the tokenizer
     the run uses (``data.tokenizer``, else the corpus's own). A corpus not prepared yet counts
     as the one ``peer data prepare`` builds (``data.vocab_size``); the train-time id check
-    (``_open_split``) still guards the run."""
+    (``peer.train.parts._open_split``) still guards the run."""
     if cfg.model.vocab_size:
         return cfg
     from ..data import load_tokenizer
@@ -211,38 +215,10 @@ def _truncate_metrics(path: Path, step: int) -> None:
 # --------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------
-def _open_split(cfg: Config, split: str, required: bool):
-    from .. import data
-
-    corpus = Path(cfg.data.corpus)
-    if not corpus.is_dir():
-        raise ConfigError(f"data.corpus: {str(corpus)!r} is not a directory (prepare one with `peer data prepare`)")
-    if split not in data.list_splits(corpus):
-        if required:
-            raise ConfigError(
-                f"data.train_split: corpus {str(corpus)!r} has no split {split!r} "
-                f"(it has: {', '.join(data.list_splits(corpus))})"
-            )
-        return None
-    tokens = data.open_tokens(corpus, split)
-    if len(tokens) and int(tokens.max()) >= cfg.model.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size: {cfg.model.vocab_size} is too small for split {split!r} of "
-            f"{str(corpus)!r}, which holds token id {int(tokens.max())}"
-        )
-    return tokens
-
-
 def evaluate_loss(model: torch.nn.Module, batches, cfg: Config, device: torch.device) -> float:
     """Mean cross-entropy per target over ``batches`` (a re-iterable of ``(x, y)``), in eval mode."""
-    nll, count, _ = summed_nll(model, batches, device, lambda: _autocast(cfg, device))
+    nll, count, _ = summed_nll(model, batches, device, lambda: autocast(cfg, device))
     return nll / max(count, 1)
-
-
-def _autocast(cfg: Config, device: torch.device):
-    if cfg.train.dtype == "bfloat16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------------------
@@ -261,25 +237,6 @@ def _open_tb(run_dir: Path, purge_step: int | None):
         log.warning("TensorBoard logging disabled (%s)", e)
         return None
     return SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge_step)
-
-
-def _forward_backward(model, batcher, cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``grad_accum`` micro-batches of forward + backward (loss / grad_accum); returns the mean
-    cross-entropy and the mean auxiliary loss of the micro-batches as 0-dim tensors on ``device``,
-    summed there in float64 (as Python floats were) so that nothing waits for the device."""
-    n = cfg.train.grad_accum
-    acc = scalar_dtype(device)
-    ce_sum = aux_sum = torch.zeros((), dtype=acc, device=device)
-    for i in range(n):
-        x, y = batcher.next()
-        with dpar.grad_sync(model, last=i == n - 1):  # one gradient all-reduce per step, not per micro-batch
-            with _autocast(cfg, device):
-                out = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-            (out.loss / n).backward()
-        aux = out.aux_loss.detach().to(acc)
-        ce_sum = ce_sum + (out.loss.detach().to(acc) - aux)
-        aux_sum = aux_sum + aux
-    return ce_sum / n, aux_sum / n
 
 
 def train(
@@ -302,7 +259,7 @@ def train(
         FolderLock(cfg.train.out_dir, "run folder") if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
     )
     with lock:
-        return _train(cfg, resume, stop_after, from_checkpoint)
+        return Trainer(cfg, resume, from_checkpoint).fit(stop_after)
 
 
 def check_fits(cfg: Config) -> None:
@@ -409,171 +366,120 @@ def _newest_intact(run_dir: Path, older: list[Path], use: str) -> str:
     return f"no intact checkpoint is left in {run_dir / 'checkpoints'}"
 
 
-def _train(cfg: Config, resume: bool, stop_after: int | None, from_checkpoint=None) -> Path:
-    """The run, in parts: plan and check (here), data (:func:`_open_data`), model and optimizer
-    (:func:`_build`), restore (:func:`_restore`), then the loop: one step (:func:`_step`), the
-    step's record (:class:`~peer.train.parts.StepLog`), checkpoints and the divergence stop (:class:`~peer.train.parts.Saver`)."""
-    steps = resolve_steps(cfg)
-    cfg = replace(cfg, train=replace(cfg.train, steps=steps))
-    t = cfg.train
-    run_dir = Path(t.out_dir)
-    ckpt = meta = None
-    if resume:
-        ckpt, meta = resume_checkpoint(run_dir, from_checkpoint)
-        check_resume_config(meta["config"], cfg, run_dir)
-    elif list_checkpoints(run_dir):
-        raise ConfigError(
-            f"train.out_dir: {str(run_dir)!r} already holds a run with checkpoints; "
-            "pass --resume to continue it, or choose another --out"
-        )
-    denv = dpar.setup(cfg)  # torch.distributed under torchrun (WORLD_SIZE > 1), else one process
-    batcher, val_batches = _open_data(cfg, denv)
-    if denv.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        clean_partial(run_dir)
-        atomic_write_text(run_dir / "config.toml", toml_dumps(config_to_dict(cfg)))
-    dpar.barrier()
+class Trainer:
+    """A ``peer train`` run, made of stateful parts that each do one job (torchtitan's shape; the parts
+    and their ``build_*`` functions are in :mod:`peer.train.parts`):
 
-    _seed_all(t.seed)
-    if t.threads > 0:
-        torch.set_num_threads(t.threads)
-    device = torch.device(t.device)
-    model, fwd, optimizer, schedule = _build(cfg, denv, device, steps)
-    start = _restore(ckpt, meta, model, optimizer, batcher, run_dir, denv) if ckpt is not None else 0
-    saver = Saver(cfg, run_dir, model, optimizer, schedule, batcher, denv, last_good=ckpt)
-    log_ = StepLog(
-        cfg,
-        run_dir,
-        start,
-        steps,
-        denv,
-        saver.diverged,
-        tb=_open_tb(run_dir, start if resume else None) if t.tensorboard and denv.is_main else None,
-    )
-    params = [p for p in model.parameters() if p.requires_grad]
-    clip = (params, dpar.expert_shards(model), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
-    model.train()
-    stop = StopOnSignal(enabled=not denv.distributed)  # SIGINT/SIGTERM: checkpoint this step, then stop
-    try:
-        stop.__enter__()
-        for s in range(start, steps):
-            t0 = time.perf_counter()
-            done = s + 1
-            lr, scalars = _step(fwd, optimizer, schedule, batcher, cfg, device, denv, clip, s)
-            evaluate = val_batches is not None and ((t.eval_every and done % t.eval_every == 0) or done == steps)
-            # the step's scalars stay on the device until a line is logged, or before an eval or a
-            # checkpoint: then one read checks every pending step for divergence, in order
-            record = log_.step(done, t0, lr, *scalars, flush=evaluate)
-            if evaluate:
-                record = log_.val(done, record, evaluate_loss(fwd, val_batches, cfg, device))
-            log_.write(record)
-            if done % t.ckpt_every == 0 or done == steps or stop.requested:
-                log_.flush()  # no checkpoint past a step that was not checked
-                saver.save(done, record)
-            if stop.requested and done < steps:
-                raise Interrupted(
-                    f"stopped by {stop.name} after step {done} of {steps}; checkpoint saved: "
-                    f"{saver.last_good}; continue with: peer train {run_dir} --resume",
-                    stop.signum,
-                )
-            if stop_after is not None and done >= stop_after:
-                break
-    except RuntimeError as e:  # a failed collective (peer died / timed out) -> peer.distributed.DistributedError
-        err = dpar.explain_failure(e, denv)
-        if err is e:
-            raise
-        raise err from e
-    finally:
-        stop.__exit__(None, None, None)
-        log_.close()
-        dpar.finish(denv)
-    return run_dir
+    ``data`` (this rank's batcher, the validation batches), ``model`` and ``fwd`` (what to call: the
+    model, or its DDP / FSDP2 / expert-sharded wrapper), ``optimizer``, ``schedule``, ``stepper`` (one
+    optimizer step, with its :class:`~peer.train.parts.GradClipper`), ``checkpointer``
+    (:class:`~peer.train.parts.Saver`), ``metrics`` (:class:`~peer.train.parts.StepLog`); the signal
+    handling is a ``with StopOnSignal()`` around the loop.
 
+    ``Trainer(cfg, resume, from_checkpoint)`` plans the run (steps from the FLOP budget), checks it
+    against the checkpoint it resumes, builds the parts and restores them; :meth:`fit` runs the loop
+    and releases the parts (:meth:`close`) however it ends.
+    """
 
-def _open_data(cfg: Config, denv):
-    """The training batcher (this rank's share of each global batch) and the validation batches."""
-    from .. import data
-
-    t = cfg.train
-    train_tokens = _open_split(cfg, cfg.data.train_split, required=True)
-    val_tokens = _open_split(cfg, cfg.data.val_split, required=False)
-    val_batches = None
-    try:
-        if val_tokens is not None:  # the first train.eval_batches batches of the validation split, in order
-            val_batches = data.eval_batches(
-                val_tokens, t.batch_size, t.seq_len, max_tokens=t.eval_batches * t.batch_size * t.seq_len
+    def __init__(self, cfg: Config, resume: bool = False, from_checkpoint: str | Path | None = None):
+        steps = resolve_steps(cfg)
+        self.cfg = cfg = replace(cfg, train=replace(cfg.train, steps=steps))
+        t = cfg.train
+        self.steps, self.run_dir, self.resumed = steps, Path(t.out_dir), resume
+        ckpt = meta = None
+        if resume:
+            ckpt, meta = resume_checkpoint(self.run_dir, from_checkpoint)
+            check_resume_config(meta["config"], cfg, self.run_dir)
+        elif list_checkpoints(self.run_dir):
+            raise ConfigError(
+                f"train.out_dir: {str(self.run_dir)!r} already holds a run with checkpoints; "
+                "pass --resume to continue it, or choose another --out"
             )
-    except ValueError as e:
-        raise ConfigError(f"data.val_split: split {cfg.data.val_split!r} of {cfg.data.corpus!r}: {e}") from None
-    try:
-        batcher = data.Batcher(
-            train_tokens,
-            dpar.per_rank_batch(cfg, denv.world_size),
-            t.seq_len,
-            seed=t.seed,
-            rank=denv.rank,
-            world_size=denv.world_size,
-        )  # train.batch_size is global
-    except ValueError as e:
-        raise ConfigError(f"data.train_split: split {cfg.data.train_split!r} of {cfg.data.corpus!r}: {e}") from None
-    return batcher, val_batches
+        self.denv = denv = dpar.setup(cfg)  # torch.distributed under torchrun (WORLD_SIZE > 1), else one process
+        self.data = build_data(cfg, denv)
+        if denv.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            clean_partial(self.run_dir)
+            atomic_write_text(self.run_dir / "config.toml", toml_dumps(config_to_dict(cfg)))
+        dpar.barrier()
 
+        _seed_all(t.seed)
+        if t.threads > 0:
+            torch.set_num_threads(t.threads)
+        self.device = torch.device(t.device)
+        self.model, self.fwd = build_model(cfg, denv, self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.schedule = Schedule.from_config(cfg.optim, steps)
+        self.start = self._restore(ckpt, meta) if ckpt is not None else 0
+        self.checkpointer = Saver(
+            cfg, self.run_dir, self.model, self.optimizer, self.schedule, self.data.batcher, denv, last_good=ckpt
+        )
+        tb = _open_tb(self.run_dir, self.start if resume else None) if t.tensorboard and denv.is_main else None
+        self.metrics = StepLog(cfg, self.run_dir, self.start, steps, denv, self.checkpointer.diverged, tb=tb)
+        clipper = GradClipper(self.model, cfg.optim.grad_clip, denv.distributed)
+        self.stepper = Stepper(self.fwd, self.optimizer, self.schedule, self.data.batcher, clipper, cfg, self.device)
 
-def _build(cfg: Config, denv, device: torch.device, steps: int):
-    """The model (``model``: the PeerLM; ``fwd``: what to call, DDP-wrapped or sharded), its
-    optimizer and its learning-rate schedule."""
-    if denv.world_size > 1 and cfg.dist.expert_parallel:
-        # meta -> shard -> allocate -> init (torchtitan's order): a rank allocates only its rows of the expert
-        # tables, initialised as the full model's (PeerLM.init_weights replays the constructor's draws, on the CPU)
-        model = PeerLM(cfg.model, device="meta")
-        dpar.shard_experts(model)
-        model.to_empty(device="cpu")
-        model.init_weights()
-        model = model.to(device)
-    else:
-        model = PeerLM(cfg.model).to(device)
-    for layer in model.sparse_layers().values():  # row-wise AdamW wants sparse row gradients (nn.Embedding style)
-        if layer.supports_sparse_grad:
-            layer.sparse_grad = bool(cfg.optim.sparse_experts)
-    fwd = dpar.wrap_model(model, cfg, denv)  # DDP / FSDP2 / expert-sharded PEER; `model` on one process
-    return model, fwd, build_optimizer(model, cfg.optim), Schedule.from_config(cfg.optim, steps)
+    def _restore(self, ckpt: Path, meta: dict) -> int:
+        """Load a checkpoint into the model, optimizer, batcher and RNGs; returns its step."""
+        state = load_state(ckpt, meta)
+        if (ckpt / "dcp").is_dir():  # sharded checkpoint (peer.distributed.checkpoint): loads on any number of ranks
+            from ..distributed.checkpoint import load_sharded
 
+            load_sharded(ckpt / "dcp", self.model, self.optimizer)
+        else:
+            load_model_weights(ckpt, self.model, meta)
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.data.batcher.load_state_dict(dpar.rebatch_state(state["batcher"], self.data.batcher))
+        restore_rng(state["rng"])
+        start = int(state["step"])
+        if self.denv.is_main:
+            _truncate_metrics(self.run_dir / "metrics.jsonl", start)
+        log.info("resumed %s at step %d", ckpt, start)
+        return start
 
-def _restore(ckpt: Path, meta: dict, model, optimizer, batcher, run_dir: Path, denv) -> int:
-    """Load a checkpoint into the model, optimizer, batcher and RNGs; returns its step."""
-    state = load_state(ckpt, meta)
-    if (ckpt / "dcp").is_dir():  # sharded checkpoint (peer.distributed.checkpoint): loads on any number of ranks
-        from ..distributed.checkpoint import load_sharded
+    def fit(self, stop_after: int | None = None) -> Path:
+        """Steps ``start .. steps``: each step's record, evaluations, checkpoints; SIGINT/SIGTERM
+        checkpoint the current step and stop (:class:`Interrupted`). ``stop_after``: stop once that
+        many steps are done, without a final checkpoint, as if killed (for resume tests)."""
+        t, steps, val = self.cfg.train, self.steps, self.data.val_batches
+        self.model.train()
+        try:
+            with StopOnSignal(enabled=not self.denv.distributed) as stop:
+                for s in range(self.start, steps):
+                    t0 = time.perf_counter()
+                    done = s + 1
+                    lr, scalars = self.stepper(s)
+                    evaluate = val is not None and ((t.eval_every and done % t.eval_every == 0) or done == steps)
+                    # the step's scalars stay on the device until a line is logged, or before an eval or a
+                    # checkpoint: then one read checks every pending step for divergence, in order
+                    record = self.metrics.step(done, t0, lr, *scalars, flush=evaluate)
+                    if evaluate:
+                        record = self.metrics.val(done, record, evaluate_loss(self.fwd, val, self.cfg, self.device))
+                    self.metrics.write(record)
+                    if done % t.ckpt_every == 0 or done == steps or stop.requested:
+                        self.metrics.flush()  # no checkpoint past a step that was not checked
+                        self.checkpointer.save(done, record)
+                    if stop.requested and done < steps:
+                        raise Interrupted(
+                            f"stopped by {stop.name} after step {done} of {steps}; checkpoint saved: "
+                            f"{self.checkpointer.last_good}; continue with: peer train {self.run_dir} --resume",
+                            stop.signum,
+                        )
+                    if stop_after is not None and done >= stop_after:
+                        break
+        except RuntimeError as e:  # a failed collective (peer died / timed out) -> peer.distributed.DistributedError
+            err = dpar.explain_failure(e, self.denv)
+            if err is e:
+                raise
+            raise err from e
+        finally:
+            self.close()
+        return self.run_dir
 
-        load_sharded(ckpt / "dcp", model, optimizer)
-    else:
-        load_model_weights(ckpt, model, meta)
-        optimizer.load_state_dict(state["optimizer"])
-    batcher.load_state_dict(dpar.rebatch_state(state["batcher"], batcher))
-    restore_rng(state["rng"])
-    start = int(state["step"])
-    if denv.is_main:
-        _truncate_metrics(run_dir / "metrics.jsonl", start)
-    log.info("resumed %s at step %d", ckpt, start)
-    return start
-
-
-def _step(fwd, optimizer, schedule, batcher, cfg: Config, device, denv, clip, s: int) -> tuple:
-    """Optimizer step ``s`` (0-based): lr, forward + backward of the micro-batches, clipping to the
-    global grad norm, update. Returns (lr, (loss, aux_loss, grad_norm)), the three as 0-dim tensors
-    that nothing here reads back (no host sync): :class:`~peer.train.parts.StepLog` checks them for
-    divergence when it reads them."""
-    lr = schedule.apply(optimizer, s)
-    loss, aux_loss = dpar.mean_over_ranks(*_forward_backward(fwd, batcher, cfg, device))
-    params, shards, max_norm = clip
-    grad_norm = (
-        dpar.clip_grad_norm(params, max_norm, shards)
-        if denv.distributed  # global norm over shards
-        else clip_grad_norm(params, max_norm)
-    )
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return lr, (loss, aux_loss, grad_norm)
+    def close(self) -> None:
+        """Close the record (metrics file, TensorBoard, bar) and leave the process group."""
+        self.metrics.close()
+        dpar.finish(self.denv)
 
 
 # --------------------------------------------------------------------------------------

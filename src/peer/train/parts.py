@@ -7,20 +7,36 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from ..config import Config, config_to_dict
+from ..config import Config, ConfigError, config_to_dict
 from ..distributed import data_parallel as dpar
 from ..errors import PeerError
+from ..model import PeerLM
 from .checkpoint import capture_rng, checkpoint_name, save_checkpoint
+from .optim import clip_grad_norm
 
-__all__ = ["StepLog", "Saver", "save_distributed", "TrainingDiverged"]
+__all__ = [
+    "TrainData",
+    "build_data",
+    "build_model",
+    "GradClipper",
+    "Stepper",
+    "StepLog",
+    "Saver",
+    "save_distributed",
+    "TrainingDiverged",
+    "autocast",
+    "forward_backward",
+]
 
 
 class TrainingDiverged(PeerError, RuntimeError):
@@ -37,6 +53,145 @@ def scalar_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+# ------------------------------------------------------------------ data
+class TrainData(NamedTuple):
+    batcher: object  # peer.data.Batcher: this rank's share of each global batch, resumable
+    val_batches: object | None  # peer.data.eval_batches over the first train.eval_batches batches of val
+
+
+def build_data(cfg: Config, denv) -> TrainData:
+    """The training batcher (this rank's share of each global batch) and the validation batches."""
+    from .. import data
+
+    t = cfg.train
+    train_tokens = _open_split(cfg, cfg.data.train_split, required=True)
+    val_tokens = _open_split(cfg, cfg.data.val_split, required=False)
+    val_batches = None
+    try:
+        if val_tokens is not None:  # the first train.eval_batches batches of the validation split, in order
+            val_batches = data.eval_batches(
+                val_tokens, t.batch_size, t.seq_len, max_tokens=t.eval_batches * t.batch_size * t.seq_len
+            )
+    except ValueError as e:
+        raise ConfigError(f"data.val_split: split {cfg.data.val_split!r} of {cfg.data.corpus!r}: {e}") from None
+    try:
+        batcher = data.Batcher(
+            train_tokens,
+            dpar.per_rank_batch(cfg, denv.world_size),
+            t.seq_len,
+            seed=t.seed,
+            rank=denv.rank,
+            world_size=denv.world_size,
+        )  # train.batch_size is global
+    except ValueError as e:
+        raise ConfigError(f"data.train_split: split {cfg.data.train_split!r} of {cfg.data.corpus!r}: {e}") from None
+    return TrainData(batcher, val_batches)
+
+
+def _open_split(cfg: Config, split: str, required: bool):
+    from .. import data
+
+    corpus = Path(cfg.data.corpus)
+    if not corpus.is_dir():
+        raise ConfigError(f"data.corpus: {str(corpus)!r} is not a directory (prepare one with `peer data prepare`)")
+    if split not in data.list_splits(corpus):
+        if required:
+            raise ConfigError(
+                f"data.train_split: corpus {str(corpus)!r} has no split {split!r} "
+                f"(it has: {', '.join(data.list_splits(corpus))})"
+            )
+        return None
+    tokens = data.open_tokens(corpus, split)
+    if len(tokens) and int(tokens.max()) >= cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: {cfg.model.vocab_size} is too small for split {split!r} of "
+            f"{str(corpus)!r}, which holds token id {int(tokens.max())}"
+        )
+    return tokens
+
+
+# ------------------------------------------------------------------ model
+def build_model(cfg: Config, denv, device: torch.device) -> tuple[PeerLM, torch.nn.Module]:
+    """The PeerLM and what to call (``fwd``: DDP-wrapped, FSDP2-sharded or the model itself)."""
+    if denv.world_size > 1 and cfg.dist.expert_parallel:
+        # meta -> shard -> allocate -> init (torchtitan's order): a rank allocates only its rows of the expert
+        # tables, initialised as the full model's (PeerLM.init_weights replays the constructor's draws, on the CPU)
+        model = PeerLM(cfg.model, device="meta")
+        dpar.shard_experts(model)
+        model.to_empty(device="cpu")
+        model.init_weights()
+        model = model.to(device)
+    else:
+        model = PeerLM(cfg.model).to(device)
+    for layer in model.sparse_layers().values():  # row-wise AdamW wants sparse row gradients (nn.Embedding style)
+        if layer.supports_sparse_grad:
+            layer.sparse_grad = bool(cfg.optim.sparse_experts)
+    return model, dpar.wrap_model(model, cfg, denv)  # DDP / FSDP2 / expert-sharded PEER; `model` on one process
+
+
+# ------------------------------------------------------------------ one step
+def autocast(cfg: Config, device: torch.device):
+    if cfg.train.dtype == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def forward_backward(model, batcher, cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``grad_accum`` micro-batches of forward + backward (loss / grad_accum); returns the mean
+    cross-entropy and the mean auxiliary loss of the micro-batches as 0-dim tensors on ``device``,
+    summed there in float64 (as Python floats were) so that nothing waits for the device."""
+    n = cfg.train.grad_accum
+    acc = scalar_dtype(device)
+    ce_sum = aux_sum = torch.zeros((), dtype=acc, device=device)
+    for i in range(n):
+        x, y = batcher.next()
+        with dpar.grad_sync(model, last=i == n - 1):  # one gradient all-reduce per step, not per micro-batch
+            with autocast(cfg, device):
+                out = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            (out.loss / n).backward()
+        aux = out.aux_loss.detach().to(acc)
+        ce_sum = ce_sum + (out.loss.detach().to(acc) - aux)
+        aux_sum = aux_sum + aux
+    return ce_sum / n, aux_sum / n
+
+
+class GradClipper:
+    """Clips every trainable gradient to one global norm (``optim.grad_clip``; 0: never clips, only
+    measures) and returns the norm before clipping as a 0-dim device tensor. Across ranks the norm
+    includes every rank's expert-table rows (:func:`peer.distributed.expert_shards`)."""
+
+    def __init__(self, model: torch.nn.Module, max_norm: float, distributed: bool):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.shards = dpar.expert_shards(model)
+        self.max_norm = max_norm if max_norm > 0 else math.inf
+        self.distributed = distributed
+
+    def __call__(self) -> torch.Tensor:
+        if self.distributed:  # global norm over shards
+            return dpar.clip_grad_norm(self.params, self.max_norm, self.shards)
+        return clip_grad_norm(self.params, self.max_norm)
+
+
+class Stepper:
+    """One optimizer step ``s`` (0-based): learning rate from the schedule, forward + backward of the
+    micro-batches, clipping to the global norm, update. Returns ``(lr, (loss, aux_loss, grad_norm))``,
+    the three as 0-dim device tensors that nothing here reads back (no host sync): :class:`StepLog`
+    checks them for divergence when it reads them."""
+
+    def __init__(self, fwd, optimizer, schedule, batcher, clipper: GradClipper, cfg: Config, device: torch.device):
+        self.fwd, self.optimizer, self.schedule, self.batcher = fwd, optimizer, schedule, batcher
+        self.clipper, self.cfg, self.device = clipper, cfg, device
+
+    def __call__(self, s: int) -> tuple[float, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        lr = self.schedule.apply(self.optimizer, s)
+        loss, aux_loss = dpar.mean_over_ranks(*forward_backward(self.fwd, self.batcher, self.cfg, self.device))
+        grad_norm = self.clipper()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr, (loss, aux_loss, grad_norm)
+
+
+# ------------------------------------------------------------------ record and checkpoints
 class StepLog:
     """The run's record: a line of ``metrics.jsonl`` every ``train.log_every`` steps (loss, lr, tokens,
     FLOPs, throughput over the training steps only, grad norm; ``val_loss`` on eval steps), the

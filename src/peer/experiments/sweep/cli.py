@@ -40,7 +40,6 @@ def add_arguments(parser) -> None:
         help="train.device of the runs (e.g. cuda; default: the sweep file's, else the config's). "
         "An execution setting, like --threads: finished runs are reused whatever device they ran on",
     )
-    parser.add_argument("--into", metavar="DOC", help="plot: also refresh DOC's <!-- sweep NAME:KEY --> blocks")
     parser.add_argument("--metric-set", default="val", help="evaluation set that picks compute-optimal models")
 
 
@@ -64,8 +63,6 @@ def run(args) -> int:
             raise UsageError(f"peer sweep {action}: a sweep TOML file is required")
     else:
         action, file = "run", args.action_or_file
-    if getattr(args, "into", None) and action != "plot":
-        raise UsageError("--into goes with 'peer sweep plot'")
     spec = load_sweep(file)
     if args.parallel:
         spec.parallel = args.parallel
@@ -87,7 +84,7 @@ def run(args) -> int:
         except RunsFailed:
             report(spec, args.metric_set)  # what did finish, then the error line (exit 2)
             raise
-    return report(spec, args.metric_set, into=args.into)
+    return report(spec, args.metric_set)
 
 
 def print_next(spec, metric_set: str = "val") -> int:
@@ -95,9 +92,9 @@ def print_next(spec, metric_set: str = "val") -> int:
     the planned size beyond each edge, and seeds 1 and 2 at each bracketed optimum and its two neighbours (the
     sweep file must list those seeds); a variant planned at one size (an ablation arm) gets every seed of the
     sweep file. Run them and ask again until it prints no run."""
-    from .gaps import next_runs
     from .plan import budget_label, plan, run_id
     from .runner import collect
+    from .select import next_runs
 
     sizes: dict = {}
     for r in plan(spec):
@@ -125,11 +122,14 @@ def print_next(spec, metric_set: str = "val") -> int:
     return 0
 
 
-def report(spec, metric_set: str = "val", into: str | None = None) -> int:
-    """Write Fig. 1 and the gap plot (PNG), the tables (Markdown) and the results CSV/JSON under the sweep root;
-    print the tables; with ``into``, also refresh that document's marked blocks (see :mod:`.report`)."""
-    from .report import report_markdown, report_sections, splice_into
+def report(spec, metric_set: str = "val") -> int:
+    """Write Fig. 1 (PNG), the tables (Markdown: Table 1, each variant at its best size, every point) and the
+    results CSV/JSON under the sweep root; print the tables. (The project's longer report, with PEER's gaps
+    and their trend, spliced into docs/, is ``python -m studies.report`` in the repository, outside the package.)"""
+    from .analysis import ablation_markdown, points_markdown, table1_markdown
+    from .plots import isoflop_figure
     from .runner import collect, write_tables
+    from .select import headline_results
 
     results = collect(spec)
     if not results:
@@ -137,13 +137,20 @@ def report(spec, metric_set: str = "val", into: str | None = None) -> int:
         return 1
     write_tables(spec, results)
     root: Path = spec.root
+    headline = headline_results(results, metric_set)
+    isoflop_figure(headline, root / f"{spec.name}.png", metric_set=metric_set)
+    text = "\n".join(
+        [
+            f"# {spec.name}: compute-optimal perplexity per budget\n",
+            table1_markdown(headline, metric_set).strip() + "\n",
+            "## Per variant (best size)\n",
+            ablation_markdown(results, metric_set).strip() + "\n",
+            "## Every point (bold: compute-optimal size of its variant)\n",
+            points_markdown(results, metric_set).strip() + "\n",
+        ]
+    )
     md = root / f"{spec.name}_tables.md"
-    sections = report_sections(spec, results, metric_set)
-    text = report_markdown(spec.name, sections)
     atomic_write_text(md, text)
     print(text)
     print(f"wrote {root / (spec.name + '.png')}, {md}, {root / (spec.name + '_results.csv')}")
-    if into:
-        keys = splice_into(into, spec.name, sections)
-        print(f"refreshed {len(keys)} blocks in {into}: {', '.join(keys)}")
     return 0

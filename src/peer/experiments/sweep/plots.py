@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from .analysis import aggregate, compute_optimal
-from .gaps import METHODS, gap_trend, gaps, method_of
+from .select import METHODS, method_of
 
-__all__ = ["isoflop_figure", "gap_figure"]
+__all__ = ["isoflop_figure"]
 
 _MARKERS = {"dense": "o", "moe": "s", "pkm": "^", "peer": "D"}
 
@@ -70,57 +70,3 @@ def isoflop_figure(results: list[dict], out: Path, metric_set: str = "val", x: s
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return {f"{v}@{b:g}": pts for (b, v), pts in series.items()}
-
-
-def gap_figure(
-    results: list[dict],
-    out: Path,
-    method: str = "peer",
-    others: tuple[str, ...] = ("dense", "moe"),
-    metric_set: str = "val",
-) -> dict:
-    """PEER's gap to each other method (nats of ``metric_set``, ± one standard error over seeds) against
-    the budget, with the fitted trend line. Returns {other: [(budget, gap, se)]} for checking."""
-    import math
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = gaps(results, method, others, metric_set)
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    series = {}
-    for other in others:
-        sub = [r for r in rows if r["other"] == other]
-        if not sub:
-            continue
-        pts = [(r["budget"], r["gap"], r["se"]) for r in sub]
-        series[other] = pts
-        xs, ys, ses = zip(*pts, strict=True)
-        yerr = [s if math.isfinite(s) else 0.0 for s in ses]
-        line = ax.errorbar(xs, ys, yerr=yerr if any(yerr) else None, fmt="o", capsize=3, label=f"{method} - {other}")
-        t = gap_trend(sub)
-        if t is not None:
-            lo, hi = math.log10(min(xs)), math.log10(max(xs))
-            gx = [10 ** (lo + (hi - lo) * i / 20) for i in range(21)]
-            ax.plot(
-                gx,
-                [t["intercept"] + t["slope"] * math.log10(g) for g in gx],
-                "--",
-                color=line[0].get_color(),
-                alpha=0.7,
-                label=f"trend {t['slope']:+.3f} / decade",
-            )
-    ax.axhline(0.0, color="k", lw=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel("training FLOPs")
-    ax.set_ylabel(f"ln ppl gap ({metric_set}), nats")
-    ax.set_title(f"{method} vs the others at each budget's optimum (< 0: {method} better)", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return series

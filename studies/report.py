@@ -1,10 +1,17 @@
-"""``peer sweep plot``'s report: Fig. 1 and the gap plot (PNG), the tables (Markdown), and, with ``--into DOC``,
-the same tables spliced into a hand-written document between markers, so a report page cannot go stale.
+"""The project's study report (not installed with ``peer``): Fig. 1 and the gap plot (PNG), every table
+(Markdown: PEER's gaps and their trend, each method's best recipe per size, wall time, CPU-vs-GPU seeds), and,
+with ``--into DOC``, the same tables spliced into a hand-written document between markers, so a report page
+cannot go stale::
+
+    python -m studies.report configs/isoflop_redo.toml --into docs/reproduction.md
+
+(``peer sweep`` itself writes the tables a user of the library needs: Fig. 1, Table 1, the variants and
+every point; see :func:`peer.experiments.sweep.cli.report`.)
 
 A document marks each generated block with a pair of HTML comments (invisible when rendered)::
 
     <!-- sweep isoflop_redo:table1 -->
-    ...replaced on every `peer sweep plot FILE --into DOC`...
+    ...replaced on every `python -m studies.report FILE --into DOC`...
     <!-- /sweep isoflop_redo:table1 -->
 
 The name is the sweep's, the key one of :data:`SECTIONS`. Everything outside the markers is left as it is.
@@ -17,8 +24,23 @@ import math
 import re
 from pathlib import Path
 
-from ...errors import UsageError
-from ...fsutil import atomic_write_text
+from peer.errors import PeerError, UsageError
+from peer.experiments.sweep.analysis import (
+    ablation_markdown,
+    aggregate,
+    compute_optimal,
+    fmt_ppl,
+    method_ordering,
+    points_markdown,
+    table1_markdown,
+)
+from peer.experiments.sweep.plan import budget_label
+from peer.experiments.sweep.plots import isoflop_figure
+from peer.experiments.sweep.select import METHODS, best_recipe_results, best_recipes, headline_results, method_of
+from peer.fsutil import atomic_write_text
+from peer.metrics import mean_std
+
+from .gaps import gap_figure, gaps, gaps_markdown
 
 SECTIONS = ("summary", "table1", "sizes", "variants", "gaps", "ordering", "points", "wall", "hardware")
 _TITLES = {
@@ -41,7 +63,6 @@ def _on_gpu(r: dict) -> bool:
 def wall_markdown(results: list[dict], parallel: int) -> str:
     """Per budget and hardware (a study may run on several machines): runs, summed training time, and the
     wall time at ``parallel`` runs side by side. Runs from before ``hardware`` was recorded count as CPU."""
-    from .plan import budget_label
 
     secs: dict = collections.defaultdict(float)
     runs: collections.Counter = collections.Counter()
@@ -70,8 +91,6 @@ def hardware_markdown(results: list[dict], metric_set: str = "val") -> str | Non
     as CPU seeds lying on one side of their point's GPU seeds. Per point with seeds on both: each seed's
     ``metric_set`` perplexity by machine and each CPU seed's gap in nats (ln ppl minus the mean ln ppl of the
     point's GPU seeds); last, all those gaps' mean ± standard error. ``None`` when no point is mixed."""
-    from .gaps import _mean_sd
-    from .plan import budget_label
 
     groups: dict[tuple, list[dict]] = collections.defaultdict(list)
     for r in results:
@@ -94,7 +113,7 @@ def hardware_markdown(results: list[dict], metric_set: str = "val") -> str | Non
         )
     if not rows:
         return None
-    mean, sd = _mean_sd(diffs)
+    mean, sd = mean_std(diffs)[:2]
     se = sd / math.sqrt(len(diffs))
     return "\n".join(
         [
@@ -112,9 +131,6 @@ def sizes_markdown(results: list[dict], metric_set: str = "val") -> str:
     """One row per (budget, method): its best recipe's ``metric_set`` perplexity (mean ± std (seeds)) at every size
     run, the compute-optimal one in bold, so that a reader sees the optimum bracketed and how many seeds each
     neighbour has. Columns are the sizes any row has, smallest model first."""
-    from .analysis import aggregate, fmt_ppl
-    from .gaps import METHODS, best_recipe_results, best_recipes
-    from .plan import budget_label
 
     best = best_recipes(results, metric_set)
     points = {
@@ -144,9 +160,6 @@ def summary_markdown(results: list[dict], method: str, others: tuple[str, ...], 
     """One row per budget: each method's best recipe at its compute-optimal size (``metric_set`` perplexity,
     the seed mean, its recipe and size), then ``method``'s lead over each other method in nats ± its standard
     error (a lead is positive when ``method`` is better; ``n/a``: a side has one seed)."""
-    from .analysis import fmt_ppl
-    from .gaps import best_recipes, gaps
-    from .plan import budget_label
 
     best = best_recipes(results, metric_set)
     lead = {(g["budget"], g["other"]): g for g in gaps(results, method, others, metric_set)}
@@ -172,10 +185,6 @@ def summary_markdown(results: list[dict], method: str, others: tuple[str, ...], 
 def report_sections(spec, results: list[dict], metric_set: str = "val") -> dict[str, str]:
     """The report's Markdown blocks by key (:data:`SECTIONS`); ``gaps`` only when the sweep has PEER and dense or MoE.
     Writes the figures under the sweep root as a side effect."""
-    from .analysis import ablation_markdown, compute_optimal, fmt_ppl, method_ordering, points_markdown, table1_markdown
-    from .gaps import METHODS, best_recipe_results, gaps_markdown, headline_results, method_of
-    from .plan import budget_label
-    from .plots import gap_figure, isoflop_figure
 
     root: Path = spec.root
     headline = headline_results(results, metric_set)
@@ -268,3 +277,42 @@ def splice_into(path: str | Path, name: str, sections: dict[str, str]) -> list[s
     if text != doc:
         atomic_write_text(path, text)
     return replaced
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m studies.report SWEEP.toml [--into DOC] [--metric-set val]``."""
+    import argparse
+    import sys
+
+    from peer.experiments.sweep.plan import load_sweep
+    from peer.experiments.sweep.runner import collect, write_tables
+
+    parser = argparse.ArgumentParser(prog="python -m studies.report", description=__doc__.split("\n")[0])
+    parser.add_argument("sweep", help="the sweep TOML file")
+    parser.add_argument("--into", metavar="DOC", help="refresh DOC's <!-- sweep NAME:KEY --> blocks")
+    parser.add_argument("--metric-set", default="val", help="evaluation set that picks compute-optimal models")
+    args = parser.parse_args(argv)
+    try:
+        spec = load_sweep(args.sweep)
+        results = collect(spec)
+        if not results:
+            print(f"no finished runs under {spec.root}")
+            return 1
+        write_tables(spec, results)
+        sections = report_sections(spec, results, args.metric_set)
+        text = report_markdown(spec.name, sections)
+        md = spec.root / f"{spec.name}_tables.md"
+        atomic_write_text(md, text)
+        print(text)
+        print(f"wrote {spec.root / (spec.name + '.png')}, {md}, {spec.root / (spec.name + '_results.csv')}")
+        if args.into:
+            keys = splice_into(args.into, spec.name, sections)
+            print(f"refreshed {len(keys)} blocks in {args.into}: {', '.join(keys)}")
+    except (PeerError, FileNotFoundError) as e:
+        print(f"studies.report: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
