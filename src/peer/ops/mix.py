@@ -35,7 +35,7 @@ product and sum accumulates in fp32; the table gradients are rounded to bf16 at 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor
@@ -46,9 +46,58 @@ from . import cpu, torch_engine
 from . import triton as triton_engine
 from .workspace import WORKSPACE
 
-__all__ = ["fused_mix", "ENGINES"]
+__all__ = ["fused_mix", "ENGINES", "MixEngine"]
 
-ENGINES = {"cpp": cpu, "torch": torch_engine, "triton": triton_engine}
+Triples = Sequence[tuple[Tensor, Tensor, Tensor] | None]
+
+
+class MixEngine(Protocol):
+    """What an engine of the fused expert mix provides (:mod:`peer.ops.cpu`, :mod:`peer.ops.torch_engine`,
+    :mod:`peer.ops.triton`, each a module with these functions; mypy checks each against this)."""
+
+    def forward(
+        self,
+        x: Tensor,
+        g: Tensor,
+        idx: Tensor,
+        u: Tensor,
+        v: Tensor,
+        w: Tensor | None,
+        y: Tensor,
+        h: Tensor,
+        hg: Tensor | None,
+        gelu: bool,
+        /,
+    ) -> None: ...
+
+    def backward(
+        self,
+        x: Tensor,
+        dy: Tensor,
+        g: Tensor,
+        idx: Tensor,
+        u: Tensor,
+        v: Tensor,
+        w: Tensor | None,
+        h: Tensor,
+        hg: Tensor | None,
+        dx: Tensor | None,
+        dg: Tensor,
+        cu: Tensor,
+        cv: Tensor,
+        cw: Tensor | None,
+        gelu: bool,
+        /,
+    ) -> None: ...
+
+    def sort_pairs(self, idx: Tensor, num_experts: int, /) -> tuple[Tensor, Tensor, Tensor]: ...
+
+    def table_grads(
+        self, perm: Tensor, offsets: Tensor, m: int, triples: Triples, out_rows: Tensor | None = None, /
+    ) -> None: ...
+
+
+ENGINES: dict[str, MixEngine] = {"cpp": cpu, "torch": torch_engine, "triton": triton_engine}
 _EMPTY = (0,)
 
 
@@ -189,7 +238,7 @@ def _coefficients(
 
 
 def _block(
-    eng: Any, table: Tensor, src: Tensor, coef: Tensor, perm: Tensor, offsets: Tensor, m: int, rows: Tensor
+    eng: MixEngine, table: Tensor, src: Tensor, coef: Tensor, perm: Tensor, offsets: Tensor, m: int, rows: Tensor
 ) -> Tensor:
     """Gradient rows [U, d] of ``table`` (in src's dtype) in a recycled buffer."""
     block: Tensor = WORKSPACE.take(table, "block", (rows.numel(), src.shape[1]), src.dtype, slack=1.1)
@@ -198,7 +247,7 @@ def _block(
 
 
 def _dense_grads(
-    eng: Any, tables: Sequence[Tensor], wanted: Sequence[tuple[Tensor, Tensor] | None], idx: Tensor
+    eng: MixEngine, tables: Sequence[Tensor], wanted: Sequence[tuple[Tensor, Tensor] | None], idx: Tensor
 ) -> list[Tensor | None]:
     """Dense [N, d] gradients (recycled buffers, zero except the retrieved rows) of the wanted tables."""
     out: list[Tensor | None] = [None] * len(tables)
@@ -206,21 +255,22 @@ def _dense_grads(
         return out
     m = idx.shape[1]
     if eng is triton_engine:  # no host sync on the GPU: never asks how many distinct rows there are
-        out = [
-            None if w is None else WORKSPACE.take(t, "dense", t.shape, t.dtype, zero=True)
-            for t, w in zip(tables, wanted, strict=True)
-        ]
-        eng.dense_table_grads(
-            idx, m, [None if w is None else (w[0], w[1], g) for w, g in zip(wanted, out, strict=True)]
+        dense = {
+            k: WORKSPACE.take(t, "dense", t.shape, t.dtype, zero=True)
+            for k, (t, w) in enumerate(zip(tables, wanted, strict=True))
+            if w is not None
+        }
+        triton_engine.dense_table_grads(
+            idx, m, [None if w is None else (w[0], w[1], dense[k]) for k, w in enumerate(wanted)]
         )
-        return out
+        return [dense.get(k) for k in range(len(tables))]
     rows, perm, offsets = eng.sort_pairs(idx, tables[0].shape[0])
     for k, (table, w) in enumerate(zip(tables, wanted, strict=True)):
         if w is None:
             continue
         grad = WORKSPACE.take(table, "dense", table.shape, table.dtype, zero=True)
         if table.dtype == w[0].dtype:  # rows straight into the dense gradient
-            eng.table_grads(perm, offsets, m, [(w[0], w[1], grad)], out_rows=rows)
+            eng.table_grads(perm, offsets, m, [(w[0], w[1], grad)], rows)
         else:
             grad.index_copy_(0, rows, _block(eng, table, w[0], w[1], perm, offsets, m, rows).to(table.dtype))
         out[k] = grad
@@ -228,7 +278,7 @@ def _dense_grads(
 
 
 def _row_grads(
-    eng: Any, tables: Sequence[Tensor], wanted: Sequence[tuple[Tensor, Tensor] | None], idx: Tensor
+    eng: MixEngine, tables: Sequence[Tensor], wanted: Sequence[tuple[Tensor, Tensor] | None], idx: Tensor
 ) -> tuple[Tensor, list[Tensor | None]]:
     """(rows [U] ascending, then per table its gradient rows [U, d] in the table's dtype or None)."""
     m = idx.shape[1]
