@@ -375,3 +375,29 @@ def test_eval_refuses_a_corpus_rebuilt_since_training(trained, tmp_path):
     (copy / "tokenizer.json").write_text((corpus / "tokenizer.json").read_text().replace("nation", "nat1on"))
     with pytest.raises(ValueError, match="rebuilt since training"):
         evaluate(copy, max_batches=1)
+
+
+def test_eval_reports_the_knowledge_of_a_facts_file(trained, tmp_path, capsys):
+    from peer.cli import main
+
+    run, _ = trained
+    probes = [
+        {"id": "a", "relation": "r1", "prefix": "The capital of France is ", "value": "Paris", "candidates": 200},
+        {"id": "b", "relation": "r2", "prefix": "Peace and ", "value": "trade", "candidates": 50},
+    ]
+    (tmp_path / "facts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in probes))
+    args = ["eval", str(run), "--json", "--batches", "1", "--facts", str(tmp_path), "--plot-dir", str(tmp_path)]
+    assert main(args) == 0
+    k = json.loads(capsys.readouterr().out)["knowledge"]
+    assert k["facts"] == 2 and set(k["relations"]) == {"r1", "r2"} and 0 <= k["recall"] <= 1
+    assert 0 <= k["bits"] <= k["bits_available"] == pytest.approx(math.log2(200) + math.log2(50))
+    assert k["value_nats_per_token"] > 0 and k["bits_per_param"] == pytest.approx(k["bits"] / _params(run))
+    assert main(["eval", str(run), "--facts", str(tmp_path / "nope")]) == 2
+    assert "no facts.jsonl" in capsys.readouterr().err
+
+
+def _params(run):
+    from peer.flops import count_params
+    from peer.train import load_run
+
+    return count_params(load_run(run)[1].model).total

@@ -162,6 +162,8 @@ def evaluate(
     replace_errors: bool = False,
     progress: bool = False,
     test: bool = False,
+    facts: str | Path | None = None,
+    max_facts: int | None = None,
 ) -> dict:
     """Evaluate a run (or checkpoint) on its corpus's evaluation splits and on ``texts``; ``test=True``
     adds the held-out ``test_*`` splits (a final comparison only: nothing may be chosen on them).
@@ -170,6 +172,8 @@ def evaluate(
     ``seq_len``, ``sets`` ({name: {kind, tokens, windows, nll, loss, perplexity}}), and ``experts``
     ({layer: {experts, used, usage, unevenness, set, by_set}}) measured on the validation split.
     ``plot_dir`` writes ``expert_usage.png`` there (``experts[layer]["plot"]`` holds its path).
+    ``facts`` (a facts corpus or its facts.jsonl, :mod:`peer.data.facts`) adds ``knowledge``: recall, value
+    loss and bits stored (:mod:`peer.knowledge`), over its first ``max_facts`` probes if given.
     """
     from .data import eval_splits, open_tokens
     from .flops import count_params, flops
@@ -182,6 +186,11 @@ def evaluate(
         model, cfg, meta = model_and_cfg
     if max_batches is not None and max_batches <= 0:
         raise UsageError(f"--batches: must be positive, got {max_batches}")
+    probes = None
+    if facts is not None:  # read before any evaluation: a bad file fails at once
+        from .knowledge import load_probes
+
+        probes = load_probes(facts, max_facts)
     model.eval()
     T, B = cfg.train.seq_len, cfg.train.batch_size
     text_sets = _set_names(texts)
@@ -199,7 +208,7 @@ def evaluate(
         sets += [(s, "split", s) for s in splits]
     elif not text_sets:
         raise UsageError("--corpus none: give --text files to evaluate")
-    tokenizer = run_tokenizer(run_path, cfg) if text_sets else None
+    tokenizer = run_tokenizer(run_path, cfg) if text_sets or probes is not None else None
     sets += [(name, "text", p) for name, p in text_sets]
 
     layers = _usage_layers(model)
@@ -239,6 +248,15 @@ def evaluate(
         "sets": report_sets,
         "experts": {},
     }
+    if probes is not None:
+        from .knowledge import knowledge_report, score_facts
+
+        scores = score_facts(model, tokenizer, probes, batch_size=B)
+        train_flops = meta.get("flops") if isinstance(meta, dict) else None
+        report["knowledge"] = {
+            "facts_file": str(facts),
+            **knowledge_report(scores, probes, int(params.total), train_flops),
+        }
     for lname in layers:
         w = val_usage.get(lname)
         entry = {**usage_stats(w), "set": cfg.data.val_split} if w is not None else {"set": None}
@@ -277,6 +295,15 @@ def format_report(report: dict) -> str:
             lines.append(f"  {sname:<26} usage {100 * s['usage']:6.2f}%  unevenness {s['unevenness']:.4f}")
         if "plot" in e:
             lines.append(f"  plot: {e['plot']}")
+    if "knowledge" in report:
+        k = report["knowledge"]
+        lines.append(
+            f"facts ({k['facts_file']}): {k['facts']:,} probes, recall {100 * k['recall']:.1f}%, value loss "
+            f"{k['value_nats_per_token']:.3f} nats/token, bits stored {k['bits']:,.0f} of {k['bits_available']:,.0f} "
+            f"({k['bits_per_param']:.3g} per parameter)"
+        )
+        for rel, r in k["relations"].items():
+            lines.append(f"  {rel:<20} {r['facts']:>8,} facts  recall {100 * r['recall']:5.1f}%  bits {r['bits']:,.0f}")
     return "\n".join(lines)
 
 
@@ -305,6 +332,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-progress", action="store_true", help="no progress bar (default: one when stderr is a terminal)"
     )
     parser.add_argument(
+        "--facts", default=None, metavar="DIR", help="a facts corpus (peer data facts): recall and bits stored"
+    )
+    parser.add_argument("--max-facts", type=int, default=None, help="with --facts: only the first N probes")
+    parser.add_argument(
         "--test",
         action="store_true",
         help="also score the held-out test_* splits (for a final, pre-registered comparison only: "
@@ -326,6 +357,8 @@ def run(args: argparse.Namespace) -> int:
         replace_errors=args.replace_errors,
         progress=not args.no_progress and sys.stderr.isatty(),
         test=args.test,
+        facts=args.facts,
+        max_facts=args.max_facts,
     )
     if args.json:
         json.dump(_jsonable(report), sys.stdout)

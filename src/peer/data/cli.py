@@ -4,6 +4,8 @@ peer data prepare [--out data/starter] [--cache data/cache] [--vocab-size 8192]
                   [--sources sotu,brown,shakespeare,pydoc,moby_dick] [--tokenizer PATH] [--force]
 peer data tokenize INPUT... --out DIR [--tokenizer PATH] [--vocab-size N] [--text-field text]
                   [--replace-errors] [--val-fraction 0.1] [--min-tokens 1024] [--max-docs N]
+peer data facts [--out data/facts] [--num-facts 100000] [--seed 0] [--sources unicode,geonames,iso]
+                [--tokenizer data/starter] [--repeats 3]
 peer data info [DIR]
 """
 
@@ -47,6 +49,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--max-docs", type=int, default=None, help="read at most this many documents")
     t.add_argument("--overwrite", action="store_true", help="replace a corpus already at --out")
 
+    f = sub.add_parser("facts", help="a corpus of real facts for the knowledge-capacity study (peer.data.facts)")
+    f.add_argument("--out", default="data/facts", help="corpus directory (default: data/facts)")
+    f.add_argument("--cache", default="data/cache", help="where downloaded wheels are kept (default: data/cache)")
+    f.add_argument("--num-facts", type=int, default=100_000, help="facts to draw from the pool (default: 100000)")
+    f.add_argument("--seed", type=int, default=0, help="which facts, which templates, which order")
+    f.add_argument("--sources", default="unicode,geonames,iso", help="comma-separated: unicode, geonames, iso")
+    f.add_argument("--tokenizer", default=None, help="share this tokenizer.json or corpus's (e.g. data/starter)")
+    f.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary when training one (default: 8192)")
+    f.add_argument("--repeats", type=int, default=3, help="statements per fact in train (default: 3)")
+
     i = sub.add_parser("info", help="splits, documents and token counts of a corpus directory")
     i.add_argument("dir", nargs="?", default="data/starter")
 
@@ -57,6 +69,19 @@ def run(args: argparse.Namespace) -> int:
         from .corpus import prepare
 
         prepare(args.out, args.cache, args.vocab_size, args.sources, args.tokenizer, args.force)
+    elif args.action == "facts":
+        from .facts import build_facts_corpus
+
+        build_facts_corpus(
+            args.out,
+            args.cache,
+            args.num_facts,
+            args.seed,
+            [x.strip() for x in args.sources.split(",") if x.strip()],
+            args.tokenizer,
+            args.vocab_size,
+            args.repeats,
+        )
     elif args.action == "tokenize":
         from .userdata import build_corpus
 

