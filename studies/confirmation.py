@@ -1,0 +1,140 @@
+"""Stage 3 of the confirmation study (docs/confirmation.md, pre-registered): the report.
+
+For every finished run of the final sweep (``results/confirm/final/<budget>/<method>/<size>/seed<S>``),
+every token of ``val``, every ``eval_*`` split and both ``test_*`` splits is scored once
+(``peer.eval.evaluate(run, test=True)``, all batches; kept as ``eval_full.json`` in the run folder).
+Then, per budget and split: each method's mean ± std of the loss (nats per token, = ln perplexity) over
+its seeds, and its gap to PEER, ``method - PEER`` (> 0: PEER lower), with the standard error
+``sqrt(s_m^2 / n_m + s_PEER^2 / n_PEER)``, Welch's degrees of freedom and the 95 % interval
+``gap ± t_{0.975, dof} * se`` (scipy's Student t). A method counts as beaten on a split when the gap
+exceeds 2 standard errors (the protocol's rule). Written to ``summary.json`` (which ``peer main``
+prints beside its one-seed table) and ``summary.md``::
+
+    python -m studies.confirmation [--root results/confirm/final]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from peer.fsutil import atomic_write_text
+
+__all__ = ["gap_stats", "summarize", "summary_markdown", "main", "FULL_EVAL"]
+
+FULL_EVAL = "eval_full.json"
+HEADLINE_SPLITS = ("val", "test_sotu")  # the in-domain splits the claim is judged on
+
+
+def gap_stats(method: Sequence[float], peer: Sequence[float]) -> dict:
+    """Gap ``mean(method) - mean(peer)`` with its standard error, Welch dof and 95 % interval; NaN where a
+    side has fewer than two seeds (no spread to estimate)."""
+    from scipy import stats
+
+    a, b = np.asarray(method, dtype=np.float64), np.asarray(peer, dtype=np.float64)
+    gap = float(a.mean() - b.mean())
+    if len(a) < 2 or len(b) < 2:
+        return {"gap": gap, "se": math.nan, "dof": math.nan, "ci95": [math.nan, math.nan], "peer_better_by_2se": False}
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if va + vb > 0 else math.inf
+    half = float(stats.t.ppf(0.975, dof)) * se if se > 0 else 0.0
+    return {"gap": gap, "se": se, "dof": dof, "ci95": [gap - half, gap + half], "peer_better_by_2se": gap > 2 * se}
+
+
+def summarize(rows: Sequence[dict]) -> dict:
+    """``rows``: {"budget": float, "method": str, "seed": int, "loss": {split: nats}} -> the summary (module
+    docstring): {"budgets": {label: {split: {"methods": {m: {mean, std, n, seeds}}, "gaps": {m: gap_stats}}}}}."""
+    from peer.experiments.sweep.plan import budget_label
+
+    out: dict = {"budgets": {}}
+    for budget in sorted({r["budget"] for r in rows}):
+        at = [r for r in rows if r["budget"] == budget]
+        splits = sorted({s for r in at for s in r["loss"]}, key=lambda s: (s not in HEADLINE_SPLITS, s))
+        per_split = {}
+        for split in splits:
+            losses: dict[str, list[float]] = {}
+            seeds: dict[str, list[int]] = {}
+            for r in sorted(at, key=lambda r: (r["method"], r["seed"])):
+                if split in r["loss"]:
+                    losses.setdefault(r["method"], []).append(r["loss"][split])
+                    seeds.setdefault(r["method"], []).append(r["seed"])
+            methods = {
+                m: {
+                    "mean": float(np.mean(v)),
+                    "std": float(np.std(v, ddof=1)) if len(v) > 1 else math.nan,
+                    "n": len(v),
+                    "seeds": seeds[m],
+                }
+                for m, v in losses.items()
+            }
+            gaps = {m: gap_stats(v, losses["peer"]) for m, v in losses.items() if m != "peer" and "peer" in losses}
+            per_split[split] = {"methods": methods, "gaps": gaps}
+        out["budgets"][budget_label(budget)] = per_split
+    return out
+
+
+def summary_markdown(summary: dict) -> str:
+    lines = ["# The confirmation study: PEER against each method's tuned recipe (docs/confirmation.md)", ""]
+    for budget, splits in summary["budgets"].items():
+        lines += [
+            f"## {budget} training FLOPs",
+            "",
+            "| split | method | loss (mean ± std, n) | gap to PEER (method − PEER) | 95 % interval | PEER lower by > 2 se |",
+            "|---|---|---|---|---|---|",
+        ]
+        for split, entry in splits.items():
+            for m, s in entry["methods"].items():
+                g = entry["gaps"].get(m)
+                gap = f"{g['gap']:+.4f} ± {g['se']:.4f}" if g else "—"
+                ci = f"[{g['ci95'][0]:+.4f}, {g['ci95'][1]:+.4f}]" if g else "—"
+                won = ("yes" if g["peer_better_by_2se"] else "no") if g else "—"
+                lines.append(f"| {split} | {m} | {s['mean']:.4f} ± {s['std']:.4f} ({s['n']}) | {gap} | {ci} | {won} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _full_eval(run_dir: Path) -> dict:
+    """Every token of every split (test_* included) of one run, computed once and kept in the run folder."""
+    from peer.eval import evaluate
+
+    path = run_dir / FULL_EVAL
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    rep = evaluate(run_dir, test=True, max_batches=None, plot_dir=None)
+    keep = {"step": rep["step"], "loss": {s: v["loss"] for s, v in rep["sets"].items()}}
+    atomic_write_text(path, json.dumps(keep, indent=1) + "\n")
+    return keep
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from peer.experiments.sweep.select import method_of
+
+    parser = argparse.ArgumentParser(prog="python -m studies.confirmation", description=__doc__.split("\n")[0])
+    parser.add_argument("--root", default="results/confirm/final", help="the final sweep's results")
+    args = parser.parse_args(argv)
+    root = Path(args.root)
+    rows = []
+    for result in sorted(root.glob("*/*/*/seed*/result.json")):
+        r = json.loads(result.read_text(encoding="utf-8"))
+        full = _full_eval(result.parent)
+        rows.append({"budget": r["budget"], "method": method_of(r["variant"]), "seed": r["seed"], "loss": full["loss"]})
+    if not rows:
+        print(f"no finished runs under {root}")
+        return 1
+    summary = summarize(rows)
+    atomic_write_text(root / "summary.json", json.dumps(summary, indent=1) + "\n")
+    text = summary_markdown(summary)
+    atomic_write_text(root / "summary.md", text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
