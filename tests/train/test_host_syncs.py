@@ -150,3 +150,29 @@ def test_nan_between_log_lines_names_its_step_and_keeps_the_last_good_checkpoint
     assert err.value.step == 5
     # step 8's checkpoint is not written: the read before it finds step 5's NaN
     assert [p.name for p in list_checkpoints(cfg.train.out_dir)] == ["step_0000004"]
+
+
+def test_the_distributed_clipping_reads_nothing_back_and_equals_torchs():
+    """The multi-rank clipping (peer.distributed.data_parallel.clip_grad_norm, here on one process) keeps its
+    norm and coefficient on the device (it read them back with float() before) and clips as torch does."""
+    from peer.distributed import data_parallel as dpar
+
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+    grads = [torch.randn(5, 3) * 4 for _ in ps]
+    for p, g in zip(ps, grads, strict=True):
+        p.grad = g.clone()
+    with SyncWatch() as watch:
+        norm = dpar.clip_grad_norm(ps, 1.0, shards=ps[2:])
+    assert watch.seen == [] and isinstance(norm, torch.Tensor)
+    ref = [torch.nn.Parameter(torch.zeros(5, 3)) for _ in ps]
+    for p, g in zip(ref, grads, strict=True):
+        p.grad = g.clone()
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+    assert float(norm) == pytest.approx(float(ref_norm), rel=1e-6)
+    for p, r in zip(ps, ref, strict=True):
+        torch.testing.assert_close(p.grad, r.grad)
+    for p in ps:  # a non-finite norm clips nothing (the step's record stops the run)
+        p.grad = torch.full((5, 3), float("nan"))
+    assert not torch.isfinite(dpar.clip_grad_norm(ps, 1.0))
+    assert torch.isnan(ps[0].grad).all()

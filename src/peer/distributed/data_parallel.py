@@ -158,11 +158,13 @@ def _comm_device() -> torch.device:
     return torch.device(env.device) if env.backend == "nccl" else torch.device("cpu")
 
 
-def _sq_norms(params, shards) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sums of squared gradient entries: (replicated, sharded-local); ``shards``: ids of row-sharded params."""
+def _sq_norms(params, shards, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums of squared gradient entries, float64 0-dim tensors on ``device``: (replicated, sharded-local);
+    ``shards``: ids of row-sharded params. Nothing is read back to the host."""
     from torch.distributed.tensor import DTensor
 
-    rep, shard = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    rep = torch.zeros((), dtype=torch.float64, device=device)
+    shard = torch.zeros((), dtype=torch.float64, device=device)
     for p in params:
         g = p.grad
         if g is None:
@@ -170,36 +172,39 @@ def _sq_norms(params, shards) -> tuple[torch.Tensor, torch.Tensor]:
         if g.is_sparse:  # row gradients of peer.train.sparse_optim
             g = g.coalesce().values()
         if isinstance(g, DTensor):
-            local = g.to_local().detach().float().pow(2).sum().double().cpu()
+            local = g.to_local().detach().float().pow(2).sum().double().to(device)
             if all(pl.is_shard() for pl in g.placements):
                 shard += local
             else:
                 rep += local
         elif id(p) in shards:
-            shard += g.detach().float().pow(2).sum().double().cpu()
+            shard += g.detach().float().pow(2).sum().double().to(device)
         else:
-            rep += g.detach().float().pow(2).sum().double().cpu()
+            rep += g.detach().float().pow(2).sum().double().to(device)
     return rep, shard
 
 
-def clip_grad_norm(params, max_norm: float, shards=()) -> float:
+def clip_grad_norm(params, max_norm: float, shards=()) -> torch.Tensor:
     """Clip to the GLOBAL grad norm ``sqrt(sum of squares over every parameter on every rank)``.
 
     Replicated gradients (DDP, after its average) count once; sharded ones (expert rows,
     FSDP shards) are summed over ranks with one all-reduce. Same result as
-    ``torch.nn.utils.clip_grad_norm_`` on the unsharded model; returns the norm before clipping.
-    ``shards``: the expert-sharded parameters (:func:`expert_shards` of the model).
+    ``torch.nn.utils.clip_grad_norm_`` on the unsharded model; returns the norm before clipping as a
+    float64 0-dim tensor. No host sync: the clipping coefficient stays on the device (a non-finite norm
+    clips nothing: the step's record then stops the run). ``shards``: the expert-sharded parameters
+    (:func:`expert_shards` of the model).
     """
     params = [p for p in params if p.grad is not None]
-    rep, shard = _sq_norms(params, {id(p) for p in shards})
+    rep, shard = _sq_norms(params, {id(p) for p in shards}, _comm_device())
     if is_distributed():
-        shard = all_reduce_sum(shard.to(_comm_device())).cpu()
-    total = math.sqrt(float(rep + shard))
-    if math.isfinite(total) and max_norm < math.inf:
-        coef = max_norm / (total + 1e-6)
-        if coef < 1.0:
-            for p in params:
-                p.grad.mul_(coef)
+        shard = all_reduce_sum(shard)
+    total = (rep + shard).sqrt()
+    if max_norm < math.inf:
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        coef = torch.where(torch.isfinite(total), coef, torch.ones_like(coef))
+        for p in params:
+            g = p.grad
+            (g._values() if g.is_sparse else g).mul_(coef.to(g.device))
     return total
 
 
