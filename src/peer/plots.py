@@ -86,11 +86,13 @@ def curve_data(run_dir: str | Path) -> dict:
         loss = _num(r.get("loss"))
         if loss is not None:
             cols["step"].append(r.get("step", len(cols["step"])))
-            cols["tokens"].append(tokens), cols["flops"].append(flops), cols["loss"].append(loss)
+            for key, v in (("tokens", tokens), ("flops", flops), ("loss", loss)):
+                cols[key].append(v)
         val = _num(r.get("val_loss"))
         if val is not None:
             cols["val_step"].append(r.get("step", -1))
-            cols["val_tokens"].append(tokens), cols["val_flops"].append(flops), cols["val_loss"].append(val)
+            for key, v in (("val_tokens", tokens), ("val_flops", flops), ("val_loss", val)):
+                cols[key].append(v)
     out: dict[str, Any] = {k: np.asarray(v, dtype=np.float64) for k, v in cols.items()}
     out["name"] = Path(run_dir).resolve().name
     return out

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 
 from ..config import Config, ConfigError, config_to_dict
+from ..data.batcher import Batcher, EvalBatches
 from ..distributed import data_parallel as dpar
 from ..errors import PeerError
 from ..model import PeerLM
@@ -55,8 +56,8 @@ def scalar_dtype(device: torch.device) -> torch.dtype:
 
 # ------------------------------------------------------------------ data
 class TrainData(NamedTuple):
-    batcher: object  # peer.data.Batcher: this rank's share of each global batch, resumable
-    val_batches: object | None  # peer.data.eval_batches over the first train.eval_batches batches of val
+    batcher: Batcher  # this rank's share of each global batch, resumable
+    val_batches: EvalBatches | None  # the first train.eval_batches batches of val, in order
 
 
 def build_data(cfg: Config, denv) -> TrainData:
