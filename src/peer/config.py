@@ -199,6 +199,11 @@ class TrainConfig:
     keep_last: int = 2
     progress: bool = True
     tensorboard: bool = True
+    # fine-tuning: start from another run's (or checkpoint's) weights, with a fresh optimizer at step 0
+    init_from: str = ""
+    # "experts": train only the sparse layers' expert tables (PEER u/v/gate, PKM values), everything else
+    # frozen; with optim.sparse_experts a step changes only the rows it retrieved (sparse memory fine-tuning)
+    trainable: Literal["all", "experts"] = "all"
 
     @property
     def tokens_per_step(self) -> int:
@@ -469,6 +474,11 @@ def validate(cfg: Config) -> Config:
         t.seq_len <= m.max_seq_len, "train.seq_len", f"must be <= model.max_seq_len={m.max_seq_len}, got {t.seq_len}"
     )
     _check(t.threads >= 0, "train.threads", "must be >= 0")
+    _check(
+        t.trainable == "all" or m.sparse_layer in ("peer", "pkm"),
+        "train.trainable",
+        f"'experts' needs a layer with expert tables (model.sparse_layer 'peer' or 'pkm'), got {m.sparse_layer!r}",
+    )
     o = cfg.optim
     _check(math.isfinite(o.lr) and o.lr > 0, "optim.lr", f"must be a positive number, got {o.lr}")
     _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")

@@ -118,6 +118,9 @@ class ProductKeyRouter(SparseFeedForward):
         self.index = ProductKeyIndex(num_keys, key_dim, key_groups, keys_name, device, dtype)  # eqs. 4-5
         ops.load_kernels(self.backend)  # built/loaded now, not inside a (traced) forward
         self.record_usage = False  # usage accounting (paper Table 2), off by default
+        # a frozen query norm normalises with its running statistics in training too, and never updates
+        # them (fine-tuning only the expert tables: retrieval must stay what it was)
+        self.query_norm_frozen = False
         self.register_buffer("usage", torch.zeros(0, dtype=torch.float64, device=device), persistent=False)
 
     def _reset_router(self, pool: bool = True) -> None:
@@ -148,10 +151,11 @@ class ProductKeyRouter(SparseFeedForward):
     def _query(self, xf: torch.Tensor) -> torch.Tensor:
         q = self.query_proj(xf)  # [T, h*key_dim]
         if self.query_norm_kind == "batchnorm":
-            # one token in training mode has no batch statistics: fall back to the running ones
+            # one token in training mode has no batch statistics, and a frozen norm keeps its own: use
+            # the running statistics
             bn = self.query_norm
             assert isinstance(bn, nn.BatchNorm1d)
-            q = _bn_single(bn, q) if (self.training and q.shape[0] == 1) else bn(q)
+            q = _bn_single(bn, q) if (self.training and (q.shape[0] == 1 or self.query_norm_frozen)) else bn(q)
             return q.view(-1, self.heads, self.key_dim)
         out: torch.Tensor = self.query_norm(q.view(-1, self.heads, self.key_dim))
         return out

@@ -54,6 +54,7 @@ from tomli_w import dumps as toml_dumps
 from ..config import Config, ConfigError, config_from_dict, config_to_dict
 from ..distributed import data_parallel as dpar
 from ..fsutil import FolderLock, atomic_copy, atomic_write_text
+from ..layers.router import ProductKeyRouter
 from ..memory import available_bytes, retain_freed_memory
 from ..model import PeerLM, summed_nll
 from .checkpoint import (
@@ -138,10 +139,15 @@ PATH_FIELDS = ("data.corpus", "data.tokenizer")
 
 
 def absolute_paths(cfg: Config) -> Config:
-    """``cfg`` with ``data.corpus`` (and ``data.tokenizer`` when set) as absolute paths."""
-    d = cfg.data
+    """``cfg`` with ``data.corpus`` (and ``data.tokenizer``, ``train.init_from`` when set) as absolute paths."""
+    d, t = cfg.data, cfg.train
     tok = str(Path(d.tokenizer).expanduser().resolve()) if d.tokenizer else ""
-    return replace(cfg, data=replace(d, corpus=str(Path(d.corpus).expanduser().resolve()), tokenizer=tok))
+    init = str(Path(t.init_from).expanduser().resolve()) if t.init_from else ""
+    return replace(
+        cfg,
+        data=replace(d, corpus=str(Path(d.corpus).expanduser().resolve()), tokenizer=tok),
+        train=replace(t, init_from=init),
+    )
 
 
 def with_corpus_vocab(cfg: Config) -> Config:
@@ -255,6 +261,11 @@ def train(
     check_device(cfg.train.device)  # before the lock: a bad device leaves no run folder behind
     cfg = with_corpus_vocab(absolute_paths(cfg))  # the run's config.toml then works from any directory
     check_fits(cfg)  # before the lock: a model that cannot be allocated leaves no run folder behind
+    if cfg.train.init_from and not resume:  # a missing or corrupt source fails before the run folder exists
+        try:
+            resolve_checkpoint(cfg.train.init_from)
+        except CheckpointError as e:
+            raise ConfigError(f"train.init_from: {e}") from None
     lock = (
         FolderLock(cfg.train.out_dir, "run folder") if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
     )
@@ -329,6 +340,31 @@ def train_or_resume(cfg: Config) -> str:
             return "complete"
         train(cfg, resume=True)
         return "resumed"
+
+
+def init_weights_from(model: PeerLM, path: str | Path) -> Path:
+    """Load the weights of a run (its latest checkpoint) or a checkpoint into ``model`` (same
+    architecture: names, shapes and dtypes are checked); returns the checkpoint used."""
+    try:
+        ckpt = resolve_checkpoint(path)
+        load_model_weights(ckpt, model)
+    except CheckpointError as e:
+        raise ConfigError(f"train.init_from: {e}") from None
+    log.info("initialised from %s", ckpt)
+    return ckpt
+
+
+def freeze_all_but_experts(model: PeerLM) -> int:
+    """``requires_grad=False`` for every parameter but the sparse layers' expert tables, and the routers'
+    query BatchNorm statistics frozen too (normalising with the running ones), so that retrieval stays
+    what it was; returns how many parameters stay trainable."""
+    keep = {id(p) for layer in model.sparse_layers().values() for p in layer.expert_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    for layer in model.sparse_layers().values():
+        if isinstance(layer, ProductKeyRouter):
+            layer.query_norm_frozen = True
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def resume_checkpoint(run_dir: Path, from_checkpoint: str | Path | None = None) -> tuple[Path, dict]:
@@ -408,6 +444,10 @@ class Trainer:
             torch.set_num_threads(t.threads)
         self.device = torch.device(t.device)
         self.model, self.fwd = build_model(cfg, denv, self.device)
+        if t.init_from and ckpt is None:  # fine-tuning: another run's weights (a resume has its own)
+            init_weights_from(self.model, t.init_from)
+        if t.trainable == "experts":
+            freeze_all_but_experts(self.model)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.schedule = Schedule.from_config(cfg.optim, steps)
         self.start = self._restore(ckpt, meta) if ckpt is not None else 0
