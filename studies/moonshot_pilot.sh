@@ -15,4 +15,7 @@ run() {  # name config extra...
 run dense-full $S/dense_t01/d48_l4/seed10/config.toml train.init_from=$S/dense_t01/d48_l4/seed10
 run peer-full $S/peer_t01/d48_l4/seed10/config.toml train.init_from=$S/peer_t01/d48_l4/seed10
 run peer-sparse $S/peer_t01/d48_l4/seed10/config.toml train.init_from=$S/peer_t01/d48_l4/seed10 train.trainable=experts optim.sparse_experts=true
+
+# sparse memory fine-tuning proper: only the 1,000 rows per layer the facts retrieve most above the starter corpus
+run peer-rows1000 $S/peer_t01/d48_l4/seed10/config.toml train.init_from=$S/peer_t01/d48_l4/seed10 train.trainable=experts optim.sparse_experts=true train.expert_rows=1000 train.background=data/starter
 echo done > runs/moon/done

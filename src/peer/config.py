@@ -204,6 +204,11 @@ class TrainConfig:
     # "experts": train only the sparse layers' expert tables (PEER u/v/gate, PKM values), everything else
     # frozen; with optim.sparse_experts a step changes only the rows it retrieved (sparse memory fine-tuning)
     trainable: Literal["all", "experts"] = "all"
+    # with trainable="experts": train only the expert_rows rows per layer that the training data retrieves
+    # most above the background (TF-IDF of retrievals, peer.train.memory_rows); 0: every retrieved row.
+    # background: a corpus whose val split is the background (e.g. the pre-training corpus)
+    expert_rows: int = 0
+    background: str = ""
 
     @property
     def tokens_per_step(self) -> int:
@@ -474,6 +479,12 @@ def validate(cfg: Config) -> Config:
         t.seq_len <= m.max_seq_len, "train.seq_len", f"must be <= model.max_seq_len={m.max_seq_len}, got {t.seq_len}"
     )
     _check(t.threads >= 0, "train.threads", "must be >= 0")
+    _check(t.expert_rows >= 0, "train.expert_rows", f"must be >= 0 (0: every retrieved row), got {t.expert_rows}")
+    _check(
+        t.expert_rows == 0 or (t.trainable == "experts" and bool(t.background) and cfg.optim.sparse_experts),
+        "train.expert_rows",
+        "needs train.trainable='experts', train.background (a corpus) and optim.sparse_experts=true",
+    )
     _check(
         t.trainable == "all" or m.sparse_layer in ("peer", "pkm"),
         "train.trainable",

@@ -63,3 +63,34 @@ def test_trainable_experts_changes_only_the_retrieved_rows(tiny):
 def test_trainable_experts_needs_expert_tables(tiny):
     with pytest.raises(ConfigError, match="train.trainable"):
         tiny("train.trainable='experts'", "model.sparse_layer=none")
+
+
+def test_expert_rows_trains_only_the_rows_the_data_retrieves_above_the_background(tiny, corpus):
+    src = train(tiny("train.steps=3", "model.sparse_layer=peer", out="src"))
+    source, _, _ = load_run(src)
+    ft = train(
+        tiny(
+            "train.steps=3",
+            "model.sparse_layer=peer",
+            f"train.init_from='{src}'",
+            "train.trainable='experts'",
+            "optim.sparse_experts=true",
+            "train.expert_rows=5",
+            f"train.background='{corpus}'",
+            out="ft",
+        )
+    )
+    keep = torch.load(ft / "expert_rows.pt")
+    tuned, _, _ = load_run(ft)
+    before, after = source.state_dict(), tuned.state_dict()
+    assert set(keep) == set(tuned.sparse_layers())
+    for name, rows in keep.items():
+        assert rows.numel() == 5
+        for t in ("u", "v"):
+            moved = (after[f"{name}.{t}"] != before[f"{name}.{t}"]).any(dim=1).nonzero().flatten()
+            assert 0 < moved.numel() and set(moved.tolist()) <= set(rows.tolist()), (name, t)
+
+
+def test_expert_rows_needs_its_settings(tiny):
+    with pytest.raises(ConfigError, match="train.expert_rows"):
+        tiny("model.sparse_layer=peer", "train.trainable='experts'", "train.expert_rows=5")

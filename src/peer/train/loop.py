@@ -143,10 +143,11 @@ def absolute_paths(cfg: Config) -> Config:
     d, t = cfg.data, cfg.train
     tok = str(Path(d.tokenizer).expanduser().resolve()) if d.tokenizer else ""
     init = str(Path(t.init_from).expanduser().resolve()) if t.init_from else ""
+    bg = str(Path(t.background).expanduser().resolve()) if t.background else ""
     return replace(
         cfg,
         data=replace(d, corpus=str(Path(d.corpus).expanduser().resolve()), tokenizer=tok),
-        train=replace(t, init_from=init),
+        train=replace(t, init_from=init, background=bg),
     )
 
 
@@ -448,6 +449,8 @@ class Trainer:
             init_weights_from(self.model, t.init_from)
         if t.trainable == "experts":
             freeze_all_but_experts(self.model)
+        if t.expert_rows > 0:
+            self._restrict_rows(cfg, ckpt is not None)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.schedule = Schedule.from_config(cfg.optim, steps)
         self.start = self._restore(ckpt, meta) if ckpt is not None else 0
@@ -458,6 +461,23 @@ class Trainer:
         self.metrics = StepLog(cfg, self.run_dir, self.start, steps, denv, self.checkpointer.diverged, tb=tb)
         clipper = GradClipper(self.model, cfg.optim.grad_clip, denv.distributed)
         self.stepper = Stepper(self.fwd, self.optimizer, self.schedule, self.data.batcher, clipper, cfg, self.device)
+
+    def _restrict_rows(self, cfg: Config, resumed: bool) -> None:
+        """Sparse memory fine-tuning: only the rows :func:`peer.train.memory_rows.select_rows` picks, chosen
+        once with the starting weights and kept in the run folder (a resume trains the same rows)."""
+        from .. import data
+        from .memory_rows import load_rows, restrict_gradients, save_rows, select_rows
+
+        t = cfg.train
+        keep = load_rows(self.run_dir) if resumed else None
+        if keep is None:
+            n = t.eval_batches * t.batch_size * t.seq_len
+            own = data.eval_batches(data.open_tokens(cfg.data.corpus, cfg.data.train_split), t.batch_size, t.seq_len, n)
+            bg = data.eval_batches(data.open_tokens(t.background, "val"), t.batch_size, t.seq_len, n)
+            keep = select_rows(self.model, own, bg, t.expert_rows, self.device)
+            if self.denv.is_main:
+                save_rows(self.run_dir, keep)
+        restrict_gradients(self.model, keep)
 
     def _restore(self, ckpt: Path, meta: dict) -> int:
         """Load a checkpoint into the model, optimizer, batcher and RNGs; returns its step."""
