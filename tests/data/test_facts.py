@@ -73,6 +73,45 @@ def test_the_corpus_builds_and_trains(made, tmp_path):
         build_facts_corpus(tmp_path / "x", tmp_path / "cache", 10, sources=["nope"], log=lambda s: None)
 
 
+def test_a_mix_carries_the_text_corpus_and_its_tokenizer(made, tmp_path):
+    from peer.data import list_splits, load_manifest
+    from peer.data.tokenizer import load_tokenizer
+    from peer.data.tokens import open_tokens
+    from peer.data.userdata import build_corpus
+
+    src = tmp_path / "text.jsonl"
+    src.write_text(
+        "".join(json.dumps({"text": f"Document {i}: plain text, words and more words."}) + "\n" for i in range(60))
+    )
+    build_corpus([str(src)], tmp_path / "text", None, 300, "text", False, 0.2, 0, 16, None, log=lambda s: None)
+    build_facts_corpus(
+        tmp_path / "mix",
+        tmp_path / "cache",
+        100,
+        sources=["made"],
+        repeats=2,
+        log=lambda s: None,
+        mix_text=tmp_path / "text",
+    )
+    m, text = load_manifest(tmp_path / "mix"), load_manifest(tmp_path / "text")
+    assert m["tokenizer"]["sha256"] == text["tokenizer"]["sha256"] and m["facts"]["mix_text"].endswith("text")
+    assert "eval_text" in list_splits(tmp_path / "mix")
+    parts = m["splits"]["train"]["source_tokens"]
+    assert set(parts) == {"facts", "text"} and parts["text"] == text["splits"]["train"]["tokens"]
+    tok = load_tokenizer(tmp_path / "mix")  # the text is the same text: decoded, then encoded again
+    assert tok.decode(open_tokens(tmp_path / "mix", "eval_text")) == tok.decode(open_tokens(tmp_path / "text", "val"))
+    with pytest.raises(F.DataError, match="not the tokenizer of --mix-text"):
+        build_facts_corpus(
+            tmp_path / "mix2",
+            tmp_path / "cache",
+            100,
+            sources=["made"],
+            tokenizer=str(tmp_path / "facts_tok"),
+            log=lambda s: None,
+            mix_text=tmp_path / "text",
+        )
+
+
 class _Oracle(torch.nn.Module):
     """Puts all its probability on the true next token of the sequences it was given (ties: none)."""
 

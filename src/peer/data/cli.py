@@ -5,7 +5,7 @@ peer data prepare [--out data/starter] [--cache data/cache] [--vocab-size 8192]
 peer data tokenize INPUT... --out DIR [--tokenizer PATH] [--vocab-size N] [--text-field text]
                   [--replace-errors] [--val-fraction 0.1] [--min-tokens 1024] [--max-docs N]
 peer data facts [--out data/facts] [--num-facts 100000] [--seed 0] [--sources unicode,geonames,iso]
-                [--tokenizer data/starter] [--repeats 3]
+                [--tokenizer data/starter] [--repeats 3] [--mix-text data/starter]
 peer data info [DIR]
 """
 
@@ -58,6 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     f.add_argument("--tokenizer", default=None, help="share this tokenizer.json or corpus's (e.g. data/starter)")
     f.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary when training one (default: 8192)")
     f.add_argument("--repeats", type=int, default=3, help="statements per fact in train (default: 3)")
+    f.add_argument(
+        "--mix-text",
+        default=None,
+        help="a tokenized text corpus (e.g. data/starter) whose train joins the facts' and whose val becomes eval_text",
+    )
 
     i = sub.add_parser("info", help="splits, documents and token counts of a corpus directory")
     i.add_argument("dir", nargs="?", default="data/starter")
@@ -81,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
             args.tokenizer,
             args.vocab_size,
             args.repeats,
+            mix_text=args.mix_text,
         )
     elif args.action == "tokenize":
         from .userdata import build_corpus

@@ -261,7 +261,7 @@ def render(fact: Fact, template: int) -> tuple[str, str]:
 
 def _pages(statements: list[str], page_facts: int, name: str) -> list[Document]:
     return [
-        Document(f"facts/{name}/{i // page_facts:07d}", " ".join(statements[i : i + page_facts]))
+        Document(f"facts/{name}/{i // page_facts:07d}", " ".join(statements[i : i + page_facts]), {"source": "facts"})
         for i in range(0, len(statements), page_facts)
     ]
 
@@ -300,6 +300,20 @@ def fact_splits(
     return {"train": _pages(statements, page_facts, "train"), "val": _pages(val, page_facts, "val")}, probes
 
 
+def text_documents(corpus_dir: str | Path, split: str, tokenizer) -> list[Document]:
+    """The documents of a tokenized corpus's ``split`` as text again (decoded with ``tokenizer``, the
+    corpus's own), each with its id under ``text/`` and ``meta["source"] = "text"``."""
+    from .tokens import open_tokens, split_info
+
+    tokens, info = open_tokens(corpus_dir, split), split_info(corpus_dir, split)
+    return [
+        Document(
+            f"text/{d['id']}", tokenizer.decode(tokens[d["offset"] : d["offset"] + d["tokens"]]), {"source": "text"}
+        )
+        for d in info["documents"]
+    ]
+
+
 def build_facts_corpus(
     out: str | Path,
     cache_dir: str | Path,
@@ -311,12 +325,26 @@ def build_facts_corpus(
     repeats: int = 3,
     page_facts: int = 64,
     log: Callable[[str], None] = print,
+    mix_text: str | Path | None = None,
 ) -> dict:
     """Build the facts corpus at ``out`` (see the module docstring); returns its manifest. ``tokenizer``:
-    a tokenizer.json or corpus folder to share (e.g. the starter corpus's, for a facts + text mix);
-    else a BPE of ``vocab_size`` is trained on the facts."""
-    from .corpus import check_corpus_target, write_corpus
+    a tokenizer.json or corpus folder to share; else a BPE of ``vocab_size`` is trained on the facts.
+
+    ``mix_text``: a tokenized text corpus (e.g. ``data/starter``) whose ``train`` documents join the
+    facts' in ``train`` (the batcher shuffles windows of the whole stream, so the mix by tokens is the
+    ratio of the two parts: set it with ``repeats``) and whose ``val`` becomes ``eval_text``. Its
+    tokenizer is used (``tokenizer``, if given, must be the same file)."""
+    from .corpus import check_corpus_target, load_manifest, write_corpus
+    from .sources import sha256_file
     from .tokenizer import load_tokenizer, train_tokenizer
+
+    if mix_text is not None:
+        text_sha = load_manifest(mix_text)["tokenizer"]["sha256"]
+        if tokenizer is not None:
+            own = Path(tokenizer) / "tokenizer.json" if Path(tokenizer).is_dir() else Path(tokenizer)
+            if not own.is_file() or sha256_file(own) != text_sha:
+                raise DataError(f"--tokenizer {tokenizer} is not the tokenizer of --mix-text {mix_text}: leave it out")
+        tokenizer = str(mix_text)
 
     unknown = [s for s in sources if s not in FACT_SOURCES]
     if unknown or not sources:
@@ -334,6 +362,9 @@ def build_facts_corpus(
     facts = choose_facts(pool, num_facts, seed)
     splits, probes = fact_splits(facts, seed, repeats, page_facts)
     tok = load_tokenizer(tokenizer) if tokenizer else train_tokenizer([d.text for d in splits["train"]], vocab_size)
+    if mix_text is not None:
+        splits["train"] += text_documents(mix_text, "train", tok)
+        splits["eval_text"] = text_documents(mix_text, "val", tok)
     extra = {
         "facts": {
             "num_facts": len(facts),
@@ -341,9 +372,13 @@ def build_facts_corpus(
             "repeats": repeats,
             "sources": {n: {"package": FACT_SOURCES[n].package, "version": FACT_SOURCES[n].version} for n in sources},
             "relations": {r: sum(1 for f in facts if f.relation == r) for r in TEMPLATES},
+            **({"mix_text": str(mix_text)} if mix_text is not None else {}),
         }
     }
     manifest = write_corpus(out, splits, tok, extra, log=log)
     atomic_write_text(Path(out) / "facts.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in probes))
     log(f"wrote {len(probes):,} probes to {Path(out) / 'facts.jsonl'}")
+    if mix_text is not None:
+        parts = manifest["splits"]["train"]["source_tokens"]
+        log(f"train mix by tokens: facts {parts.get('facts', 0):,}, text {parts.get('text', 0):,} (set with --repeats)")
     return manifest

@@ -1,0 +1,406 @@
+"""The knowledge-capacity study (issue 29; protocol in docs/knowledge.md, committed before its runs).
+
+Mechanical from start to end, like the confirmation study::
+
+    python -m studies.knowledge corpora    # the commands that build the study's four corpora (data/knowledge/)
+    python -m studies.knowledge tune       # (re)writes configs/knowledge_tune.toml: 3 learning rates per
+                                           # method, plus one step outward where a finished bracket's best is
+                                           # at its edge; run it with `peer sweep`, then call `tune` again
+    python -m studies.knowledge freeze     # once tuning is complete: configs/knowledge_3e12.toml and
+                                           # configs/knowledge_1e13.toml (the main grid, each method at its
+                                           # tuned learning rate, seeds 1 and 2)
+    python -m studies.knowledge score      # knowledge.json in every finished run (recall, bits stored)
+    python -m studies.knowledge report     # results/knowledge/summary.{json,md} and docs/img/knowledge_bits.png
+
+Methods share one backbone (d16, 2 blocks, vocab 2048) except the two larger dense models (d24, d32), which
+are there so that "the best dense model" is the best of three sizes at equal FLOPs, not one. Every method
+is tuned the same way (learning rate only, on 8,000 facts at 3e12 FLOPs, seed 0); seeds 1 and 2, used by no
+tuning run, are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from peer.fsutil import atomic_write_text
+
+ROOT = Path(__file__).resolve().parents[1]
+TUNE_FILE = ROOT / "configs" / "knowledge_tune.toml"
+TUNE_DIR, MAIN_DIR = "results/knowledge/tune", "results/knowledge/main"
+
+BACKBONE = [
+    "model.vocab_size=2048", "model.d_model=16", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64",
+    "model.peer.heads=4", "model.peer.topk=8", "model.peer.key_dim=16",
+    "optim.sparse_experts=true", "optim.expert_weight_decay=0.0",  # no decay on the tables (idle rows stay)
+    "train.eval_every=0", "train.ckpt_every=500", "train.keep_last=1", "train.tensorboard=false",
+    "train.progress=false",
+]  # fmt: skip
+PEER_SIDES = {"peer128": 128, "peer256": 256, "peer512": 512, "peer1024": 1024}
+METHODS: dict[str, list[str]] = {
+    "dense": ["model.sparse_layer=none"],
+    "dense_d24": ["model.sparse_layer=none", "model.d_model=24", "model.d_ff=96"],
+    "dense_d32": ["model.sparse_layer=none", "model.d_model=32", "model.d_ff=128"],
+    "moe": ["model.sparse_layer=moe", "model.moe.routing=dropless", "model.moe.num_experts=8", "model.moe.topk=1",
+            "model.moe.aux_loss_weight=0.01"],
+    "pkm": ["model.sparse_layer=pkm", "model.pkm.num_memories=65536", "model.pkm.heads=4", "model.pkm.topk=8",
+            "model.pkm.key_dim=16", "model.pkm.value_init_scale=0.03"],
+    **{m: ["model.sparse_layer=peer", f"model.peer.num_experts={s * s}"] for m, s in PEER_SIDES.items()},
+}  # fmt: skip
+DENSE = ("dense", "dense_d24", "dense_d32")
+CORPORA = {  # name -> (folder, command that builds it)
+    "text": ("data/knowledge/text2k", "peer data prepare --out data/knowledge/text2k --vocab-size 2048"),
+    "f2k": ("data/knowledge/facts2k", "peer data facts --out data/knowledge/facts2k --num-facts 2000 --seed 0 "
+            "--tokenizer data/knowledge/text2k"),
+    "f8k": ("data/knowledge/facts8k", "peer data facts --out data/knowledge/facts8k --num-facts 8000 --seed 0 "
+            "--tokenizer data/knowledge/text2k"),
+    "f32k": ("data/knowledge/facts32k", "peer data facts --out data/knowledge/facts32k --num-facts 32000 --seed 0 "
+             "--tokenizer data/knowledge/text2k"),
+    "mix": ("data/knowledge/mix8k", "peer data facts --out data/knowledge/mix8k --num-facts 8000 --seed 0 "
+            "--repeats 46 --mix-text data/knowledge/text2k"),
+}  # fmt: skip
+STUDY_CORPORA = ("f2k", "f8k", "f32k", "mix")
+DECISIVE = ("f32k", "mix")  # where the targets are judged: beyond dense's capacity, and the mix with text
+# the main grid, one sweep file per budget: at 3e12 every method on every corpus (the two larger dense
+# models only on the decisive corpora); at 1e13 (3.3x the cost) the decisive corpora only
+GRID = {
+    3e12: {m: (DECISIVE if m in ("dense_d24", "dense_d32") else STUDY_CORPORA) for m in METHODS},
+    1e13: {m: DECISIVE for m in METHODS},
+}
+TUNE_BUDGET, TUNE_CORPUS, TUNE_SEED = 3e12, "f8k", 0
+SEEDS = (1, 2)
+
+
+def main_file_path(budget: float) -> Path:
+    return ROOT / "configs" / f"knowledge_{budget:.0e}.toml".replace("+", "")
+
+
+LR_LADDER = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # the bracket starts at 1e-3, 3e-3, 1e-2
+FIRST_BRACKET = (1e-3, 3e-3, 1e-2)
+
+
+def lr_name(lr: float) -> str:
+    return f"{lr:.0e}".replace("e-0", "e-")
+
+
+def _sweep_head(name: str, out_dir: str, budgets: Sequence[float], seeds: Sequence[int], note: str) -> list[str]:
+    return [
+        "# GENERATED by `python -m studies.knowledge` (studies/knowledge.py): do not edit by hand, rerun it.",
+        f"# {note}",
+        "[sweep]",
+        f'name = "{name}"',
+        f'out_dir = "{out_dir}"',
+        f"budgets = [{', '.join(f'{b:g}' for b in budgets)}]",
+        f"seeds = [{', '.join(map(str, seeds))}]",
+        'base = "peer.toml"',
+        "set = [" + ", ".join(f'"{s}"' for s in BACKBONE) + "]",
+        "min_steps = 50",
+        "parallel = 2",
+        "threads = 1",
+        "eval_batches = 64  # every val token (facts: 2,048 statements; the mix's text val: 111,569 tokens)",
+        "",
+        "[[sizes]]",
+        'name = "d16_l2"',
+        "set = []",
+        "",
+    ]
+
+
+def _variant(name: str, sets: Sequence[str]) -> list[str]:
+    return [f"[variants.{name}]", "set = [" + ", ".join(f'"{s}"' for s in sets) + "]"]
+
+
+def _val_loss(run: Path) -> float | None:
+    f = run / "result.json"
+    return math.log(json.loads(f.read_text())["perplexity"]["val"]) if f.is_file() else None
+
+
+def tune_losses(root: Path = ROOT) -> dict[str, dict[float, float | None]]:
+    """method -> lr -> val loss of the tuning run (None: not finished), for every lr the tuning has asked for."""
+    out: dict[str, dict[float, float | None]] = {}
+    base = root / TUNE_DIR / f"{TUNE_BUDGET:g}"
+    for m in METHODS:
+        out[m] = {}
+        for lr in LR_LADDER:
+            run = base / f"{m}_lr{lr_name(lr)}" / "d16_l2" / f"seed{TUNE_SEED}"
+            if lr in FIRST_BRACKET or run.exists():
+                out[m][lr] = _val_loss(run)
+    return out
+
+
+def next_lrs(losses: dict[float, float | None]) -> list[float]:
+    """The learning rates a method's tuning needs now: its bracket, plus one step outward while the best
+    finished one is at the edge of what was tried (and the ladder goes on)."""
+    tried = sorted(losses)
+    if any(v is None for v in losses.values()):
+        return tried
+    best = min(tried, key=lambda lr: (losses[lr], lr))
+    i = LR_LADDER.index(best)
+    if best == tried[0] and i > 0:
+        return [LR_LADDER[i - 1], *tried]
+    if best == tried[-1] and i < len(LR_LADDER) - 1:
+        return [*tried, LR_LADDER[i + 1]]
+    return tried
+
+
+def tuned_lr(losses: dict[float, float | None]) -> float | None:
+    """The method's learning rate once its tuning is complete (None while a run is missing or the best is
+    still at an edge the ladder can extend)."""
+    if next_lrs(losses) != sorted(losses):
+        return None
+    if any(v is None for v in losses.values()):
+        return None
+    return min(sorted(losses), key=lambda lr: (losses[lr], lr))
+
+
+def tune_file(root: Path = ROOT) -> str:
+    losses = tune_losses(root)
+    lines = _sweep_head(
+        "knowledge_tune",
+        TUNE_DIR,
+        [TUNE_BUDGET],
+        [TUNE_SEED],
+        f"Tuning of the knowledge study: learning rate only, on {TUNE_CORPUS} at {TUNE_BUDGET:g} FLOPs, seed {TUNE_SEED}.",
+    )
+    for m, sets in METHODS.items():
+        for lr in next_lrs(losses[m]):
+            lines += _variant(
+                f"{m}_lr{lr_name(lr)}", [*sets, f"data.corpus={CORPORA[TUNE_CORPUS][0]}", f"optim.lr={lr:g}"]
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main_file(budget: float, root: Path = ROOT) -> str:
+    losses = tune_losses(root)
+    lrs = {m: tuned_lr(losses[m]) for m in METHODS}
+    missing = [m for m, lr in lrs.items() if lr is None]
+    if missing:
+        raise SystemExit(f"tuning is not complete for {missing}: run `python -m studies.knowledge tune` and its sweep")
+    lines = _sweep_head(
+        f"knowledge_{budget:.0e}".replace("+", ""),
+        MAIN_DIR,
+        [budget],
+        SEEDS,
+        f"The knowledge study's grid at {budget:g} FLOPs (docs/knowledge.md): each method at its tuned learning rate.",
+    )
+    for m, sets in METHODS.items():
+        for c in GRID[budget][m]:
+            lines += _variant(f"{m}_{c}", [*sets, f"data.corpus={CORPORA[c][0]}", f"optim.lr={lrs[m]:g}"])
+    return "\n".join(lines) + "\n"
+
+
+# ---- scoring and the report -------------------------------------------------------------------------------
+
+
+def parse_variant(variant: str) -> tuple[str, str]:
+    method, _, corpus = variant.rpartition("_")
+    if method not in METHODS or corpus not in STUDY_CORPORA:
+        raise ValueError(f"not a variant of the knowledge grid: {variant!r}")
+    return method, corpus
+
+
+def score_run(run: Path, force: bool = False) -> dict:
+    """knowledge.json of a finished run: every probe of its corpus scored (peer.knowledge)."""
+    out = run / "knowledge.json"
+    if out.is_file() and not force:
+        return json.loads(out.read_text())
+    import torch
+
+    from peer.data.tokenizer import load_tokenizer
+    from peer.flops import count_params
+    from peer.knowledge import knowledge_report, load_probes, score_facts
+    from peer.train import load_run
+
+    torch.set_num_threads(1)
+    model, cfg, meta = load_run(run)
+    model.eval()
+    corpus = Path(cfg.data.corpus)
+    probes = load_probes(corpus)
+    scores = score_facts(model, load_tokenizer(corpus), probes, batch_size=64)
+    params = count_params(cfg.model)
+    report = {
+        "facts_file": str(corpus / "facts.jsonl"),
+        **knowledge_report(scores, probes, int(params.total), meta.get("flops") if isinstance(meta, dict) else None),
+    }
+    atomic_write_text(out, json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def finished_runs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.glob("*/*/*/seed*/result.json"))
+
+
+def collect(root: Path) -> list[dict]:
+    """One row per finished and scored run: budget, method, corpus, seed, losses per split, knowledge."""
+    rows = []
+    for run in finished_runs(root):
+        k = run / "knowledge.json"
+        if not k.is_file():
+            continue
+        r = json.loads((run / "result.json").read_text())
+        method, corpus = parse_variant(r["variant"])
+        know = json.loads(k.read_text())
+        rows.append(
+            {
+                "budget": float(r["budget"]),
+                "method": method,
+                "corpus": corpus,
+                "seed": int(r["seed"]),
+                "loss": {s: math.log(p) for s, p in r["perplexity"].items()},
+                "bits": know["bits"],
+                "recall": know["recall"],
+                "bits_available": know["bits_available"],
+                "params_total": int(r["params_total"]),
+            }
+        )
+    return rows
+
+
+def _ms(xs: Sequence[float]) -> dict:
+    a = np.asarray(xs, dtype=np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else math.nan, "n": len(a)}
+
+
+def _gap(a: dict, b: dict) -> dict:
+    """a - b with its standard error (NaN with fewer than two seeds on a side)."""
+    se = math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"]) if a["n"] > 1 and b["n"] > 1 else math.nan
+    return {"gap": a["mean"] - b["mean"], "se": se}
+
+
+def summarize(rows: Sequence[dict]) -> dict:
+    """Per (budget, corpus, method): mean ± std over seeds of bits, recall, val loss (and the mix's text
+    loss), and the issue's targets, judged as pre-registered in docs/knowledge.md."""
+    points: dict = {}
+    for r in rows:
+        points.setdefault((r["budget"], r["corpus"], r["method"]), []).append(r)
+    table: dict = {}
+    for (b, c, m), rs in sorted(points.items()):
+        entry = {
+            "seeds": sorted(r["seed"] for r in rs),
+            "bits": _ms([r["bits"] for r in rs]),
+            "recall": _ms([r["recall"] for r in rs]),
+            "val_loss": _ms([r["loss"]["val"] for r in rs]),
+            "bits_available": rs[0]["bits_available"],
+            "params_total": rs[0]["params_total"],
+        }
+        if all("eval_text" in r["loss"] for r in rs):
+            entry["text_loss"] = _ms([r["loss"]["eval_text"] for r in rs])
+        table.setdefault(f"{b:g}", {}).setdefault(c, {})[m] = entry
+    targets: dict = {}
+    for b, by_corpus in table.items():
+        f32, mix = by_corpus.get("f32k", {}), by_corpus.get("mix", {})
+        t: dict = {}
+        sizes = [m for m in PEER_SIDES if m in f32]
+        if len(sizes) == len(PEER_SIDES):
+            steps = {
+                f"{lo}->{hi}": _gap(f32[hi]["bits"], f32[lo]["bits"]) for lo, hi in zip(sizes, sizes[1:], strict=False)
+            }
+            t["bits_rise_with_N"] = {"met": all(s["gap"] > 0 for s in steps.values()), "steps": steps}
+        dense = [m for m in DENSE if m in f32]
+        if dense and "peer1024" in f32:  # the best dense model: the lowest mean val loss of the three sizes
+            best = min(dense, key=lambda m: f32[m]["val_loss"]["mean"])
+            ratio = f32["peer1024"]["bits"]["mean"] / max(f32[best]["bits"]["mean"], 1e-9)
+            t["peer1024_2x_dense_bits"] = {"met": ratio >= 2.0, "ratio": ratio, "best_dense": best}
+        dense = [m for m in DENSE if m in mix and "text_loss" in mix[m]]
+        if dense and "peer1024" in mix and "text_loss" in mix["peer1024"]:
+            best = min(dense, key=lambda m: mix[m]["text_loss"]["mean"])  # the best dense model on text
+            rec, txt = (
+                _gap(mix["peer1024"]["recall"], mix[best]["recall"]),
+                _gap(mix["peer1024"]["text_loss"], mix[best]["text_loss"]),
+            )
+            t["mix_recall_and_text"] = {
+                "met": rec["gap"] > 0 and txt["gap"] <= 0,
+                "best_dense": best,
+                "recall_gap": rec,
+                "text_loss_gap": txt,
+            }
+        targets[b] = t
+    return {"points": table, "targets": targets}
+
+
+def summary_markdown(summary: dict) -> str:
+    lines = ["# Knowledge study: summary (generated by `python -m studies.knowledge report`)", ""]
+    for b, by_corpus in summary["points"].items():
+        for c, methods in by_corpus.items():
+            lines += [f"## {b} FLOPs, {c}", "", "| method | params | seeds | bits stored | recall % | val loss | text loss |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+            for m, e in methods.items():
+                text = f"{e['text_loss']['mean']:.4f} ± {e['text_loss']['std']:.4f}" if "text_loss" in e else ""
+                lines.append(
+                    f"| {m} | {e['params_total']:,} | {','.join(map(str, e['seeds']))} | {e['bits']['mean']:,.0f} ± "
+                    f"{e['bits']['std']:,.0f} (of {e['bits_available']:,.0f}) | {100 * e['recall']['mean']:.1f} ± "
+                    f"{100 * e['recall']['std']:.1f} | {e['val_loss']['mean']:.4f} ± {e['val_loss']['std']:.4f} | {text} |"
+                )
+            lines.append("")
+    lines += ["## Targets", "", "```", json.dumps(summary["targets"], indent=1), "```", ""]
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, corpus in zip(axes, ("f32k", "f8k"), strict=True):
+        for i, (b, by_corpus) in enumerate(summary["points"].items()):
+            pts = by_corpus.get(corpus, {})
+            xs = [PEER_SIDES[m] ** 2 for m in PEER_SIDES if m in pts]
+            if xs:
+                ys = [pts[m]["bits"]["mean"] for m in PEER_SIDES if m in pts]
+                es = [0 if math.isnan(pts[m]["bits"]["std"]) else pts[m]["bits"]["std"] for m in PEER_SIDES if m in pts]
+                ax.errorbar(xs, ys, yerr=es, marker="o", color=f"C{i}", label=f"PEER, {b} FLOPs", capsize=3)
+            for j, m in enumerate(("dense", "dense_d24", "dense_d32", "moe", "pkm")):
+                if m in pts:
+                    ax.axhline(pts[m]["bits"]["mean"], color=f"C{i}", ls=("--", "-.", ":", (0, (1, 3)), (0, (5, 5)))[j],
+                               lw=1, label=f"{m}, {b}")  # fmt: skip
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("experts N")
+        ax.set_ylabel("bits stored")
+        ax.set_title(f"{corpus}: bits stored vs pool size (mean ± std over seeds)")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m studies.knowledge", description=__doc__.split("\n\n")[0])
+    p.add_argument("action", choices=["corpora", "tune", "freeze", "score", "report"])
+    p.add_argument("--root", default=None, help="results folder (score/report; default: the main grid's)")
+    args = p.parse_args(argv)
+    if args.action == "corpora":
+        print("\n".join(cmd for _, cmd in CORPORA.values()))
+    elif args.action == "tune":
+        atomic_write_text(TUNE_FILE, tune_file())
+        print(f"wrote {TUNE_FILE.relative_to(ROOT)}")
+    elif args.action == "freeze":
+        texts = {main_file_path(b): main_file(b) for b in GRID}  # all or nothing: each refuses while tuning runs
+        for path, text in texts.items():
+            atomic_write_text(path, text)
+            print(f"wrote {path.relative_to(ROOT)}")
+    elif args.action == "score":
+        root = Path(args.root or ROOT / MAIN_DIR)
+        for run in finished_runs(root):
+            if not (run / "knowledge.json").is_file():
+                k = score_run(run)
+                print(f"{run.relative_to(root)}: recall {100 * k['recall']:.1f}%, bits {k['bits']:,.0f}")
+    else:
+        root = Path(args.root or ROOT / MAIN_DIR)
+        s = summarize(collect(root))
+        atomic_write_text(root / "summary.json", json.dumps(s, indent=1) + "\n")
+        atomic_write_text(root / "summary.md", summary_markdown(s))
+        plot(s, ROOT / "docs" / "img" / "knowledge_bits.png")
+        print(f"wrote {root / 'summary.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

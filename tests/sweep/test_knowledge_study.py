@@ -1,0 +1,101 @@
+"""The knowledge study's mechanics (studies.knowledge, protocol in docs/knowledge.md) on made-up results:
+equal tuning per method, the bracket's outward step, freezing only on complete tuning, the committed
+sweep files exactly the generator's, and the targets judged as pre-registered."""
+
+import json
+import math
+from collections import Counter
+
+import pytest
+
+import studies.knowledge as K
+from peer.experiments.sweep import load_sweep
+from peer.experiments.sweep.plan import plan
+
+
+def _finish(root, budget, variant, seed, val_loss, extra=None):
+    run = root / K.TUNE_DIR / f"{budget:g}" / variant / "d16_l2" / f"seed{seed}"
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "result.json").write_text(json.dumps({"perplexity": {"val": math.exp(val_loss), **(extra or {})}}))
+    return run
+
+
+def test_the_committed_tuning_file_is_the_generators_output_and_equal_per_method():
+    assert K.TUNE_FILE.read_text() == K.tune_file()
+    runs = plan(load_sweep(K.TUNE_FILE))
+    assert Counter(r.variant.rsplit("_lr", 1)[0] for r in runs) == {m: 3 for m in K.METHODS}
+    assert {r.seed for r in runs} == {K.TUNE_SEED} and {r.budget for r in runs} == {K.TUNE_BUDGET}
+
+
+def test_the_bracket_steps_outward_only_from_a_finished_edge():
+    a, b, c = K.FIRST_BRACKET
+    assert K.next_lrs({a: 1.0, b: None, c: 2.0}) == [a, b, c]  # not finished: nothing decided
+    assert K.next_lrs({a: 1.0, b: 2.0, c: 3.0}) == [3e-4, a, b, c]  # best at the low edge
+    assert K.next_lrs({a: 3.0, b: 2.0, c: 1.0}) == [a, b, c, 3e-2]  # best at the high edge
+    assert K.tuned_lr({a: 2.0, b: 1.0, c: 3.0}) == b
+    assert K.tuned_lr({a: 1.0, b: 2.0, c: 3.0}) is None  # must step outward first
+    assert K.tuned_lr({3e-4: 1.5, a: 1.0, b: 2.0, c: 3.0}) == a
+    assert K.tuned_lr({1e-4: 0.5, 3e-4: 1.5, a: 1.0, b: 2.0, c: 3.0}) == 1e-4  # the ladder's end
+    assert K.tuned_lr({a: 3.0, b: 1.0, c: 1.0}) == b  # a tie goes to the smaller learning rate
+
+
+def test_freeze_refuses_until_tuning_is_complete_then_writes_each_methods_lr(tmp_path):
+    for m in K.METHODS:
+        for lr in K.FIRST_BRACKET:
+            _finish(tmp_path, K.TUNE_BUDGET, f"{m}_lr{K.lr_name(lr)}", K.TUNE_SEED, abs(math.log10(lr / 3e-3)))
+    _finish(tmp_path, K.TUNE_BUDGET, f"dense_lr{K.lr_name(1e-3)}", K.TUNE_SEED, -1.0)  # dense: best at the edge
+    with pytest.raises(SystemExit, match="dense"):
+        K.main_file(3e12, tmp_path)
+    assert "dense_lr3e-4" in K.tune_file(tmp_path)  # the next tuning file asks for the outward step
+    _finish(tmp_path, K.TUNE_BUDGET, "dense_lr3e-4", K.TUNE_SEED, 0.5)
+    text = K.main_file(1e13, tmp_path)
+    path = tmp_path / "k.toml"
+    path.write_text(text.replace('base = "peer.toml"', f'base = "{K.ROOT / "configs" / "peer.toml"}"'))
+    runs = plan(load_sweep(path))
+    lrs = {r.variant: r.config.optim.lr for r in runs}
+    assert lrs["dense_f32k"] == 1e-3 and lrs["peer1024_mix"] == 3e-3 and lrs["moe_f32k"] == 3e-3
+    assert {r.variant: r.config.data.corpus for r in runs}["peer1024_mix"] == K.CORPORA["mix"][0]
+    assert {r.variant.rpartition("_")[2] for r in runs} == set(K.DECISIVE) and {r.seed for r in runs} == set(K.SEEDS)
+
+
+def _rows(peer_bits, dense_bits, budget=3e12, corpus="f32k"):
+    rows = []
+    for seed, noise in ((1, -1.0), (2, 1.0)):
+        for m, bits in {**peer_bits, **dense_bits}.items():
+            rows.append(
+                {
+                    "budget": budget,
+                    "method": m,
+                    "corpus": corpus,
+                    "seed": seed,
+                    "loss": {"val": 3.0 - bits / 1e5, "eval_text": 4.0},
+                    "bits": bits + noise,
+                    "recall": bits / 1e5,
+                    "bits_available": 1e5,
+                    "params_total": 1,
+                }
+            )
+    return rows
+
+
+def test_the_targets_are_judged_as_registered():
+    rising = {"peer128": 10_000, "peer256": 12_000, "peer512": 15_000, "peer1024": 30_000}
+    dense = {"dense": 14_000, "dense_d24": 9_000, "dense_d32": 8_000}
+    t = K.summarize(_rows(rising, dense))["targets"]["3e+12"]
+    assert t["bits_rise_with_N"]["met"]
+    assert t["peer1024_2x_dense_bits"]["best_dense"] == "dense"  # lowest val loss of the three sizes
+    assert t["peer1024_2x_dense_bits"]["ratio"] == pytest.approx(30_000 / 14_000) and t["peer1024_2x_dense_bits"]["met"]
+    t = K.summarize(_rows({**rising, "peer512": 11_000}, {"dense": 16_000}))["targets"]["3e+12"]
+    assert not t["bits_rise_with_N"]["met"] and not t["peer1024_2x_dense_bits"]["met"]
+    mix = K.summarize(_rows(rising, dense, corpus="mix"))["targets"]["3e+12"]["mix_recall_and_text"]
+    assert mix["met"] and mix["text_loss_gap"]["gap"] == 0  # equal text loss counts as no worse
+    assert K.summary_markdown(K.summarize(_rows(rising, dense))).count("| peer1024 |") == 1
+
+
+def test_variants_name_a_method_and_a_corpus():
+    assert K.parse_variant("peer1024_mix") == ("peer1024", "mix") and K.parse_variant("dense_d24_f32k") == (
+        "dense_d24",
+        "f32k",
+    )
+    with pytest.raises(ValueError):
+        K.parse_variant("peer2048_f32k")
