@@ -37,6 +37,8 @@ CONFIGS = {
     "peer_beside_every2": tiny("peer", sparse_blocks="every:2", sparse_placement="beside"),
     "peer_shared_all": tiny("peer", sparse_blocks="all", share_experts=True),
     "pkm_shared_beside": tiny("pkm", sparse_blocks=[0, 2], share_experts=True, sparse_placement="beside"),
+    "dense_lora": tiny(lora_rank=4),
+    "peer_lora_swiglu": tiny("peer", lora_rank=2, ffn_activation="swiglu", lora_alpha=8.0),
 }
 
 
@@ -168,7 +170,7 @@ def _counted(model, x):
     )
 
 
-@pytest.mark.parametrize("name", ["dense", "dense_swiglu_untied"])
+@pytest.mark.parametrize("name", ["dense", "dense_swiglu_untied", "dense_lora"])
 def test_dense_flops_match_flop_counter(name):
     cfg = CONFIGS[name]
     B, T = 2, 16

@@ -33,6 +33,7 @@ CASES = {
         pkm=PKMConfig(num_memories=64, heads=2, topk=4, key_dim=8),
     ),
     "moe": ModelConfig(**BASE, sparse_layer="moe", moe=MoEConfig(num_experts=4)),
+    "peer-lora-swiglu": ModelConfig(**BASE, sparse_layer="peer", peer=PEER_CFG, lora_rank=3, ffn_activation="swiglu"),
 }
 
 

@@ -121,6 +121,10 @@ class ModelConfig:
     peer: PEERConfig = field(default_factory=PEERConfig)
     pkm: PKMConfig = field(default_factory=PKMConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    # LoRA (peer.layers.lora) on every block's attention and dense-FFW linear maps: rank r (0: none) and
+    # alpha (the update is scaled by alpha / r; 0: alpha = r). Fine-tune with train.trainable="lora".
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
 
     @property
     def ffn_dim(self) -> int:
@@ -203,7 +207,8 @@ class TrainConfig:
     init_from: str = ""
     # "experts": train only the sparse layers' expert tables (PEER u/v/gate, PKM values), everything else
     # frozen; with optim.sparse_experts a step changes only the rows it retrieved (sparse memory fine-tuning)
-    trainable: Literal["all", "experts"] = "all"
+    # "lora": train only the LoRA factors (model.lora_rank > 0), everything else frozen
+    trainable: Literal["all", "experts", "lora"] = "all"
     # with trainable="experts": train only the expert_rows rows per layer that the training data retrieves
     # most above the background (TF-IDF of retrievals, peer.train.memory_rows); 0: every retrieved row.
     # background: a corpus whose val split is the background (e.g. the pre-training corpus)
@@ -443,6 +448,12 @@ def validate(cfg: Config) -> Config:
     _check(
         m.init_std > 0 and math.isfinite(m.init_std), "model.init_std", f"must be a positive number, got {m.init_std}"
     )
+    _check(m.lora_rank >= 0, "model.lora_rank", f"must be >= 0 (0: no LoRA), got {m.lora_rank}")
+    _check(
+        m.lora_alpha >= 0 and math.isfinite(m.lora_alpha),
+        "model.lora_alpha",
+        f"must be a finite number >= 0 (0: = model.lora_rank), got {m.lora_alpha}",
+    )
     k = m.pkm
     if m.sparse_layer == "pkm":
         _check_keys(k.num_memories, k.key_dim, k.topk, k.heads, "model.pkm.", "num_memories")
@@ -486,9 +497,14 @@ def validate(cfg: Config) -> Config:
         "needs train.trainable='experts', train.background (a corpus) and optim.sparse_experts=true",
     )
     _check(
-        t.trainable == "all" or m.sparse_layer in ("peer", "pkm"),
+        t.trainable != "experts" or m.sparse_layer in ("peer", "pkm"),
         "train.trainable",
         f"'experts' needs a layer with expert tables (model.sparse_layer 'peer' or 'pkm'), got {m.sparse_layer!r}",
+    )
+    _check(
+        t.trainable != "lora" or m.lora_rank > 0,
+        "train.trainable",
+        "'lora' needs LoRA factors to train: set model.lora_rank (e.g. 8)",
     )
     o = cfg.optim
     _check(math.isfinite(o.lr) and o.lr > 0, "optim.lr", f"must be a positive number, got {o.lr}")

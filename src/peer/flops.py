@@ -178,10 +178,19 @@ def moe_layer(d: int, d_ff: int, m) -> tuple[int, int, float]:
     return total, active, 2.0 * router + passes * expert_fl
 
 
+def _lora(cfg: ModelConfig, shapes: list[tuple[int, int]]) -> tuple[int, float]:
+    """(params, forward FLOPs/token) of LoRA's factors A [r, in], B [out, r] on linear maps of ``shapes``."""
+    n = sum(cfg.lora_rank * (i + o) for i, o in shapes)
+    return n, 2.0 * n
+
+
 def _ffn_layer(cfg: ModelConfig, block: int) -> tuple[int, int, float]:
     d = cfg.d_model
     if block not in cfg.sparse_block_ids() or cfg.sparse_placement == "beside":
-        return dense_ffn_layer(d, cfg.ffn_dim, cfg.ffn_activation)
+        t, a, fl = dense_ffn_layer(d, cfg.ffn_dim, cfg.ffn_activation)
+        h = cfg.ffn_dim
+        n, lf = _lora(cfg, [(d, h), (h, d)] + ([(d, h)] if cfg.ffn_activation == "swiglu" else []))
+        return t + n, a + n, fl + lf
     return _sparse_layer(cfg)
 
 
@@ -229,7 +238,8 @@ def _rows(cfg: ModelConfig, seq_len: int) -> dict[str, tuple[int, int, float]]:
     rows: dict[str, tuple[int, int, float]] = {"tok_emb": (V * d, V * d, 0.0)}
     sparse = cfg.sparse_block_ids()
     for i in range(L):
-        rows[f"blocks.{i}.attn"] = (4 * d * d, 4 * d * d, 2.0 * 4 * d * d + 2.0 * 2 * t_ctx * d)
+        n, lf = _lora(cfg, [(d, 3 * d), (d, d)])
+        rows[f"blocks.{i}.attn"] = (4 * d * d + n, 4 * d * d + n, 2.0 * 4 * d * d + 2.0 * 2 * t_ctx * d + lf)
         rows[f"blocks.{i}.ffn"] = _ffn_layer(cfg, i)
         if i in sparse and cfg.sparse_placement == "beside":
             rows[f"blocks.{i}.mem"] = _sparse_layer(cfg)

@@ -38,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import torch
@@ -49,11 +49,12 @@ from .config import ModelConfig
 from .errors import check_values
 from .layers.base import FeedForward, SparseFeedForward
 from .layers.dense import DenseFFN
+from .layers.lora import LORA_PARAMS, LoRALinear, linear, merged_weight
 from .layers.moe import MoE
 from .layers.peer import PEER
 from .layers.pkm import PKM
 
-__all__ = ["PeerLM", "LMOutput", "KVCache", "summed_nll"]
+__all__ = ["PeerLM", "LMOutput", "KVCache", "summed_nll", "merge_lora"]
 
 
 @dataclass
@@ -113,8 +114,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
         super().__init__()
         self.n_heads, self.head_dim, self.layer_id = cfg.n_heads, cfg.d_model // cfg.n_heads, layer_id
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.qkv = linear(cfg.d_model, 3 * cfg.d_model, False, cfg.lora_rank, cfg.lora_alpha)
+        self.proj = linear(cfg.d_model, cfg.d_model, False, cfg.lora_rank, cfg.lora_alpha)
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
@@ -148,7 +149,9 @@ def make_ffn(cfg: ModelConfig, block_id: int) -> FeedForward:
     ``sparse_placement="replace"``), else DenseFFN."""
     d = cfg.d_model
     if block_id not in cfg.sparse_block_ids() or cfg.sparse_placement == "beside":
-        return DenseFFN(d, cfg.ffn_dim, activation=cfg.ffn_activation)
+        return DenseFFN(
+            d, cfg.ffn_dim, activation=cfg.ffn_activation, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha
+        )
     return make_sparse(cfg)
 
 
@@ -393,11 +396,28 @@ class PeerLM(nn.Module):
         return B, T
 
 
+@torch.no_grad()
+def merge_lora(model: PeerLM) -> PeerLM:
+    """The same function without LoRA: a PeerLM with ``lora_rank=0`` whose linear maps are
+    ``W0 + (alpha / r) B A`` (:func:`peer.layers.lora.merged_weight`); ``model`` itself if it has no LoRA."""
+    cfg = model.config
+    if not cfg.lora_rank:
+        return model
+    ref = next(model.parameters())
+    out = PeerLM(replace(cfg, lora_rank=0, lora_alpha=0.0)).to(device=ref.device, dtype=ref.dtype)
+    state = {k: v for k, v in model.state_dict().items() if k.rpartition(".")[2] not in LORA_PARAMS}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            state[f"{name}.weight"] = merged_weight(m)
+    out.load_state_dict(state, strict=True)
+    return out.train(model.training)
+
+
 # --------------------------------------------------------------------------------------
 # Init helpers
 # --------------------------------------------------------------------------------------
 def _init_gpt2(m: nn.Module, std: float) -> None:
-    if isinstance(m, nn.Linear):
+    if isinstance(m, (nn.Linear, LoRALinear)):  # LoRA's factors keep their own init (B = 0: no change)
         nn.init.normal_(m.weight, std=std)
         if m.bias is not None:
             nn.init.zeros_(m.bias)

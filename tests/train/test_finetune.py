@@ -4,6 +4,8 @@ from another run's weights; ``train.trainable = "experts"`` trains only the expe
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -94,3 +96,51 @@ def test_expert_rows_trains_only_the_rows_the_data_retrieves_above_the_backgroun
 def test_expert_rows_needs_its_settings(tiny):
     with pytest.raises(ConfigError, match="train.expert_rows"):
         tiny("model.sparse_layer=peer", "train.trainable='experts'", "train.expert_rows=5")
+
+
+def test_lora_fine_tuning_changes_only_the_factors_and_merges_exactly(tiny, tmp_path):
+    from peer import count_params
+    from peer.hf.export import export_run
+    from peer.model import merge_lora
+
+    src = train(tiny("train.steps=3", out="src"))
+    source, _, _ = load_run(src)
+    ft = train(
+        tiny(
+            "train.steps=3",
+            "model.lora_rank=2",
+            "model.lora_alpha=4",
+            f"train.init_from='{src}'",
+            "train.trainable='lora'",
+            "optim.lr=0.05",
+            out="ft",
+        )
+    )
+    tuned, cfg, _ = load_run(ft)
+    before, after = source.state_dict(), tuned.state_dict()
+    lora = {k for k in after if k.endswith((".lora_a", ".lora_b"))}
+    assert lora and set(after) - lora == set(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)  # the base weights stay what they were
+    assert all(after[k].abs().sum() > 0 for k in lora if k.endswith(".lora_b"))  # B left zero: it learned
+    assert sum(p.numel() for p in tuned.parameters()) == count_params(cfg.model).total
+    x = torch.randint(0, cfg.model.vocab_size, (2, 16))
+    merged = merge_lora(tuned.eval())
+    assert merged.config.lora_rank == 0 and not any(k.endswith(".lora_a") for k in merged.state_dict())
+    torch.testing.assert_close(merged(x).logits, tuned(x).logits, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(source.eval()(x).logits, tuned(x).logits)  # the fine-tune changed the function
+    out = export_run(ft, tmp_path / "hf", tokenizer=False)  # exports as the plain model it equals
+    from safetensors import safe_open
+
+    assert json.loads((out / "config.json").read_text())["lora_rank"] == 0
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "lora" in k]
+
+
+def test_trainable_lora_needs_a_rank_and_a_lora_run_does_not_load_into_a_plain_model(tiny):
+    with pytest.raises(ConfigError, match="model.lora_rank"):
+        tiny("train.trainable='lora'")
+    with pytest.raises(ConfigError, match="model.lora_rank"):
+        tiny("model.lora_rank=-1")
+    lora = train(tiny("train.steps=2", "model.lora_rank=2", out="lora"))
+    with pytest.raises(ConfigError, match="lora_a"):  # the checkpoint has tensors a plain model does not
+        train(tiny("train.steps=2", f"train.init_from='{lora}'", out="plain"))

@@ -31,6 +31,7 @@ from transformers import PreTrainedTokenizerFast
 
 from ..errors import UsageError, disk_full_as_error
 from ..fsutil import FolderLock, folder_kind, make_temp_dir, umask
+from ..model import merge_lora
 from .modeling import PeerForCausalLM
 
 __all__ = ["export_run", "save_tokenizer", "to_hf_tokenizer"]
@@ -88,6 +89,7 @@ def export_run(
     out = Path(out_dir)
     check_export_target(run, out, overwrite)
     lm, cfg, meta = load_run(run)
+    lm = merge_lora(lm)  # a LoRA fine-tune exports as the plain model it equals
     tok = run_tokenizer(run, cfg) if tokenizer else None
     ids = {}
     if tok is not None:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .base import FeedForward, check_dim, check_positive_int
+from .lora import linear
 
 __all__ = ["DenseFFN"]
 
@@ -25,18 +25,27 @@ class DenseFFN(FeedForward):
         hidden: inner width (the paper's dense FFW uses 4 d).
         activation: "gelu" (``w2(gelu(w1 x))``) or "swiglu" (``w2(silu(w1 x) * w3 x)``).
         bias: add biases to the linear maps.
+        lora_rank, lora_alpha: LoRA on each linear map (:mod:`peer.layers.lora`; rank 0: none).
     """
 
-    def __init__(self, dim: int, hidden: int, activation: str = "gelu", bias: bool = False) -> None:
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        activation: str = "gelu",
+        bias: bool = False,
+        lora_rank: int = 0,
+        lora_alpha: float = 0.0,
+    ) -> None:
         super().__init__()
         check_positive_int(dim, "dim")
         check_positive_int(hidden, "hidden")
         if activation not in _ACTS:
             raise ValueError(f"activation must be one of {', '.join(map(repr, _ACTS))}, got {activation!r}")
         self.dim, self.hidden, self.activation = dim, hidden, activation
-        self.w1 = nn.Linear(dim, hidden, bias=bias)
-        self.w2 = nn.Linear(hidden, dim, bias=bias)
-        self.w3 = nn.Linear(dim, hidden, bias=bias) if activation == "swiglu" else None
+        self.w1 = linear(dim, hidden, bias, lora_rank, lora_alpha)
+        self.w2 = linear(hidden, dim, bias, lora_rank, lora_alpha)
+        self.w3 = linear(dim, hidden, bias, lora_rank, lora_alpha) if activation == "swiglu" else None
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, hidden={self.hidden}, activation={self.activation!r}"

@@ -22,6 +22,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -276,10 +277,18 @@ def verify_checksums(ckpt: str | Path, meta: dict, names: tuple[str, ...] = (MOD
             )
 
 
-def load_model_weights(ckpt: str | Path, model: torch.nn.Module, meta: dict | None = None, verify: bool = True) -> dict:
+def load_model_weights(
+    ckpt: str | Path,
+    model: torch.nn.Module,
+    meta: dict | None = None,
+    verify: bool = True,
+    optional: Callable[[str], bool] | None = None,
+) -> dict:
     """Load ``model.safetensors`` into ``model`` after checking checksum, names, shapes and dtypes.
 
-    Returns the checkpoint's meta. Raises CheckpointError naming the file and the tensor at fault.
+    ``optional(name)``: the model's tensors the checkpoint may lack, which keep their values (e.g. LoRA's
+    factors when fine-tuning from a model without them). Returns the checkpoint's meta. Raises
+    CheckpointError naming the file and the tensor at fault.
     """
     ckpt = Path(ckpt)
     meta = read_meta(ckpt) if meta is None else meta
@@ -303,6 +312,9 @@ def load_model_weights(ckpt: str | Path, model: torch.nn.Module, meta: dict | No
     full = {}
     for name, t in expected.items():
         src = aliases.get(name, name)
+        if src not in tensors and optional is not None and optional(name):
+            full[name] = t
+            continue
         if src not in tensors:
             raise CheckpointError(f"{path}: has no tensor {name!r} that the model needs (a different model shape?)")
         got = tensors[src]

@@ -54,6 +54,7 @@ from tomli_w import dumps as toml_dumps
 from ..config import Config, ConfigError, config_from_dict, config_to_dict
 from ..distributed import data_parallel as dpar
 from ..fsutil import FolderLock, atomic_copy, atomic_write_text
+from ..layers.lora import LORA_PARAMS
 from ..layers.router import ProductKeyRouter
 from ..memory import available_bytes, retain_freed_memory
 from ..model import PeerLM, summed_nll
@@ -348,11 +349,23 @@ def init_weights_from(model: PeerLM, path: str | Path) -> Path:
     architecture: names, shapes and dtypes are checked); returns the checkpoint used."""
     try:
         ckpt = resolve_checkpoint(path)
-        load_model_weights(ckpt, model)
+        load_model_weights(ckpt, model, optional=_is_lora)  # a model without LoRA fine-tunes with it
     except CheckpointError as e:
         raise ConfigError(f"train.init_from: {e}") from None
     log.info("initialised from %s", ckpt)
     return ckpt
+
+
+def _is_lora(name: str) -> bool:
+    return name.rpartition(".")[2] in LORA_PARAMS
+
+
+def freeze_all_but_lora(model: PeerLM) -> int:
+    """``requires_grad=False`` for every parameter but LoRA's factors (``train.trainable="lora"``); returns
+    how many parameters stay trainable."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(_is_lora(name))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def freeze_all_but_experts(model: PeerLM) -> int:
@@ -449,6 +462,8 @@ class Trainer:
             init_weights_from(self.model, t.init_from)
         if t.trainable == "experts":
             freeze_all_but_experts(self.model)
+        elif t.trainable == "lora":
+            freeze_all_but_lora(self.model)
         if t.expert_rows > 0:
             self._restrict_rows(cfg, ckpt is not None)
         self.optimizer = build_optimizer(self.model, cfg.optim)
