@@ -214,6 +214,10 @@ class TrainConfig:
     # background: a corpus whose val split is the background (e.g. the pre-training corpus)
     expert_rows: int = 0
     background: str = ""
+    # when the expert_rows are chosen: "run" (once, over the first batches of the fine-tuning data, with
+    # the starting weights) or "batch" (afresh for every training forward: the rows that batch retrieves
+    # most above the background, Lin et al.'s sparse memory fine-tuning)
+    row_selection: Literal["run", "batch"] = "run"
 
     @property
     def tokens_per_step(self) -> int:
@@ -495,6 +499,11 @@ def validate(cfg: Config) -> Config:
         t.expert_rows == 0 or (t.trainable == "experts" and bool(t.background) and cfg.optim.sparse_experts),
         "train.expert_rows",
         "needs train.trainable='experts', train.background (a corpus) and optim.sparse_experts=true",
+    )
+    _check(
+        t.row_selection == "run" or t.expert_rows > 0,
+        "train.row_selection",
+        "'batch' chooses train.expert_rows rows per batch: set train.expert_rows (e.g. 500)",
     )
     _check(
         t.trainable != "experts" or m.sparse_layer in ("peer", "pkm"),

@@ -144,3 +144,49 @@ def test_trainable_lora_needs_a_rank_and_a_lora_run_does_not_load_into_a_plain_m
     lora = train(tiny("train.steps=2", "model.lora_rank=2", out="lora"))
     with pytest.raises(ConfigError, match="lora_a"):  # the checkpoint has tensors a plain model does not
         train(tiny("train.steps=2", f"train.init_from='{lora}'", out="plain"))
+
+
+def test_batch_row_selection_keeps_each_batchs_top_tf_idf_rows():
+    from peer.config import ModelConfig, PEERConfig
+    from peer.model import PeerLM
+    from peer.train.memory_rows import BatchRows
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=16, sparse_layer="peer",
+                      peer=PEERConfig(num_experts=256, heads=2, topk=4, key_dim=8))  # fmt: skip
+    model = PeerLM(cfg).train()
+    ((name, layer),) = model.sparse_layers().items()
+    idf = torch.rand(256, dtype=torch.float64)
+    rows = BatchRows(model, {name: idf}, rows=5)
+    for _ in range(2):  # each batch: its own rows
+        x = torch.randint(0, 64, (2, 16))
+        probe = PeerLM(cfg).train()  # the same forward again, counted, to know the batch's tf
+        probe.load_state_dict(model.state_dict())
+        ((_, pl),) = probe.sparse_layers().items()
+        pl.record_usage = True
+        probe(x)
+        want = set((pl.usage * idf).topk(5).indices.tolist())
+        model.zero_grad()
+        model(x).logits.sum().backward()
+        for t in (layer.u, layer.v):
+            assert set(t.grad.abs().sum(dim=1).nonzero().flatten().tolist()) == want
+    rows.close()
+    model.zero_grad()
+    model(x).logits.sum().backward()
+    assert int((layer.u.grad.abs().sum(dim=1) > 0).sum()) > 5  # hooks gone: every retrieved row again
+
+
+def test_row_selection_batch_trains_and_resumes_with_its_idf(tiny, corpus):
+    src = train(tiny("train.steps=2", "model.sparse_layer=peer", out="src"))
+    source, _, _ = load_run(src)
+    sets = ["model.sparse_layer=peer", f"train.init_from='{src}'", "train.trainable='experts'",
+            "optim.sparse_experts=true", "train.expert_rows=3", "train.row_selection='batch'",
+            f"train.background='{corpus}'"]  # fmt: skip
+    ft = train(tiny("train.steps=2", *sets, out="ft"))
+    assert (ft / "expert_idf.pt").is_file() and not (ft / "expert_rows.pt").exists()
+    tuned, _, _ = load_run(ft)
+    for name in tuned.sparse_layers():
+        moved = (tuned.state_dict()[f"{name}.u"] != source.state_dict()[f"{name}.u"]).any(dim=1)
+        assert 0 < int(moved.sum()) <= 2 * 3  # two steps of at most 3 rows each
+    with pytest.raises(ConfigError, match="train.row_selection"):
+        tiny("model.sparse_layer=peer", "train.row_selection='batch'")

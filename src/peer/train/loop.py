@@ -478,18 +478,39 @@ class Trainer:
         self.stepper = Stepper(self.fwd, self.optimizer, self.schedule, self.data.batcher, clipper, cfg, self.device)
 
     def _restrict_rows(self, cfg: Config, resumed: bool) -> None:
-        """Sparse memory fine-tuning: only the rows :func:`peer.train.memory_rows.select_rows` picks, chosen
-        once with the starting weights and kept in the run folder (a resume trains the same rows)."""
+        """Sparse memory fine-tuning: only the rows :mod:`peer.train.memory_rows` picks, by TF-IDF against
+        the background, chosen once with the starting weights (``row_selection="run"``) or per batch from an
+        idf measured once (``"batch"``); what was measured is kept in the run folder, so a resume trains
+        the same way."""
         from .. import data
-        from .memory_rows import load_rows, restrict_gradients, save_rows, select_rows
+        from .memory_rows import (
+            IDF_FILE,
+            BatchRows,
+            background_idf,
+            load_rows,
+            restrict_gradients,
+            save_rows,
+            select_rows,
+        )
 
         t = cfg.train
+        n = t.eval_batches * t.batch_size * t.seq_len
+
+        def batches(corpus: str, split: str):
+            return data.eval_batches(data.open_tokens(corpus, split), t.batch_size, t.seq_len, n)
+
+        if t.row_selection == "batch":
+            idf = load_rows(self.run_dir, IDF_FILE) if resumed else None
+            if idf is None:
+                idf = background_idf(self.model, batches(t.background, "val"), self.device)
+                if self.denv.is_main:
+                    save_rows(self.run_dir, idf, IDF_FILE)
+            self.batch_rows = BatchRows(self.model, idf, t.expert_rows)
+            return
         keep = load_rows(self.run_dir) if resumed else None
         if keep is None:
-            n = t.eval_batches * t.batch_size * t.seq_len
-            own = data.eval_batches(data.open_tokens(cfg.data.corpus, cfg.data.train_split), t.batch_size, t.seq_len, n)
-            bg = data.eval_batches(data.open_tokens(t.background, "val"), t.batch_size, t.seq_len, n)
-            keep = select_rows(self.model, own, bg, t.expert_rows, self.device)
+            own = batches(cfg.data.corpus, cfg.data.train_split)
+            keep = select_rows(self.model, own, batches(t.background, "val"), t.expert_rows, self.device)
             if self.denv.is_main:
                 save_rows(self.run_dir, keep)
         restrict_gradients(self.model, keep)

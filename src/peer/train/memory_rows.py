@@ -8,11 +8,16 @@ background does, ranked by TF-IDF of retrievals:
     idf(i) = ln((1 + B) / (1 + b_i)),  b_i = number of the B background batches that retrieve expert i
     keep   = the ``rows`` experts with the largest tf * idf (per sparse layer)
 
-Measured once, with the model the fine-tuning starts from (eval mode), and kept in the run folder
-(``expert_rows.pt``) so that a resumed run trains the same rows. A gradient hook on each expert table
-then drops every other row from its (sparse, row-wise) gradient: those rows are not touched at all by
-the row-wise AdamW (no update, no decay). Dropping rows from a sparse gradient selects by value, which
-waits for the device on a GPU; this is a fine-tuning mode, not the pre-training hot path.
+``train.row_selection = "run"``: measured once, with the model the fine-tuning starts from (eval mode),
+and kept in the run folder (``expert_rows.pt``) so that a resumed run trains the same rows.
+``"batch"`` (Lin et al.'s own rule, :class:`BatchRows`): ``idf`` is measured once on the background (and
+kept in ``expert_rows.pt``), ``tf`` afresh on every training forward (the router weight each expert
+receives from that batch), and each batch keeps its own top ``rows`` experts per layer.
+
+A gradient hook on each expert table then drops every other row from its (sparse, row-wise) gradient:
+those rows are not touched at all by the row-wise AdamW (no update, no decay). Dropping rows from a
+sparse gradient selects by value, which waits for the device on a GPU; this is a fine-tuning mode, not
+the pre-training hot path.
 """
 
 from __future__ import annotations
@@ -24,9 +29,19 @@ import torch
 
 from ..layers.router import ProductKeyRouter
 
-__all__ = ["select_rows", "restrict_gradients", "save_rows", "load_rows", "ROWS_FILE"]
+__all__ = [
+    "select_rows",
+    "background_idf",
+    "BatchRows",
+    "restrict_gradients",
+    "save_rows",
+    "load_rows",
+    "ROWS_FILE",
+    "IDF_FILE",
+]
 
 ROWS_FILE = "expert_rows.pt"
+IDF_FILE = "expert_idf.pt"
 
 
 @torch.no_grad()
@@ -57,18 +72,35 @@ def _usage(model, layers: dict[str, ProductKeyRouter], batches: Iterable, device
     return tf, hits, count
 
 
+def _routers(model) -> dict[str, ProductKeyRouter]:
+    return {n: m for n, m in model.sparse_layers().items() if isinstance(m, ProductKeyRouter)}
+
+
+def background_idf(model, background_batches: Iterable, device="cpu") -> dict[str, torch.Tensor]:
+    """{layer name: idf per expert} = ln((1 + B) / (1 + b_i)) over the background batches (module docstring)."""
+    _, present, total = _usage(model, _routers(model), background_batches, device)
+    return {n: torch.log((1.0 + total) / (1.0 + b)) for n, b in present.items()}
+
+
 def select_rows(model, data_batches: Iterable, background_batches: Iterable, rows: int, device="cpu") -> dict:
     """{layer name: LongTensor of the ``rows`` kept row ids (ascending)} by TF-IDF (module docstring)."""
-    layers = {n: m for n, m in model.sparse_layers().items() if isinstance(m, ProductKeyRouter)}
-    tf, _, _ = _usage(model, layers, data_batches, device)
-    _, present, total = _usage(model, layers, background_batches, device)
+    tf, _, _ = _usage(model, _routers(model), data_batches, device)
+    idf = background_idf(model, background_batches, device)
     keep = {}
-    for n in layers:
-        idf = torch.log((1.0 + total) / (1.0 + present[n]))
-        score = tf[n] * idf
-        k = min(rows, score.numel())
-        keep[n] = score.topk(k).indices.sort().values
+    for n, t in tf.items():
+        score = t * idf[n]
+        keep[n] = score.topk(min(rows, score.numel())).indices.sort().values
     return keep
+
+
+def _keep_rows(g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``g`` (a table's gradient, sparse or dense) with every row outside ``mask`` dropped."""
+    if g.is_sparse:
+        g = g.coalesce()
+        sel = mask[g.indices()[0]]
+        idx, val = g.indices()[:, sel], g.values()[sel]  # a subset of sorted unique rows: still coalesced
+        return torch.sparse_coo_tensor(idx, val, g.shape, is_coalesced=True, check_invariants=False)
+    return g * mask[:, None].to(g.dtype)
 
 
 def restrict_gradients(model, keep: dict) -> list:
@@ -80,27 +112,51 @@ def restrict_gradients(model, keep: dict) -> list:
         for p in layer.expert_parameters():
             mask = torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)
             mask[rows.to(p.device)] = True
-
-            def hook(g: torch.Tensor, mask: torch.Tensor = mask) -> torch.Tensor:
-                if g.is_sparse:
-                    g = g.coalesce()
-                    sel = mask[g.indices()[0]]
-                    idx, val = g.indices()[:, sel], g.values()[sel]  # a subset of sorted unique rows: still coalesced
-                    return torch.sparse_coo_tensor(idx, val, g.shape, is_coalesced=True, check_invariants=False)
-                return g * mask[:, None].to(g.dtype)
-
-            handles.append(p.register_hook(hook))
+            handles.append(p.register_hook(lambda g, mask=mask: _keep_rows(g, mask)))
     return handles
 
 
-def save_rows(run_dir: Path, keep: dict) -> None:
-    """``keep`` in the run folder (written to a temp file, then renamed)."""
-    tmp = run_dir / f".{ROWS_FILE}.tmp"
+class BatchRows:
+    """Per-batch row selection (``train.row_selection = "batch"``): every training forward of each layer
+    keeps the ``rows`` experts with the largest ``tf * idf``, ``tf`` the router weight each expert got
+    from that forward; the tables' gradient hooks (the backward of that same forward) keep only those.
+    Experts the batch did not retrieve are never kept. ``close()`` removes the hooks."""
+
+    def __init__(self, model, idf: dict[str, torch.Tensor], rows: int) -> None:
+        self.rows, self.masks, self.handles = rows, {}, []
+        for name, layer in _routers(model).items():
+            w = idf[name].to(layer.index.keys.device)
+            layer.record_usage = True
+            layer.reset_usage()
+            self.handles.append(layer.register_forward_hook(lambda m, i, o, name=name, w=w: self._select(m, name, w)))
+            for p in layer.expert_parameters():
+                self.handles.append(p.register_hook(lambda g, name=name: _keep_rows(g, self.masks[name])))
+
+    def _select(self, layer: ProductKeyRouter, name: str, idf: torch.Tensor) -> None:
+        if layer.training and torch.is_grad_enabled():  # a training forward (a backward will follow)
+            with torch.no_grad():
+                score = layer.usage * idf
+                k = min(self.rows, int((layer.usage > 0).sum()))
+                mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
+                mask[score.topk(k).indices] = True
+                self.masks[name] = mask
+        layer.reset_usage()  # each forward counts only its own batch
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def save_rows(run_dir: Path, keep: dict, file: str = ROWS_FILE) -> None:
+    """``keep`` (the kept rows, or for ``row_selection="batch"`` the idf, :data:`IDF_FILE`) in the run folder
+    (written to a temp file, then renamed)."""
+    tmp = run_dir / f".{file}.tmp"
     torch.save({n: r.cpu() for n, r in keep.items()}, tmp)
-    tmp.replace(run_dir / ROWS_FILE)
+    tmp.replace(run_dir / file)
 
 
-def load_rows(run_dir: Path) -> dict | None:
-    """The rows a run trains, saved when it started; None when it has none."""
-    path = run_dir / ROWS_FILE
+def load_rows(run_dir: Path, file: str = ROWS_FILE) -> dict | None:
+    """What :func:`save_rows` kept when the run started; None when it has none."""
+    path = run_dir / file
     return torch.load(path) if path.is_file() else None
