@@ -179,6 +179,9 @@ class OptimConfig:
     key_lr_mult: float = 1.0  # product sub-keys
     key_weight_decay: float = 0.0
     sparse_experts: bool = False  # row-wise (lazy) AdamW on the expert tables
+    # the expert tables' optimizer: "adamw", or "sgd" (plain SGD, no momentum, no decay: an update
+    # proportional to the gradient; sparse memory fine-tuning found it forgets less, arXiv:2510.15103)
+    expert_optimizer: Literal["adamw", "sgd"] = "adamw"
     fused: bool = True
 
 
@@ -528,6 +531,11 @@ def validate(cfg: Config) -> Config:
     for name in ("weight_decay", "expert_weight_decay", "key_weight_decay"):
         v = getattr(o, name)
         _check(v >= 0 and math.isfinite(v), f"optim.{name}", f"must be >= 0, got {v}")
+    _check(
+        o.expert_optimizer == "adamw" or o.expert_weight_decay == 0,
+        "optim.expert_weight_decay",
+        f"must be 0 with optim.expert_optimizer='sgd' (plain SGD has no decay), got {o.expert_weight_decay}",
+    )
     _check(cfg.data.vocab_size > 0, "data.vocab_size", "must be positive")
     for name in ("train_split", "val_split"):  # held-out test splits: never trained or chosen on
         _check(

@@ -190,3 +190,27 @@ def test_row_selection_batch_trains_and_resumes_with_its_idf(tiny, corpus):
         assert 0 < int(moved.sum()) <= 2 * 3  # two steps of at most 3 rows each
     with pytest.raises(ConfigError, match="train.row_selection"):
         tiny("model.sparse_layer=peer", "train.row_selection='batch'")
+
+
+def test_sgd_on_the_expert_tables_moves_rows_by_the_gradient_alone(tiny):
+    sets = ["model.sparse_layer=peer", "train.trainable='experts'", "optim.sparse_experts=true",
+            "optim.expert_optimizer='sgd'", "optim.grad_clip=0", "optim.warmup_steps=0"]  # fmt: skip
+    trainer = Trainer(tiny("train.steps=1", *sets, out="sgd"))
+    try:
+        (sgd,) = [o for o in trainer.optimizer.optimizers if isinstance(o, torch.optim.SGD)]
+        assert all(g["name"] == "experts" for g in sgd.param_groups)
+        layer = next(iter(trainer.model.sparse_layers().values()))
+        before = layer.u.detach().clone()
+        x, y = next(iter(trainer.data.batcher))
+        trainer.optimizer.zero_grad()
+        out = trainer.model(x, targets=y)
+        out.loss.backward()
+        g = layer.u.grad.to_dense()
+        lr = sgd.param_groups[0]["lr"]
+        trainer.optimizer.step()
+        torch.testing.assert_close(layer.u.detach(), before - lr * g)  # no momentum, no decay, no scaling
+        assert 0 < int((g.abs().sum(dim=1) > 0).sum()) < g.shape[0]
+    finally:
+        trainer.close()
+    with pytest.raises(ConfigError, match="optim.expert_weight_decay"):
+        tiny(*sets, "optim.expert_weight_decay=0.1")

@@ -95,10 +95,16 @@ def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.Optimizer:
     """AdamW over :func:`param_groups` (fused where the device supports it).
 
     With ``optim_cfg.sparse_experts`` the ``experts`` group goes to the row-wise AdamW of
-    ``peer.train.sparse_optim`` and the result is a :class:`MultiOptimizer`.
+    ``peer.train.sparse_optim``, with ``optim_cfg.expert_optimizer="sgd"`` to plain SGD (either way a
+    step changes only rows with a gradient when the gradient is sparse), and the result is a
+    :class:`MultiOptimizer`.
     """
     groups = param_groups(model, optim_cfg)
     expert = [g for g in groups if g["name"] == "experts"]
+    rest = [g for g in groups if g["name"] != "experts"]
+    if optim_cfg.expert_optimizer == "sgd" and expert:  # takes dense or sparse (row) gradients alike
+        sgd = torch.optim.SGD(expert, lr=optim_cfg.lr * optim_cfg.expert_lr_mult)
+        return MultiOptimizer([_adamw(rest, optim_cfg), sgd] if rest else [sgd])
     if optim_cfg.sparse_experts and expert:
         from .sparse_optim import SparseRowAdamW  # our own module: an ImportError here is a bug, not a fallback
 
@@ -106,7 +112,6 @@ def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.Optimizer:
         sparse = SparseRowAdamW(
             expert, lr=o.lr * o.expert_lr_mult, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.expert_weight_decay
         )
-        rest = [g for g in groups if g["name"] != "experts"]
         return MultiOptimizer([_adamw(rest, optim_cfg), sparse] if rest else [sparse])
     return _adamw(groups, optim_cfg)
 
