@@ -214,7 +214,8 @@ class TrainConfig:
     trainable: Literal["all", "experts", "lora"] = "all"
     # with trainable="experts": train only the expert_rows rows per layer that the training data retrieves
     # most above the background (TF-IDF of retrievals, peer.train.memory_rows); 0: every retrieved row.
-    # background: a corpus whose val split is the background (e.g. the pre-training corpus)
+    # background: a corpus whose train split is the background (e.g. the pre-training corpus; a seeded
+    # sample of train.eval_batches batches of it)
     expert_rows: int = 0
     background: str = ""
     # when the expert_rows are chosen: "run" (once, over the first batches of the fine-tuning data, with

@@ -39,6 +39,7 @@ NaN/inf before every checkpoint, so no checkpoint ever holds them.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -499,10 +500,15 @@ class Trainer:
         def batches(corpus: str, split: str):
             return data.eval_batches(data.open_tokens(corpus, split), t.batch_size, t.seq_len, n)
 
+        def background():  # a seeded sample of windows of the background's train split (never its val: the
+            # split forgetting is measured on must not choose the rows)
+            b = data.Batcher(data.open_tokens(t.background, "train"), t.batch_size, t.seq_len, seed=0)
+            return itertools.islice(iter(b), t.eval_batches)
+
         if t.row_selection == "batch":
             idf = load_rows(self.run_dir, IDF_FILE) if resumed else None
             if idf is None:
-                idf = background_idf(self.model, batches(t.background, "val"), self.device)
+                idf = background_idf(self.model, background(), self.device)
                 if self.denv.is_main:
                     save_rows(self.run_dir, idf, IDF_FILE)
             self.batch_rows = BatchRows(self.model, idf, t.expert_rows)
@@ -510,7 +516,7 @@ class Trainer:
         keep = load_rows(self.run_dir) if resumed else None
         if keep is None:
             own = batches(cfg.data.corpus, cfg.data.train_split)
-            keep = select_rows(self.model, own, batches(t.background, "val"), t.expert_rows, self.device)
+            keep = select_rows(self.model, own, background(), t.expert_rows, self.device)
             if self.denv.is_main:
                 save_rows(self.run_dir, keep)
         restrict_gradients(self.model, keep)

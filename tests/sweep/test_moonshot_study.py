@@ -1,0 +1,55 @@
+"""The moonshot's choices (studies.moonshot, protocol in docs/knowledge.md) on made-up results: equal rungs
+per method, an outward rung from an edge, the reference first, the sparse methods held to the target's
+forgetting cap, and the target judged as registered."""
+
+import pytest
+
+import studies.moonshot as M
+
+BASES = {"dense": {"loss": {"val": 5.0}}, "peer": {"loss": {"val": 5.0}}}
+
+
+def _r(recall, forget, seed=0):
+    return {"recall": recall, "bits": 100 * recall, "loss": {"val": 5.0 + forget}, "seed": seed}
+
+
+def _seed0(**curves):
+    """method -> {lr: (recall, forgetting)} -> results."""
+    return {m: {lr: _r(*v) for lr, v in curves.get(m, {}).items()} for m in M.METHODS}
+
+
+def test_every_method_starts_with_the_same_number_of_rungs_inside_its_ladder():
+    assert {len(first) for _, _, _, first in M.METHODS.values()} == {4}
+    for _, _, ladder, first in M.METHODS.values():
+        assert set(first) <= set(ladder) and list(ladder) == sorted(ladder)
+
+
+def test_nothing_run_asks_for_every_first_rung_but_the_sparse_choice_waits_for_the_reference():
+    want = M.needed(_seed0(), BASES)
+    assert want == {m: sorted(first) for m, (_, _, _, first) in M.METHODS.items()}
+    full = {lr: (0.1 * i, 0.5 * i) for i, lr in enumerate(M.METHODS["dense_full"][3], start=1)}  # best at the top edge
+    sparse = {lr: (0.01, 0.01) for lr in M.METHODS["peer_smf"][3]}
+    want = M.needed(_seed0(dense_full={lr: v for lr, v in list(full.items())[:3]}, peer_smf=sparse), BASES)
+    assert want["dense_full"] == [M.METHODS["dense_full"][3][3]] and "peer_smf" not in want  # waits
+    want = M.needed(_seed0(dense_full=full, peer_smf=sparse), BASES)
+    assert want["dense_full"] == [1e-2]  # the best recall is the top rung: one rung outward
+
+
+def test_the_sparse_choice_is_the_best_recall_within_the_forgetting_cap():
+    ref = _r(0.5, 2.0)  # the cap is 0.25 * 2.0 = 0.5 nats
+    rs = {1.0: _r(0.1, 0.1), 3.0: _r(0.3, 0.4), 10.0: _r(0.6, 0.9), 30.0: _r(0.7, 3.0)}
+    assert M.choose_lr("peer_smf", rs, BASES, ref) == 3.0
+    over = {lr: _r(r["recall"], 1.0) for lr, r in rs.items()}  # nothing under the cap: the least forgetting
+    assert M.choose_lr("peer_smf", over, BASES, ref) == 1.0
+    assert M.choose_lr("dense_lora", rs, BASES, None) == 30.0  # the others: the highest recall
+
+
+def test_the_target_is_judged_on_means_over_the_report_seeds():
+    chosen = {m: M.METHODS[m][3][1] for m in M.METHODS}
+    runs = {m: [_r(0.5, 2.0, 1), _r(0.5, 2.2, 2)] for m in M.METHODS}
+    runs["peer_smf"] = [_r(0.52, 0.4, 1), _r(0.50, 0.6, 2)]  # recall above, forgetting 0.5 / 2.1 = 24 %
+    runs["peer_rows"] = [_r(0.40, 0.1, 1), _r(0.42, 0.1, 2)]  # forgets little, learns less: not met
+    s = M.summarize(chosen, runs, BASES)
+    assert s["target"]["peer_smf"]["met"] and s["target"]["peer_smf"]["forgetting_share"] == pytest.approx(0.5 / 2.1)
+    assert not s["target"]["peer_rows"]["met"]
+    assert "| peer_smf |" in M.summary_markdown(s)
