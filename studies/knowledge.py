@@ -27,9 +27,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
 from peer.fsutil import atomic_write_text
+from peer.metrics import mean_std
 
 ROOT = Path(__file__).resolve().parents[1]
 TUNE_FILE = ROOT / "configs" / "knowledge_tune.toml"
@@ -263,8 +262,8 @@ def collect(root: Path) -> list[dict]:
 
 
 def _ms(xs: Sequence[float]) -> dict:
-    a = np.asarray(xs, dtype=np.float64)
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else math.nan, "n": len(a)}
+    mean, std, n = mean_std(xs)
+    return {"mean": mean, "std": std, "n": n}
 
 
 def _gap(a: dict, b: dict) -> dict:
@@ -342,11 +341,9 @@ def summary_markdown(summary: dict) -> str:
 
 
 def plot(summary: dict, path: Path) -> None:
-    import matplotlib
+    from peer.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, corpus in zip(axes, ("f32k", "f8k"), strict=True):
         for i, (b, by_corpus) in enumerate(summary["points"].items()):
@@ -366,9 +363,7 @@ def plot(summary: dict, path: Path) -> None:
         ax.set_title(f"{corpus}: bits stored vs pool size (mean ± std over seeds)")
         ax.legend(fontsize=6)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

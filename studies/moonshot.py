@@ -23,9 +23,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
 from peer.fsutil import atomic_write_text
+from peer.metrics import mean_std
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "results" / "knowledge" / "moonshot"
@@ -184,8 +183,8 @@ def choice(bases: dict[str, dict]) -> dict[str, float]:
 
 
 def _ms(xs: Sequence[float]) -> dict:
-    a = np.asarray(xs, dtype=np.float64)
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else math.nan, "n": len(a)}
+    mean, std, n = mean_std(xs)
+    return {"mean": mean, "std": std, "n": n}
 
 
 def summarize(chosen: dict[str, float], runs: dict[str, list[dict]], bases: dict[str, dict]) -> dict:
@@ -242,11 +241,9 @@ def summary_markdown(s: dict) -> str:
 
 
 def plot(seed0: dict[str, dict[float, dict]], bases: dict[str, dict], path: Path) -> None:
-    import matplotlib
+    from peer.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for i, (m, rs) in enumerate(seed0.items()):
         lrs = sorted(rs)
@@ -262,9 +259,7 @@ def plot(seed0: dict[str, dict[float, dict]], bases: dict[str, dict], path: Path
     ax.set_title("Learning vs forgetting, every learning rate (seed 0)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

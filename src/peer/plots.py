@@ -22,10 +22,11 @@ from .errors import UsageError
 from .fsutil import publish
 from .metrics import sorted_usage, usage_stats
 
-__all__ = ["read_metrics", "curve_data", "plot_curves", "plot_usage", "add_arguments", "run"]
+__all__ = ["read_metrics", "curve_data", "plot_curves", "plot_usage", "add_arguments", "run", "pyplot", "save_figure"]
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,8 +35,8 @@ def _plt():
     return plt
 
 
-def _save(fig, path: Path) -> None:
-    """Write the figure atomically (temp file in the same folder, then os.replace)."""
+def save_figure(fig, path: Path) -> None:
+    """Write the figure atomically (temp file in the same folder, then os.replace) and close it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
     os.close(fd)
@@ -45,6 +46,7 @@ def _save(fig, path: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        pyplot().close(fig)
 
 
 # ------------------------------------------------------------------ training curves
@@ -112,7 +114,7 @@ def plot_curves(runs: Iterable[str | Path], out_dir: str | Path, names: Iterable
         key = name if name not in data else f"{name} ({r})"
         data[key] = curve_data(r)
         data[key]["name"] = key
-    plt = _plt()
+    plt = pyplot()
     out_dir = Path(out_dir)
     for xkey, label, fname in (
         ("tokens", "tokens seen", "loss_vs_tokens.png"),
@@ -132,8 +134,7 @@ def plot_curves(runs: Iterable[str | Path], out_dir: str | Path, names: Iterable
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         ax.set_title(f"Loss vs {label}")
-        _save(fig, out_dir / fname)
-        plt.close(fig)
+        save_figure(fig, out_dir / fname)
     return data
 
 
@@ -147,7 +148,7 @@ def plot_usage(
     usage and unevenness (paper Table 2). Returns ``{layer: sorted z}``."""
     if not usage:
         raise UsageError("usage: no sparse layers to plot")
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     drawn: dict[str, np.ndarray] = {}
     for i, (name, weights) in enumerate(usage.items()):
@@ -173,8 +174,7 @@ def plot_usage(
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     ax.set_title(title + " (dotted: uniform)")
-    _save(fig, Path(path))
-    plt.close(fig)
+    save_figure(fig, Path(path))
     return drawn
 
 

@@ -99,3 +99,9 @@ def test_variants_name_a_method_and_a_corpus():
     )
     with pytest.raises(ValueError):
         K.parse_variant("peer2048_f32k")
+
+
+def test_the_plot_is_written(tmp_path):
+    rising = {"peer128": 10_000, "peer256": 12_000, "peer512": 15_000, "peer1024": 30_000}
+    K.plot(K.summarize(_rows(rising, {"dense": 14_000})), tmp_path / "bits.png")
+    assert (tmp_path / "bits.png").stat().st_size > 1000

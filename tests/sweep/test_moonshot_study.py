@@ -53,3 +53,9 @@ def test_the_target_is_judged_on_means_over_the_report_seeds():
     assert s["target"]["peer_smf"]["met"] and s["target"]["peer_smf"]["forgetting_share"] == pytest.approx(0.5 / 2.1)
     assert not s["target"]["peer_rows"]["met"]
     assert "| peer_smf |" in M.summary_markdown(s)
+
+
+def test_the_plot_is_written(tmp_path):
+    seed0 = _seed0(dense_full={1e-4: (0.1, 0.5), 3e-4: (0.2, 1.5)}, peer_smf={1.0: (0.05, 0.01)})
+    M.plot(seed0, BASES, tmp_path / "moon.png")
+    assert (tmp_path / "moon.png").stat().st_size > 1000
