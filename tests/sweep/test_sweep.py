@@ -136,6 +136,21 @@ def test_compute_optimal_selection():
     assert "**24.00 (1)**" in md and "25.00 (1)" in md and "**20.00 (1)**" in md
 
 
+def test_plan_totals_add_up_the_runs_to_train(spec):
+    from peer.experiments.sweep.plan import STATE_BYTES_PER_PARAM, plan_totals
+
+    runs = plan(spec)
+    runs[0].skipped = "too small"
+    text = plan_totals(runs, parallel=2)
+    todo = runs[1:]
+    assert text.startswith(
+        f"{len(todo)} runs to train (1 skipped): {sum(r.steps * r.flops_per_step for r in todo):.3g}"
+    )
+    assert f"{sum(r.tokens for r in todo):,} tokens" in text
+    big = sorted((r.params_total * STATE_BYTES_PER_PARAM for r in todo), reverse=True)
+    assert f"largest run {big[0] / 2**30:.2f} GiB" in text and f"at most {(big[0] + big[1]) / 2**30:.2f} GiB" in text
+
+
 def test_seeds_plan_one_run_per_seed(tmp_path):
     p = tmp_path / "s.toml"
     p.write_text(SWEEP.format(out=tmp_path / "res").replace("min_steps = 10", "min_steps = 10\nseeds = [0, 3]"))

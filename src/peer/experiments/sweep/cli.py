@@ -44,7 +44,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from .plan import load_sweep, plan, plan_table
+    from .plan import load_sweep, plan, plan_table, plan_totals
 
     if args.action_or_file == "compare":
         import json
@@ -71,7 +71,9 @@ def run(args) -> int:
     if args.device:
         spec.device = args.device
     if action == "plan":
-        print(plan_table(plan(spec)))
+        runs = plan(spec)
+        print(plan_table(runs))
+        print(plan_totals(runs, spec.parallel))
         return 0
     if action == "next":
         return print_next(spec, args.metric_set)

@@ -37,7 +37,7 @@ from ...config import Config, ConfigError, apply_overrides, find_preset, load_co
 from ...flops import count_params, train_flops_per_step
 from ...train.loop import with_corpus_vocab
 
-__all__ = ["SweepSpec", "PlannedRun", "load_sweep", "plan", "budget_label"]
+__all__ = ["SweepSpec", "PlannedRun", "load_sweep", "plan", "plan_table", "plan_totals", "budget_label"]
 
 
 @dataclass
@@ -264,3 +264,22 @@ def plan_table(runs: list[PlannedRun]) -> str:
             f"{r.params_active:>10,} {r.steps:>7} {r.tokens:>11,}  {r.skipped}"
         )
     return "\n".join(lines)
+
+
+STATE_BYTES_PER_PARAM = 16  # fp32 weights, a dense gradient and AdamW's two moments: an upper bound
+
+
+def plan_totals(runs: list[PlannedRun], parallel: int = 1) -> str:
+    """The plan's totals: runs to train, training FLOPs and tokens, and the memory the parameters take
+    with their gradients and optimizer state (``STATE_BYTES_PER_PARAM`` bytes each, an upper bound that
+    leaves out activations), for the largest run and for the ``parallel`` largest side by side."""
+    todo = [r for r in runs if not r.skipped]
+    flops = sum(r.steps * r.flops_per_step for r in todo)
+    tokens = sum(r.tokens for r in todo)
+    sizes = sorted((r.params_total * STATE_BYTES_PER_PARAM for r in todo), reverse=True)
+    gib = 2.0**30
+    return (
+        f"{len(todo)} runs to train ({len(runs) - len(todo)} skipped): {flops:.3g} training FLOPs, {tokens:,} tokens; "
+        f"parameters + gradients + AdamW state: largest run {sizes[0] / gib if sizes else 0:.2f} GiB, "
+        f"{max(1, parallel)} side by side at most {sum(sizes[: max(1, parallel)]) / gib:.2f} GiB (plus activations)"
+    )
