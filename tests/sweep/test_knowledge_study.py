@@ -92,6 +92,11 @@ def test_the_targets_are_judged_as_registered():
     assert K.summary_markdown(K.summarize(_rows(rising, dense))).count("| peer1024 |") == 1
 
 
+def test_retrievals_per_expert_is_t_h_k_over_n():
+    assert K.retrievals_per_expert("peer1024", 2**20) == 32 and K.retrievals_per_expert("dense", 10) is None
+    assert K.retrievals_per_expert("peer128", 16384) == 32
+
+
 def test_variants_name_a_method_and_a_corpus():
     assert K.parse_variant("peer1024_mix") == ("peer1024", "mix") and K.parse_variant("dense_d24_f32k") == (
         "dense_d24",
