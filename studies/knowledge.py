@@ -6,9 +6,9 @@ Mechanical from start to end, like the confirmation study::
     python -m studies.knowledge tune       # (re)writes configs/knowledge_tune.toml: 3 learning rates per
                                            # method, plus one step outward where a finished bracket's best is
                                            # at its edge; run it with `peer sweep`, then call `tune` again
-    python -m studies.knowledge freeze     # once tuning is complete: configs/knowledge_3e12.toml and
-                                           # configs/knowledge_1e13.toml (the main grid, each method at its
-                                           # tuned learning rate, seeds 1 and 2)
+    python -m studies.knowledge freeze     # once tuning is complete: configs/knowledge_3e12.toml,
+                                           # knowledge_1e13.toml (the main grid, seeds 1 and 2) and
+                                           # knowledge_seed3.toml (seed 3 at the decisive points)
     python -m studies.knowledge score      # knowledge.json in every finished run (recall, bits stored)
     python -m studies.knowledge report     # results/knowledge/summary.{json,md} and docs/img/knowledge_bits.png
 
@@ -66,18 +66,29 @@ CORPORA = {  # name -> (folder, command that builds it)
 }  # fmt: skip
 STUDY_CORPORA = ("f2k", "f8k", "f32k", "mix")
 DECISIVE = ("f32k", "mix")  # where the targets are judged: beyond dense's capacity, and the mix with text
-# the main grid, one sweep file per budget: at 3e12 every method on every corpus (the two larger dense
-# models only on the decisive corpora); at 1e13 (3.3x the cost) the decisive corpora only
+# the main grid, one sweep file per budget, seeds 1 and 2: at 3e12 every method on every corpus (the two
+# larger dense models only on the decisive corpora); at 1e13 (3.3x the cost) the decisive corpora only.
+# Then seed 3 at the decisive points, both budgets: every PEER size and dense size beyond dense's capacity
+# (the rise with N, the 2x), PEER 1024^2 and the dense sizes on the mix.
 GRID = {
     3e12: {m: (DECISIVE if m in ("dense_d24", "dense_d32") else STUDY_CORPORA) for m in METHODS},
     1e13: {m: DECISIVE for m in METHODS},
 }
+DECISIVE_POINTS = {
+    **{m: ("f32k",) for m in PEER_SIDES},
+    **{m: DECISIVE for m in (*DENSE, "peer1024")},
+}
 TUNE_BUDGET, TUNE_CORPUS, TUNE_SEED = 3e12, "f8k", 0
 SEEDS = (1, 2)
+MAIN_FILES = {  # name -> (budgets, seeds, method -> corpora)
+    "knowledge_3e12": ((3e12,), SEEDS, GRID[3e12]),
+    "knowledge_1e13": ((1e13,), SEEDS, GRID[1e13]),
+    "knowledge_seed3": ((3e12, 1e13), (3,), DECISIVE_POINTS),
+}
 
 
-def main_file_path(budget: float) -> Path:
-    return ROOT / "configs" / f"knowledge_{budget:.0e}.toml".replace("+", "")
+def main_file_path(name: str) -> Path:
+    return ROOT / "configs" / f"{name}.toml"
 
 
 LR_LADDER = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # the bracket starts at 1e-3, 3e-3, 1e-2
@@ -175,21 +186,23 @@ def tune_file(root: Path = ROOT) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main_file(budget: float, root: Path = ROOT) -> str:
+def main_file(name: str, root: Path = ROOT) -> str:
+    """The sweep file ``name`` of :data:`MAIN_FILES`, every method at its tuned learning rate."""
     losses = tune_losses(root)
     lrs = {m: tuned_lr(losses[m]) for m in METHODS}
     missing = [m for m, lr in lrs.items() if lr is None]
     if missing:
         raise SystemExit(f"tuning is not complete for {missing}: run `python -m studies.knowledge tune` and its sweep")
+    budgets, seeds, grid = MAIN_FILES[name]
     lines = _sweep_head(
-        f"knowledge_{budget:.0e}".replace("+", ""),
+        name,
         MAIN_DIR,
-        [budget],
-        SEEDS,
-        f"The knowledge study's grid at {budget:g} FLOPs (docs/knowledge.md): each method at its tuned learning rate.",
+        budgets,
+        seeds,
+        f"The knowledge study's runs ({name}; docs/knowledge.md): each method at its tuned learning rate.",
     )
     for m, sets in METHODS.items():
-        for c in GRID[budget][m]:
+        for c in grid.get(m, ()):
             lines += _variant(f"{m}_{c}", [*sets, f"data.corpus={CORPORA[c][0]}", f"optim.lr={lrs[m]:g}"])
     return "\n".join(lines) + "\n"
 
@@ -391,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         atomic_write_text(TUNE_FILE, tune_file())
         print(f"wrote {TUNE_FILE.relative_to(ROOT)}")
     elif args.action == "freeze":
-        texts = {main_file_path(b): main_file(b) for b in GRID}  # all or nothing: each refuses while tuning runs
+        texts = {main_file_path(n): main_file(n) for n in MAIN_FILES}  # all or nothing: each refuses while tuning runs
         for path, text in texts.items():
             atomic_write_text(path, text)
             print(f"wrote {path.relative_to(ROOT)}")

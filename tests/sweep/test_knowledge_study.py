@@ -13,6 +13,11 @@ from peer.experiments.sweep import load_sweep
 from peer.experiments.sweep.plan import plan
 
 
+def _with_abs_base(path, text):
+    path.write_text(text.replace('base = "peer.toml"', f'base = "{K.ROOT / "configs" / "peer.toml"}"'))
+    return path
+
+
 def _finish(root, budget, variant, seed, val_loss, extra=None):
     run = root / K.TUNE_DIR / f"{budget:g}" / variant / "d16_l2" / f"seed{seed}"
     run.mkdir(parents=True, exist_ok=True)
@@ -45,13 +50,21 @@ def test_freeze_refuses_until_tuning_is_complete_then_writes_each_methods_lr(tmp
             _finish(tmp_path, K.TUNE_BUDGET, f"{m}_lr{K.lr_name(lr)}", K.TUNE_SEED, abs(math.log10(lr / 3e-3)))
     _finish(tmp_path, K.TUNE_BUDGET, f"dense_lr{K.lr_name(1e-3)}", K.TUNE_SEED, -1.0)  # dense: best at the edge
     with pytest.raises(SystemExit, match="dense"):
-        K.main_file(3e12, tmp_path)
+        K.main_file("knowledge_3e12", tmp_path)
     assert "dense_lr3e-4" in K.tune_file(tmp_path)  # the next tuning file asks for the outward step
     _finish(tmp_path, K.TUNE_BUDGET, "dense_lr3e-4", K.TUNE_SEED, 0.5)
-    text = K.main_file(1e13, tmp_path)
-    path = tmp_path / "k.toml"
-    path.write_text(text.replace('base = "peer.toml"', f'base = "{K.ROOT / "configs" / "peer.toml"}"'))
-    runs = plan(load_sweep(path))
+    assert {K.main_file_path(n).name for n in K.MAIN_FILES} == {
+        "knowledge_3e12.toml",
+        "knowledge_1e13.toml",
+        "knowledge_seed3.toml",
+    }
+    seed3 = plan(load_sweep(_with_abs_base(tmp_path / "s3.toml", K.main_file("knowledge_seed3", tmp_path))))
+    assert {r.seed for r in seed3} == {3} and {r.budget for r in seed3} == {3e12, 1e13}
+    assert {r.variant for r in seed3} == {f"{m}_f32k" for m in K.PEER_SIDES} | {
+        f"{m}_{c}" for m in (*K.DENSE, "peer1024") for c in K.DECISIVE
+    }
+    text = K.main_file("knowledge_1e13", tmp_path)
+    runs = plan(load_sweep(_with_abs_base(tmp_path / "k.toml", text)))
     lrs = {r.variant: r.config.optim.lr for r in runs}
     assert lrs["dense_f32k"] == 1e-3 and lrs["peer1024_mix"] == 3e-3 and lrs["moe_f32k"] == 3e-3
     assert {r.variant: r.config.data.corpus for r in runs}["peer1024_mix"] == K.CORPORA["mix"][0]
