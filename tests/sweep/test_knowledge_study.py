@@ -123,3 +123,36 @@ def test_the_plot_is_written(tmp_path):
     rising = {"peer128": 10_000, "peer256": 12_000, "peer512": 15_000, "peer1024": 30_000}
     K.plot(K.summarize(_rows(rising, {"dense": 14_000})), tmp_path / "bits.png")
     assert (tmp_path / "bits.png").stat().st_size > 1000
+
+
+def test_a_finished_run_is_scored_and_collected(tmp_path, monkeypatch):
+    from peer.config import load_config
+    from peer.data import facts as F
+    from peer.train import train
+
+    class Made(F.FactSource):
+        name, package, version = "made", "none", "0"
+
+        def fetch(self, cache_dir):
+            return None
+
+        def facts(self, archive):
+            for i in range(60):
+                yield F.Fact(f"Town{i:02d}", "city_country", f"Land{i % 5}")
+
+    monkeypatch.setitem(F.FACT_SOURCES, "made", Made)
+    corpus = tmp_path / "facts"
+    F.build_facts_corpus(corpus, tmp_path / "cache", 40, sources=["made"], vocab_size=300, log=lambda s: None)
+    run = tmp_path / "main" / "3e+12" / "peer128_f32k" / "d16_l2" / "seed1"
+    cfg = load_config(K.ROOT / "configs" / "tiny.toml", [f"data.corpus='{corpus}'", f"train.out_dir='{run}'",
+                      "model.vocab_size=300", "train.steps=2", "train.progress=false", "train.tensorboard=false",
+                      "train.threads=1", "model.sparse_layer=peer"])  # fmt: skip
+    train(cfg)
+    (run / "result.json").write_text(json.dumps({"budget": 3e12, "variant": "peer128_f32k", "seed": 1, "tokens": 4096,
+                                                 "params_total": 10, "perplexity": {"val": 50.0}}))  # fmt: skip
+    k = K.score_run(run)
+    assert k["facts"] == 40 and 0 <= k["recall"] <= 1 and k["bits"] >= 0
+    assert json.loads((run / "knowledge.json").read_text()) == json.loads(json.dumps(k))
+    (row,) = K.collect(tmp_path / "main")
+    assert (row["method"], row["corpus"], row["seed"]) == ("peer128", "f32k", 1)
+    assert row["retrievals_per_expert"] == 4096 * 32 / 128**2 and row["loss"]["val"] == pytest.approx(math.log(50.0))
