@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from peer.fsutil import atomic_write_text
+from peer.metrics import mean_std_record
 
 __all__ = ["gap_stats", "summarize", "summary_markdown", "main", "FULL_EVAL"]
 
@@ -63,15 +64,7 @@ def summarize(rows: Sequence[dict]) -> dict:
                 if split in r["loss"]:
                     losses.setdefault(r["method"], []).append(r["loss"][split])
                     seeds.setdefault(r["method"], []).append(r["seed"])
-            methods = {
-                m: {
-                    "mean": float(np.mean(v)),
-                    "std": float(np.std(v, ddof=1)) if len(v) > 1 else math.nan,
-                    "n": len(v),
-                    "seeds": seeds[m],
-                }
-                for m, v in losses.items()
-            }
+            methods = {m: {**mean_std_record(v), "seeds": seeds[m]} for m, v in losses.items()}
             gaps = {m: gap_stats(v, losses["peer"]) for m, v in losses.items() if m != "peer" and "peer" in losses}
             per_split[split] = {"methods": methods, "gaps": gaps}
         out["budgets"][budget_label(budget)] = per_split

@@ -28,7 +28,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from peer.fsutil import atomic_write_text
-from peer.metrics import mean_std
+from peer.metrics import mean_std_record
+
+from .confirmation import gap_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 TUNE_FILE = ROOT / "configs" / "knowledge_tune.toml"
@@ -286,14 +288,14 @@ def retrievals_per_expert(method: str, tokens: int) -> float | None:
 
 
 def _ms(xs: Sequence[float]) -> dict:
-    mean, std, n = mean_std(xs)
-    return {"mean": mean, "std": std, "n": n}
+    return {**mean_std_record(xs), "values": list(xs)}
 
 
 def _gap(a: dict, b: dict) -> dict:
-    """a - b with its standard error (NaN with fewer than two seeds on a side)."""
-    se = math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"]) if a["n"] > 1 and b["n"] > 1 else math.nan
-    return {"gap": a["mean"] - b["mean"], "se": se}
+    """a - b with its standard error and 95 % interval (studies.confirmation.gap_stats: Welch; NaN with fewer
+    than two seeds on a side)."""
+    s = gap_stats(a["values"], b["values"])
+    return {k: s[k] for k in ("gap", "se", "ci95")}
 
 
 def summarize(rows: Sequence[dict]) -> dict:

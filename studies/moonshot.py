@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from peer.fsutil import atomic_write_text
-from peer.metrics import mean_std
+from peer.metrics import mean_std_record as _ms
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "results" / "knowledge" / "moonshot"
@@ -180,11 +180,6 @@ def choice(bases: dict[str, dict]) -> dict[str, float]:
         raise SystemExit(f"seed 0 is not complete: {want} (run `python -m studies.moonshot run --seed 0`)")
     ref = seed0[REFERENCE][choose_lr(REFERENCE, seed0[REFERENCE], bases, None)]
     return {m: choose_lr(m, seed0[m], bases, ref) for m in METHODS}
-
-
-def _ms(xs: Sequence[float]) -> dict:
-    mean, std, n = mean_std(xs)
-    return {"mean": mean, "std": std, "n": n}
 
 
 def summarize(chosen: dict[str, float], runs: dict[str, list[dict]], bases: dict[str, dict]) -> dict:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["expert_usage", "unevenness", "usage_stats", "perplexity", "sorted_usage"]
+__all__ = ["expert_usage", "unevenness", "usage_stats", "perplexity", "sorted_usage", "mean_std", "mean_std_record"]
 
 
 def _weights(weights: Any, name: str = "weights") -> np.ndarray:
@@ -74,6 +74,12 @@ def mean_std(values: Any) -> tuple[float, float, int]:
     if n == 0:
         return math.nan, math.nan, 0
     return float(x.mean()), (float(x.std(ddof=1)) if n > 1 else math.nan), n
+
+
+def mean_std_record(values: Any) -> dict:
+    """:func:`mean_std` as the studies' JSON record ``{"mean", "std", "n"}``."""
+    mean, std, n = mean_std(values)
+    return {"mean": mean, "std": std, "n": n}
 
 
 def perplexity(nll_sum: float, tokens: int) -> float:

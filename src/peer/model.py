@@ -49,7 +49,7 @@ from .config import ModelConfig
 from .errors import check_values
 from .layers.base import FeedForward, SparseFeedForward
 from .layers.dense import DenseFFN
-from .layers.lora import LORA_PARAMS, LoRALinear, linear, merged_weight
+from .layers.lora import LoRALinear, is_lora_param, linear, merged_weight
 from .layers.moe import MoE
 from .layers.peer import PEER
 from .layers.pkm import PKM
@@ -405,7 +405,7 @@ def merge_lora(model: PeerLM) -> PeerLM:
         return model
     ref = next(model.parameters())
     out = PeerLM(replace(cfg, lora_rank=0, lora_alpha=0.0)).to(device=ref.device, dtype=ref.dtype)
-    state = {k: v for k, v in model.state_dict().items() if k.rpartition(".")[2] not in LORA_PARAMS}
+    state = {k: v for k, v in model.state_dict().items() if not is_lora_param(k)}
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
             state[f"{name}.weight"] = merged_weight(m)

@@ -100,6 +100,8 @@ def test_a_mix_carries_the_text_corpus_and_its_tokenizer(made, tmp_path):
     assert set(parts) == {"facts", "text"} and parts["text"] == text["splits"]["train"]["tokens"]
     tok = load_tokenizer(tmp_path / "mix")  # the text is the same text: decoded, then encoded again
     assert tok.decode(open_tokens(tmp_path / "mix", "eval_text")) == tok.decode(open_tokens(tmp_path / "text", "val"))
+    with pytest.raises(F.DataError, match="--mix-text .*not a tokenized corpus"):
+        build_facts_corpus(tmp_path / "mix3", tmp_path / "cache", 100, sources=["made"], mix_text=tmp_path / "nope")
     with pytest.raises(F.DataError, match="not the tokenizer of --mix-text"):
         build_facts_corpus(
             tmp_path / "mix2",

@@ -334,15 +334,18 @@ def build_facts_corpus(
     facts' in ``train`` (the batcher shuffles windows of the whole stream, so the mix by tokens is the
     ratio of the two parts: set it with ``repeats``) and whose ``val`` becomes ``eval_text``. Its
     tokenizer is used (``tokenizer``, if given, must be the same file)."""
-    from .corpus import check_corpus_target, load_manifest, write_corpus
-    from .sources import sha256_file
+    from .corpus import check_corpus_target, write_corpus
     from .tokenizer import load_tokenizer, train_tokenizer
 
     if mix_text is not None:
-        text_sha = load_manifest(mix_text)["tokenizer"]["sha256"]
+        if not (Path(mix_text) / "manifest.json").is_file():
+            raise DataError(
+                f"--mix-text {mix_text}: not a tokenized corpus (no manifest.json; `peer data prepare` builds one)"
+            )
         if tokenizer is not None:
             own = Path(tokenizer) / "tokenizer.json" if Path(tokenizer).is_dir() else Path(tokenizer)
-            if not own.is_file() or sha256_file(own) != text_sha:
+            text = Path(mix_text) / "tokenizer.json"
+            if not own.is_file() or not text.is_file() or own.read_bytes() != text.read_bytes():
                 raise DataError(f"--tokenizer {tokenizer} is not the tokenizer of --mix-text {mix_text}: leave it out")
         tokenizer = str(mix_text)
 

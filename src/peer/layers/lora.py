@@ -20,9 +20,14 @@ from torch import nn
 
 from .base import check_positive_int
 
-__all__ = ["LoRALinear", "linear", "merged_weight", "LORA_PARAMS"]
+__all__ = ["LoRALinear", "linear", "merged_weight", "is_lora_param", "LORA_PARAMS"]
 
 LORA_PARAMS = ("lora_a", "lora_b")  # the names of the low-rank factors (a checkpoint without them still loads)
+
+
+def is_lora_param(name: str) -> bool:
+    """Whether the parameter / state-dict key ``name`` is one of LoRA's factors."""
+    return name.rpartition(".")[2] in LORA_PARAMS
 
 
 class LoRALinear(nn.Module):

@@ -55,7 +55,7 @@ from tomli_w import dumps as toml_dumps
 from ..config import Config, ConfigError, config_from_dict, config_to_dict
 from ..distributed import data_parallel as dpar
 from ..fsutil import FolderLock, atomic_copy, atomic_write_text
-from ..layers.lora import LORA_PARAMS
+from ..layers.lora import is_lora_param
 from ..layers.router import ProductKeyRouter
 from ..memory import available_bytes, retain_freed_memory
 from ..model import PeerLM, summed_nll
@@ -350,22 +350,18 @@ def init_weights_from(model: PeerLM, path: str | Path) -> Path:
     architecture: names, shapes and dtypes are checked); returns the checkpoint used."""
     try:
         ckpt = resolve_checkpoint(path)
-        load_model_weights(ckpt, model, optional=_is_lora)  # a model without LoRA fine-tunes with it
+        load_model_weights(ckpt, model, optional=is_lora_param)  # a model without LoRA fine-tunes with it
     except CheckpointError as e:
         raise ConfigError(f"train.init_from: {e}") from None
     log.info("initialised from %s", ckpt)
     return ckpt
 
 
-def _is_lora(name: str) -> bool:
-    return name.rpartition(".")[2] in LORA_PARAMS
-
-
 def freeze_all_but_lora(model: PeerLM) -> int:
     """``requires_grad=False`` for every parameter but LoRA's factors (``train.trainable="lora"``); returns
     how many parameters stay trainable."""
     for name, p in model.named_parameters():
-        p.requires_grad_(_is_lora(name))
+        p.requires_grad_(is_lora_param(name))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -495,10 +491,6 @@ class Trainer:
         )
 
         t = cfg.train
-        n = t.eval_batches * t.batch_size * t.seq_len
-
-        def batches(corpus: str, split: str):
-            return data.eval_batches(data.open_tokens(corpus, split), t.batch_size, t.seq_len, n)
 
         def background():  # a seeded sample of windows of the background's train split (never its val: the
             # split forgetting is measured on must not choose the rows)
@@ -511,11 +503,12 @@ class Trainer:
                 idf = background_idf(self.model, background(), self.device)
                 if self.denv.is_main:
                     save_rows(self.run_dir, idf, IDF_FILE)
-            self.batch_rows = BatchRows(self.model, idf, t.expert_rows)
+            BatchRows(self.model, idf, t.expert_rows)  # its hooks keep it for the model's lifetime
             return
         keep = load_rows(self.run_dir) if resumed else None
         if keep is None:
-            own = batches(cfg.data.corpus, cfg.data.train_split)
+            n = t.eval_batches * t.batch_size * t.seq_len
+            own = data.eval_batches(data.open_tokens(cfg.data.corpus, cfg.data.train_split), t.batch_size, t.seq_len, n)
             keep = select_rows(self.model, own, background(), t.expert_rows, self.device)
             if self.denv.is_main:
                 save_rows(self.run_dir, keep)

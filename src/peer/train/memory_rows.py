@@ -11,7 +11,7 @@ background does, ranked by TF-IDF of retrievals:
 ``train.row_selection = "run"``: measured once, with the model the fine-tuning starts from (eval mode),
 and kept in the run folder (``expert_rows.pt``) so that a resumed run trains the same rows.
 ``"batch"`` (Lin et al.'s own rule, :class:`BatchRows`): ``idf`` is measured once on the background (and
-kept in ``expert_rows.pt``), ``tf`` afresh on every training forward (the router weight each expert
+kept in ``expert_idf.pt``), ``tf`` afresh on every training forward (the router weight each expert
 receives from that batch), and each batch keeps its own top ``rows`` experts per layer.
 
 A gradient hook on each expert table then drops every other row from its (sparse, row-wise) gradient:
@@ -124,6 +124,7 @@ class BatchRows:
 
     def __init__(self, model, idf: dict[str, torch.Tensor], rows: int) -> None:
         self.rows, self.masks, self.handles = rows, {}, []
+        self.layers = list(_routers(model).values())
         for name, layer in _routers(model).items():
             w = idf[name].to(layer.index.keys.device)
             layer.record_usage = True
@@ -143,9 +144,13 @@ class BatchRows:
         layer.reset_usage()  # each forward counts only its own batch
 
     def close(self) -> None:
+        """Remove the hooks and stop the usage recording they needed."""
         for h in self.handles:
             h.remove()
-        self.handles = []
+        for layer in self.layers:
+            layer.record_usage = False
+            layer.reset_usage()
+        self.handles, self.layers = [], []
 
 
 def save_rows(run_dir: Path, keep: dict, file: str = ROWS_FILE) -> None:
