@@ -8,9 +8,14 @@ its seeds, and its gap to PEER, ``method - PEER`` (> 0: PEER lower), with the st
 ``sqrt(s_m^2 / n_m + s_PEER^2 / n_PEER)``, Welch's degrees of freedom and the 95 % interval
 ``gap ± t_{0.975, dof} * se`` (scipy's Student t). A method counts as beaten on a split when the gap
 exceeds 2 standard errors (the protocol's rule). Written to ``summary.json`` (which ``peer main``
-prints beside its one-seed table) and ``summary.md``::
+prints beside its one-seed table) and ``summary.md``.
 
-    python -m studies.confirmation [--root results/confirm/final]
+A budget is *complete* when every run the sweep file plans for it has finished; until then its entry
+says ``"complete": false`` and lists the missing runs, and every reader (summary.md, ``peer main``)
+calls its numbers interim. Scoring runs beside a training sweep: ``--threads 1`` (the default) keeps it
+to one core's worth of torch threads::
+
+    python -m studies.confirmation [--root results/confirm/final] [--sweep configs/confirm_final.toml] [--threads 1]
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import numpy as np
 from peer.fsutil import atomic_write_text
 from peer.metrics import mean_std_record
 
-__all__ = ["gap_stats", "summarize", "summary_markdown", "main", "FULL_EVAL"]
+__all__ = ["gap_stats", "planned_runs", "summarize", "summary_markdown", "main", "FULL_EVAL"]
 
 FULL_EVAL = "eval_full.json"
 HEADLINE_SPLITS = ("val", "test_sotu")  # the in-domain splits the claim is judged on
@@ -47,12 +52,35 @@ def gap_stats(method: Sequence[float], peer: Sequence[float]) -> dict:
     return {"gap": gap, "se": se, "dof": dof, "ci95": [gap - half, gap + half], "peer_better_by_2se": gap > 2 * se}
 
 
-def summarize(rows: Sequence[dict]) -> dict:
+def planned_runs(sweep_file: str | Path) -> dict[str, dict[str, list[int]]]:
+    """The runs a sweep file plans: {budget label: {method: [seeds]}}."""
+    from peer.experiments.sweep.plan import budget_label, load_sweep
+    from peer.experiments.sweep.select import method_of
+
+    spec = load_sweep(sweep_file)
+    return {budget_label(b): {method_of(v): list(spec.seeds) for v in spec.variants} for b in spec.budgets}
+
+
+def summarize(rows: Sequence[dict], planned: dict[str, dict[str, list[int]]] | None = None) -> dict:
     """``rows``: {"budget": float, "method": str, "seed": int, "loss": {split: nats}} -> the summary (module
-    docstring): {"budgets": {label: {split: {"methods": {m: {mean, std, n, seeds}}, "gaps": {m: gap_stats}}}}}."""
+    docstring): {"budgets": {label: {split: {"methods": {m: {mean, std, n, seeds}}, "gaps": {m: gap_stats}}}},
+    "complete": {label: bool}, "missing": {label: ["method seedS", ...]}}. ``planned`` ({label: {method:
+    [seeds]}}, e.g. ``planned_runs``) says which runs make a budget complete; without it, none is known
+    to be missing."""
     from peer.experiments.sweep.plan import budget_label
 
-    out: dict = {"budgets": {}}
+    out: dict = {"budgets": {}, "complete": {}, "missing": {}}
+    have = {(budget_label(r["budget"]), r["method"], r["seed"]) for r in rows}
+    labels = sorted({budget_label(r["budget"]) for r in rows} | set(planned or {}), key=float)
+    for label in labels:
+        missing = [
+            f"{m} seed{s}"
+            for m, seeds in (planned or {}).get(label, {}).items()
+            for s in seeds
+            if (label, m, s) not in have
+        ]
+        out["complete"][label] = not missing
+        out["missing"][label] = missing
     for budget in sorted({r["budget"] for r in rows}):
         at = [r for r in rows if r["budget"] == budget]
         splits = sorted({s for r in at for s in r["loss"]}, key=lambda s: (s not in HEADLINE_SPLITS, s))
@@ -74,9 +102,18 @@ def summarize(rows: Sequence[dict]) -> dict:
 def summary_markdown(summary: dict) -> str:
     lines = ["# The confirmation study: PEER against each method's tuned recipe (docs/confirmation.md)", ""]
     for budget, splits in summary["budgets"].items():
+        missing = summary.get("missing", {}).get(budget, [])
         lines += [
             f"## {budget} training FLOPs",
             "",
+            *(
+                [
+                    f"**Interim**: {len(missing)} planned run(s) not finished ({', '.join(missing)}); these numbers are not the result.",
+                    "",
+                ]
+                if missing
+                else []
+            ),
             "| split | method | loss (mean ± std, n) | gap to PEER (method − PEER) | 95 % interval | PEER lower by > 2 se |",
             "|---|---|---|---|---|---|",
         ]
@@ -111,7 +148,16 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m studies.confirmation", description=__doc__.split("\n")[0])
     parser.add_argument("--root", default="results/confirm/final", help="the final sweep's results")
+    parser.add_argument(
+        "--sweep", default="configs/confirm_final.toml", help="the sweep file: which runs make a budget complete"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for scoring (default 1: beside a sweep)")
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads: must be >= 1, got {args.threads}")
+    import torch
+
+    torch.set_num_threads(args.threads)
     root = Path(args.root)
     rows = []
     for result in sorted(root.glob("*/*/*/seed*/result.json")):
@@ -121,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print(f"no finished runs under {root}")
         return 1
-    summary = summarize(rows)
+    summary = summarize(rows, planned_runs(args.sweep))
     atomic_write_text(root / "summary.json", json.dumps(summary, indent=1) + "\n")
     text = summary_markdown(summary)
     atomic_write_text(root / "summary.md", text)

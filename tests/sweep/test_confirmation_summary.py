@@ -57,3 +57,36 @@ def test_summary_and_what_peer_main_prints(tmp_path):
     lines = confirmation_lines(tmp_path / "summary.json")
     val = next(line for line in lines if " val " in line)
     assert "dense +0.090 ± " in val and val.count("*") == 1  # only dense is beaten by more than 2 se
+
+
+def test_an_unfinished_budget_is_called_interim_everywhere(tmp_path):
+    """A budget with planned runs still missing is marked interim in summary.json, summary.md and what
+    `peer main` prints; a budget with every planned run is not."""
+    rows = [
+        {"budget": 1.5e13, "method": m, "seed": 100 + i, "loss": {"val": v}}
+        for m, vals in (("peer", PEER), ("dense", DENSE))
+        for i, v in enumerate(vals)
+    ] + [{"budget": 3e13, "method": "peer", "seed": 100, "loss": {"val": 2.9}}]
+    planned = {b: {"dense": [100, 101, 102, 103, 104], "peer": [100, 101, 102, 103, 104]} for b in ("1.5e13", "3e13")}
+    s = summarize(rows, planned)
+    assert s["complete"] == {"1.5e13": True, "3e13": False}
+    assert s["missing"]["3e13"] == [f"dense seed{i}" for i in range(100, 105)] + [
+        f"peer seed{i}" for i in range(101, 105)
+    ]
+    md = summary_markdown(s)
+    assert md.count("**Interim**") == 1 and md.index("**Interim**") > md.index("## 3e13")
+    (tmp_path / "summary.json").write_text(json.dumps(s))
+    lines = confirmation_lines(tmp_path / "summary.json")
+    assert lines[0].startswith("Interim") and "3e13: 9 run(s) to go" in lines[0]
+    assert any(line.startswith("  1.5e13 val") for line in lines)  # the complete budget carries no mark
+    assert any(line.startswith("  3e13 (interim) val") for line in lines)
+    # without a plan nothing is known to be missing
+    assert summarize(rows)["complete"] == {"1.5e13": True, "3e13": True}
+
+
+def test_planned_runs_reads_the_sweep_file():
+    from studies.confirmation import planned_runs
+
+    p = planned_runs("configs/confirm_final.toml")
+    assert set(p) == {"1.5e13", "3e13"}
+    assert p["3e13"] == {m: [100, 101, 102, 103, 104] for m in ("dense", "moe", "pkm", "peer")}

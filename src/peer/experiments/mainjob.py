@@ -381,17 +381,26 @@ def confirmation_lines(path: str | Path = CONFIRMATION) -> list[str]:
             "has not finished; until it has, read no more into this table than one seed shows.",
         ]
     summary = json.loads(p.read_text(encoding="utf-8"))
+    missing = {b: m for b, m in summary.get("missing", {}).items() if m}
     lines = [
         "The confirmation study (docs/confirmation.md; each method tuned equally, 5 fresh seeds): method - PEER",
         "in nats per token with its standard error (> 0: PEER lower; * = by more than 2 standard errors):",
     ]
+    if missing:
+        lines.insert(
+            0,
+            "Interim: the confirmation study has not finished ("
+            + "; ".join(f"{b}: {len(m)} run(s) to go" for b, m in missing.items())
+            + "); interim budgets are marked and prove nothing yet.",
+        )
     for budget, splits in summary["budgets"].items():
+        tag = " (interim)" if budget in missing else ""
         for split, entry in splits.items():
             gaps = "  ".join(
                 f"{m} {g['gap']:+.3f} ± {g['se']:.3f}{' *' if g['peer_better_by_2se'] else ''}"
                 for m, g in entry["gaps"].items()
             )
-            lines.append(f"  {budget} {split:<22} {gaps}")
+            lines.append(f"  {budget}{tag} {split:<22} {gaps}")
     return lines
 
 
