@@ -30,7 +30,7 @@ import numpy as np
 from peer.fsutil import atomic_write_text
 from peer.metrics import mean_std_record
 
-__all__ = ["gap_stats", "planned_runs", "summarize", "summary_markdown", "main", "FULL_EVAL"]
+__all__ = ["gap_stats", "planned_runs", "summarize", "summary_markdown", "verdict_markdown", "main", "FULL_EVAL"]
 
 FULL_EVAL = "eval_full.json"
 HEADLINE_SPLITS = ("val", "test_sotu")  # the in-domain splits the claim is judged on
@@ -99,8 +99,45 @@ def summarize(rows: Sequence[dict], planned: dict[str, dict[str, list[int]]] | N
     return out
 
 
+def verdict_markdown(summary: dict) -> str:
+    """The claim at a glance: one row per split, one column per (budget, baseline), each cell the gap
+    ``baseline - PEER`` in nats with its standard error and the protocol's verdict ("PEER" when PEER is
+    lower by more than 2 standard errors, "baseline" when the baseline is, "tie" otherwise)."""
+    cols = [
+        (b, m)
+        for b, splits in summary["budgets"].items()
+        for m in sorted({m for e in splits.values() for m in e["gaps"]})
+    ]
+    splits = list(dict.fromkeys(s for e in summary["budgets"].values() for s in e))
+    interim = {b for b, m in summary.get("missing", {}).items() if m}
+    head = [f"{m} @ {b}{' (interim)' if b in interim else ''}" for b, m in cols]
+    lines = ["| split | " + " | ".join(head) + " |", "|---|" + "---|" * len(cols)]
+    for split in splits:
+        cells = []
+        for b, m in cols:
+            g = summary["budgets"][b].get(split, {}).get("gaps", {}).get(m)
+            if g is None:
+                cells.append("—")
+                continue
+            if math.isnan(g["se"]):
+                cells.append(f"{g['gap']:+.3f} (too few seeds)")
+                continue
+            verdict = "PEER" if g["peer_better_by_2se"] else ("baseline" if g["gap"] < -2 * g["se"] else "tie")
+            cells.append(f"{g['gap']:+.3f} ± {g['se']:.3f} ({verdict})")
+        lines.append(f"| {split} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def summary_markdown(summary: dict) -> str:
     lines = ["# The confirmation study: PEER against each method's tuned recipe (docs/confirmation.md)", ""]
+    if summary["budgets"]:
+        lines += [
+            "Gap to PEER, baseline − PEER in nats per token ± its standard error (> 0: PEER lower); the verdict by",
+            "the protocol's rule: PEER (or the baseline) lower by more than 2 standard errors, else a tie.",
+            "",
+            verdict_markdown(summary),
+            "",
+        ]
     for budget, splits in summary["budgets"].items():
         missing = summary.get("missing", {}).get(budget, [])
         lines += [

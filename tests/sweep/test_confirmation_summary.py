@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 from peer.experiments.mainjob import confirmation_lines
-from studies.confirmation import gap_stats, summarize, summary_markdown
+from studies.confirmation import gap_stats, summarize, summary_markdown, verdict_markdown
 
 PEER = [3.00, 3.02, 3.01, 2.99, 3.03]
 DENSE = [3.10, 3.12, 3.08, 3.11, 3.09]  # clearly worse than PEER
@@ -90,3 +90,20 @@ def test_planned_runs_reads_the_sweep_file():
     p = planned_runs("configs/confirm_final.toml")
     assert set(p) == {"1.5e13", "3e13"}
     assert p["3e13"] == {m: [100, 101, 102, 103, 104] for m in ("dense", "moe", "pkm", "peer")}
+
+
+def test_the_verdict_table_applies_the_two_standard_error_rule():
+    worse = [v - 0.2 for v in PEER]  # a baseline clearly below PEER
+    rows = [
+        {"budget": 1.5e13, "method": m, "seed": 100 + i, "loss": {"val": v, "test_sotu": v}}
+        for m, vals in (("peer", PEER), ("dense", DENSE), ("moe", MOE), ("pkm", worse))
+        for i, v in enumerate(vals)
+    ] + [{"budget": 3e13, "method": m, "seed": 100, "loss": {"val": 3.0}} for m in ("peer", "dense")]
+    table = verdict_markdown(summarize(rows))
+    head, _, test, val = table.splitlines()[:4]
+    assert head == "| split | dense @ 1.5e13 | moe @ 1.5e13 | pkm @ 1.5e13 | dense @ 3e13 |"
+    cells = [c.strip() for c in val.split("|")[1:-1]]
+    assert cells[0] == "val" and cells[1].endswith("(PEER)") and cells[2].endswith("(tie)")
+    assert cells[3].startswith("-0.200") and cells[3].endswith("(baseline)")
+    assert cells[4] == "+0.000 (too few seeds)"  # one seed each: no verdict
+    assert test.split("|")[5].strip() == "—"  # no 3e13 run scored test_sotu
