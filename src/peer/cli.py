@@ -46,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         top.parse_args(argv or ["--help"])
         return 0
     name = argv[0]
-    from .memory import retain_freed_memory
+    from .memory import apply_memory_settings
 
-    retain_freed_memory()  # before any tensor: large per-step buffers reuse mapped pages (peer.memory)
+    apply_memory_settings()  # before any tensor: buffers reuse mapped pages, kernel cache bounded (peer.memory)
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"peer {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)

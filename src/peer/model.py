@@ -53,7 +53,7 @@ from .layers.lora import LoRALinear, is_lora_param, linear, merged_weight
 from .layers.moe import MoE
 from .layers.peer import PEER
 from .layers.pkm import PKM
-from .memory import retain_freed_memory
+from .memory import apply_memory_settings
 
 __all__ = ["PeerLM", "LMOutput", "KVCache", "summed_nll", "merge_lora"]
 
@@ -456,9 +456,9 @@ def summed_nll(
     ``(nll, targets, windows)``. The one evaluation loss: the training loop's ``val_loss`` and
     ``peer eval``'s perplexities both come from here. ``autocast``: a context factory (bf16 runs).
     Its per-batch logits (~67 MB at 2048 tokens and 8192 words) reuse mapped pages
-    (:func:`peer.memory.retain_freed_memory`, applied here too for programs that evaluate without the
+    (:func:`peer.memory.apply_memory_settings`, applied here too for programs that evaluate without the
     command line or training: 2-5x faster on the CPU, same numbers)."""
-    retain_freed_memory()
+    apply_memory_settings()
     was_training = model.training
     model.eval()
     nll, count, windows = 0.0, 0, 0

@@ -57,7 +57,7 @@ from ..distributed import data_parallel as dpar
 from ..fsutil import FolderLock, atomic_copy, atomic_write_text
 from ..layers.lora import is_lora_param
 from ..layers.router import ProductKeyRouter
-from ..memory import available_bytes, retain_freed_memory
+from ..memory import apply_memory_settings, available_bytes
 from ..model import PeerLM, summed_nll
 from .checkpoint import (
     CheckpointError,
@@ -260,7 +260,7 @@ def train(
     The run folder is locked for the whole call (:class:`peer.fsutil.FolderLock`, by the main
     process under torchrun): a second ``train`` on the same folder fails at once, naming the pid.
     """
-    retain_freed_memory()  # no page-fault storm from the per-step buffers (peer.memory); a no-op once applied
+    apply_memory_settings()  # no page-fault storm, a bounded kernel cache (peer.memory); a no-op once applied
     check_device(cfg.train.device)  # before the lock: a bad device leaves no run folder behind
     cfg = with_corpus_vocab(absolute_paths(cfg))  # the run's config.toml then works from any directory
     check_fits(cfg)  # before the lock: a model that cannot be allocated leaves no run folder behind
