@@ -17,7 +17,7 @@ import pytest
 glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the settings are glibc's")
 
 FAULTS = textwrap.dedent("""
-    import json, resource, sys
+    import json, os, resource, sys
     import torch
     torch.set_num_threads(1)
     applied = None
@@ -46,13 +46,17 @@ FAULTS = textwrap.dedent("""
         a = torch.empty(2048, 8192); a.fill_(1.0); del a
         per_buffer.append(faults() - f0)
     # the median buffer: the heap may still grow once while it settles (seen: one buffer's pages in ten)
-    print(json.dumps({"applied": applied, "faults_per_buffer": sorted(per_buffer)[len(per_buffer) // 2]}))
+    print(json.dumps({"applied": applied, "faults_per_buffer": sorted(per_buffer)[len(per_buffer) // 2],
+                      "kernel_cache": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY")}))
 """)
 
 
-def _faults(mode: str, env_value: str | None = None) -> dict:
+def _faults(mode: str, env_value: str | None = None, kernel_cache: str | None = None) -> dict:
     env = dict(os.environ)
     env.pop("PEER_RETAIN_FREED_MEMORY", None)
+    env.pop("ONEDNN_PRIMITIVE_CACHE_CAPACITY", None)
+    if kernel_cache is not None:
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = kernel_cache
     if env_value is not None:
         env["PEER_RETAIN_FREED_MEMORY"] = env_value
     proc = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, env=env, timeout=300)
@@ -70,6 +74,16 @@ def test_a_reused_buffer_faults_no_pages_in_again():
     assert after["faults_per_buffer"] < 0.02 * pages
     evaluated = _faults("eval")  # evaluation applies it without the command line
     assert evaluated["applied"] is True and evaluated["faults_per_buffer"] < 0.02 * pages
+    assert before["kernel_cache"] is None  # torch alone leaves oneDNN's cache at its default (1024)
+
+
+def test_the_kernel_cache_is_bounded_unless_the_environment_says_otherwise():
+    """oneDNN's per-shape primitive cache is capped (a dropless MoE grew to 12 GB with the default);
+    a capacity the user set is kept."""
+    from peer.memory import KERNEL_CACHE_CAPACITY
+
+    assert _faults("cli")["kernel_cache"] == _faults("eval")["kernel_cache"] == str(KERNEL_CACHE_CAPACITY)
+    assert _faults("eval", kernel_cache="512")["kernel_cache"] == "512"
 
 
 @glibc

@@ -457,7 +457,7 @@ def summed_nll(
     ``peer eval``'s perplexities both come from here. ``autocast``: a context factory (bf16 runs).
     Its per-batch logits (~67 MB at 2048 tokens and 8192 words) reuse mapped pages
     (:func:`peer.memory.apply_memory_settings`, applied here too for programs that evaluate without the
-    command line or training: 2-5x faster on the CPU, same numbers)."""
+    command line or training: 2x faster on the CPU, same numbers; docs/benchmarks.md)."""
     apply_memory_settings()
     was_training = model.training
     model.eval()
