@@ -108,6 +108,8 @@ def verdict_markdown(summary: dict) -> str:
         for b, splits in summary["budgets"].items()
         for m in sorted({m for e in splits.values() for m in e["gaps"]})
     ]
+    if not cols:  # PEER or every baseline still unscored: no gap to show
+        return "(no gap yet: PEER and at least one baseline need finished runs)"
     splits = list(dict.fromkeys(s for e in summary["budgets"].values() for s in e))
     interim = {b for b, m in summary.get("missing", {}).items() if m}
     head = [f"{m} @ {b}{' (interim)' if b in interim else ''}" for b, m in cols]

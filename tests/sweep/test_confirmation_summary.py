@@ -107,3 +107,8 @@ def test_the_verdict_table_applies_the_two_standard_error_rule():
     assert cells[3].startswith("-0.200") and cells[3].endswith("(baseline)")
     assert cells[4] == "+0.000 (too few seeds)"  # one seed each: no verdict
     assert test.split("|")[5].strip() == "—"  # no 3e13 run scored test_sotu
+
+
+def test_no_verdict_table_before_peer_has_a_run():
+    rows = [{"budget": 1.5e13, "method": "dense", "seed": 100 + i, "loss": {"val": v}} for i, v in enumerate(DENSE)]
+    assert verdict_markdown(summarize(rows)).startswith("(no gap yet")
