@@ -159,10 +159,18 @@ def summary_markdown(summary: dict) -> str:
         for split, entry in splits.items():
             for m, s in entry["methods"].items():
                 g = entry["gaps"].get(m)
-                gap = f"{g['gap']:+.4f} ± {g['se']:.4f}" if g else "—"
-                ci = f"[{g['ci95'][0]:+.4f}, {g['ci95'][1]:+.4f}]" if g else "—"
+                few = g is not None and math.isnan(g["se"])  # a side with one seed: no spread, no interval
+                gap = (
+                    "—"
+                    if g is None
+                    else f"{g['gap']:+.4f} (too few seeds)"
+                    if few
+                    else f"{g['gap']:+.4f} ± {g['se']:.4f}"
+                )
+                ci = f"[{g['ci95'][0]:+.4f}, {g['ci95'][1]:+.4f}]" if g and not few else "—"
                 won = ("yes" if g["peer_better_by_2se"] else "no") if g else "—"
-                lines.append(f"| {split} | {m} | {s['mean']:.4f} ± {s['std']:.4f} ({s['n']}) | {gap} | {ci} | {won} |")
+                std = f"{s['std']:.4f}" if s["n"] > 1 else "—"
+                lines.append(f"| {split} | {m} | {s['mean']:.4f} ± {std} ({s['n']}) | {gap} | {ci} | {won} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -107,6 +107,8 @@ def test_the_verdict_table_applies_the_two_standard_error_rule():
     assert cells[3].startswith("-0.200") and cells[3].endswith("(baseline)")
     assert cells[4] == "+0.000 (too few seeds)"  # one seed each: no verdict
     assert test.split("|")[5].strip() == "—"  # no 3e13 run scored test_sotu
+    md = summary_markdown(summarize(rows))
+    assert "| val | dense | 3.0000 ± — (1) | +0.0000 (too few seeds) | — | no |" in md and "nan" not in md
 
 
 def test_no_verdict_table_before_peer_has_a_run():
