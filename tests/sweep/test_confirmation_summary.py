@@ -79,7 +79,11 @@ def test_an_unfinished_budget_is_called_interim_everywhere(tmp_path):
     lines = confirmation_lines(tmp_path / "summary.json")
     assert lines[0].startswith("Interim") and "3e13: 9 run(s) to go" in lines[0]
     assert any(line.startswith("  1.5e13 val") for line in lines)  # the complete budget carries no mark
-    assert any(line.startswith("  3e13 (interim) val") for line in lines)
+    assert "  3e13 (interim): no gap yet (PEER and a baseline need at least two seeds each)" in lines
+    assert (
+        "  1.5e13: PEER lower by > 2 se in 1 of 1 (split, baseline) pairs, a baseline lower by > 2 se in 0, the rest ties"
+        in lines
+    )
     # without a plan nothing is known to be missing
     assert summarize(rows)["complete"] == {"1.5e13": True, "3e13": True}
 
