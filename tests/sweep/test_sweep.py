@@ -525,3 +525,12 @@ def test_next_lists_a_fixed_size_sweeps_missing_seeds_as_the_plan_spells_its_run
     p.write_text(p.read_text().replace("seeds = [0, 1]\n", ""))  # unseeded: run ids carry no /seed<S>
     assert cli_main(["sweep", "next", str(p)]) == 0
     assert capsys.readouterr().out.split() == ["3e8/dense/d32", "3e8/peer/d32"]
+
+
+def test_a_killed_worker_is_named_with_its_signal_and_how_to_go_on():
+    from peer.experiments.sweep.runner import exit_reason
+
+    assert exit_reason(0) == exit_reason(1) == ""  # a plain failure: its log says why
+    killed = exit_reason(-9)
+    assert "SIGKILL" in killed and "out-of-memory killer" in killed and "resumes it" in killed
+    assert "SIGSEGV" in exit_reason(-11) and "out-of-memory" not in exit_reason(-11)

@@ -137,6 +137,19 @@ def config_differences(stored: dict, planned: dict, prefix: tuple = ()) -> list[
     return out
 
 
+def exit_reason(code: int) -> str:
+    """What a worker's exit code says beyond its number: a run killed by a signal nobody sent it from
+    here (SIGKILL is, on Linux, usually the out-of-memory killer) resumes from its last checkpoint."""
+    if code >= 0:
+        return ""
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    oom = ", on Linux usually the out-of-memory killer: see `dmesg`" if -code == signal.SIGKILL else ""
+    return f" (killed by {name}{oom}; the same command resumes it from its last checkpoint)"
+
+
 def _launch(r: PlannedRun, spec: SweepSpec, threads: int, log, workers: Workers | None = None) -> dict | None:
     out = Path(r.config.train.out_dir)
     done = out / "result.json"
@@ -169,7 +182,7 @@ def _launch(r: PlannedRun, spec: SweepSpec, threads: int, log, workers: Workers 
     if code is None:
         return None
     if code != 0 or not done.is_file():
-        stopped = " (stopped by a signal: its checkpoint resumes it)" if workers.stopped else ""
+        stopped = " (stopped by a signal: its checkpoint resumes it)" if workers.stopped else exit_reason(code)
         log(f"[{'stop' if workers.stopped else 'FAIL'}] {r.run_id}: exit {code}{stopped}; see {out / 'sweep.log'}")
         return None
     log(f"[done] {r.run_id} in {time.time() - t0:.0f}s")
