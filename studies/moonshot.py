@@ -1,7 +1,7 @@
 """The knowledge study's moonshot (issue 29): new facts without forgetting. Protocol in docs/knowledge.md,
 committed before its runs; everything here is mechanical::
 
-    python -m studies.moonshot run --seed 0      # every method at every learning rate of its ladder
+    python -m studies.moonshot run --seed 0      # every method at every learning rate of its ladder (2 side by side)
     python -m studies.moonshot choose            # each method's learning rate, from seed 0 (refuses before)
     python -m studies.moonshot run --seed 1      # the chosen learning rates, fresh seeds (1, 2): reported
     python -m studies.moonshot report            # results/knowledge/moonshot/summary.{json,md}, docs/img/moonshot.png
@@ -21,6 +21,7 @@ import math
 import subprocess
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from peer.fsutil import atomic_write_text
@@ -261,7 +262,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m studies.moonshot", description=__doc__.split("\n\n")[0])
     p.add_argument("action", choices=["run", "choose", "report"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--parallel", type=int, default=2, help="fine-tunings side by side, one thread each (default 2)")
     args = p.parse_args(argv)
+    if args.parallel < 1:
+        p.error(f"--parallel: must be >= 1, got {args.parallel}")
+    import torch
+
+    torch.set_num_threads(1)  # each fine-tuning trains in its own one-thread process and is scored on one thread
+    pool = ThreadPoolExecutor(max_workers=args.parallel)
     if not (ROOT / FACTS / "facts.jsonl").is_file():
         raise SystemExit(f"{FACTS} is missing: build it with `{FACTS_CMD}`")
     for b, path in BASES.items():
@@ -272,19 +280,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     bases = {b: base_eval(b) for b in BASES}
     if args.action == "run" and args.seed == 0:
         while want := needed(results(0), bases):
-            for m, lrs in want.items():
-                for lr in lrs:
-                    r = fine_tune(m, lr, 0)
-                    print(f"seed 0 {m} lr {lr:g}: recall {100 * r['recall']:.2f}%, forgetting "
-                          f"{forgetting(r, bases[METHODS[m][0]]):+.4f}", flush=True)  # fmt: skip
+            todo = [(m, lr) for m, lrs in want.items() for lr in lrs]
+            for (m, lr), r in zip(todo, pool.map(lambda t: fine_tune(t[0], t[1], 0), todo), strict=True):
+                print(f"seed 0 {m} lr {lr:g}: recall {100 * r['recall']:.2f}%, forgetting "
+                      f"{forgetting(r, bases[METHODS[m][0]]):+.4f}", flush=True)  # fmt: skip
     elif args.action == "run":
         if args.seed not in REPORT_SEEDS:
             raise SystemExit(f"--seed: seed 0 chooses, seeds {REPORT_SEEDS} report; got {args.seed}")
         chosen = json.loads((OUT / "choice.json").read_text()) if (OUT / "choice.json").is_file() else None
         if chosen is None:
             raise SystemExit("no choice yet: `python -m studies.moonshot choose` (after seed 0), and commit it")
-        for m, lr in chosen.items():
-            r = fine_tune(m, lr, args.seed)
+        todo = list(chosen.items())
+        for (m, lr), r in zip(todo, pool.map(lambda t: fine_tune(t[0], t[1], args.seed), todo), strict=True):
             print(f"seed {args.seed} {m} lr {lr:g}: recall {100 * r['recall']:.2f}%", flush=True)
     elif args.action == "choose":
         atomic_write_text(OUT / "choice.json", json.dumps(choice(bases), indent=1) + "\n")
