@@ -8,7 +8,8 @@ its seeds, and its gap to PEER, ``method - PEER`` (> 0: PEER lower), with the st
 ``sqrt(s_m^2 / n_m + s_PEER^2 / n_PEER)``, Welch's degrees of freedom and the 95 % interval
 ``gap ± t_{0.975, dof} * se`` (scipy's Student t). A method counts as beaten on a split when the gap
 exceeds 2 standard errors (the protocol's rule). Written to ``summary.json`` (which ``peer main``
-prints beside its one-seed table) and ``summary.md``.
+prints beside its one-seed table) and ``summary.md``, and plotted (``docs/img/confirmation_gaps.png``: each gap
+with its 95 % interval, per split and budget).
 
 A budget is *complete* when every run the sweep file plans for it has finished; until then its entry
 says ``"complete": false`` and lists the missing runs, and every reader (summary.md, ``peer main``)
@@ -30,7 +31,16 @@ import numpy as np
 from peer.fsutil import atomic_write_text
 from peer.metrics import mean_std_record
 
-__all__ = ["gap_stats", "planned_runs", "summarize", "summary_markdown", "verdict_markdown", "main", "FULL_EVAL"]
+__all__ = [
+    "gap_stats",
+    "planned_runs",
+    "summarize",
+    "summary_markdown",
+    "verdict_markdown",
+    "plot",
+    "main",
+    "FULL_EVAL",
+]
 
 FULL_EVAL = "eval_full.json"
 HEADLINE_SPLITS = ("val", "test_sotu")  # the in-domain splits the claim is judged on
@@ -175,6 +185,43 @@ def summary_markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(summary: dict, path: Path) -> None:
+    """The gaps at a glance: one panel per budget, one row per split, each baseline's gap to PEER with its
+    95 % interval (right of 0: PEER lower); interim budgets say so in their title."""
+    from peer.plots import pyplot, save_figure
+
+    plt = pyplot()
+    budgets = list(summary["budgets"])
+    fig, axes = plt.subplots(1, max(1, len(budgets)), figsize=(5.2 * max(1, len(budgets)), 4.2), squeeze=False)
+    interim = {b for b, m in summary.get("missing", {}).items() if m}
+    for ax, b in zip(axes[0], budgets, strict=False):
+        splits = list(summary["budgets"][b])
+        methods = sorted({m for e in summary["budgets"][b].values() for m in e["gaps"]})
+        for j, m in enumerate(methods):
+            ys, xs, lo, hi = [], [], [], []
+            for i, split in enumerate(splits):
+                g = summary["budgets"][b][split]["gaps"].get(m)
+                if g is None or math.isnan(g["se"]):
+                    continue
+                ys.append(i + (j - (len(methods) - 1) / 2) * 0.22)
+                xs.append(g["gap"])
+                lo.append(g["gap"] - g["ci95"][0])
+                hi.append(g["ci95"][1] - g["gap"])
+            if xs:
+                ax.errorbar(xs, ys, xerr=[lo, hi], fmt="o", color=f"C{j}", capsize=2, label=f"{m} − PEER")
+        if not ax.get_legend_handles_labels()[0]:
+            ax.text(0.5, 0.5, "no gap yet", transform=ax.transAxes, ha="center", va="center", color="0.4")
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_yticks(range(len(splits)), splits, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("loss gap, nats per token (> 0: PEER lower), 95 % interval")
+        ax.set_title(f"{b} training FLOPs{' (interim)' if b in interim else ''}", fontsize=10)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def _full_eval(run_dir: Path) -> dict:
     """Every token of every split (test_* included) of one run, computed once and kept in the run folder."""
     from peer.eval import evaluate
@@ -198,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sweep", default="configs/confirm_final.toml", help="the sweep file: which runs make a budget complete"
     )
+    parser.add_argument("--plot", default="docs/img/confirmation_gaps.png", help="where the gap plot goes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for scoring (default 1: beside a sweep)")
     args = parser.parse_args(argv)
     if args.threads < 1:
@@ -218,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(root / "summary.json", json.dumps(summary, indent=1) + "\n")
     text = summary_markdown(summary)
     atomic_write_text(root / "summary.md", text)
+    plot(summary, Path(args.plot))
     print(text)
     return 0
 

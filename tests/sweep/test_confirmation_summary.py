@@ -118,3 +118,17 @@ def test_the_verdict_table_applies_the_two_standard_error_rule():
 def test_no_verdict_table_before_peer_has_a_run():
     rows = [{"budget": 1.5e13, "method": "dense", "seed": 100 + i, "loss": {"val": v}} for i, v in enumerate(DENSE)]
     assert verdict_markdown(summarize(rows)).startswith("(no gap yet")
+
+
+def test_the_gap_plot_is_written(tmp_path):
+    from studies.confirmation import plot
+
+    rows = [
+        {"budget": b, "method": m, "seed": 100 + i, "loss": {"val": v, "test_sotu": v + 0.1}}
+        for b in (1.5e13, 3e13)
+        for m, vals in (("peer", PEER), ("dense", DENSE), ("moe", MOE))
+        for i, v in enumerate(vals)
+    ]
+    out = tmp_path / "img" / "gaps.png"
+    plot(summarize(rows), out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
