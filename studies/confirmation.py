@@ -47,19 +47,23 @@ HEADLINE_SPLITS = ("val", "test_sotu")  # the in-domain splits the claim is judg
 
 
 def gap_stats(method: Sequence[float], peer: Sequence[float]) -> dict:
-    """Gap ``mean(method) - mean(peer)`` with its standard error, Welch dof and 95 % interval; NaN where a
-    side has fewer than two seeds (no spread to estimate)."""
+    """Gap ``mean(method) - mean(peer)`` with its standard error, Welch dof, 95 % interval and the protocol's
+    ``verdict``: "PEER" (or "baseline") when that side is lower by more than 2 standard errors, else "tie".
+    NaN and no verdict (None) where a side has fewer than two seeds (no spread to estimate)."""
     from scipy import stats
 
     a, b = np.asarray(method, dtype=np.float64), np.asarray(peer, dtype=np.float64)
     gap = float(a.mean() - b.mean())
     if len(a) < 2 or len(b) < 2:
-        return {"gap": gap, "se": math.nan, "dof": math.nan, "ci95": [math.nan, math.nan], "peer_better_by_2se": False}
+        return {"gap": gap, "se": math.nan, "dof": math.nan, "ci95": [math.nan, math.nan], "peer_better_by_2se": False,
+                "verdict": None}  # fmt: skip
     va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
     se = math.sqrt(va + vb)
     dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if va + vb > 0 else math.inf
     half = float(stats.t.ppf(0.975, dof)) * se if se > 0 else 0.0
-    return {"gap": gap, "se": se, "dof": dof, "ci95": [gap - half, gap + half], "peer_better_by_2se": gap > 2 * se}
+    verdict = "PEER" if gap > 2 * se else "baseline" if gap < -2 * se else "tie"
+    return {"gap": gap, "se": se, "dof": dof, "ci95": [gap - half, gap + half], "peer_better_by_2se": gap > 2 * se,
+            "verdict": verdict}  # fmt: skip
 
 
 def planned_runs(sweep_file: str | Path) -> dict[str, dict[str, list[int]]]:
@@ -131,11 +135,10 @@ def verdict_markdown(summary: dict) -> str:
             if g is None:
                 cells.append("—")
                 continue
-            if math.isnan(g["se"]):
+            if g["verdict"] is None:
                 cells.append(f"{g['gap']:+.3f} (too few seeds)")
                 continue
-            verdict = "PEER" if g["peer_better_by_2se"] else ("baseline" if g["gap"] < -2 * g["se"] else "tie")
-            cells.append(f"{g['gap']:+.3f} ± {g['se']:.3f} ({verdict})")
+            cells.append(f"{g['gap']:+.3f} ± {g['se']:.3f} ({g['verdict']})")
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -169,7 +172,7 @@ def summary_markdown(summary: dict) -> str:
         for split, entry in splits.items():
             for m, s in entry["methods"].items():
                 g = entry["gaps"].get(m)
-                few = g is not None and math.isnan(g["se"])  # a side with one seed: no spread, no interval
+                few = g is not None and g["verdict"] is None  # a side with one seed: no spread, no interval
                 gap = (
                     "—"
                     if g is None
@@ -201,7 +204,7 @@ def plot(summary: dict, path: Path) -> None:
             ys, xs, lo, hi = [], [], [], []
             for i, split in enumerate(splits):
                 g = summary["budgets"][b][split]["gaps"].get(m)
-                if g is None or math.isnan(g["se"]):
+                if g is None or g["verdict"] is None:
                     continue
                 ys.append(i + (j - (len(methods) - 1) / 2) * 0.22)
                 xs.append(g["gap"])

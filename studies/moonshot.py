@@ -269,7 +269,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)  # each fine-tuning trains in its own one-thread process and is scored on one thread
-    pool = ThreadPoolExecutor(max_workers=args.parallel)
+
+    def fine_tune_all(todo: list[tuple[str, float]], seed: int) -> list[dict]:
+        with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+            return list(pool.map(lambda t: fine_tune(t[0], t[1], seed), todo))
+
     if not (ROOT / FACTS / "facts.jsonl").is_file():
         raise SystemExit(f"{FACTS} is missing: build it with `{FACTS_CMD}`")
     for b, path in BASES.items():
@@ -281,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.action == "run" and args.seed == 0:
         while want := needed(results(0), bases):
             todo = [(m, lr) for m, lrs in want.items() for lr in lrs]
-            for (m, lr), r in zip(todo, pool.map(lambda t: fine_tune(t[0], t[1], 0), todo), strict=True):
+            for (m, lr), r in zip(todo, fine_tune_all(todo, 0), strict=True):
                 print(f"seed 0 {m} lr {lr:g}: recall {100 * r['recall']:.2f}%, forgetting "
                       f"{forgetting(r, bases[METHODS[m][0]]):+.4f}", flush=True)  # fmt: skip
     elif args.action == "run":
@@ -291,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if chosen is None:
             raise SystemExit("no choice yet: `python -m studies.moonshot choose` (after seed 0), and commit it")
         todo = list(chosen.items())
-        for (m, lr), r in zip(todo, pool.map(lambda t: fine_tune(t[0], t[1], args.seed), todo), strict=True):
+        for (m, lr), r in zip(todo, fine_tune_all(todo, args.seed), strict=True):
             print(f"seed {args.seed} {m} lr {lr:g}: recall {100 * r['recall']:.2f}%", flush=True)
     elif args.action == "choose":
         atomic_write_text(OUT / "choice.json", json.dumps(choice(bases), indent=1) + "\n")

@@ -22,7 +22,6 @@ import hashlib
 import os
 import resource
 import time
-import tomllib
 from pathlib import Path
 
 import torch
@@ -35,18 +34,18 @@ def _usage() -> str:
 
 def train(method: str, steps: int, out: str) -> None:
     from peer.config import load_config
+    from peer.experiments.sweep.plan import load_sweep
+    from peer.memory import KERNEL_CACHE_ENV
     from peer.train import train as run_training
     from peer.train.checkpoint import latest_checkpoint
 
-    sweep = tomllib.loads(Path("configs/confirm_final.toml").read_text(encoding="utf-8"))
-    sets = sweep["sweep"]["set"] + sweep["variants"][method]["set"]
-    base = str(Path("configs") / sweep["sweep"]["base"])
+    spec = load_sweep("configs/confirm_final.toml")
     extra = [f"train.out_dir='{out}'", f"train.steps={steps}", "train.flops=0", "train.threads=1", "train.seed=7"]
-    run = run_training(load_config(base, sets + extra))
+    run = run_training(load_config(spec.base or None, [*spec.overrides, *spec.variants[method], *extra]))
     last = latest_checkpoint(run)
     assert last is not None, f"{run}: no checkpoint"
     weights = Path(last) / "model.safetensors"
-    print(f"cache capacity {os.environ.get('ONEDNN_PRIMITIVE_CACHE_CAPACITY', '(oneDNN default)')}: {_usage()}")
+    print(f"cache capacity {os.environ.get(KERNEL_CACHE_ENV, '(oneDNN default)')}: {_usage()}")
     print(f"weights sha256 {hashlib.sha256(weights.read_bytes()).hexdigest()[:16]}")
 
 

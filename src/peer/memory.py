@@ -11,8 +11,8 @@ steps; docs/benchmarks.md).
 and to keep freed memory there instead of giving it back, so the next step reuses pages that are
 already mapped. It changes where tensors live, never what is computed (results are bit-identical;
 tested). The cost: the process keeps its peak heap resident until it exits, which training does
-anyway. ``peer`` applies it where a process starts (the command line), where training starts
-(:func:`peer.train.train`) and where evaluation starts (:func:`peer.model.summed_nll`); a program that imports ``peer`` as a library may call it itself.
+anyway. ``peer`` applies it through :func:`apply_memory_settings` (below); a program that imports
+``peer`` as a library may call it itself.
 
 Elsewhere than glibc (macOS, musl, Windows) it does nothing. ``PEER_RETAIN_FREED_MEMORY=0`` turns it
 off (e.g. to measure the difference).
@@ -29,7 +29,7 @@ d48 MoE held **12 GB** after 1,000 steps, and two side by side ran this 24 GiB m
 what the evicted one did.
 
 :func:`apply_memory_settings` applies both; ``peer`` calls it where a process starts (the command line),
-where training starts and where evaluation starts.
+where training starts (:func:`peer.train.train`) and where evaluation starts (:func:`peer.model.summed_nll`).
 """
 
 from __future__ import annotations

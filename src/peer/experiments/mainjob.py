@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import sys
@@ -396,12 +395,12 @@ def confirmation_lines(path: str | Path = CONFIRMATION) -> list[str]:
         )
     for budget, splits in summary["budgets"].items():
         tag = " (interim)" if budget in missing else ""
-        gaps = [g for entry in splits.values() for g in entry["gaps"].values() if not math.isnan(g["se"])]
+        gaps = [g for entry in splits.values() for g in entry["gaps"].values() if g["verdict"] is not None]
         if not gaps:
             lines.append(f"  {budget}{tag}: no gap yet (PEER and a baseline need at least two seeds each)")
             continue
-        won = sum(g["peer_better_by_2se"] for g in gaps)
-        lost = sum(g["gap"] < -2 * g["se"] for g in gaps)
+        won = sum(g["verdict"] == "PEER" for g in gaps)
+        lost = sum(g["verdict"] == "baseline" for g in gaps)
         lines.append(
             f"  {budget}{tag}: PEER lower by > 2 se in {won} of {len(gaps)} (split, baseline) pairs, "
             f"a baseline lower by > 2 se in {lost}, the rest ties"
@@ -410,7 +409,7 @@ def confirmation_lines(path: str | Path = CONFIRMATION) -> list[str]:
             cells = "  ".join(
                 f"{m} {g['gap']:+.3f} ± {g['se']:.3f}{' *' if g['peer_better_by_2se'] else ''}"
                 for m, g in entry["gaps"].items()
-                if not math.isnan(g["se"])
+                if g["verdict"] is not None
             )
             if cells:
                 lines.append(f"  {budget}{tag} {split:<22} {cells}")
