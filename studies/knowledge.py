@@ -110,7 +110,7 @@ def _sweep_head(name: str, out_dir: str, budgets: Sequence[float], seeds: Sequen
         f'out_dir = "{out_dir}"',
         f"budgets = [{', '.join(f'{b:g}' for b in budgets)}]",
         f"seeds = [{', '.join(map(str, seeds))}]",
-        'base = "peer.toml"',
+        'base = "recipe/base_knowledge.toml"',
         "set = [" + ", ".join(f'"{s}"' for s in BACKBONE) + "]",
         "min_steps = 50",
         "parallel = 2",

@@ -63,8 +63,11 @@ def _moves(model: PeerLM) -> tuple[float, float]:
     ],
 )
 def test_eval_logits_depend_only_on_earlier_tokens_of_their_own_sequence(layer, moe):
-    within, across = _moves(_model(layer, **moe))
+    model = _model(layer, **moe)
+    within, across = _moves(model)
     assert within == 0.0 and across == 0.0
+    if moe.get("routing") != "token_choice":  # token choice is causal here only because its capacity never binds
+        assert model.noncausal_layers() == []
 
 
 @pytest.mark.parametrize(
@@ -72,8 +75,21 @@ def test_eval_logits_depend_only_on_earlier_tokens_of_their_own_sequence(layer, 
 )
 def test_batch_routed_moe_is_not_causal(moe):
     """The documented exception: these routings see the whole flattened batch."""
-    within, across = _moves(_model("moe", **moe))
+    model = _model("moe", **moe)
+    within, across = _moves(model)
     assert max(within, across) > 1e-4
+    assert model.noncausal_layers() == [name for name in model.sparse_layers()]  # the layer says so itself
+
+
+def test_eval_report_flags_non_causal_perplexities():
+    from peer.eval import format_report
+
+    base = {"run": "r", "step": 1, "model": "moe", "params": {"total": 1, "active": 1}, "flops_per_token": 1.0}
+    sets = {"val": {"kind": "split", "tokens": 10, "loss": 1.0, "perplexity": 2.7}}
+    flagged = format_report({**base, "sets": sets, "experts": {}, "noncausal_layers": ["blocks.1.ffn"]})
+    clean = format_report({**base, "sets": sets, "experts": {}, "noncausal_layers": []})
+    assert "not causal" in flagged and "blocks.1.ffn" in flagged
+    assert "not causal" not in clean
 
 
 def test_dropless_moe_equals_the_per_token_sum_of_its_top_k_experts():

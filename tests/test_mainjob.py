@@ -165,15 +165,20 @@ def test_recipe_line_names_every_lever_of_the_peer_preset():
     line = describe_recipe(load_config(Path(__file__).parents[1] / "configs" / "peer.toml"))
     for part in (
         "d_model 48",
-        "lr 0.006",
+        "lr 0.0085",
+        "warmup 100",
         "h=4",
         "k=8",
         "key_dim=16",
-        "v init x0.03",
-        "expert lr x3 -> x1",
-        "table weight decay 0.1",
+        "v init x0.1",
+        "expert lr x1,",  # the frozen recipe's multiplier 1: its cosine schedule moves nothing, so is not named
+        "table weight decay 0",
     ):
         assert part in line, (part, line)
+    ramped = describe_recipe(
+        load_config(Path(__file__).parents[1] / "configs" / "peer.toml", ["optim.expert_lr_mult=3"])
+    )
+    assert "expert lr x3 -> x1 (cosine)" in ramped
     lazy = describe_recipe(
         load_config(Path(__file__).parents[1] / "configs" / "peer.toml", ["optim.sparse_experts=true"])
     )

@@ -170,7 +170,8 @@ def evaluate(
 
     Returns a JSON-able dict: ``run``, ``step``, ``params`` (total/active), ``flops_per_token``,
     ``seq_len``, ``sets`` ({name: {kind, tokens, windows, nll, loss, perplexity}}), and ``experts``
-    ({layer: {experts, used, usage, unevenness, set, by_set}}) measured on the validation split.
+    ({layer: {experts, used, usage, unevenness, set, by_set}}) measured on the validation split, and
+    ``noncausal_layers`` (:meth:`PeerLM.noncausal_layers`: non-empty when the perplexities are not causal).
     ``plot_dir`` writes ``expert_usage.png`` there (``experts[layer]["plot"]`` holds its path).
     ``facts`` (a facts corpus or its facts.jsonl, :mod:`peer.data.facts`) adds ``knowledge``: recall, value
     loss and bits stored (:mod:`peer.knowledge`), over its first ``max_facts`` probes if given.
@@ -247,6 +248,9 @@ def evaluate(
         "seq_len": T,
         "sets": report_sets,
         "experts": {},
+        # layers whose evaluation output depends on other positions/sequences (a batch-routed MoE): then
+        # these perplexities are not causal LM perplexities
+        "noncausal_layers": model.noncausal_layers(),
     }
     if probes is not None:
         from .knowledge import knowledge_report, score_facts
@@ -283,6 +287,12 @@ def format_report(report: dict) -> str:
     ]
     for name, s in report["sets"].items():
         lines.append(f"{name:<28} {s['kind']:<6} {s['tokens']:>10,} {s['loss']:>8.4f} {s['perplexity']:>11.2f}")
+    if report.get("noncausal_layers"):
+        lines.append(
+            f"note: not causal LM perplexities: {', '.join(report['noncausal_layers'])} route over the whole "
+            "batch, so a token's output depends on later tokens and other sequences (model.moe.routing="
+            '"dropless" is causal; docs/training.md)'
+        )
     for lname, e in report["experts"].items():
         if e.get("set") is None:
             continue

@@ -303,6 +303,11 @@ class PeerLM(nn.Module):
         assert all(isinstance(m, SparseFeedForward) for m in layers.values())
         return layers  # type: ignore[return-value]
 
+    def noncausal_layers(self) -> list[str]:
+        """Names of the feed-forward layers whose evaluation output is not causal (see
+        :meth:`FeedForward.causal`): empty when this model's perplexity is a causal LM perplexity."""
+        return [n for n, m in self.named_modules() if isinstance(m, FeedForward) and not m.causal()]
+
     def new_kv_cache(
         self,
         batch_size: int,

@@ -14,7 +14,11 @@ from peer.experiments.sweep.plan import plan
 
 
 def _with_abs_base(path, text):
-    path.write_text(text.replace('base = "peer.toml"', f'base = "{K.ROOT / "configs" / "peer.toml"}"'))
+    path.write_text(
+        text.replace(
+            'base = "recipe/base_knowledge.toml"', f'base = "{K.ROOT / "configs" / "recipe" / "base_knowledge.toml"}"'
+        )
+    )
     return path
 
 

@@ -306,7 +306,7 @@ def describe_recipe(cfg: Config) -> str:
             f"{', shared pool' if m.share_experts else ''}), expert lr x{o.expert_lr_mult:g}"
             + (
                 f" -> x{o.expert_lr_mult_final:g} ({o.expert_lr_mult_schedule})"
-                if o.expert_lr_mult_schedule != "constant"
+                if o.expert_lr_mult_schedule != "constant" and o.expert_lr_mult_final != o.expert_lr_mult
                 else ""
             )
             + f", table weight decay {o.expert_weight_decay:g}"

@@ -20,6 +20,8 @@ What a caller may rely on, and nothing else (no attribute probing):
 - ``supports_sparse_grad`` / ``sparse_grad``: whether the layer can hand its expert tables sparse row
   gradients, and whether it does (the trainer sets it from ``optim.sparse_experts``).
 - :meth:`share_pool`: point this layer's expert pool at another layer's (``model.share_experts``).
+- :meth:`causal`: whether, in evaluation, a token's output depends on that token alone (then the LM's
+  perplexity is a causal LM perplexity); False for MoE routings that rank the flattened batch.
 """
 
 from __future__ import annotations
@@ -106,6 +108,12 @@ class FeedForward(nn.Module):
     def key_parameters(self) -> list[nn.Parameter]:
         """The product keys (optimizer group ``keys``); none unless the layer retrieves by key."""
         return []
+
+    def causal(self) -> bool:
+        """True when, in evaluation, each token's output depends on that token's input alone (no other
+        position, no other sequence of the batch): the LM's perplexity is then causal
+        (tests/test_causality.py measures it for every layer)."""
+        return True
 
 
 class SparseFeedForward(FeedForward):

@@ -121,6 +121,11 @@ class MoE(SparseFeedForward):
             f"topk={self.topk}, capacity_factor={self.capacity_factor}, activation={self.activation!r}"
         )
 
+    def causal(self) -> bool:
+        """Only dropless routing is causal: expert choice and token choice with a capacity rank the
+        flattened batch (a binding capacity lets a token lose its expert to another sequence's tokens)."""
+        return self.routing == "dropless"
+
     def capacity(self, num_tokens: int) -> int:
         """Tokens per expert C for a batch of ``num_tokens`` tokens (clamped to 1..num_tokens)."""
         c = self.capacity_factor * num_tokens * self.topk / self.num_experts
