@@ -11,9 +11,13 @@ export PATH="$PWD/.venv/bin:$PATH"  # the printed corpus commands call `peer`
 py=.venv/bin/python peer=.venv/bin/peer
 what=${1:-all}
 
+tracked() {  # git's path of a file: configs/ is a link to src/peer/configs, and git does not follow links
+    realpath --relative-to=. "$@"
+}
+
 commit() {  # commit the given paths if they changed
     local msg=$1; shift
-    git add -- "$@"
+    git add -- $(tracked "$@")
     git diff --cached --quiet || git commit -qm "$msg"
 }
 
@@ -27,7 +31,7 @@ study() {
         $peer sweep configs/knowledge_tune.toml  # exits non-zero (and so this script) unless every run finished
         tools/commit_finished.sh results/knowledge/tune "knowledge study: tuning results"
         $py -m studies.knowledge tune  # the file is cumulative: unchanged after a complete sweep = tuning done
-        git diff --quiet -- configs/knowledge_tune.toml && break
+        git diff --quiet -- "$(tracked configs/knowledge_tune.toml)" && break
     done
     $py -m studies.knowledge freeze
     commit "knowledge study: learning rates frozen, grid written (python -m studies.knowledge freeze), before its runs" \
