@@ -57,6 +57,11 @@ def test_summary_and_what_peer_main_prints(tmp_path):
     lines = confirmation_lines(tmp_path / "summary.json")
     val = next(line for line in lines if " val " in line)
     assert "dense +0.090 ± " in val and val.count("*") == 1  # only dense is beaten by more than 2 se
+    assert "!" not in val  # no baseline is lower by 2 se
+    rows += [{"budget": 1.5e13, "method": "pkm", "seed": 100 + i, "loss": {"val": v - 0.2}} for i, v in enumerate(PEER)]
+    (tmp_path / "summary.json").write_text(json.dumps(summarize(rows)))
+    val = next(line for line in confirmation_lines(tmp_path / "summary.json") if " val " in line)
+    assert val.count("*") == 1 and "pkm -0.200 ± 0.010 !" in val  # a baseline's win is marked as plainly
 
 
 def test_an_unfinished_budget_is_called_interim_everywhere(tmp_path):

@@ -367,6 +367,7 @@ def format_table(comparison: dict) -> str:
 
 
 CONFIRMATION = Path("results/confirm/final/summary.json")  # written by `python -m studies.confirmation`
+_MARK = {"PEER": " *", "baseline": " !", "tie": ""}  # a gap's verdict (studies.confirmation.gap_stats)
 
 
 def confirmation_lines(path: str | Path = CONFIRMATION) -> list[str]:
@@ -384,7 +385,8 @@ def confirmation_lines(path: str | Path = CONFIRMATION) -> list[str]:
     missing = {b: m for b, m in summary.get("missing", {}).items() if m}
     lines = [
         "The confirmation study (docs/confirmation.md; each method tuned equally, 5 fresh seeds): method - PEER",
-        "in nats per token with its standard error (> 0: PEER lower; * = by more than 2 standard errors):",
+        "in nats per token with its standard error (> 0: PEER lower; by more than 2 standard errors: * PEER lower,",
+        "! the baseline lower):",
     ]
     if missing:
         lines.insert(
@@ -407,7 +409,7 @@ def confirmation_lines(path: str | Path = CONFIRMATION) -> list[str]:
         )
         for split, entry in splits.items():
             cells = "  ".join(
-                f"{m} {g['gap']:+.3f} ± {g['se']:.3f}{' *' if g['peer_better_by_2se'] else ''}"
+                f"{m} {g['gap']:+.3f} ± {g['se']:.3f}{_MARK[g['verdict']]}"
                 for m, g in entry["gaps"].items()
                 if g["verdict"] is not None
             )
