@@ -195,7 +195,9 @@ def plot(summary: dict, path: Path) -> None:
 
     plt = pyplot()
     budgets = list(summary["budgets"])
-    fig, axes = plt.subplots(1, max(1, len(budgets)), figsize=(5.2 * max(1, len(budgets)), 4.2), squeeze=False)
+    fig, axes = plt.subplots(
+        1, max(1, len(budgets)), figsize=(5.2 * max(1, len(budgets)), 4.2), squeeze=False, sharex=True
+    )
     interim = {b for b, m in summary.get("missing", {}).items() if m}
     for ax, b in zip(axes[0], budgets, strict=False):
         splits = list(summary["budgets"][b])
