@@ -44,6 +44,16 @@ def test_cli_train_then_resume(corpus, tmp_path, capsys):
     assert "train.stepz" in capsys.readouterr().err
 
 
+def test_cli_train_says_when_a_models_losses_are_not_causal(corpus, tmp_path, capsys):
+    base = [str(ROOT / "configs" / "tiny.toml"), "--set", f"data.corpus={corpus}", "model.vocab_size=64"]
+    base += ["train.progress=false", "train.steps=1", "model.sparse_layer=moe", "model.moe.num_experts=4"]
+    for routing, noted in (("expert_choice", True), ("dropless", False)):
+        out = tmp_path / routing
+        assert main(["train", *base, f"model.moe.routing={routing}", "--out", str(out)]) == 0
+        err = capsys.readouterr().err
+        assert ("not causal" in err) == noted, (routing, err)
+
+
 @pytest.mark.parametrize("name", ["tiny", *PRESETS])
 def test_presets_load_and_round_trip_through_toml(name):
     cfg = load_config(ROOT / "configs" / f"{name}.toml")

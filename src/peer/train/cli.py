@@ -17,6 +17,17 @@ from pathlib import Path
 __all__ = ["add_arguments", "run"]
 
 
+def _noncausal_layers(cfg) -> list[str]:
+    """The layers of ``cfg``'s model whose outputs depend on other positions (built on the meta device:
+    no memory, no init), as :meth:`peer.model.PeerLM.noncausal_layers` says."""
+    import torch
+
+    from ..model import PeerLM
+
+    with torch.device("meta"):
+        return PeerLM(cfg.model).noncausal_layers()
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="TOML config (e.g. configs/peer.toml), or a run directory")
     parser.add_argument(
@@ -67,6 +78,13 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"peer train: {steps} steps of {cfg.train.tokens_per_step} tokens -> {cfg.train.out_dir}", file=sys.stderr
         )
+        noncausal = _noncausal_layers(cfg)
+        if noncausal:
+            print(
+                f"peer train: note: {', '.join(noncausal)} route over the whole batch (model.moe.routing="
+                f'{cfg.model.moe.routing!r}): its losses are not causal LM losses; "dropless" is causal',
+                file=sys.stderr,
+            )
     try:
         if args.from_checkpoint and not args.resume:
             raise ConfigError("--from: only with --resume (it names the checkpoint to continue from)")
