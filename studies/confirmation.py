@@ -34,6 +34,7 @@ from peer.metrics import mean_std_record
 __all__ = [
     "gap_stats",
     "planned_runs",
+    "tuning_effort",
     "summarize",
     "summary_markdown",
     "verdict_markdown",
@@ -73,6 +74,22 @@ def planned_runs(sweep_file: str | Path) -> dict[str, dict[str, list[int]]]:
 
     spec = load_sweep(sweep_file)
     return {budget_label(b): {method_of(v): list(spec.seeds) for v in spec.variants} for b in spec.budgets}
+
+
+def tuning_effort(screen_root: str | Path) -> dict[str, dict[str, int]]:
+    """Per method, what its recipe was chosen from, counted from the screen's finished runs (stages 1
+    and 2, ``<root>/<budget>/<method>_tNN/<size>/seed<S>/result.json``): ``configurations`` (distinct
+    trials) and ``runs`` (trials × seeds). The protocol reports it beside the gaps: equal per method."""
+    from peer.experiments.sweep.select import method_of
+
+    trials: dict[str, set[str]] = {}
+    runs: dict[str, int] = {}
+    for result in Path(screen_root).glob("*/*/*/seed*/result.json"):
+        variant = result.parents[2].name
+        m = method_of(variant)
+        trials.setdefault(m, set()).add(variant)
+        runs[m] = runs.get(m, 0) + 1
+    return {m: {"configurations": len(trials[m]), "runs": runs[m]} for m in sorted(trials)}
 
 
 def summarize(rows: Sequence[dict], planned: dict[str, dict[str, list[int]]] | None = None) -> dict:
@@ -151,6 +168,13 @@ def summary_markdown(summary: dict) -> str:
             "the protocol's rule: PEER (or the baseline) lower by more than 2 standard errors, else a tie.",
             "",
             verdict_markdown(summary),
+            "",
+        ]
+    if summary.get("tuning"):
+        lines += [
+            "Tuning effort before each frozen recipe (configurations tried, and runs; counted from the screen's results): "
+            + ", ".join(f"{m} {t['configurations']} ({t['runs']} runs)" for m, t in summary["tuning"].items())
+            + ".",
             "",
         ]
     for budget, splits in summary["budgets"].items():
@@ -250,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sweep", default="configs/confirm_final.toml", help="the sweep file: which runs make a budget complete"
     )
+    parser.add_argument("--screen", default="results/confirm/screen", help="stages 1-2's results (the tuning count)")
     parser.add_argument("--plot", default="docs/img/confirmation_gaps.png", help="where the gap plot goes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for scoring (default 1: beside a sweep)")
     args = parser.parse_args(argv)
@@ -268,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no finished runs under {root}")
         return 1
     summary = summarize(rows, planned_runs(args.sweep))
+    summary["tuning"] = tuning_effort(args.screen)
     atomic_write_text(root / "summary.json", json.dumps(summary, indent=1) + "\n")
     text = summary_markdown(summary)
     atomic_write_text(root / "summary.md", text)

@@ -137,3 +137,27 @@ def test_the_gap_plot_is_written(tmp_path):
     out = tmp_path / "img" / "gaps.png"
     plot(summarize(rows), out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_the_tuning_effort_is_counted_from_the_screens_results_and_printed(tmp_path):
+    from studies.confirmation import tuning_effort
+
+    for trial, seeds in (("dense_t01", [10]), ("dense_t02", [10, 11, 12]), ("peer_t01", [10]), ("peer_t02", [10])):
+        for seed in seeds:
+            run = tmp_path / "1.5e13" / trial / "d48_l4" / f"seed{seed}"
+            run.mkdir(parents=True)
+            (run / "result.json").write_text("{}")
+    (tmp_path / "1.5e13" / "peer_t03" / "d48_l4" / "seed10").mkdir(parents=True)  # unfinished: not counted
+    effort = tuning_effort(tmp_path)
+    assert effort == {"dense": {"configurations": 2, "runs": 4}, "peer": {"configurations": 2, "runs": 2}}
+    rows = [
+        {"budget": 1.5e13, "method": m, "seed": 100 + i, "loss": {"val": v}}
+        for m, vals in (("peer", PEER), ("dense", DENSE))
+        for i, v in enumerate(vals)
+    ]
+    s = summarize(rows) | {"tuning": effort}
+    assert "dense 2 (4 runs), peer 2 (2 runs)" in summary_markdown(s)
+    (tmp_path / "summary.json").write_text(json.dumps(s))
+    assert "  recipes chosen from (configurations tried, runs): dense 2 (4), peer 2 (2)" in confirmation_lines(
+        tmp_path / "summary.json"
+    )

@@ -388,6 +388,11 @@ def confirmation_lines(path: str | Path = CONFIRMATION) -> list[str]:
         "in nats per token with its standard error (> 0: PEER lower; by more than 2 standard errors: * PEER lower,",
         "! the baseline lower):",
     ]
+    if summary.get("tuning"):
+        lines.append(
+            "  recipes chosen from (configurations tried, runs): "
+            + ", ".join(f"{m} {t['configurations']} ({t['runs']})" for m, t in summary["tuning"].items())
+        )
     if missing:
         lines.insert(
             0,
