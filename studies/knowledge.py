@@ -27,6 +27,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from peer.experiments.sweep.plan import budget_label
 from peer.fsutil import atomic_write_text
 from peer.metrics import mean_std_record
 
@@ -136,7 +137,7 @@ def _val_loss(run: Path) -> float | None:
 def tune_losses(root: Path = ROOT) -> dict[str, dict[float, float | None]]:
     """method -> lr -> val loss of the tuning run (None: not finished), for every lr the tuning has asked for."""
     out: dict[str, dict[float, float | None]] = {}
-    base = root / TUNE_DIR / f"{TUNE_BUDGET:g}"
+    base = root / TUNE_DIR / budget_label(TUNE_BUDGET)  # the sweep's folder name: "3e12", not "3e+12"
     for m in METHODS:
         out[m] = {}
         for lr in LR_LADDER:
@@ -317,7 +318,7 @@ def summarize(rows: Sequence[dict]) -> dict:
         }
         if all("eval_text" in r["loss"] for r in rs):
             entry["text_loss"] = _ms([r["loss"]["eval_text"] for r in rs])
-        table.setdefault(f"{b:g}", {}).setdefault(c, {})[m] = entry
+        table.setdefault(budget_label(b), {}).setdefault(c, {})[m] = entry
     targets: dict = {}
     for b, by_corpus in table.items():
         f32, mix = by_corpus.get("f32k", {}), by_corpus.get("mix", {})

@@ -10,7 +10,7 @@ import pytest
 
 import studies.knowledge as K
 from peer.experiments.sweep import load_sweep
-from peer.experiments.sweep.plan import plan
+from peer.experiments.sweep.plan import budget_label, plan
 
 
 def _with_abs_base(path, text):
@@ -23,7 +23,7 @@ def _with_abs_base(path, text):
 
 
 def _finish(root, budget, variant, seed, val_loss, extra=None):
-    run = root / K.TUNE_DIR / f"{budget:g}" / variant / "d16_l2" / f"seed{seed}"
+    run = root / K.TUNE_DIR / budget_label(budget) / variant / "d16_l2" / f"seed{seed}"
     run.mkdir(parents=True, exist_ok=True)
     (run / "result.json").write_text(json.dumps({"perplexity": {"val": math.exp(val_loss), **(extra or {})}}))
     return run
@@ -98,13 +98,13 @@ def _rows(peer_bits, dense_bits, budget=3e12, corpus="f32k"):
 def test_the_targets_are_judged_as_registered():
     rising = {"peer128": 10_000, "peer256": 12_000, "peer512": 15_000, "peer1024": 30_000}
     dense = {"dense": 14_000, "dense_d24": 9_000, "dense_d32": 8_000}
-    t = K.summarize(_rows(rising, dense))["targets"]["3e+12"]
+    t = K.summarize(_rows(rising, dense))["targets"]["3e12"]
     assert t["bits_rise_with_N"]["met"]
     assert t["peer1024_2x_dense_bits"]["best_dense"] == "dense"  # lowest val loss of the three sizes
     assert t["peer1024_2x_dense_bits"]["ratio"] == pytest.approx(30_000 / 14_000) and t["peer1024_2x_dense_bits"]["met"]
-    t = K.summarize(_rows({**rising, "peer512": 11_000}, {"dense": 16_000}))["targets"]["3e+12"]
+    t = K.summarize(_rows({**rising, "peer512": 11_000}, {"dense": 16_000}))["targets"]["3e12"]
     assert not t["bits_rise_with_N"]["met"] and not t["peer1024_2x_dense_bits"]["met"]
-    mix = K.summarize(_rows(rising, dense, corpus="mix"))["targets"]["3e+12"]["mix_recall_and_text"]
+    mix = K.summarize(_rows(rising, dense, corpus="mix"))["targets"]["3e12"]["mix_recall_and_text"]
     assert mix["met"] and mix["text_loss_gap"]["gap"] == 0  # equal text loss counts as no worse
     assert K.summary_markdown(K.summarize(_rows(rising, dense))).count("| peer1024 |") == 1
 
@@ -147,7 +147,7 @@ def test_a_finished_run_is_scored_and_collected(tmp_path, monkeypatch):
     monkeypatch.setitem(F.FACT_SOURCES, "made", Made)
     corpus = tmp_path / "facts"
     F.build_facts_corpus(corpus, tmp_path / "cache", 40, sources=["made"], vocab_size=300, log=lambda s: None)
-    run = tmp_path / "main" / "3e+12" / "peer128_f32k" / "d16_l2" / "seed1"
+    run = tmp_path / "main" / "3e12" / "peer128_f32k" / "d16_l2" / "seed1"
     cfg = load_config(K.ROOT / "configs" / "tiny.toml", [f"data.corpus='{corpus}'", f"train.out_dir='{run}'",
                       "model.vocab_size=300", "train.steps=2", "train.progress=false", "train.tensorboard=false",
                       "train.threads=1", "model.sparse_layer=peer"])  # fmt: skip
