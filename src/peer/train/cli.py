@@ -24,8 +24,12 @@ def _noncausal_layers(cfg) -> list[str]:
 
     from ..model import PeerLM
 
-    with torch.device("meta"):
-        return PeerLM(cfg.model).noncausal_layers()
+    model_cfg = replace(cfg.model, vocab_size=cfg.model.vocab_size or 1)  # 0: the corpus's, resolved later
+    try:
+        with torch.device("meta"):
+            return PeerLM(model_cfg).noncausal_layers()
+    except ValueError:  # an invalid model: training refuses it itself, with the field named
+        return []
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
