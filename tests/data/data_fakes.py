@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import subprocess
 from pathlib import Path
 
 from peer.data import Document, Source
@@ -66,3 +67,19 @@ class FakeSource(Source):
 
     def split_rule(self):
         return "split from meta"
+
+
+def build_deb(tmp_path: Path, package: str, version: str, files: dict[str, str]) -> Path:
+    """A Debian package ``<package>_<version>_all.deb`` in ``tmp_path`` holding ``files`` (path -> text),
+    built with ``dpkg-deb`` (the tests that call it skip without it)."""
+    root = tmp_path / f"{package}-root"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "DEBIAN" / "control").write_text(
+        f"Package: {package}\nVersion: {version}\nArchitecture: all\nMaintainer: x <x@y.z>\nDescription: test\n"
+    )
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    deb = tmp_path / f"{package}_{version}_all.deb"
+    subprocess.run(["dpkg-deb", "--build", "--root-owner-group", str(root), str(deb)], check=True, capture_output=True)
+    return deb

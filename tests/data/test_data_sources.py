@@ -2,11 +2,11 @@
 
 import io
 import shutil
-import subprocess
 import sys
 import tarfile
 
 import pytest
+from data_fakes import build_deb
 
 from peer.data import DataError
 from peer.data.sources import (
@@ -120,19 +120,10 @@ def test_shakespeare(tmp_path):
 
 @pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")
 def test_pydoc(tmp_path):
-    root = tmp_path / "pkg"
-    (root / "DEBIAN").mkdir(parents=True)
-    (root / "DEBIAN" / "control").write_text(
-        "Package: python3.11-doc\nVersion: 9.9\nArchitecture: all\nMaintainer: x <x@y.z>\nDescription: test\n"
-    )
-    srcdir = root / "usr/share/doc/python3.11/html/_sources"
+    srcdir = "usr/share/doc/python3.11/html/_sources"
     names = [f"library/mod{i}" for i in range(30)] + ["tutorial/index"]
-    for n in names:
-        (srcdir / n).parent.mkdir(parents=True, exist_ok=True)
-        (srcdir / f"{n}.rst.txt").write_text(f":mod:`{n}`\n=====\n\nText of {n}.\n")
-    (srcdir / "library" / "notes.txt").write_text("not an rst source")
-    deb = tmp_path / "python3.11-doc_9.9_all.deb"
-    subprocess.run(["dpkg-deb", "--build", "--root-owner-group", str(root), str(deb)], check=True, capture_output=True)
+    files = {f"{srcdir}/{n}.rst.txt": f":mod:`{n}`\n=====\n\nText of {n}.\n" for n in names}
+    deb = build_deb(tmp_path, "python3.11-doc", "9.9", {**files, f"{srcdir}/library/notes.txt": "not an rst source"})
     src = PyDoc()
     docs = list(src.documents(deb))
     assert [d.id for d in docs] == sorted(f"pydoc/{n}" for n in names)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
+from data_fakes import build_deb
 
 from peer.data import facts as F
 from peer.data.facts import TEMPLATES, Fact, build_facts_corpus, choose_facts, fact_splits, render
@@ -193,3 +195,76 @@ def test_bad_probe_files_are_one_line(tmp_path):
     (tmp_path / "facts.jsonl").write_text(json.dumps({"prefix": "a"}) + "\n")
     with pytest.raises(UsageError, match="line 1 is not a probe"):
         load_probes(tmp_path)
+
+
+# --- the sources' own parsers, on made-up records in their real formats -------------------------------
+_WNDB_NOUN = """\
+  1 This software and database is being provided to you, the LICENSEE, by
+00000001 03 n 01 entity 0 000 | that which exists
+00000002 05 n 01 dog 0 001 @ 00000001 n 0000 | a domestic animal
+00000003 05 n 02 bank 0 riverbank 0 001 @ 00000001 n 0000 | sloping land
+00000004 05 n 01 bank 0 001 @ 00000002 n 0000 | a second sense of bank
+00000005 05 n 01 mule 0 002 @ 00000001 n 0000 @ 00000002 n 0000 | two hypernyms: ambiguous
+00000006 15 n 01 Paris 0 001 @i 00000001 n 0000 | the capital of France
+"""
+_WNDB_ADJ = """\
+00000010 00 a 02 hot 0 warm(a) 0 002 ! 00000011 a 0101 & 00000012 s 0000 | of high temperature
+00000011 00 a 01 cold 0 001 ! 00000010 a 0101 | of low temperature
+00000012 00 s 01 scorching 0 001 & 00000010 a 0000 | very hot
+"""
+
+
+def test_wordnet_reads_one_sense_words_and_exactly_one_value_per_relation():
+    got = {(f.subject, f.relation, f.value) for f in F.wordnet_facts({"n": _WNDB_NOUN, "a": _WNDB_ADJ})}
+    assert got == {
+        ("dog", "word_hypernym", "entity"),
+        ("riverbank", "word_hypernym", "entity"),  # "bank" has two senses: left out; its synonym is not
+        ("Paris", "word_instance", "entity"),
+        ("hot", "word_antonym", "cold"),  # a lexical pointer: word 1 -> word 1, so "warm" gets no antonym
+        ("cold", "word_antonym", "hot"),
+        ("hot", "word_similar", "scorching"),  # a semantic pointer: every word of the synset, "(a)" dropped
+        ("warm", "word_similar", "scorching"),
+        ("scorching", "word_similar", "hot"),  # the satellite's ("s") file is the adjectives'
+    }  # and "mule" (two hypernyms) has none
+
+
+def test_places_round_to_whole_degrees_and_one_significant_digit():
+    assert [F._degrees(x, "north", "south") for x in (42.53, -33.9, 0.4, 1.2, -0.6)] == [
+        "43 degrees north", "34 degrees south", "0 degrees", "1 degree north", "1 degree south"
+    ]  # fmt: skip
+    assert [F._about(n) for n in (1418, 602, 96_000, 5, 149_999)] == ["1,000", "600", "100,000", "5", "100,000"]
+    countries = {"AD": {"name": "Andorra"}}
+    cities = {
+        "1": {"geonameid": 2, "name": "Vila", "countrycode": "AD"},
+        "2": {"geonameid": 1, "name": "Soldeu", "countrycode": "AD"},
+        "3": {"geonameid": 3, "name": "Vila", "countrycode": "AD"},  # a name two cities share: neither
+        "4": {"geonameid": 4, "name": "Nowhere", "countrycode": "ZZ"},  # no known country
+    }
+    assert [(c["name"], n) for c, n in F.unique_cities(countries, cities)] == [("Soldeu", "Andorra")]
+
+
+def test_every_relation_has_one_source_and_the_default_pool_keeps_its_relations():
+    owner = [r for s in F.FACT_SOURCES.values() for r in s.relations]
+    assert sorted(owner) == sorted(TEMPLATES) and len(owner) == len(set(owner))
+    # the knowledge study's corpora (docs/knowledge.md) were built from these: their manifests list exactly these
+    assert [r for r in TEMPLATES if any(r in F.FACT_SOURCES[s].relations for s in F.DEFAULT_FACT_SOURCES)] == [
+        "unicode_name", "unicode_code", "city_country", "city_timezone", "country_capital", "country_continent",
+        "country_currency", "language_code", "currency_code", "country_code", "subdivision_country",
+    ]  # fmt: skip
+
+
+def test_a_manifest_lists_the_relations_of_its_sources_only(made, tmp_path):
+    from peer.data import load_manifest
+
+    build_facts_corpus(tmp_path / "f", tmp_path / "c", 50, sources=["made"], vocab_size=300, log=lambda s: None)
+    assert list(load_manifest(tmp_path / "f")["facts"]["relations"]) == ["city_country", "language_code"]
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")
+def test_wordnet_reads_its_debian_package(tmp_path):
+    d = "usr/share/wordnet"
+    deb = build_deb(tmp_path, "wordnet-base", "1:3.0-37", {f"{d}/data.noun": _WNDB_NOUN, f"{d}/data.adj": _WNDB_ADJ,
+                                                          f"{d}/index.noun": "not read"})  # fmt: skip
+    src = F.WordNet()
+    assert ("dog", "word_hypernym", "entity") in {(f.subject, f.relation, f.value) for f in src.facts(deb)}
+    assert src.archive_version(deb.with_name("wordnet-base_1%3a3.0-37_all.deb")) == "1:3.0-37"

