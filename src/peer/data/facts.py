@@ -562,11 +562,13 @@ def build_facts_corpus(
     check_corpus_target(out, overwrite=False)
     pool: list[Fact] = []
     relations = {r for name in sources for r in FACT_SOURCES[name].relations}
+    versions: dict[str, dict[str, str]] = {}
     for name in sources:
         src = FACT_SOURCES[name]()
         archive = src.fetch(cache_dir)
         got = list(src.facts(archive))
-        log(f"{name}: {len(got):,} facts ({src.package} {src.version})")
+        versions[name] = {"package": src.package, "version": src.archive_version(archive) if archive else src.version}
+        log(f"{name}: {len(got):,} facts ({src.package} {versions[name]['version']})")
         pool += got
     facts = choose_facts(pool, num_facts, seed)
     relations |= {f.relation for f in facts}
@@ -580,7 +582,7 @@ def build_facts_corpus(
             "num_facts": len(facts),
             "seed": seed,
             "repeats": repeats,
-            "sources": {n: {"package": FACT_SOURCES[n].package, "version": FACT_SOURCES[n].version} for n in sources},
+            "sources": versions,
             "relations": {r: sum(1 for f in facts if f.relation == r) for r in TEMPLATES if r in relations},
             **({"mix_text": str(mix_text)} if mix_text is not None else {}),
         }
