@@ -310,7 +310,8 @@ def format_report(report: dict) -> str:
         lines.append(
             f"facts ({k['facts_file']}): {k['facts']:,} probes, recall {100 * k['recall']:.1f}%, value loss "
             f"{k['value_nats_per_token']:.3f} nats/token, bits stored {k['bits']:,.0f} of {k['bits_available']:,.0f} "
-            f"({k['bits_per_param']:.3g} per parameter)"
+            f"({k['bits_per_param']:.3g} per parameter); over the values' frequencies {k['bits_over_prior']:,.0f} of "
+            f"{k['bits_over_prior_available']:,.0f}"
         )
         for rel, r in k["relations"].items():
             lines.append(f"  {rel:<20} {r['facts']:>8,} facts  recall {100 * r['recall']:5.1f}%  bits {r['bits']:,.0f}")

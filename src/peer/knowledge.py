@@ -9,12 +9,18 @@ boundary counts as the value's). One forward pass scores them:
     recalled        every value token is the argmax given the true tokens before it: exactly
                     what greedy decoding from the prefix would write
     bits stored     max(0, log2(candidates) - L / ln 2)
+    bits over prior max(0, -log2 q(value) - L / ln 2), q the frequency of the value among the probes of
+                    its relation (knowledge_report): what the model knows beyond which values are common
 
 ``log2(candidates)`` is the information of a fact whose value is uniform over its relation's
 ``candidates`` values; a model that gives the value probability p stores log2(candidates * p) bits
 of it (floored at zero). This is the definition of Allen-Zhu & Li, "Knowledge Capacity Scaling
 Laws" (arXiv:2404.05405), for facts drawn uniformly; for real facts (not uniform) it is an upper
 bound on the information, the same for every model compared, which is what a comparison needs.
+A model that has learned only how often each value occurs (most cities are in the United States)
+already "stores" bits by that definition, more the more facts are probed; *bits over prior* counts
+only what it knows beyond those frequencies (a secondary measure added by the knowledge study's
+addendum of 2026-12-07; docs/knowledge.md).
 """
 
 from __future__ import annotations
@@ -117,7 +123,17 @@ def score_facts(model, tokenizer, probes: Sequence[dict], batch_size: int = 64, 
 
 def knowledge_report(scores: Sequence[dict], probes: Sequence[dict], params: int, train_flops: float | None) -> dict:
     """Totals of :func:`score_facts`: facts, recall, mean value loss per token, bits stored (total, per
-    parameter, per training FLOP), and the same per relation."""
+    parameter, per training FLOP), bits over the values' frequencies (see the module docstring), and the
+    same per relation."""
+    counts: dict[tuple[str, str], int] = {}
+    per_relation: dict[str, int] = {}
+    for p in probes:
+        r = p.get("relation", "?")
+        counts[(r, p["value"])] = counts.get((r, p["value"]), 0) + 1
+        per_relation[r] = per_relation.get(r, 0) + 1
+    surprise = [  # -log2 of the value's frequency among its relation's probes
+        math.log2(per_relation[p.get("relation", "?")] / counts[(p.get("relation", "?"), p["value"])]) for p in probes
+    ]
 
     def totals(idx: list[int]) -> dict:
         n = len(idx)
@@ -129,6 +145,8 @@ def knowledge_report(scores: Sequence[dict], probes: Sequence[dict], params: int
             "value_nats_per_token": sum(scores[i]["value_nats"] for i in idx) / max(toks, 1),
             "bits": bits,
             "bits_available": sum(math.log2(probes[i]["candidates"]) for i in idx),
+            "bits_over_prior": sum(max(0.0, surprise[i] - scores[i]["value_nats"] / math.log(2)) for i in idx),
+            "bits_over_prior_available": sum(surprise[i] for i in idx),
         }
 
     every = totals(list(range(len(scores))))

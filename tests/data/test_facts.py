@@ -163,6 +163,22 @@ def test_a_model_that_knows_every_value_stores_all_the_bits():
     assert blank[0]["value_nats"] == pytest.approx(blank[0]["value_tokens"] * math.log(tok.vocab_size), rel=1e-5)
 
 
+def test_bits_over_prior_give_nothing_for_knowing_only_how_common_each_value_is():
+    # 8 cities, 6 in LandA and 2 in LandB; 2 candidate values in the relation
+    probes = [{"prefix": f"Town{i} is in ", "value": "LandA" if i < 6 else "LandB", "candidates": 2,
+               "relation": "city_country"} for i in range(8)]  # fmt: skip
+    q = {"LandA": 6 / 8, "LandB": 2 / 8}
+    prior_only = [{"value_nats": -math.log(q[p["value"]]), "value_tokens": 1, "recalled": p["value"] == "LandA",
+                   "bits": max(0.0, 1 + math.log2(q[p["value"]]))} for p in probes]  # fmt: skip
+    rep = knowledge_report(prior_only, probes, params=10, train_flops=None)
+    assert rep["bits"] == pytest.approx(6 * (1 + math.log2(0.75)))  # "stored" by the candidates definition
+    assert rep["bits_over_prior"] == pytest.approx(0.0, abs=1e-9)  # ... but nothing beyond the frequencies
+    entropy = -(6 * math.log2(0.75) + 2 * math.log2(0.25))
+    assert rep["bits_over_prior_available"] == pytest.approx(entropy)
+    knows = [{**s, "value_nats": 0.0, "recalled": True} for s in prior_only]  # certain of every value
+    assert knowledge_report(knows, probes, 10, None)["bits_over_prior"] == pytest.approx(entropy)
+
+
 def test_scores_of_a_real_model_match_a_manual_forward_and_do_not_depend_on_batching():
     from peer.config import ModelConfig
     from peer.knowledge import _encode

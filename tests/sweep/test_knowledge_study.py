@@ -96,6 +96,8 @@ def _rows(peer_bits, dense_bits, budget=3e12, corpus="f32k"):
                     "bits": bits + noise,
                     "recall": bits / 1e5,
                     "bits_available": 1e5,
+                    "bits_over_prior": bits / 2 + noise,
+                    "bits_over_prior_available": 8e4,
                     "params_total": 1,
                 }
             )
@@ -164,6 +166,10 @@ def test_a_finished_run_is_scored_and_collected(tmp_path, monkeypatch):
     k = K.score_run(run)
     assert k["facts"] == 40 and 0 <= k["recall"] <= 1 and k["bits"] >= 0
     assert json.loads((run / "knowledge.json").read_text()) == json.loads(json.dumps(k))
+    assert 0 <= k["bits_over_prior"] <= k["bits_over_prior_available"]
+    stale = {key: v for key, v in k.items() if not key.startswith("bits_over_prior")}  # scored before the addendum
+    (run / "knowledge.json").write_text(json.dumps(stale))
+    assert K.score_run(run)["bits_over_prior"] == pytest.approx(k["bits_over_prior"])  # scored again
     (row,) = K.collect(tmp_path / "main")
     assert (row["method"], row["corpus"], row["seed"]) == ("peer128", "f32k", 1)
     assert row["retrievals_per_expert"] == 4096 * 32 / 128**2 and row["loss"]["val"] == pytest.approx(math.log(50.0))
