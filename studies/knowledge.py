@@ -12,6 +12,10 @@ Mechanical from start to end, like the confirmation study::
     python -m studies.knowledge score      # knowledge.json in every finished run (recall, bits stored)
     python -m studies.knowledge report     # results/knowledge/summary.{json,md} and docs/img/knowledge_bits.png
 
+Two designs (``--design``, default v2): v1, registered first, and v2, the addendum of 2026-12-07 that gives
+every facts corpus enough statements that no run reads one twice (``Design``; docs/knowledge.md says why).
+They differ only in the facts corpora and where their sweep files and results go.
+
 Methods share one backbone (d16, 2 blocks, vocab 2048) except the two larger dense models (d24, d32), which
 are there so that "the best dense model" is the best of three sizes at equal FLOPs, not one. Every method
 is tuned the same way (learning rate only, on 8,000 facts at 3e12 FLOPs, seed 0); seeds 1 and 2, used by no
@@ -25,6 +29,7 @@ import json
 import math
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from peer.experiments.sweep.plan import budget_label
@@ -34,8 +39,6 @@ from peer.metrics import mean_std_record
 from .confirmation import gap_stats
 
 ROOT = Path(__file__).resolve().parents[1]
-TUNE_FILE = ROOT / "configs" / "knowledge_tune.toml"
-TUNE_DIR, MAIN_DIR = "results/knowledge/tune", "results/knowledge/main"
 
 BACKBONE = [
     "model.vocab_size=2048", "model.d_model=16", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64",
@@ -56,17 +59,58 @@ METHODS: dict[str, list[str]] = {
     **{m: ["model.sparse_layer=peer", f"model.peer.num_experts={s * s}"] for m, s in PEER_SIDES.items()},
 }  # fmt: skip
 DENSE = ("dense", "dense_d24", "dense_d32")
-CORPORA = {  # name -> (folder, command that builds it)
-    "text": ("data/knowledge/text2k", "peer data prepare --out data/knowledge/text2k --vocab-size 2048"),
-    "f2k": ("data/knowledge/facts2k", "peer data facts --out data/knowledge/facts2k --num-facts 2000 --seed 0 "
-            "--tokenizer data/knowledge/text2k"),
-    "f8k": ("data/knowledge/facts8k", "peer data facts --out data/knowledge/facts8k --num-facts 8000 --seed 0 "
-            "--tokenizer data/knowledge/text2k"),
-    "f32k": ("data/knowledge/facts32k", "peer data facts --out data/knowledge/facts32k --num-facts 32000 --seed 0 "
-             "--tokenizer data/knowledge/text2k"),
-    "mix": ("data/knowledge/mix8k", "peer data facts --out data/knowledge/mix8k --num-facts 8000 --seed 0 "
-            "--repeats 46 --mix-text data/knowledge/text2k"),
-}  # fmt: skip
+
+
+def _facts(n: int, repeats: int | None = None) -> tuple[str, str]:
+    """(folder, command) of the study's corpus of ``n`` facts (seed 0, text2k's tokenizer); ``repeats``
+    statements per fact in train (default 3), in the folder ``facts<n/1000>k[_r<repeats>]``."""
+    out = f"data/knowledge/facts{n // 1000}k" + (f"_r{repeats}" if repeats else "")
+    rep = f" --repeats {repeats}" if repeats else ""
+    return out, f"peer data facts --out {out} --num-facts {n} --seed 0{rep} --tokenizer data/knowledge/text2k"
+
+
+_TEXT = ("data/knowledge/text2k", "peer data prepare --out data/knowledge/text2k --vocab-size 2048")
+_MIX = ("data/knowledge/mix8k", "peer data facts --out data/knowledge/mix8k --num-facts 8000 --seed 0 --repeats 46 "
+        "--mix-text data/knowledge/text2k")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Design:
+    """One version of the study's protocol: its corpora (tag -> (folder, command)), where its sweep files
+    and results go. Everything else (methods, grid, tuning rule, targets) is the same in every version."""
+
+    name: str
+    prefix: str  # of its sweep files and sweep names: configs/<prefix>_tune.toml, <prefix>_3e12.toml, ...
+    corpora: dict[str, tuple[str, str]]
+    tune_dir: str
+    main_dir: str
+    plot: str  # docs/img/<plot>
+
+    @property
+    def tune_file(self) -> Path:
+        return ROOT / "configs" / f"{self.prefix}_tune.toml"
+
+    def main_file_path(self, key: str) -> Path:
+        return ROOT / "configs" / f"{self.prefix}_{key}.toml"
+
+
+# v1, registered first: 3 statements per fact, so a run passes over a facts corpus's fixed training stream
+# many times (2,000 facts at 1e13: ~290 times) and a model can learn the stream's order, which the probes
+# (out of context) do not reward. v2 (the addendum of 2026-12-07, docs/knowledge.md): the same facts, probes
+# and val, with enough statements per fact that no run of the grid reads one twice (the longest, dense at
+# 1e13, reads 38.7 M tokens); the mix (46 statements per fact, at most 2.4 passes) is unchanged.
+V1 = Design(
+    "v1", "knowledge",
+    {"text": _TEXT, "f2k": _facts(2000), "f8k": _facts(8000), "f32k": _facts(32000), "mix": _MIX},
+    "results/knowledge/tune", "results/knowledge/main", "knowledge_bits_v1.png",
+)  # fmt: skip
+V2 = Design(
+    "v2", "knowledge_v2",
+    {"text": _TEXT, "f2k": _facts(2000, 900), "f8k": _facts(8000, 230), "f32k": _facts(32000, 60), "mix": _MIX},
+    "results/knowledge/v2/tune", "results/knowledge/v2/main", "knowledge_bits.png",
+)  # fmt: skip
+DESIGNS = {d.name: d for d in (V1, V2)}
+CURRENT = V2
 STUDY_CORPORA = ("f2k", "f8k", "f32k", "mix")
 DECISIVE = ("f32k", "mix")  # where the targets are judged: beyond dense's capacity, and the mix with text
 # the main grid, one sweep file per budget, seeds 1 and 2: at 3e12 every method on every corpus (the two
@@ -83,15 +127,11 @@ DECISIVE_POINTS = {
 }
 TUNE_BUDGET, TUNE_CORPUS, TUNE_SEED = 3e12, "f8k", 0
 SEEDS = (1, 2)
-MAIN_FILES = {  # name -> (budgets, seeds, method -> corpora)
-    "knowledge_3e12": ((3e12,), SEEDS, GRID[3e12]),
-    "knowledge_1e13": ((1e13,), SEEDS, GRID[1e13]),
-    "knowledge_seed3": ((3e12, 1e13), (3,), DECISIVE_POINTS),
+MAIN_FILES = {  # key -> (budgets, seeds, method -> corpora); the file is configs/<design prefix>_<key>.toml
+    "3e12": ((3e12,), SEEDS, GRID[3e12]),
+    "1e13": ((1e13,), SEEDS, GRID[1e13]),
+    "seed3": ((3e12, 1e13), (3,), DECISIVE_POINTS),
 }
-
-
-def main_file_path(name: str) -> Path:
-    return ROOT / "configs" / f"{name}.toml"
 
 
 LR_LADDER = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # the bracket starts at 1e-3, 3e-3, 1e-2
@@ -134,10 +174,10 @@ def _val_loss(run: Path) -> float | None:
     return math.log(json.loads(f.read_text())["perplexity"]["val"]) if f.is_file() else None
 
 
-def tune_losses(root: Path = ROOT) -> dict[str, dict[float, float | None]]:
+def tune_losses(root: Path = ROOT, design: Design = CURRENT) -> dict[str, dict[float, float | None]]:
     """method -> lr -> val loss of the tuning run (None: not finished), for every lr the tuning has asked for."""
     out: dict[str, dict[float, float | None]] = {}
-    base = root / TUNE_DIR / budget_label(TUNE_BUDGET)  # the sweep's folder name: "3e12", not "3e+12"
+    base = root / design.tune_dir / budget_label(TUNE_BUDGET)  # the sweep's folder name: "3e12", not "3e+12"
     for m in METHODS:
         out[m] = {}
         for lr in LR_LADDER:
@@ -172,11 +212,11 @@ def tuned_lr(losses: dict[float, float | None]) -> float | None:
     return min(sorted(losses), key=lambda lr: (losses[lr], lr))
 
 
-def tune_file(root: Path = ROOT) -> str:
-    losses = tune_losses(root)
+def tune_file(root: Path = ROOT, design: Design = CURRENT) -> str:
+    losses = tune_losses(root, design)
     lines = _sweep_head(
-        "knowledge_tune",
-        TUNE_DIR,
+        f"{design.prefix}_tune",
+        design.tune_dir,
         [TUNE_BUDGET],
         [TUNE_SEED],
         f"Tuning of the knowledge study: learning rate only, on {TUNE_CORPUS} at {TUNE_BUDGET:g} FLOPs, seed {TUNE_SEED}.",
@@ -184,29 +224,30 @@ def tune_file(root: Path = ROOT) -> str:
     for m, sets in METHODS.items():
         for lr in next_lrs(losses[m]):
             lines += _variant(
-                f"{m}_lr{lr_name(lr)}", [*sets, f"data.corpus={CORPORA[TUNE_CORPUS][0]}", f"optim.lr={lr:g}"]
+                f"{m}_lr{lr_name(lr)}", [*sets, f"data.corpus={design.corpora[TUNE_CORPUS][0]}", f"optim.lr={lr:g}"]
             )
     return "\n".join(lines) + "\n"
 
 
-def main_file(name: str, root: Path = ROOT) -> str:
-    """The sweep file ``name`` of :data:`MAIN_FILES`, every method at its tuned learning rate."""
-    losses = tune_losses(root)
+def main_file(key: str, root: Path = ROOT, design: Design = CURRENT) -> str:
+    """The sweep file ``key`` of :data:`MAIN_FILES`, every method at its tuned learning rate."""
+    losses = tune_losses(root, design)
     lrs = {m: tuned_lr(losses[m]) for m in METHODS}
     missing = [m for m, lr in lrs.items() if lr is None]
     if missing:
         raise SystemExit(f"tuning is not complete for {missing}: run `python -m studies.knowledge tune` and its sweep")
-    budgets, seeds, grid = MAIN_FILES[name]
+    budgets, seeds, grid = MAIN_FILES[key]
+    name = f"{design.prefix}_{key}"
     lines = _sweep_head(
         name,
-        MAIN_DIR,
+        design.main_dir,
         budgets,
         seeds,
         f"The knowledge study's runs ({name}; docs/knowledge.md): each method at its tuned learning rate.",
     )
     for m, sets in METHODS.items():
         for c in grid.get(m, ()):
-            lines += _variant(f"{m}_{c}", [*sets, f"data.corpus={CORPORA[c][0]}", f"optim.lr={lrs[m]:g}"])
+            lines += _variant(f"{m}_{c}", [*sets, f"data.corpus={design.corpora[c][0]}", f"optim.lr={lrs[m]:g}"])
     return "\n".join(lines) + "\n"
 
 
@@ -411,30 +452,33 @@ def plot(summary: dict, path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m studies.knowledge", description=__doc__.split("\n\n")[0])
     p.add_argument("action", choices=["corpora", "tune", "freeze", "score", "report"])
-    p.add_argument("--root", default=None, help="results folder (score/report; default: the main grid's)")
+    p.add_argument("--design", choices=sorted(DESIGNS), default=CURRENT.name,
+                   help=f"which version of the protocol (default: {CURRENT.name}; docs/knowledge.md)")  # fmt: skip
+    p.add_argument("--root", default=None, help="results folder (score/report; default: the design's main grid)")
     args = p.parse_args(argv)
-    if args.action == "corpora":
-        print("\n".join(cmd for _, cmd in CORPORA.values()))
+    design = DESIGNS[args.design]
+    if args.action == "corpora":  # the commands for the design's corpora not built yet
+        print("\n".join(cmd for d, cmd in design.corpora.values() if not (ROOT / d / "manifest.json").is_file()))
     elif args.action == "tune":
-        atomic_write_text(TUNE_FILE, tune_file())
-        print(f"wrote {TUNE_FILE.relative_to(ROOT)}")
-    elif args.action == "freeze":
-        texts = {main_file_path(n): main_file(n) for n in MAIN_FILES}  # all or nothing: each refuses while tuning runs
+        atomic_write_text(design.tune_file, tune_file(design=design))
+        print(f"wrote {design.tune_file.relative_to(ROOT)}")
+    elif args.action == "freeze":  # all or nothing: each refuses while tuning runs
+        texts = {design.main_file_path(k): main_file(k, design=design) for k in MAIN_FILES}
         for path, text in texts.items():
             atomic_write_text(path, text)
             print(f"wrote {path.relative_to(ROOT)}")
     elif args.action == "score":
-        root = Path(args.root or ROOT / MAIN_DIR)
+        root = Path(args.root or ROOT / design.main_dir)
         for run in finished_runs(root):
             if not is_scored(run):
                 k = score_run(run)
                 print(f"{run.relative_to(root)}: recall {100 * k['recall']:.1f}%, bits {k['bits']:,.0f}")
     else:
-        root = Path(args.root or ROOT / MAIN_DIR)
+        root = Path(args.root or ROOT / design.main_dir)
         s = summarize(collect(root))
         atomic_write_text(root / "summary.json", json.dumps(s, indent=1) + "\n")
         atomic_write_text(root / "summary.md", summary_markdown(s))
-        plot(s, ROOT / "docs" / "img" / "knowledge_bits.png")
+        plot(s, ROOT / "docs" / "img" / design.plot)
         print(f"wrote {root / 'summary.md'}")
     return 0
 

@@ -2,14 +2,21 @@
 # Issue 29's knowledge study and its moonshot, end to end and resumable (docs/knowledge.md, "Running it"):
 # every step commits what it wrote before the next step runs, so the pre-registration order holds and an
 # interrupted session loses at most the runs in flight (they resume from their checkpoints).
-#   tools/run_knowledge.sh            # the whole study, then the moonshot
+#   tools/run_knowledge.sh            # the whole study (the current design, v2), then the moonshot
 #   tools/run_knowledge.sh study      # only the capacity study;  tools/run_knowledge.sh moonshot: only the moonshot
+#   DESIGN=v1 tools/run_knowledge.sh study   # the first registered design (docs/knowledge.md: why v2 replaced it)
 # Stop it with SIGTERM to its sweep (or Ctrl-C): the same command goes on where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"  # the printed corpus commands call `peer`
 py=.venv/bin/python peer=.venv/bin/peer
 what=${1:-all}
+design=${DESIGN:-v2}
+k() { $py -m studies.knowledge --design "$design" "$@"; }
+prefix=$($py -c "import studies.knowledge as K; print(K.DESIGNS['$design'].prefix)")
+tune_dir=$($py -c "import studies.knowledge as K; print(K.DESIGNS['$design'].tune_dir)")
+main_dir=$($py -c "import studies.knowledge as K; print(K.DESIGNS['$design'].main_dir)")
+plot=$($py -c "import studies.knowledge as K; print(K.DESIGNS['$design'].plot)")
 
 tracked() {  # git's path of a file: configs/ is a link to src/peer/configs, and git does not follow links
     realpath --relative-to=. "$@"
@@ -22,27 +29,25 @@ commit() {  # commit the given paths if they changed
 }
 
 study() {
-    for c in text2k facts2k facts8k facts32k mix8k; do
-        [ -f "data/knowledge/$c/manifest.json" ] || { $py -m studies.knowledge corpora | sh; break; }
-    done
-    $py -m studies.knowledge tune
+    k corpora | sh  # builds the design's corpora not built yet (none: prints nothing)
+    k tune
     while true; do  # tuning: the ladder grows outward until no method's best sits at an edge
-        commit "knowledge study: tuning rungs (python -m studies.knowledge tune), before their runs" configs/knowledge_tune.toml
-        $peer sweep configs/knowledge_tune.toml  # exits non-zero (and so this script) unless every run finished
-        tools/commit_finished.sh results/knowledge/tune "knowledge study: tuning results"
-        $py -m studies.knowledge tune  # the file is cumulative: unchanged after a complete sweep = tuning done
-        git diff --quiet -- "$(tracked configs/knowledge_tune.toml)" && break
+        commit "knowledge study ($design): tuning rungs (studies.knowledge tune), before their runs" "configs/${prefix}_tune.toml"
+        $peer sweep "configs/${prefix}_tune.toml"  # exits non-zero (and so this script) unless every run finished
+        tools/commit_finished.sh "$tune_dir" "knowledge study ($design): tuning results"
+        k tune  # the file is cumulative: unchanged after a complete sweep = tuning done
+        git diff --quiet -- "$(tracked "configs/${prefix}_tune.toml")" && break
     done
-    $py -m studies.knowledge freeze
-    commit "knowledge study: learning rates frozen, grid written (python -m studies.knowledge freeze), before its runs" \
-        configs/knowledge_3e12.toml configs/knowledge_1e13.toml configs/knowledge_seed3.toml
-    for f in knowledge_3e12 knowledge_1e13 knowledge_seed3; do
-        $peer sweep "configs/$f.toml"
-        tools/commit_finished.sh results/knowledge/main "knowledge study: $f results"
+    k freeze
+    commit "knowledge study ($design): learning rates frozen, grid written (studies.knowledge freeze), before its runs" \
+        "configs/${prefix}_3e12.toml" "configs/${prefix}_1e13.toml" "configs/${prefix}_seed3.toml"
+    for f in 3e12 1e13 seed3; do
+        $peer sweep "configs/${prefix}_$f.toml"
+        k score  # knowledge.json beside each finished run, committed with it
+        tools/commit_finished.sh "$main_dir" "knowledge study ($design): ${prefix}_$f results"
     done
-    $py -m studies.knowledge score
-    $py -m studies.knowledge report
-    commit "knowledge study: scored and reported" results/knowledge/main docs/img/knowledge_bits.png
+    k report
+    commit "knowledge study ($design): scored and reported" "$main_dir" "docs/img/$plot"
 }
 
 moonshot() {

@@ -22,15 +22,16 @@ def _with_abs_base(path, text):
 
 
 def _finish(root, budget, variant, seed, val_loss, extra=None):
-    run = root / K.TUNE_DIR / budget_label(budget) / variant / "d16_l2" / f"seed{seed}"
+    run = root / K.CURRENT.tune_dir / budget_label(budget) / variant / "d16_l2" / f"seed{seed}"
     run.mkdir(parents=True, exist_ok=True)
     (run / "result.json").write_text(json.dumps({"perplexity": {"val": math.exp(val_loss), **(extra or {})}}))
     return run
 
 
-def test_the_committed_tuning_file_is_the_generators_output_and_equal_per_method():
-    assert K.TUNE_FILE.read_text() == K.tune_file()
-    runs = plan(load_sweep(K.TUNE_FILE))
+@pytest.mark.parametrize("design", K.DESIGNS.values(), ids=lambda d: d.name)
+def test_the_committed_tuning_file_is_the_generators_output_and_equal_per_method(design):
+    assert design.tune_file.read_text() == K.tune_file(design=design)
+    runs = plan(load_sweep(design.tune_file))
     lrs: dict[str, set[str]] = {}
     for r in runs:
         m, lr = r.variant.rsplit("_lr", 1)
@@ -38,7 +39,7 @@ def test_the_committed_tuning_file_is_the_generators_output_and_equal_per_method
     # every method gets the same first bracket; a further rung only where the committed runs asked for it
     assert set(lrs) == set(K.METHODS)
     assert all({K.lr_name(x) for x in K.FIRST_BRACKET} <= got for got in lrs.values())
-    losses = K.tune_losses()
+    losses = K.tune_losses(design=design)
     assert lrs == {m: {K.lr_name(x) for x in K.next_lrs(losses[m])} for m in K.METHODS}
     assert {r.seed for r in runs} == {K.TUNE_SEED} and {r.budget for r in runs} == {K.TUNE_BUDGET}
 
@@ -61,24 +62,24 @@ def test_freeze_refuses_until_tuning_is_complete_then_writes_each_methods_lr(tmp
             _finish(tmp_path, K.TUNE_BUDGET, f"{m}_lr{K.lr_name(lr)}", K.TUNE_SEED, abs(math.log10(lr / 3e-3)))
     _finish(tmp_path, K.TUNE_BUDGET, f"dense_lr{K.lr_name(1e-3)}", K.TUNE_SEED, -1.0)  # dense: best at the edge
     with pytest.raises(SystemExit, match="dense"):
-        K.main_file("knowledge_3e12", tmp_path)
+        K.main_file("3e12", tmp_path)
     assert "dense_lr3e-4" in K.tune_file(tmp_path)  # the next tuning file asks for the outward step
     _finish(tmp_path, K.TUNE_BUDGET, "dense_lr3e-4", K.TUNE_SEED, 0.5)
-    assert {K.main_file_path(n).name for n in K.MAIN_FILES} == {
-        "knowledge_3e12.toml",
-        "knowledge_1e13.toml",
-        "knowledge_seed3.toml",
+    assert {K.CURRENT.main_file_path(k).name for k in K.MAIN_FILES} == {
+        "knowledge_v2_3e12.toml",
+        "knowledge_v2_1e13.toml",
+        "knowledge_v2_seed3.toml",
     }
-    seed3 = plan(load_sweep(_with_abs_base(tmp_path / "s3.toml", K.main_file("knowledge_seed3", tmp_path))))
+    seed3 = plan(load_sweep(_with_abs_base(tmp_path / "s3.toml", K.main_file("seed3", tmp_path))))
     assert {r.seed for r in seed3} == {3} and {r.budget for r in seed3} == {3e12, 1e13}
     assert {r.variant for r in seed3} == {f"{m}_f32k" for m in K.PEER_SIDES} | {
         f"{m}_{c}" for m in (*K.DENSE, "peer1024") for c in K.DECISIVE
     }
-    text = K.main_file("knowledge_1e13", tmp_path)
+    text = K.main_file("1e13", tmp_path)
     runs = plan(load_sweep(_with_abs_base(tmp_path / "k.toml", text)))
     lrs = {r.variant: r.config.optim.lr for r in runs}
     assert lrs["dense_f32k"] == 1e-3 and lrs["peer1024_mix"] == 3e-3 and lrs["moe_f32k"] == 3e-3
-    assert {r.variant: r.config.data.corpus for r in runs}["peer1024_mix"] == K.CORPORA["mix"][0]
+    assert {r.variant: r.config.data.corpus for r in runs}["peer1024_mix"] == K.CURRENT.corpora["mix"][0]
     assert {r.variant.rpartition("_")[2] for r in runs} == set(K.DECISIVE) and {r.seed for r in runs} == set(K.SEEDS)
 
 
@@ -173,3 +174,25 @@ def test_a_finished_run_is_scored_and_collected(tmp_path, monkeypatch):
     (row,) = K.collect(tmp_path / "main")
     assert (row["method"], row["corpus"], row["seed"]) == ("peer128", "f32k", 1)
     assert row["retrievals_per_expert"] == 4096 * 32 / 128**2 and row["loss"]["val"] == pytest.approx(math.log(50.0))
+
+
+def test_the_designs_differ_only_in_how_often_a_facts_stream_repeats():
+    def args(cmd):
+        words = cmd.split()
+        return {w: words[i + 1] for i, w in enumerate(words) if w.startswith("--") and i + 1 < len(words)}
+
+    assert K.CURRENT is K.V2 and set(K.V1.corpora) == set(K.V2.corpora)
+    for tag in K.V1.corpora:
+        a, b = args(K.V1.corpora[tag][1]), args(K.V2.corpora[tag][1])
+        if tag in ("text", "mix"):
+            assert K.V1.corpora[tag] == K.V2.corpora[tag]
+            continue
+        # the same facts, probes and val (num-facts, seed, tokenizer); only train's statements per fact differ
+        assert {k: v for k, v in a.items() if k not in ("--out", "--repeats")} == {
+            k: v for k, v in b.items() if k not in ("--out", "--repeats")
+        }
+        assert "--repeats" not in a and int(b["--repeats"]) > 3 and a["--out"] != b["--out"]
+    # enough statements that the longest run (dense, 1e13 FLOPs: 38.7 M tokens) reads none twice, at the ~22
+    # tokens per statement the v1 corpora measured (their train splits: 133,023 / 526,919 / 2,111,675 tokens)
+    for tag, v1_tokens in (("f2k", 133_023), ("f8k", 526_919), ("f32k", 2_111_675)):
+        assert v1_tokens / 3 * int(args(K.V2.corpora[tag][1])["--repeats"]) > 38.7e6
