@@ -356,7 +356,10 @@ def summarize(rows: Sequence[dict]) -> dict:
     for r in rows:
         points.setdefault((r["budget"], r["corpus"], r["method"]), []).append(r)
     table: dict = {}
-    for (b, c, m), rs in sorted(points.items()):
+    order = {m: i for i, m in enumerate(METHODS)}  # budgets ascending, corpora and methods in the protocol's order
+    for (b, c, m), rs in sorted(
+        points.items(), key=lambda kv: (kv[0][0], STUDY_CORPORA.index(kv[0][1]), order[kv[0][2]])
+    ):
         entry = {
             "seeds": sorted(r["seed"] for r in rs),
             "bits": _ms([r["bits"] for r in rs]),
