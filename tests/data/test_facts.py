@@ -284,3 +284,26 @@ def test_wordnet_reads_its_debian_package(tmp_path):
     src = F.WordNet()
     assert ("dog", "word_hypernym", "entity") in {(f.subject, f.relation, f.value) for f in src.facts(deb)}
     assert src.archive_version(deb.with_name("wordnet-base_1%3a3.0-37_all.deb")) == "1:3.0-37"
+
+
+def test_training_notes_a_facts_stream_read_many_times_in_one_order(made, tmp_path, capsys):
+    from pathlib import Path
+
+    from peer.cli import main
+    from peer.config import load_config
+    from peer.train.cli import _facts_stream_note
+
+    root = Path(__file__).resolve().parents[2]
+    few, many = tmp_path / "few", tmp_path / "many"
+    build_facts_corpus(few, tmp_path / "c", 60, vocab_size=300, sources=["made"], log=lambda s: None)
+    build_facts_corpus(many, tmp_path / "c", 60, vocab_size=300, sources=["made"], repeats=300, log=lambda s: None)
+    tokens = json.loads((few / "manifest.json").read_text())["splits"]["train"]["tokens"]
+    cfg = load_config(root / "configs" / "tiny.toml", [f"data.corpus='{few}'", "model.vocab_size=300"])
+    steps = 4 * tokens // cfg.train.tokens_per_step + 1  # a little over 4 passes
+    note = _facts_stream_note(cfg, steps)
+    assert note is not None and "4.0 times" in note and "--repeats 13 (now 3)" in note
+    assert _facts_stream_note(load_config(root / "configs" / "tiny.toml", [f"data.corpus='{many}'"]), steps) is None
+    assert _facts_stream_note(load_config(root / "configs" / "tiny.toml", [f"data.corpus='{tmp_path}'"]), 9) is None
+    base = [str(root / "configs" / "tiny.toml"), "--set", "model.vocab_size=300", "train.progress=false"]
+    assert main(["train", *base, f"data.corpus={few}", f"train.steps={steps}", "--out", str(tmp_path / "r")]) == 0
+    assert "always in the same order" in capsys.readouterr().err

@@ -32,6 +32,31 @@ def _noncausal_layers(cfg) -> list[str]:
         return []
 
 
+def _facts_stream_note(cfg, steps: int) -> str | None:
+    """A note when ``cfg`` trains on a facts corpus (``peer data facts``) and reads its fixed training stream
+    more than about once: a model can learn the stream's order instead of the facts, and the probes (read
+    out of context) do not reward that (docs/knowledge.md, addendum 2). None otherwise, or when the corpus
+    cannot be read here (training then says why itself)."""
+    import math
+
+    from ..data import DataError, load_manifest
+
+    try:
+        manifest = load_manifest(cfg.data.corpus)
+        facts, tokens = manifest["facts"], int(manifest["splits"]["train"]["tokens"])
+    except (DataError, OSError, KeyError, TypeError, ValueError):
+        return None
+    passes = steps * cfg.train.tokens_per_step / max(tokens, 1)
+    if passes <= 1.5:
+        return None
+    repeats = int(facts.get("repeats", 3))
+    return (
+        f"reads the training stream of the facts corpus {cfg.data.corpus} {passes:.1f} times, always in the same "
+        "order: a model can learn the order instead of the facts, which out-of-context probes do not reward; "
+        f"rebuild it with --repeats {math.ceil(repeats * passes)} (now {repeats}) to read each statement about once"
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="TOML config (e.g. configs/peer.toml), or a run directory")
     parser.add_argument(
@@ -89,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
                 f'{cfg.model.moe.routing!r}): its losses are not causal LM losses; "dropless" is causal',
                 file=sys.stderr,
             )
+        if note := _facts_stream_note(cfg, steps):
+            print(f"peer train: note: this run {note}", file=sys.stderr)
     try:
         if args.from_checkpoint and not args.resume:
             raise ConfigError("--from: only with --resume (it names the checkpoint to continue from)")
