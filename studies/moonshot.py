@@ -7,7 +7,7 @@ committed before its runs; everything here is mechanical::
     python -m studies.moonshot report            # results/knowledge/moonshot/summary.{json,md}, docs/img/moonshot.png
 
 Two base models trained on text only (the confirmation screen's incumbent dense and PEER 256² runs, trial 1 of
-each by design), each taught 2,000 facts they have never seen (``data/facts_new``) for the same number of
+each by design), each taught 2,000 facts they have never seen (``data/facts_new_r34``) for the same number of
 steps by each method; then new-fact recall (every probe) and forgetting (the rise of the starter corpus's
 val loss, every token, and of every ``eval_*`` split). Learning rates: each method the same number of rungs,
 plus an outward rung where the choice sits at an edge of what was tried.
@@ -33,8 +33,10 @@ BASES = {
     "dense": "results/confirm/screen/1.5e13/dense_t01/d48_l4/seed10",
     "peer": "results/confirm/screen/1.5e13/peer_t01/d48_l4/seed10",
 }
-FACTS = "data/facts_new"
-FACTS_CMD = f"peer data facts --out {FACTS} --num-facts 2000 --seed 1 --tokenizer data/starter"
+# 34 statements per fact (the facts and probes of the pilot's data/facts_new, which had 3): 600 steps read the
+# 1.25 M-token stream about once, never twice in one order (addendum of 2026-12-07, docs/knowledge.md)
+FACTS = "data/facts_new_r34"
+FACTS_CMD = f"peer data facts --out {FACTS} --num-facts 2000 --seed 1 --repeats 34 --tokenizer data/starter"
 TEXT = "data/starter"
 STEPS = 600  # of 2,048 tokens: ~33 exposures per fact (2,000 facts x 3 statements x ~18.5 tokens = 111 k tokens)
 EVAL_BATCHES = 41  # of 16 x 128 tokens: all of the starter's val split
