@@ -64,7 +64,7 @@ DENSE = ("dense", "dense_d24", "dense_d32")
 def _facts(n: int, repeats: int | None = None) -> tuple[str, str]:
     """(folder, command) of the study's corpus of ``n`` facts (seed 0, text2k's tokenizer); ``repeats``
     statements per fact in train (default 3), in the folder ``facts<n/1000>k[_r<repeats>]``."""
-    out = f"data/knowledge/facts{n // 1000}k" + (f"_r{repeats}" if repeats else "")
+    out = f"data/knowledge/facts{f'{n // 1000}k' if n >= 1000 else n}" + (f"_r{repeats}" if repeats else "")
     rep = f" --repeats {repeats}" if repeats else ""
     return out, f"peer data facts --out {out} --num-facts {n} --seed 0{rep} --tokenizer data/knowledge/text2k"
 
@@ -85,6 +85,7 @@ class Design:
     tune_dir: str
     main_dir: str
     plot: str  # docs/img/<plot>
+    grid_corpora: tuple[str, ...]  # the corpora every method runs at 3e12 (the larger dense models: DECISIVE only)
 
     @property
     def tune_file(self) -> Path:
@@ -102,35 +103,43 @@ class Design:
 V1 = Design(
     "v1", "knowledge",
     {"text": _TEXT, "f2k": _facts(2000), "f8k": _facts(8000), "f32k": _facts(32000), "mix": _MIX},
-    "results/knowledge/tune", "results/knowledge/main", "knowledge_bits_v1.png",
+    "results/knowledge/tune", "results/knowledge/main", "knowledge_bits_v1.png", ("f2k", "f8k", "f32k", "mix"),
 )  # fmt: skip
 V2 = Design(
     "v2", "knowledge_v2",
-    {"text": _TEXT, "f2k": _facts(2000, 900), "f8k": _facts(8000, 230), "f32k": _facts(32000, 60), "mix": _MIX},
+    {"text": _TEXT, "f100": _facts(100, 18000), "f2k": _facts(2000, 900), "f8k": _facts(8000, 230),
+     "f32k": _facts(32000, 60), "mix": _MIX},
     "results/knowledge/v2/tune", "results/knowledge/v2/main", "knowledge_bits.png",
+    ("f100", "f2k", "f8k", "f32k", "mix"),  # 100 facts: below the d16 dense model's capacity (addendum 3)
 )  # fmt: skip
 DESIGNS = {d.name: d for d in (V1, V2)}
 CURRENT = V2
-STUDY_CORPORA = ("f2k", "f8k", "f32k", "mix")
+STUDY_CORPORA = ("f100", "f2k", "f8k", "f32k", "mix")  # every design's, in the report's order
 DECISIVE = ("f32k", "mix")  # where the targets are judged: beyond dense's capacity, and the mix with text
+
+
 # the main grid, one sweep file per budget, seeds 1 and 2: at 3e12 every method on every corpus (the two
 # larger dense models only on the decisive corpora); at 1e13 (3.3x the cost) the decisive corpora only.
 # Then seed 3 at the decisive points, both budgets: every PEER size and dense size beyond dense's capacity
 # (the rise with N, the 2x), PEER 1024^2 and the dense sizes on the mix.
-GRID = {
-    3e12: {m: (DECISIVE if m in ("dense_d24", "dense_d32") else STUDY_CORPORA) for m in METHODS},
-    1e13: {m: DECISIVE for m in METHODS},
-}
+def grid(design: Design) -> dict[float, dict[str, tuple[str, ...]]]:
+    every = design.grid_corpora
+    return {
+        3e12: {m: (DECISIVE if m in ("dense_d24", "dense_d32") else every) for m in METHODS},
+        1e13: {m: DECISIVE for m in METHODS},
+    }
+
+
 DECISIVE_POINTS = {
     **{m: ("f32k",) for m in PEER_SIDES},
     **{m: DECISIVE for m in (*DENSE, "peer1024")},
 }
 TUNE_BUDGET, TUNE_CORPUS, TUNE_SEED = 3e12, "f8k", 0
 SEEDS = (1, 2)
-MAIN_FILES = {  # key -> (budgets, seeds, method -> corpora); the file is configs/<design prefix>_<key>.toml
-    "3e12": ((3e12,), SEEDS, GRID[3e12]),
-    "1e13": ((1e13,), SEEDS, GRID[1e13]),
-    "seed3": ((3e12, 1e13), (3,), DECISIVE_POINTS),
+MAIN_FILES = {  # key -> (budgets, seeds, grid budget or None: DECISIVE_POINTS); configs/<design prefix>_<key>.toml
+    "3e12": ((3e12,), SEEDS, 3e12),
+    "1e13": ((1e13,), SEEDS, 1e13),
+    "seed3": ((3e12, 1e13), (3,), None),
 }
 
 
@@ -236,7 +245,8 @@ def main_file(key: str, root: Path = ROOT, design: Design = CURRENT) -> str:
     missing = [m for m, lr in lrs.items() if lr is None]
     if missing:
         raise SystemExit(f"tuning is not complete for {missing}: run `python -m studies.knowledge tune` and its sweep")
-    budgets, seeds, grid = MAIN_FILES[key]
+    budgets, seeds, which = MAIN_FILES[key]
+    points = grid(design)[which] if which is not None else DECISIVE_POINTS
     name = f"{design.prefix}_{key}"
     lines = _sweep_head(
         name,
@@ -246,7 +256,7 @@ def main_file(key: str, root: Path = ROOT, design: Design = CURRENT) -> str:
         f"The knowledge study's runs ({name}; docs/knowledge.md): each method at its tuned learning rate.",
     )
     for m, sets in METHODS.items():
-        for c in grid.get(m, ()):
+        for c in points.get(m, ()):
             lines += _variant(f"{m}_{c}", [*sets, f"data.corpus={design.corpora[c][0]}", f"optim.lr={lrs[m]:g}"])
     return "\n".join(lines) + "\n"
 
