@@ -9,7 +9,7 @@ their val loss gap to it, with a Welch standard error, against log10 of the rati
 A line through the origin, ``gap = s * log10(R_256 / R)``, is fitted to the pools larger than 256²
 (weighted by 1/se²).
 
-``python -m studies.retrievals --knowledge [results/knowledge/main/summary.json]``: the same at each budget
+``python -m studies.retrievals --knowledge [results/knowledge/v2/main/summary.json]``: the same at each budget
 of the knowledge study (``studies.knowledge report`` writes the summary), for text loss on the facts + text
 mix, val loss and bits stored on 32,000 facts; whether one slope fits both budgets (a test of "the penalty
 depends on R alone"); and where the 1024² − 256² text-loss gap, moving linearly in log10(budget) through the
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m studies.retrievals", description=__doc__.split("\n")[0])
     parser.add_argument("--root", default="results/isoflop_redo/1e13")
     parser.add_argument("--heads-topk", type=int, default=32, help="h*k of the arms (default 4*8)")
-    parser.add_argument("--knowledge", nargs="?", const="results/knowledge/main/summary.json", default=None,
+    parser.add_argument("--knowledge", nargs="?", const="results/knowledge/v2/main/summary.json", default=None,
                         help="a knowledge-study summary.json instead (default path when given bare)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.knowledge is None:
