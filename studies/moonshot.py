@@ -38,7 +38,7 @@ BASES = {
 FACTS = "data/facts_new_r34"
 FACTS_CMD = f"peer data facts --out {FACTS} --num-facts 2000 --seed 1 --repeats 34 --tokenizer data/starter"
 TEXT = "data/starter"
-STEPS = 600  # of 2,048 tokens: ~33 exposures per fact (2,000 facts x 3 statements x ~18.5 tokens = 111 k tokens)
+STEPS = 600  # of 2,048 tokens: ~33 exposures per fact, the 1.25 M-token stream (2,000 facts x 34 statements) read ~once
 EVAL_BATCHES = 41  # of 16 x 128 tokens: all of the starter's val split
 ROWS = 500  # sparse memory fine-tuning's rows per batch and layer (fixed a priori, not tuned)
 PEER_FT = ["optim.expert_lr_mult=1", "optim.expert_lr_mult_schedule=constant"]

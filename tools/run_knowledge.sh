@@ -13,10 +13,8 @@ py=.venv/bin/python peer=.venv/bin/peer
 what=${1:-all}
 design=${DESIGN:-v2}
 k() { $py -m studies.knowledge --design "$design" "$@"; }
-prefix=$($py -c "import studies.knowledge as K; print(K.DESIGNS['$design'].prefix)")
-tune_dir=$($py -c "import studies.knowledge as K; print(K.DESIGNS['$design'].tune_dir)")
-main_dir=$($py -c "import studies.knowledge as K; print(K.DESIGNS['$design'].main_dir)")
-plot=$($py -c "import studies.knowledge as K; print(K.DESIGNS['$design'].plot)")
+read -r prefix tune_dir main_dir plot < <($py -c "import studies.knowledge as K; d = K.DESIGNS['$design']
+print(d.prefix, d.tune_dir, d.main_dir, d.plot)")
 
 tracked() {  # git's path of a file: configs/ is a link to src/peer/configs, and git does not follow links
     realpath --relative-to=. "$@"

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -125,15 +126,9 @@ def knowledge_report(scores: Sequence[dict], probes: Sequence[dict], params: int
     """Totals of :func:`score_facts`: facts, recall, mean value loss per token, bits stored (total, per
     parameter, per training FLOP), bits over the values' frequencies (see the module docstring), and the
     same per relation."""
-    counts: dict[tuple[str, str], int] = {}
-    per_relation: dict[str, int] = {}
-    for p in probes:
-        r = p.get("relation", "?")
-        counts[(r, p["value"])] = counts.get((r, p["value"]), 0) + 1
-        per_relation[r] = per_relation.get(r, 0) + 1
-    surprise = [  # -log2 of the value's frequency among its relation's probes
-        math.log2(per_relation[p.get("relation", "?")] / counts[(p.get("relation", "?"), p["value"])]) for p in probes
-    ]
+    pairs = [(p.get("relation", "?"), p["value"]) for p in probes]
+    per_relation, counts = Counter(r for r, _ in pairs), Counter(pairs)
+    surprise = [math.log2(per_relation[r] / counts[(r, v)]) for r, v in pairs]  # -log2 of the value's frequency
 
     def totals(idx: list[int]) -> dict:
         n = len(idx)
