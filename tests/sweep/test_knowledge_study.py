@@ -118,6 +118,7 @@ def test_the_targets_are_judged_as_registered():
     assert mix["met"] and mix["text_loss_gap"]["gap"] == 0  # equal text loss counts as no worse
     md = K.summary_markdown(K.summarize(_rows(rising, dense)))
     assert md.count("| peer1024 |") == 1
+    assert "| 30000.0000 |" in md  # bits per parameter: the mean bits over the model's parameters (here 1)
     assert md.index("| peer128 |") < md.index("| peer256 |") < md.index("| peer1024 |") < md.index("| dense |") or (
         md.index("| dense |") < md.index("| peer128 |") < md.index("| peer256 |") < md.index("| peer1024 |")
     )  # the protocol's order, not the alphabet's (which puts 1024² before 256²)
