@@ -112,12 +112,13 @@ V1 = Design(
 V2 = Design(
     "v2", "knowledge_v2",
     {"text": _TEXT, "f100": _facts(100, 18000),  # 100 facts: below the d16 dense model's capacity (addendum 3)
+     "f300": _facts(300, 6000),  # 300 facts: near it (addendum 4)
      "f2k": _facts(2000, 900), "f8k": _facts(8000, 230), "f32k": _facts(32000, 60), "mix": _MIX},
     "results/knowledge/v2/tune", "results/knowledge/v2/main", "knowledge_bits.png",
 )  # fmt: skip
 DESIGNS = {d.name: d for d in (V1, V2)}
 CURRENT = V2
-STUDY_CORPORA = ("f100", "f2k", "f8k", "f32k", "mix")  # every design's, in the report's order
+STUDY_CORPORA = ("f100", "f300", "f2k", "f8k", "f32k", "mix")  # every design's, in the report's order
 DECISIVE = ("f32k", "mix")  # where the targets are judged: beyond dense's capacity, and the mix with text
 
 

@@ -186,9 +186,11 @@ def test_the_designs_differ_only_in_how_often_a_facts_stream_repeats():
         words = cmd.split()
         return {w: words[i + 1] for i, w in enumerate(words) if w.startswith("--") and i + 1 < len(words)}
 
-    assert K.CURRENT is K.V2 and set(K.V2.corpora) - set(K.V1.corpora) == {"f100"}  # addendum 3: below capacity
-    assert K.V2.grid_corpora == ("f100", *K.V1.grid_corpora)
-    assert args(K.V2.corpora["f100"][1])["--num-facts"] == "100" and args(K.V2.corpora["f100"][1])["--seed"] == "0"
+    # addenda 3 and 4: facts below and near the d16 dense model's capacity, drawn as the others (seed 0)
+    assert K.CURRENT is K.V2 and set(K.V2.corpora) - set(K.V1.corpora) == {"f100", "f300"}
+    assert K.V2.grid_corpora == ("f100", "f300", *K.V1.grid_corpora)
+    for tag, n in (("f100", "100"), ("f300", "300")):
+        assert args(K.V2.corpora[tag][1])["--num-facts"] == n and args(K.V2.corpora[tag][1])["--seed"] == "0"
     for tag in K.V1.corpora:
         a, b = args(K.V1.corpora[tag][1]), args(K.V2.corpora[tag][1])
         if tag in ("text", "mix"):
@@ -201,5 +203,5 @@ def test_the_designs_differ_only_in_how_often_a_facts_stream_repeats():
         assert "--repeats" not in a and int(b["--repeats"]) > 3 and a["--out"] != b["--out"]
     # enough statements that the longest run (dense, 1e13 FLOPs: 38.7 M tokens) reads none twice, at the ~22
     # tokens per statement the v1 corpora measured (their train splits: 133,023 / 526,919 / 2,111,675 tokens)
-    for tag, v1_tokens in (("f2k", 133_023), ("f8k", 526_919), ("f32k", 2_111_675), ("f100", 133_023 / 20)):
+    for tag, v1_tokens in (("f2k", 133_023), ("f8k", 526_919), ("f32k", 2_111_675), ("f100", 133_023 / 20), ("f300", 133_023 * 3 / 20)):
         assert v1_tokens / 3 * int(args(K.V2.corpora[tag][1])["--repeats"]) > 38.7e6
