@@ -98,6 +98,11 @@ class Design:
     def main_file_path(self, key: str) -> Path:
         return ROOT / "configs" / f"{self.prefix}_{key}.toml"
 
+    @property
+    def capacity_plot(self) -> str:
+        """docs/img/<this>: what each method stores against how many facts it is offered (plot_capacity)."""
+        return self.plot.replace("bits", "capacity")
+
 
 # v1, registered first: 3 statements per fact, so a run passes over a facts corpus's fixed training stream
 # many times (2,000 facts at 1e13: ~290 times) and a model can learn the stream's order, which the probes
@@ -119,6 +124,7 @@ V2 = Design(
 DESIGNS = {d.name: d for d in (V1, V2)}
 CURRENT = V2
 STUDY_CORPORA = ("f100", "f300", "f2k", "f8k", "f32k", "mix")  # every design's, in the report's order
+FACTS_CORPORA = {"f100": 100, "f300": 300, "f2k": 2000, "f8k": 8000, "f32k": 32000}  # tag -> facts offered
 DECISIVE = ("f32k", "mix")  # where the targets are judged: beyond dense's capacity, and the mix with text
 
 
@@ -472,6 +478,44 @@ def plot(summary: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
+def plot_capacity(summary: dict, path: Path) -> None:
+    """Below, near and beyond capacity, per method: bits over prior stored (left) and recall (right) against
+    the number of facts offered, at each budget where every facts corpus ran (3e12); the dotted line is
+    everything there was to store."""
+    from peer.plots import pyplot, save_figure
+
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
+    for b, by_corpus in summary["points"].items():
+        tags = [t for t in FACTS_CORPORA if t in by_corpus]
+        if len(tags) < 2:
+            continue
+        for i, m in enumerate(METHODS):
+            have = [t for t in tags if m in by_corpus[t]]
+            if len(have) < 2:
+                continue
+            xs = [FACTS_CORPORA[t] for t in have]
+            style = {"marker": "o", "color": f"C{i}", "label": f"{m}, {b}", "capsize": 2, "lw": 1.2}
+            for ax, key, scale in ((left, "bits_over_prior", 1.0), (right, "recall", 100.0)):
+                ys = [scale * by_corpus[t][m][key]["mean"] for t in have]
+                es = [0 if math.isnan(e := by_corpus[t][m][key]["std"]) else scale * e for t in have]
+                ax.errorbar(xs, ys, yerr=es, **style)
+        avail = [by_corpus[t][next(iter(by_corpus[t]))]["bits_over_prior_available"] for t in tags]
+        left.plot([FACTS_CORPORA[t] for t in tags], avail, ":", color="k", lw=1, label=f"available, {b}")
+    for ax in (left, right):
+        ax.set_xscale("log")
+        ax.set_xlabel("facts offered")
+    left.set_yscale("log")
+    left.set_ylabel("bits over prior stored")
+    right.set_ylabel("recall %")
+    left.set_title("what each method stores (mean ± std over seeds)", fontsize=9)
+    right.set_title("share of the facts recalled", fontsize=9)
+    if left.get_legend_handles_labels()[0]:
+        left.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m studies.knowledge", description=__doc__.split("\n\n")[0])
     p.add_argument("action", choices=["corpora", "tune", "freeze", "score", "report"])
@@ -502,6 +546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         atomic_write_text(root / "summary.json", json.dumps(s, indent=1) + "\n")
         atomic_write_text(root / "summary.md", summary_markdown(s))
         plot(s, ROOT / "docs" / "img" / design.plot)
+        plot_capacity(s, ROOT / "docs" / "img" / design.capacity_plot)
         print(f"wrote {root / 'summary.md'}")
     return 0
 

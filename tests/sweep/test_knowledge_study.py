@@ -142,6 +142,10 @@ def test_the_plot_is_written(tmp_path):
     rising = {"peer128": 10_000, "peer256": 12_000, "peer512": 15_000, "peer1024": 30_000}
     K.plot(K.summarize(_rows(rising, {"dense": 14_000})), tmp_path / "bits.png")
     assert (tmp_path / "bits.png").stat().st_size > 1000
+    rows = [r for tag in K.FACTS_CORPORA for r in _rows(rising, {"dense": 14_000}, corpus=tag)]
+    K.plot_capacity(K.summarize(rows), tmp_path / "capacity.png")
+    assert (tmp_path / "capacity.png").stat().st_size > 1000
+    assert K.V2.capacity_plot == "knowledge_capacity.png" and K.V1.capacity_plot == "knowledge_capacity_v1.png"
 
 
 def test_a_finished_run_is_scored_and_collected(tmp_path, monkeypatch):
