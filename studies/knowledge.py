@@ -462,12 +462,13 @@ def plot(summary: dict, path: Path) -> None:
                 if sizes:
                     ys = [pts[m][key]["mean"] for m in sizes]
                     es = [0 if math.isnan(pts[m][key]["std"]) else pts[m][key]["std"] for m in sizes]
-                    ax.errorbar([PEER_SIDES[m] ** 2 for m in sizes], ys, yerr=es, marker="o", color=f"C{i}",
-                                label=f"PEER, {b} FLOPs", capsize=3)  # fmt: skip
+                    ax.errorbar([PEER_SIDES[m] ** 2 for m in sizes], ys, yerr=es, marker="os^"[i % 3], color="k",
+                                ls=("-", "--", ":")[i % 3], label=f"PEER, {b} FLOPs", capsize=3)  # fmt: skip
+                # reference lines: colour by method, style by budget
                 for j, m in enumerate(("dense", "dense_d24", "dense_d32", "moe", "pkm")):
                     if m in pts:
-                        ax.axhline(pts[m][key]["mean"], color=f"C{i}", ls=("--", "-.", ":", (0, (1, 3)), (0, (5, 5)))[j],
-                                   lw=1, label=f"{m}, {b}")  # fmt: skip
+                        ax.axhline(pts[m][key]["mean"], color=f"C{j}", ls=("--", ":", "-.")[i % 3], lw=1.2,
+                                   label=f"{m}, {b}")  # fmt: skip
             ax.set_xscale("log", base=2)
             ax.set_xlabel("experts N")
             ax.set_ylabel(label)
