@@ -207,5 +207,11 @@ def test_the_designs_differ_only_in_how_often_a_facts_stream_repeats():
         assert "--repeats" not in a and int(b["--repeats"]) > 3 and a["--out"] != b["--out"]
     # enough statements that the longest run (dense, 1e13 FLOPs: 38.7 M tokens) reads none twice, at the ~22
     # tokens per statement the v1 corpora measured (their train splits: 133,023 / 526,919 / 2,111,675 tokens)
-    for tag, v1_tokens in (("f2k", 133_023), ("f8k", 526_919), ("f32k", 2_111_675), ("f100", 133_023 / 20), ("f300", 133_023 * 3 / 20)):
+    for tag, v1_tokens in (
+        ("f2k", 133_023),
+        ("f8k", 526_919),
+        ("f32k", 2_111_675),
+        ("f100", 133_023 / 20),
+        ("f300", 133_023 * 3 / 20),
+    ):
         assert v1_tokens / 3 * int(args(K.V2.corpora[tag][1])["--repeats"]) > 38.7e6
