@@ -124,7 +124,9 @@ V2 = Design(
 DESIGNS = {d.name: d for d in (V1, V2)}
 CURRENT = V2
 STUDY_CORPORA = ("f100", "f300", "f2k", "f8k", "f32k", "mix")  # every design's, in the report's order
-FACTS_CORPORA = {"f100": 100, "f300": 300, "f2k": 2000, "f8k": 8000, "f32k": 32000}  # tag -> facts offered
+FACTS_CORPORA = {  # tag -> facts offered: "f300" 300, "f2k" 2,000 (the mix is not a facts corpus)
+    t: int(t[1:-1]) * 1000 if t.endswith("k") else int(t[1:]) for t in STUDY_CORPORA if t != "mix"
+}
 DECISIVE = ("f32k", "mix")  # where the targets are judged: beyond dense's capacity, and the mix with text
 
 
@@ -446,6 +448,11 @@ def summary_markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _err(entry: dict, scale: float = 1.0) -> float:
+    """The error bar of a mean ± std record: its std (0 with one seed, where std is NaN), scaled."""
+    return 0.0 if math.isnan(entry["std"]) else scale * entry["std"]
+
+
 def plot(summary: dict, path: Path) -> None:
     """Bits stored vs N, one line per budget, dense/MoE/PKM as reference lines (the protocol's plot, top row),
     and the same for bits over prior (addendum 1, bottom row); 32,000 and 8,000 facts."""
@@ -461,7 +468,7 @@ def plot(summary: dict, path: Path) -> None:
                 sizes = [m for m in PEER_SIDES if m in pts]
                 if sizes:
                     ys = [pts[m][key]["mean"] for m in sizes]
-                    es = [0 if math.isnan(pts[m][key]["std"]) else pts[m][key]["std"] for m in sizes]
+                    es = [_err(pts[m][key]) for m in sizes]
                     ax.errorbar([PEER_SIDES[m] ** 2 for m in sizes], ys, yerr=es, marker="os^"[i % 3], color="k",
                                 ls=("-", "--", ":")[i % 3], label=f"PEER, {b} FLOPs", capsize=3)  # fmt: skip
                 # reference lines: colour by method, style by budget
@@ -499,7 +506,7 @@ def plot_capacity(summary: dict, path: Path) -> None:
             style = {"marker": "o", "color": f"C{i}", "label": f"{m}, {b}", "capsize": 2, "lw": 1.2}
             for ax, key, scale in ((left, "bits_over_prior", 1.0), (right, "recall", 100.0)):
                 ys = [scale * by_corpus[t][m][key]["mean"] for t in have]
-                es = [0 if math.isnan(e := by_corpus[t][m][key]["std"]) else scale * e for t in have]
+                es = [_err(by_corpus[t][m][key], scale) for t in have]
                 ax.errorbar(xs, ys, yerr=es, **style)
         avail = [by_corpus[t][next(iter(by_corpus[t]))]["bits_over_prior_available"] for t in tags]
         left.plot([FACTS_CORPORA[t] for t in tags], avail, ":", color="k", lw=1, label=f"available, {b}")
