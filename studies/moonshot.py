@@ -5,6 +5,7 @@ committed before its runs; everything here is mechanical::
     python -m studies.moonshot choose            # each method's learning rate, from seed 0 (refuses before)
     python -m studies.moonshot run --seed 1      # the chosen learning rates, fresh seeds (1, 2): reported
     python -m studies.moonshot report            # results/knowledge/moonshot/summary.{json,md}, docs/img/moonshot.png
+    python -m studies.moonshot posthoc           # addendum 2 (after the report; decides nothing): posthoc/summary.{json,md}
 
 Two base models trained on text only (the confirmation screen's incumbent dense and PEER 256² runs, trial 1 of
 each by design), each taught 2,000 facts they have never seen (``data/facts_new_r34``) for the same number of
@@ -72,14 +73,22 @@ REFERENCE = "dense_full"  # the target's yardstick: full fine-tuning of the dens
 SPARSE_METHODS = ("peer_rows", "peer_smf")  # "updating only the expert rows that the facts retrieve"
 FORGET_SHARE = 0.25
 REPORT_SEEDS = (1, 2)
+# Addendum 2 (docs/knowledge.md), written after the registered report: rungs beyond a ladder that stopped while
+# its method still learned nothing, and every method held to the sparse methods' forgetting cap.
+POSTHOC_RUNGS: dict[str, tuple[float, ...]] = {"peer_smf": (100.0, 300.0, 1000.0)}
 
 
 def lr_name(lr: float) -> str:
     return f"{lr:g}"
 
 
-def run_dir(method: str, lr: float, seed: int) -> Path:
-    return OUT / f"seed{seed}" / f"{method}_lr{lr_name(lr)}"
+def posthoc_dir() -> Path:
+    return OUT / "posthoc"
+
+
+def run_dir(method: str, lr: float, seed: int, root: Path | None = None) -> Path:
+    """A fine-tuning's folder under ``root`` (default: the registered runs' OUT)."""
+    return (OUT if root is None else root) / f"seed{seed}" / f"{method}_lr{lr_name(lr)}"
 
 
 def _evaluate(run: str | Path) -> dict:
@@ -100,12 +109,13 @@ def base_eval(base: str) -> dict:
     return json.loads(path.read_text())
 
 
-def fine_tune(method: str, lr: float, seed: int) -> dict:
-    """Train (resumable: ``peer train`` resumes an interrupted run folder) and evaluate one fine-tuning."""
-    out = run_dir(method, lr, seed)
-    done = out / "moonshot.json"
-    if done.is_file():
-        return json.loads(done.read_text())
+def fine_tune(method: str, lr: float, seed: int, root: Path | None = None) -> dict:
+    """Train (resumable: ``peer train`` resumes an interrupted run folder) and evaluate one fine-tuning, under
+    ``root`` (a post hoc run reuses the registered run of the same method, rate and seed if there is one)."""
+    for done in (run_dir(method, lr, seed) / "moonshot.json", run_dir(method, lr, seed, root) / "moonshot.json"):
+        if done.is_file():
+            return json.loads(done.read_text())
+    out = run_dir(method, lr, seed, root)
     base, sets, _, _ = METHODS[method]
     src = ROOT / BASES[base]
     args = [sys.executable, "-m", "peer", "train", str(src / "config.toml"), "--out", str(out), "--set",
@@ -120,11 +130,16 @@ def fine_tune(method: str, lr: float, seed: int) -> dict:
     return r
 
 
-def results(seed: int) -> dict[str, dict[float, dict]]:
+def results(seed: int, posthoc: bool = False) -> dict[str, dict[float, dict]]:
+    """method -> lr -> result of ``seed``'s runs on the registered ladders (and with ``posthoc``, the post hoc
+    rungs too)."""
     out: dict[str, dict[float, dict]] = {m: {} for m in METHODS}
     for m, (_, _, ladder, _) in METHODS.items():
-        for lr in ladder:
-            f = run_dir(m, lr, seed) / "moonshot.json"
+        rungs = [(lr, None) for lr in ladder] + (
+            [(lr, posthoc_dir()) for lr in POSTHOC_RUNGS.get(m, ())] if posthoc else []
+        )
+        for lr, root in rungs:
+            f = run_dir(m, lr, seed, root) / "moonshot.json"
             if f.is_file():
                 out[m][lr] = json.loads(f.read_text())
     return out
@@ -134,13 +149,15 @@ def forgetting(r: dict, base: dict, split: str = "val") -> float:
     return r["loss"][split] - base["loss"][split]
 
 
-def choose_lr(method: str, rs: dict[float, dict], bases: dict[str, dict], ref: dict | None) -> float | None:
+def choose_lr(
+    method: str, rs: dict[float, dict], bases: dict[str, dict], ref: dict | None, capped: bool | None = None
+) -> float | None:
     """The method's learning rate from its seed-0 runs ``rs`` (lr -> result): the reference and the dense /
-    PEER full and LoRA fine-tunings take the highest recall; the sparse methods the highest recall whose
-    forgetting is at most FORGET_SHARE of the reference's (the target's constraint), else the least
-    forgetting. Ties: the smaller learning rate."""
+    PEER full and LoRA fine-tunings take the highest recall; the sparse methods (every method, with
+    ``capped``: addendum 2) the highest recall whose forgetting is at most FORGET_SHARE of the reference's
+    (the target's constraint), else the least forgetting. Ties: the smaller learning rate."""
     base = bases[METHODS[method][0]]
-    if method in SPARSE_METHODS:
+    if method in SPARSE_METHODS if capped is None else capped:
         assert ref is not None
         cap = FORGET_SHARE * forgetting(ref, bases[METHODS[REFERENCE][0]])
         ok = [lr for lr in sorted(rs) if forgetting(rs[lr], base) <= cap]
@@ -185,7 +202,23 @@ def choice(bases: dict[str, dict]) -> dict[str, float]:
     return {m: choose_lr(m, seed0[m], bases, ref) for m in METHODS}
 
 
-def summarize(chosen: dict[str, float], runs: dict[str, list[dict]], bases: dict[str, dict]) -> dict:
+def posthoc_choice(bases: dict[str, dict]) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Addendum 2: every method's rate by the sparse methods' rule (the best recall within the forgetting cap
+    set by the registered reference), on seed 0's registered and post hoc rungs; and the post hoc rungs seed 0
+    still needs (none while any is missing: the choice waits for them)."""
+    seed0 = results(0, posthoc=True)
+    missing = {m: [lr for lr in lrs if lr not in seed0[m]] for m, lrs in POSTHOC_RUNGS.items()}
+    missing = {m: lrs for m, lrs in missing.items() if lrs}
+    if missing:
+        return {}, missing
+    ref = seed0[REFERENCE][json.loads((OUT / "choice.json").read_text())[REFERENCE]]
+    chosen = {m: choose_lr(m, seed0[m], bases, ref, capped=True) for m in METHODS}
+    return {m: lr for m, lr in chosen.items() if lr is not None}, {}
+
+
+def summarize(
+    chosen: dict[str, float], runs: dict[str, list[dict]], bases: dict[str, dict], judge: bool = True
+) -> dict:
     """Per method (at its chosen lr, over the report seeds): recall, bits, forgetting on every split; and the
     target: a sparse method with recall >= the reference's and forgetting <= FORGET_SHARE of it (means)."""
     table = {}
@@ -201,7 +234,7 @@ def summarize(chosen: dict[str, float], runs: dict[str, list[dict]], bases: dict
         }
     ref = table.get(REFERENCE)
     target = {}
-    if ref:
+    if ref and judge:
         for m in SPARSE_METHODS:
             if m in table:
                 t = table[m]
@@ -214,8 +247,10 @@ def summarize(chosen: dict[str, float], runs: dict[str, list[dict]], bases: dict
     return {"methods": table, "target": target, "reference": REFERENCE, "steps": STEPS, "rows": ROWS}
 
 
-def summary_markdown(s: dict) -> str:
-    lines = ["# Moonshot: new facts without forgetting (generated by `python -m studies.moonshot report`)", "",
+def summary_markdown(
+    s: dict, title: str = "# Moonshot: new facts without forgetting (generated by `python -m studies.moonshot report`)"
+) -> str:
+    lines = [title, "",
              f"{s['steps']} steps of 2,048 tokens per fine-tuning; sparse memory fine-tuning keeps {s['rows']} rows per batch.", "",
              "| method | lr | seeds | new-fact recall % | bits stored | forgetting: val loss rise (nats) |",
              "|---|---|---|---|---|---|"]  # fmt: skip
@@ -226,6 +261,8 @@ def summary_markdown(s: dict) -> str:
             f"{100 * t['recall']['std']:.2f} | {t['bits']['mean']:,.0f} ± {t['bits']['std']:,.0f} | "
             f"{f['mean']:+.4f} ± {f['std']:.4f} |"
         )
+    if not s["target"]:
+        return "\n".join([*lines, ""])
     lines += [
         "",
         "Target (recall ≥ the reference's, forgetting ≤ 25 % of it):",
@@ -238,7 +275,9 @@ def summary_markdown(s: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(seed0: dict[str, dict[float, dict]], bases: dict[str, dict], path: Path) -> None:
+def plot(seed0: dict[str, dict[float, dict]], bases: dict[str, dict], path: Path, cap: float | None = None) -> None:
+    """Recall against forgetting at every rate of seed 0 (post hoc rungs starred); ``cap``: the target's
+    forgetting cap, drawn as a line."""
     from peer.plots import pyplot, save_figure
 
     plt = pyplot()
@@ -250,11 +289,14 @@ def plot(seed0: dict[str, dict[float, dict]], bases: dict[str, dict], path: Path
             xs, ys = [forgetting(rs[lr], base) for lr in lrs], [100 * rs[lr]["recall"] for lr in lrs]
             ax.plot(xs, ys, marker="o", color=f"C{i}", label=m)
             for x, y, lr in zip(xs, ys, lrs, strict=True):
-                ax.annotate(f"{lr:g}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+                star = "*" if lr not in METHODS[m][2] else ""
+                ax.annotate(f"{lr:g}{star}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    if cap is not None:
+        ax.axvline(cap, color="0.5", linestyle=":", linewidth=1, label="forgetting cap (25 % of the reference)")
     ax.set_xscale("symlog", linthresh=0.01)
     ax.set_xlabel("forgetting: rise of starter val loss (nats)")
     ax.set_ylabel("new-fact recall (%)")
-    ax.set_title("Learning vs forgetting, every learning rate (seed 0)")
+    ax.set_title("Learning vs forgetting, every learning rate (seed 0; * post hoc)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path)
@@ -262,7 +304,7 @@ def plot(seed0: dict[str, dict[float, dict]], bases: dict[str, dict], path: Path
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m studies.moonshot", description=__doc__.split("\n\n")[0])
-    p.add_argument("action", choices=["run", "choose", "report"])
+    p.add_argument("action", choices=["run", "choose", "report", "posthoc"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--parallel", type=int, default=2, help="fine-tunings side by side, one thread each (default 2)")
     args = p.parse_args(argv)
@@ -272,9 +314,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.set_num_threads(1)  # each fine-tuning trains in its own one-thread process and is scored on one thread
 
-    def fine_tune_all(todo: list[tuple[str, float]], seed: int) -> list[dict]:
+    def fine_tune_all(todo: list[tuple[str, float]], seed: int, root: Path | None = None) -> list[dict]:
         with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-            return list(pool.map(lambda t: fine_tune(t[0], t[1], seed), todo))
+            return list(pool.map(lambda t: fine_tune(t[0], t[1], seed, root), todo))
 
     if not (ROOT / FACTS / "facts.jsonl").is_file():
         raise SystemExit(f"{FACTS} is missing: build it with `{FACTS_CMD}`")
@@ -302,15 +344,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.action == "choose":
         atomic_write_text(OUT / "choice.json", json.dumps(choice(bases), indent=1) + "\n")
         print(f"wrote {OUT / 'choice.json'}")
-    else:
+    elif args.action == "report":
         chosen = json.loads((OUT / "choice.json").read_text())
         runs = {m: [json.loads(f.read_text()) for s in REPORT_SEEDS if (f := run_dir(m, lr, s) / "moonshot.json").is_file()]
                 for m, lr in chosen.items()}  # fmt: skip
         s = summarize(chosen, runs, bases)
         atomic_write_text(OUT / "summary.json", json.dumps(s, indent=1) + "\n")
         atomic_write_text(OUT / "summary.md", summary_markdown(s))
-        plot(results(0), bases, ROOT / "docs" / "img" / "moonshot.png")
+        ref = results(0)[REFERENCE][chosen[REFERENCE]]
+        cap = FORGET_SHARE * forgetting(ref, bases[METHODS[REFERENCE][0]])
+        plot(results(0, posthoc=True), bases, ROOT / "docs" / "img" / "moonshot.png", cap=cap)
         print(summary_markdown(s))
+    else:  # addendum 2: post hoc, after the report; decides nothing
+        if not (OUT / "summary.json").is_file():
+            raise SystemExit(
+                "post hoc runs come after the registered report: `python -m studies.moonshot report` first"
+            )
+        todo = [(m, lr) for m, lrs in posthoc_choice(bases)[1].items() for lr in lrs]
+        for (m, lr), r in zip(todo, fine_tune_all(todo, 0, posthoc_dir()), strict=True):
+            print(f"post hoc seed 0 {m} lr {lr:g}: recall {100 * r['recall']:.2f}%, forgetting "
+                  f"{forgetting(r, bases[METHODS[m][0]]):+.4f}", flush=True)  # fmt: skip
+        chosen, _ = posthoc_choice(bases)
+        atomic_write_text(posthoc_dir() / "choice.json", json.dumps(chosen, indent=1) + "\n")
+        capped_runs: dict[str, list[dict]] = {m: [] for m in chosen}
+        for seed in REPORT_SEEDS:
+            for (m, _), r in zip(chosen.items(), fine_tune_all(list(chosen.items()), seed, posthoc_dir()), strict=True):
+                capped_runs[m].append(r)
+        summary = summarize(chosen, capped_runs, bases, judge=False)  # no target: every method is capped
+        title = ("# Moonshot, addendum 2 (post hoc, decides nothing): every method held to the forgetting cap "
+                 "(generated by `python -m studies.moonshot posthoc`)")  # fmt: skip
+        atomic_write_text(posthoc_dir() / "summary.json", json.dumps(summary, indent=1) + "\n")
+        atomic_write_text(posthoc_dir() / "summary.md", summary_markdown(summary, title))
+        print(summary_markdown(summary, title))
     return 0
 
 

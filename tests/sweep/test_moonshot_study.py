@@ -59,3 +59,41 @@ def test_the_plot_is_written(tmp_path):
     seed0 = _seed0(dense_full={1e-4: (0.1, 0.5), 3e-4: (0.2, 1.5)}, peer_smf={1.0: (0.05, 0.01)})
     M.plot(seed0, BASES, tmp_path / "moon.png")
     assert (tmp_path / "moon.png").stat().st_size > 1000
+
+
+def _write(root, method, lr, seed, recall, forget):
+    d = M.run_dir(method, lr, seed, root)
+    d.mkdir(parents=True)
+    (d / "moonshot.json").write_text(__import__("json").dumps({"method": method, "lr": lr, **_r(recall, forget, seed)}))
+
+
+def test_posthoc_waits_for_its_rungs_then_holds_every_method_to_the_registered_cap(tmp_path, monkeypatch):
+    monkeypatch.setattr(M, "OUT", tmp_path)
+    (tmp_path / "choice.json").write_text('{"dense_full": 0.003}')
+    for m, (_, _, _, first) in M.METHODS.items():
+        for i, lr in enumerate(first):  # recall and forgetting rise with the rate
+            _write(None, m, lr, 0, 0.1 * (i + 1), 1.0 * (i + 1))
+    chosen, missing = M.posthoc_choice(BASES)
+    assert chosen == {} and missing == {"peer_smf": list(M.POSTHOC_RUNGS["peer_smf"])}
+    for lr in M.POSTHOC_RUNGS["peer_smf"]:
+        _write(M.posthoc_dir(), "peer_smf", lr, 0, 0.9, 0.5)  # post hoc rungs: the best recall, under the cap
+    assert M.results(0)["peer_smf"].keys() == set(M.METHODS["peer_smf"][3])  # the registered view is unchanged
+    chosen, missing = M.posthoc_choice(BASES)
+    # the reference (0.003: 4th rung) forgot 4.0 nats: cap 1.0, so every method takes its first rung ...
+    assert missing == {} and chosen["dense_full"] == M.METHODS["dense_full"][3][0]
+    assert chosen["peer_full"] == M.METHODS["peer_full"][3][0]
+    assert (
+        chosen["peer_smf"] == M.POSTHOC_RUNGS["peer_smf"][0]
+    )  # ... but smf's post hoc rungs recall more (tie: smallest)
+
+
+def test_a_posthoc_run_reuses_the_registered_run_of_the_same_rate_and_seed(tmp_path, monkeypatch):
+    monkeypatch.setattr(M, "OUT", tmp_path)
+    _write(None, "peer_rows", 0.01, 1, 0.3, 2.0)
+    assert M.fine_tune("peer_rows", 0.01, 1, M.posthoc_dir())["recall"] == 0.3  # read, not trained
+
+
+def test_a_posthoc_summary_judges_no_target():
+    runs = {m: [_r(0.5, 2.0, 1), _r(0.5, 2.2, 2)] for m in M.METHODS}
+    s = M.summarize({m: 1.0 for m in M.METHODS}, runs, BASES, judge=False)
+    assert s["target"] == {} and "Target" not in M.summary_markdown(s, "# t")
