@@ -294,6 +294,7 @@ def plot(seed0: dict[str, dict[float, dict]], bases: dict[str, dict], path: Path
     if cap is not None:
         ax.axvline(cap, color="0.5", linestyle=":", linewidth=1, label="forgetting cap (25 % of the reference)")
     ax.set_xscale("symlog", linthresh=0.01)
+    ax.set_xlim(left=-0.005)  # forgetting is >= 0 up to noise: no empty negative decades
     ax.set_xlabel("forgetting: rise of starter val loss (nats)")
     ax.set_ylabel("new-fact recall (%)")
     ax.set_title("Learning vs forgetting, every learning rate (seed 0; * post hoc)")
