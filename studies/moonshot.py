@@ -6,6 +6,7 @@ committed before its runs; everything here is mechanical::
     python -m studies.moonshot run --seed 1      # the chosen learning rates, fresh seeds (1, 2): reported
     python -m studies.moonshot report            # results/knowledge/moonshot/summary.{json,md}, docs/img/moonshot.png
     python -m studies.moonshot posthoc           # addendum 2 (after the report; decides nothing): posthoc/summary.{json,md}
+    python -m studies.moonshot overlap           # how much of the facts' retrieval the base's text retrieval shares: overlap.json
 
 Two base models trained on text only (the confirmation screen's incumbent dense and PEER 256² runs, trial 1 of
 each by design), each taught 2,000 facts they have never seen (``data/facts_new_r34``) for the same number of
@@ -24,6 +25,8 @@ import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import torch
 
 from peer.fsutil import atomic_write_text
 from peer.metrics import mean_std_record as _ms
@@ -216,6 +219,27 @@ def posthoc_choice(bases: dict[str, dict]) -> tuple[dict[str, float], dict[str, 
     return {m: lr for m, lr in chosen.items() if lr is not None}, {}
 
 
+def overlap_stats(facts: list, text_w: torch.Tensor, text_hits: torch.Tensor, text_batches: int, rows: int) -> dict:
+    """How much the expert rows the new facts retrieve are rows text retrieves too, for one layer: ``facts``
+    the router weight per expert of each facts batch; ``text_w``, ``text_hits``: the text batches' summed
+    router weight per expert and how many of the ``text_batches`` retrieve it. ``top_rows_share``: per facts
+    batch, the share of its router weight on its ``rows`` experts of largest TF-IDF (``peer_smf``'s rule,
+    :mod:`peer.train.memory_rows`, with this text as background), averaged over the batches."""
+    f_w = torch.stack(facts).sum(0)
+    f_used, t_used = f_w > 0, text_w > 0
+    idf = torch.log((1.0 + text_batches) / (1.0 + text_hits))
+    shares = [float(u[(u * idf).topk(min(rows, int((u > 0).sum()))).indices].sum() / u.sum()) for u in facts]
+    return {
+        "experts": int(f_w.numel()),
+        "facts_experts": int(f_used.sum()),
+        "text_experts": int(t_used.sum()),
+        "facts_experts_text_retrieves": float((f_used & t_used).sum() / f_used.sum()),
+        "facts_weight_on_text_experts": float(f_w[t_used].sum() / f_w.sum()),
+        "text_weight_on_facts_experts": float(text_w[f_used].sum() / text_w.sum()),
+        "top_rows_share": sum(shares) / len(shares),
+    }
+
+
 def summarize(
     chosen: dict[str, float], runs: dict[str, list[dict]], bases: dict[str, dict], judge: bool = True
 ) -> dict:
@@ -305,13 +329,12 @@ def plot(seed0: dict[str, dict[float, dict]], bases: dict[str, dict], path: Path
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m studies.moonshot", description=__doc__.split("\n\n")[0])
-    p.add_argument("action", choices=["run", "choose", "report", "posthoc"])
+    p.add_argument("action", choices=["run", "choose", "report", "posthoc", "overlap"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--parallel", type=int, default=2, help="fine-tunings side by side, one thread each (default 2)")
     args = p.parse_args(argv)
     if args.parallel < 1:
         p.error(f"--parallel: must be >= 1, got {args.parallel}")
-    import torch
 
     torch.set_num_threads(1)  # each fine-tuning trains in its own one-thread process and is scored on one thread
 
@@ -356,6 +379,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         cap = FORGET_SHARE * forgetting(ref, bases[METHODS[REFERENCE][0]])
         plot(results(0, posthoc=True), bases, ROOT / "docs" / "img" / "moonshot.png", cap=cap)
         print(summary_markdown(s))
+    elif args.action == "overlap":  # descriptive: why the row updates forget (docs/knowledge.md)
+        import itertools
+
+        from peer import data
+        from peer.train import load_run
+        from peer.train.memory_rows import retrievals
+
+        model, cfg, _ = load_run(ROOT / BASES["peer"])
+        B, T, n = cfg.train.batch_size, cfg.train.seq_len, cfg.train.eval_batches  # peer_smf's background sample
+
+        def sample(corpus: str) -> list:
+            return list(itertools.islice(iter(data.Batcher(data.open_tokens(ROOT / corpus, "train"), B, T, seed=0)), n))
+
+        text = retrievals(model, sample(TEXT))
+        per_batch = [retrievals(model, [b]) for b in sample(FACTS)]
+        out = {
+            name: overlap_stats([r[name][0] for r in per_batch], w, hits, count, ROWS)
+            for name, (w, hits, count) in text.items()
+        }
+        out = {"base": BASES["peer"], "batches": n, "tokens_per_batch": B * T, "rows": ROWS, "layers": out}
+        atomic_write_text(OUT / "overlap.json", json.dumps(out, indent=1) + "\n")
+        print(json.dumps(out, indent=1))
     else:  # addendum 2: post hoc, after the report; decides nothing
         if not (OUT / "summary.json").is_file():
             raise SystemExit(

@@ -97,3 +97,18 @@ def test_a_posthoc_summary_judges_no_target():
     runs = {m: [_r(0.5, 2.0, 1), _r(0.5, 2.2, 2)] for m in M.METHODS}
     s = M.summarize({m: 1.0 for m in M.METHODS}, runs, BASES, judge=False)
     assert s["target"] == {} and "Target" not in M.summary_markdown(s, "# t")
+
+
+def test_overlap_says_how_much_of_the_facts_retrieval_text_shares():
+    import torch
+
+    text_w = torch.tensor([5.0, 3.0, 2.0, 0.0, 0.0, 0.0])  # text retrieves experts 0-2
+    text_hits = torch.tensor([2.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+    facts = [torch.tensor([1.0, 0.0, 0.0, 3.0, 0.0, 0.0]), torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0, 0.0])]
+    o = M.overlap_stats(facts, text_w, text_hits, text_batches=2, rows=1)
+    assert o["experts"] == 6 and o["facts_experts"] == 3 and o["text_experts"] == 3
+    assert o["facts_experts_text_retrieves"] == pytest.approx(2 / 3)  # experts 0, 1 of 0, 1, 3
+    assert o["facts_weight_on_text_experts"] == pytest.approx(3 / 6)
+    assert o["text_weight_on_facts_experts"] == pytest.approx(8 / 10)
+    # batch 1: expert 3 (idf ln 3, weight 3) wins: share 3/4; batch 2: expert 1 (idf ln 1.5 > expert 0's ln 1): 1/2
+    assert o["top_rows_share"] == pytest.approx((3 / 4 + 1 / 2) / 2)

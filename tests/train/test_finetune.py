@@ -214,3 +214,22 @@ def test_sgd_on_the_expert_tables_moves_rows_by_the_gradient_alone(tiny):
         trainer.close()
     with pytest.raises(ConfigError, match="optim.expert_weight_decay"):
         tiny(*sets, "optim.expert_weight_decay=0.1")
+
+
+def test_retrievals_counts_router_weight_and_batches_per_expert():
+    from peer.config import ModelConfig, PEERConfig
+    from peer.model import PeerLM
+    from peer.train.memory_rows import background_idf, retrievals
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=16, sparse_layer="peer",
+                      peer=PEERConfig(num_experts=256, heads=2, topk=4, key_dim=8))  # fmt: skip
+    model = PeerLM(cfg).train()
+    batches = [(torch.randint(0, 64, (2, 16)), None) for _ in range(3)]
+    ((name, (w, hits, count)),) = retrievals(model, batches).items()
+    assert model.training and count == 3  # the mode is restored
+    ones = [retrievals(model, [b])[name] for b in batches]
+    assert torch.allclose(w, sum(o[0] for o in ones)) and torch.equal(hits, sum((o[0] > 0).double() for o in ones))
+    # softmax router weights: each token's heads give weight 1 each over their top-k experts
+    assert w.sum().item() == pytest.approx(3 * 2 * 16 * cfg.peer.heads, rel=1e-6)
+    assert torch.allclose(background_idf(model, batches)[name], torch.log((1.0 + 3) / (1.0 + hits)))

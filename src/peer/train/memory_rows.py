@@ -30,6 +30,7 @@ import torch
 from ..layers.router import ProductKeyRouter
 
 __all__ = [
+    "retrievals",
     "select_rows",
     "background_idf",
     "BatchRows",
@@ -74,6 +75,13 @@ def _usage(model, layers: dict[str, ProductKeyRouter], batches: Iterable, device
 
 def _routers(model) -> dict[str, ProductKeyRouter]:
     return {n: m for n, m in model.sparse_layers().items() if isinstance(m, ProductKeyRouter)}
+
+
+def retrievals(model, batches: Iterable, device="cpu") -> dict[str, tuple[torch.Tensor, torch.Tensor, int]]:
+    """{layer name: (router weight per expert summed over ``batches``, how many batches retrieve each expert,
+    the number of batches)}, in eval mode, for every product-key layer of ``model``."""
+    tf, hits, count = _usage(model, _routers(model), batches, device)
+    return {n: (tf[n], hits[n], count) for n in tf}
 
 
 def background_idf(model, background_batches: Iterable, device="cpu") -> dict[str, torch.Tensor]:
