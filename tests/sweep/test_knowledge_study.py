@@ -112,10 +112,15 @@ def test_the_targets_are_judged_as_registered():
     assert t["bits_rise_with_N"]["met"]
     assert t["peer1024_2x_dense_bits"]["best_dense"] == "dense"  # lowest val loss of the three sizes
     assert t["peer1024_2x_dense_bits"]["ratio"] == pytest.approx(30_000 / 14_000) and t["peer1024_2x_dense_bits"]["met"]
-    t = K.summarize(_rows({**rising, "peer512": 11_000}, {"dense": 16_000}))["targets"]["3e12"]
+    t = K.summarize(_rows({**rising, "peer512": 11_000}, {**dense, "dense": 16_000}))["targets"]["3e12"]
     assert not t["bits_rise_with_N"]["met"] and not t["peer1024_2x_dense_bits"]["met"]
     mix = K.summarize(_rows(rising, dense, corpus="mix"))["targets"]["3e12"]["mix_recall_and_text"]
     assert mix["met"] and mix["text_loss_gap"]["gap"] == 0  # equal text loss counts as no worse
+    # a grid still running: with a dense size missing, neither dense comparison is judged (its best dense
+    # model would not be the registered one), nor is the rise with N while a pool is missing
+    partial = _rows({"peer1024": 30_000}, {"dense": 1_000})
+    partial += [{**r, "corpus": "mix"} for r in _rows({"peer1024": 30_000}, {"dense": 1_000, "dense_d24": 2_000})]
+    assert K.summarize(partial)["targets"]["3e12"] == {}
     md = K.summary_markdown(K.summarize(_rows(rising, dense)))
     assert md.count("| peer1024 |") == 1
     assert "| 30000.0000 |" in md  # bits per parameter: the mean bits over the model's parameters (here 1)
