@@ -210,8 +210,7 @@ def posthoc_choice(bases: dict[str, dict]) -> tuple[dict[str, float], dict[str, 
     set by the registered reference), on seed 0's registered and post hoc rungs; and the post hoc rungs seed 0
     still needs (none while any is missing: the choice waits for them)."""
     seed0 = results(0, posthoc=True)
-    missing = {m: [lr for lr in lrs if lr not in seed0[m]] for m, lrs in POSTHOC_RUNGS.items()}
-    missing = {m: lrs for m, lrs in missing.items() if lrs}
+    missing = {m: todo for m, lrs in POSTHOC_RUNGS.items() if (todo := [lr for lr in lrs if lr not in seed0[m]])}
     if missing:
         return {}, missing
     ref = seed0[REFERENCE][json.loads((OUT / "choice.json").read_text())[REFERENCE]]
@@ -225,10 +224,12 @@ def overlap_stats(facts: list, text_w: torch.Tensor, text_hits: torch.Tensor, te
     router weight per expert and how many of the ``text_batches`` retrieve it. ``top_rows_share``: per facts
     batch, the share of its router weight on its ``rows`` experts of largest TF-IDF (``peer_smf``'s rule,
     :mod:`peer.train.memory_rows`, with this text as background), averaged over the batches."""
+    from peer.train.memory_rows import batch_top_rows, idf
+
     f_w = torch.stack(facts).sum(0)
     f_used, t_used = f_w > 0, text_w > 0
-    idf = torch.log((1.0 + text_batches) / (1.0 + text_hits))
-    shares = [float(u[(u * idf).topk(min(rows, int((u > 0).sum()))).indices].sum() / u.sum()) for u in facts]
+    w = idf(text_hits, text_batches)
+    shares = [float(u[batch_top_rows(u, w, rows)].sum() / u.sum()) for u in facts]
     return {
         "experts": int(f_w.numel()),
         "facts_experts": int(f_used.sum()),

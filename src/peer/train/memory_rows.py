@@ -31,6 +31,8 @@ from ..layers.router import ProductKeyRouter
 
 __all__ = [
     "retrievals",
+    "idf",
+    "batch_top_rows",
     "select_rows",
     "background_idf",
     "BatchRows",
@@ -84,10 +86,21 @@ def retrievals(model, batches: Iterable, device="cpu") -> dict[str, tuple[torch.
     return {n: (tf[n], hits[n], count) for n in tf}
 
 
+def idf(hits: torch.Tensor, batches: int) -> torch.Tensor:
+    """ln((1 + B) / (1 + b_i)): ``hits`` b_i the number of the ``batches`` B that retrieve expert i."""
+    return torch.log((1.0 + batches) / (1.0 + hits))
+
+
+def batch_top_rows(usage: torch.Tensor, idf: torch.Tensor, rows: int) -> torch.Tensor:
+    """One batch's kept rows (Lin et al.'s rule): the ``rows`` experts of largest ``usage * idf`` among those
+    the batch retrieved (``usage`` > 0)."""
+    return (usage * idf).topk(min(rows, int((usage > 0).sum()))).indices
+
+
 def background_idf(model, background_batches: Iterable, device="cpu") -> dict[str, torch.Tensor]:
     """{layer name: idf per expert} = ln((1 + B) / (1 + b_i)) over the background batches (module docstring)."""
     _, present, total = _usage(model, _routers(model), background_batches, device)
-    return {n: torch.log((1.0 + total) / (1.0 + b)) for n, b in present.items()}
+    return {n: idf(b, total) for n, b in present.items()}
 
 
 def select_rows(model, data_batches: Iterable, background_batches: Iterable, rows: int, device="cpu") -> dict:
@@ -141,13 +154,11 @@ class BatchRows:
             for p in layer.expert_parameters():
                 self.handles.append(p.register_hook(lambda g, name=name: _keep_rows(g, self.masks[name])))
 
-    def _select(self, layer: ProductKeyRouter, name: str, idf: torch.Tensor) -> None:
+    def _select(self, layer: ProductKeyRouter, name: str, weight: torch.Tensor) -> None:
         if layer.training and torch.is_grad_enabled():  # a training forward (a backward will follow)
             with torch.no_grad():
-                score = layer.usage * idf
-                k = min(self.rows, int((layer.usage > 0).sum()))
-                mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
-                mask[score.topk(k).indices] = True
+                mask = torch.zeros(layer.usage.numel(), dtype=torch.bool, device=layer.usage.device)
+                mask[batch_top_rows(layer.usage, weight, self.rows)] = True
                 self.masks[name] = mask
         layer.reset_usage()  # each forward counts only its own batch
 
