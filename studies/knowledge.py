@@ -103,6 +103,11 @@ class Design:
         """docs/img/<this>: what each method stores against how many facts it is offered (plot_capacity)."""
         return self.plot.replace("bits", "capacity")
 
+    @property
+    def mix_plot(self) -> str:
+        """docs/img/<this>: recall against text loss on the facts + text mix, per method and budget (plot_mix)."""
+        return self.plot.replace("bits", "mix")
+
 
 # v1, registered first: 3 statements per fact, so a run passes over a facts corpus's fixed training stream
 # many times (2,000 facts at 1e13: ~290 times) and a model can learn the stream's order, which the probes
@@ -525,6 +530,43 @@ def plot_capacity(summary: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
+def mix_points(summary: dict) -> dict[str, list[tuple[str, dict]]]:
+    """Per method, its mix entries that have a text loss, budgets ascending: what plot_mix draws."""
+    out: dict[str, list[tuple[str, dict]]] = {}
+    for b, by_corpus in summary["points"].items():
+        for m, e in by_corpus.get("mix", {}).items():
+            if "text_loss" in e:
+                out.setdefault(m, []).append((b, e))
+    return out
+
+
+def plot_mix(summary: dict, path: Path) -> None:
+    """Target (b)'s two axes at once: on the facts + text mix, each method's recall (up is better) against its
+    text loss (left is better), one marker per budget joined from the smaller budget to the larger."""
+    from peer.plots import pyplot, save_figure
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.6))
+    for i, m in enumerate(METHODS):
+        pts = mix_points(summary).get(m)
+        if not pts:
+            continue
+        xs = [e["text_loss"]["mean"] for _, e in pts]
+        ys = [100 * e["recall"]["mean"] for _, e in pts]
+        ax.plot(xs, ys, "-", color=f"C{i}", lw=1, alpha=0.6)
+        for j, (b, e) in enumerate(pts):
+            ax.errorbar(e["text_loss"]["mean"], 100 * e["recall"]["mean"], xerr=_err(e["text_loss"]),
+                        yerr=_err(e["recall"], 100.0), marker="os^"[j % 3], color=f"C{i}", capsize=2,
+                        label=f"{m}, {b}")  # fmt: skip
+    ax.set_xlabel("text loss on the mix's eval_text (nats/token; left is better)")
+    ax.set_ylabel("recall of the mix's 8,000 facts %")
+    ax.set_title("facts + text mix: recall vs text loss (mean ± std over seeds)", fontsize=9)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m studies.knowledge", description=__doc__.split("\n\n")[0])
     p.add_argument("action", choices=["corpora", "tune", "freeze", "score", "report"])
@@ -556,6 +598,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         atomic_write_text(root / "summary.md", summary_markdown(s))
         plot(s, ROOT / "docs" / "img" / design.plot)
         plot_capacity(s, ROOT / "docs" / "img" / design.capacity_plot)
+        plot_mix(s, ROOT / "docs" / "img" / design.mix_plot)
         print(f"wrote {root / 'summary.md'}")
     return 0
 

@@ -153,6 +153,19 @@ def test_the_plot_is_written(tmp_path):
     assert K.V2.capacity_plot == "knowledge_capacity.png" and K.V1.capacity_plot == "knowledge_capacity_v1.png"
 
 
+def test_the_mix_plot_draws_each_method_at_each_budget_in_order(tmp_path):
+    rows = _rows({"peer1024": 5_000}, {"dense": 7_000}, budget=1e13, corpus="mix")
+    rows += _rows({"peer1024": 4_000}, {"dense": 6_000}, corpus="mix")
+    rows += _rows({"peer1024": 9_000}, {}, corpus="f32k")  # not the mix: not drawn
+    pts = K.mix_points(K.summarize(rows))
+    assert set(pts) == {"peer1024", "dense"}
+    assert [b for b, _ in pts["dense"]] == ["3e12", "1e13"]  # budgets ascending, whatever the rows' order
+    assert pts["dense"][1][1]["recall"]["mean"] == pytest.approx(0.07)
+    K.plot_mix(K.summarize(rows), tmp_path / "mix.png")
+    assert (tmp_path / "mix.png").stat().st_size > 1000
+    assert K.V2.mix_plot == "knowledge_mix.png" and K.V1.mix_plot == "knowledge_mix_v1.png"
+
+
 def test_a_finished_run_is_scored_and_collected(tmp_path, monkeypatch):
     from peer.config import load_config
     from peer.data import facts as F
