@@ -13,8 +13,8 @@ py=.venv/bin/python peer=.venv/bin/peer
 what=${1:-all}
 design=${DESIGN:-v2}
 k() { $py -m studies.knowledge --design "$design" "$@"; }
-read -r prefix tune_dir main_dir plot capacity_plot < <($py -c "import studies.knowledge as K; d = K.DESIGNS['$design']
-print(d.prefix, d.tune_dir, d.main_dir, d.plot, d.capacity_plot)")
+read -r prefix tune_dir main_dir plot capacity_plot mix_plot < <($py -c "import studies.knowledge as K; d = K.DESIGNS['$design']
+print(d.prefix, d.tune_dir, d.main_dir, d.plot, d.capacity_plot, d.mix_plot)")
 
 tracked() {  # git's path of a file: configs/ is a link to src/peer/configs, and git does not follow links
     realpath --relative-to=. "$@"
@@ -43,9 +43,10 @@ study() {
         $peer sweep "configs/${prefix}_$f.toml"
         k score  # knowledge.json beside each finished run, committed with it
         tools/commit_finished.sh "$main_dir" "knowledge study ($design): ${prefix}_$f results"
+        commit "knowledge study ($design): the ${prefix}_$f sweep's tables" "$main_dir"/"${prefix}_$f"_*
     done
     k report
-    commit "knowledge study ($design): scored and reported" "$main_dir" "docs/img/$plot" "docs/img/$capacity_plot"
+    commit "knowledge study ($design): scored and reported" "$main_dir" "docs/img/$plot" "docs/img/$capacity_plot" "docs/img/$mix_plot"
 }
 
 moonshot() {
