@@ -547,8 +547,9 @@ def plot_mix(summary: dict, path: Path) -> None:
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.6))
+    points = mix_points(summary)
     for i, m in enumerate(METHODS):
-        pts = mix_points(summary).get(m)
+        pts = points.get(m)
         if not pts:
             continue
         xs = [e["text_loss"]["mean"] for _, e in pts]
