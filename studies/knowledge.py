@@ -350,11 +350,15 @@ def collect(root: Path) -> list[dict]:
                 "bits_over_prior_available": know["bits_over_prior_available"],
                 "params_total": int(r["params_total"]),
                 "retrievals_per_expert": retrievals_per_expert(method, int(r["tokens"])),
+                "relations": {
+                    rel: {key: v[key] for key in RELATION_FIELDS} for rel, v in know.get("relations", {}).items()
+                },
             }
         )
     return rows
 
 
+RELATION_FIELDS = ("facts", "recall", "bits_over_prior", "bits_over_prior_available")  # knowledge.json's, per relation
 PEER_HK = 4 * 8  # heads x top-k of every PEER method (BACKBONE)
 
 
@@ -400,6 +404,16 @@ def summarize(rows: Sequence[dict]) -> dict:
         }
         if all("eval_text" in r["loss"] for r in rs):
             entry["text_loss"] = _ms([r["loss"]["eval_text"] for r in rs])
+        shared = set.intersection(*(set(r.get("relations", {})) for r in rs))  # relations every seed scored
+        entry["relations"] = {
+            rel: {
+                "facts": rs[0]["relations"][rel]["facts"],
+                "bits_over_prior_available": rs[0]["relations"][rel]["bits_over_prior_available"],
+                "bits_over_prior": _ms([r["relations"][rel]["bits_over_prior"] for r in rs]),
+                "recall": _ms([r["relations"][rel]["recall"] for r in rs]),
+            }
+            for rel in sorted(shared)
+        }
         table.setdefault(budget_label(b), {}).setdefault(c, {})[m] = entry
     targets: dict = {}
     for b, by_corpus in table.items():
@@ -450,8 +464,39 @@ def summary_markdown(summary: dict) -> str:
                     f"{100 * e['recall']['std']:.1f} | {e['val_loss']['mean']:.4f} ± {e['val_loss']['std']:.4f} | {text} |"
                 )
             lines.append("")
+    lines += relations_markdown(summary)
     lines += ["## Targets", "", "```", json.dumps(summary["targets"], indent=1), "```", ""]
     return "\n".join(lines)
+
+
+def relations_markdown(summary: dict) -> list[str]:
+    """Where the bits are: per relation of the decisive corpora, each method's bits over prior (mean over
+    seeds) and recall. Post hoc (docs/knowledge.md): it explains the totals, it judges nothing."""
+    lines: list[str] = []
+    for b, by_corpus in summary["points"].items():
+        for c in DECISIVE:
+            methods = {m: e for m, e in by_corpus.get(c, {}).items() if e.get("relations")}
+            if not methods:
+                continue
+            rels = sorted({rel for e in methods.values() for rel in e["relations"]})
+            ref = {rel: next(e["relations"][rel] for e in methods.values() if rel in e["relations"]) for rel in rels}
+            lines += [f"## {b} FLOPs, {c}: bits over prior per relation (recall %)", "",
+                      "| relation | facts | bits over prior available | " + " | ".join(methods) + " |",
+                      "|---|---|---|" + "---|" * len(methods)]  # fmt: skip
+            for rel in rels:
+                cells = [
+                    f"{e['relations'][rel]['bits_over_prior']['mean']:,.0f} ({100 * e['relations'][rel]['recall']['mean']:.1f})"
+                    if rel in e["relations"]
+                    else ""
+                    for e in methods.values()
+                ]
+                lines.append(
+                    f"| {rel} | {ref[rel]['facts']:,} | {ref[rel]['bits_over_prior_available']:,.0f} | "
+                    + " | ".join(cells)
+                    + " |"
+                )
+            lines.append("")
+    return lines
 
 
 def _err(entry: dict, scale: float = 1.0) -> float:

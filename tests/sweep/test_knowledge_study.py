@@ -129,6 +129,30 @@ def test_the_targets_are_judged_as_registered():
     )  # the protocol's order, not the alphabet's (which puts 1024² before 256²)
 
 
+def test_the_bits_are_broken_down_per_relation_on_the_decisive_corpora():
+    rows = _rows({"peer1024": 3_000}, {"dense": 6_000})
+    for r in rows:  # two relations; seed 2 stores 10 more bits over prior on each
+        extra = 10 * (r["seed"] - 1)
+        r["relations"] = {
+            "city_country": {"facts": 900, "recall": 0.25, "bits_over_prior": r["bits"] / 3 + extra,
+                             "bits_over_prior_available": 5000.0},
+            "unicode_name": {"facts": 100, "recall": 0.0, "bits_over_prior": extra, "bits_over_prior_available": 700.0},
+        }  # fmt: skip
+    rows += [{**r, "corpus": "f2k"} for r in rows]  # not a decisive corpus: no breakdown
+    s = K.summarize(rows)
+    rel = s["points"]["3e12"]["f32k"]["dense"]["relations"]
+    assert list(rel) == ["city_country", "unicode_name"] and rel["unicode_name"]["facts"] == 100
+    assert rel["city_country"]["bits_over_prior"]["mean"] == pytest.approx(6_000 / 3 + 5)
+    assert rel["unicode_name"]["bits_over_prior"]["values"] == [0, 10]
+    md = K.summary_markdown(s)
+    assert md.count("bits over prior per relation") == 1 and "3e12 FLOPs, f32k: bits over prior per relation" in md
+    assert "| relation | facts | bits over prior available | dense | peer1024 |" in md  # the protocol's order
+    assert "| city_country | 900 | 5,000 | 2,005 (25.0) | 1,005 (25.0) |" in md
+    assert "| unicode_name | 100 | 700 | 5 (0.0) | 5 (0.0) |" in md
+    assert md.index("per relation") < md.index("## Targets")
+    assert K.relations_markdown(K.summarize(_rows({"peer1024": 3_000}, {}))) == []  # scored before the breakdown
+
+
 def test_retrievals_per_expert_is_t_h_k_over_n():
     assert K.retrievals_per_expert("peer1024", 2**20) == 32 and K.retrievals_per_expert("dense", 10) is None
     assert K.retrievals_per_expert("peer128", 16384) == 32
@@ -200,6 +224,7 @@ def test_a_finished_run_is_scored_and_collected(tmp_path, monkeypatch):
     assert K.score_run(run)["bits_over_prior"] == pytest.approx(k["bits_over_prior"])  # scored again
     (row,) = K.collect(tmp_path / "main")
     assert (row["method"], row["corpus"], row["seed"]) == ("peer128", "f32k", 1)
+    assert row["relations"]["city_country"] == {key: k["relations"]["city_country"][key] for key in K.RELATION_FIELDS}
     assert row["retrievals_per_expert"] == 4096 * 32 / 128**2 and row["loss"]["val"] == pytest.approx(math.log(50.0))
 
 

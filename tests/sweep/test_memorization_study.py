@@ -1,0 +1,84 @@
+"""studies.memorization: held-out probes name no trained subject, and the measures add up."""
+
+import json
+import math
+
+import pytest
+
+import studies.memorization as M
+from peer.data.facts import TEMPLATES
+
+
+def test_bits_over_prior_use_the_corpus_frequencies_and_floor_at_zero():
+    prior = [{"relation": "r", "value": v} for v in "AABC"]  # surprise: A 1 bit, B and C 2 bits
+    probes = [{"relation": "r", "value": "A"}, {"relation": "r", "value": "B"}, {"relation": "q", "value": "A"}]
+    scores = [
+        {"value_nats": 0.0, "recalled": True},  # all of A's 1 bit
+        {"value_nats": 3 * math.log(2), "recalled": False},  # 3 bits of loss > B's 2: floored at 0
+        {"value_nats": 0.0, "recalled": True},
+    ]
+    with pytest.raises(ZeroDivisionError):  # a relation the prior does not hold has no frequencies
+        M.measure(scores, probes, prior)
+    out = M.measure(scores[:2], probes[:2], prior)["r"]
+    assert out["facts"] == 2 and out["recall"] == 0.5 and out["bits_over_prior"] == pytest.approx(1.0)
+    assert out["bits_over_prior_per_fact"] == pytest.approx(0.5) and out["value_nats"] == pytest.approx(
+        1.5 * math.log(2)
+    )
+
+
+@pytest.fixture
+def trained_run(tmp_path, monkeypatch):
+    from peer.config import load_config
+    from peer.data import facts as F
+    from peer.train import train
+
+    class Made(F.FactSource):
+        name, package, version = "made", "none", "0"
+        relations = ("city_country",)
+
+        def fetch(self, cache_dir):
+            return None
+
+        def facts(self, archive):
+            for i in range(90):
+                yield F.Fact(f"Town{i:02d}", "city_country", f"Land{i % 5}")
+            yield F.Fact("Nowhere", "city_country", "Atlantis")  # a value no trained fact has: never probed
+
+    monkeypatch.setitem(F.FACT_SOURCES, "made", Made)
+    corpus = tmp_path / "facts"
+    F.build_facts_corpus(corpus, tmp_path / "cache", 40, sources=["made"], vocab_size=300, log=lambda s: None)
+    run = tmp_path / "main" / "1e13" / "peer128_f32k" / "d16_l2" / "seed3"
+    cfg = load_config(M.ROOT / "configs" / "tiny.toml", [f"data.corpus='{corpus}'", f"train.out_dir='{run}'",
+                      "model.vocab_size=300", "train.steps=2", "train.progress=false", "train.tensorboard=false",
+                      "train.threads=1", "model.sparse_layer=peer"])  # fmt: skip
+    train(cfg)
+    (run / "result.json").write_text("{}")
+    return corpus, run
+
+
+def test_held_out_probes_name_no_trained_subject_and_only_trained_values(trained_run, tmp_path):
+    corpus, _ = trained_run
+    sets = M.probe_sets(corpus, tmp_path / "cache", ("city_country",), per_relation=20)
+    trained = [json.loads(line) for line in (corpus / "facts.jsonl").read_text().splitlines()]
+    names = {p["id"] for p in trained}
+    assert len(sets["seen"]) == 20 and {p["id"] for p in sets["seen"]} <= names
+    assert len(sets["held_out"]) == 20 and not {p["id"] for p in sets["held_out"]} & names
+    assert {p["value"] for p in sets["held_out"]} <= {p["value"] for p in trained}  # no "Atlantis"
+    assert {p["candidates"] for p in sets["held_out"]} == {trained[0]["candidates"]} == {5}
+    for p in sets["held_out"]:  # rendered with one of the relation's templates, ending where the value goes
+        assert any(p["prefix"] == t.split("{v}")[0].format(s=p["id"].split("/")[1]) for t in TEMPLATES["city_country"])
+    assert sets == M.probe_sets(corpus, tmp_path / "cache", ("city_country",), per_relation=20)  # deterministic
+
+
+def test_a_run_is_scored_summarized_and_reported(trained_run, tmp_path):
+    _, run = trained_run
+    assert M.runs(tmp_path / "main") == [run]  # finished, with its checkpoint
+    rep = M.score_run(run, tmp_path / "cache", ("city_country",), per_relation=10)
+    assert json.loads((run / M.OUT).read_text()) == json.loads(json.dumps(rep))
+    assert rep["seen"]["city_country"]["facts"] == rep["held_out"]["city_country"]["facts"] == 10
+    s = M.summarize(tmp_path / "main")
+    e = s["1e13"]["peer128"]
+    assert e["seeds"] == ["3"] and e["relations"] == ["city_country"]
+    assert e["held_out"]["both"]["recall"]["mean"] == pytest.approx(rep["held_out"]["city_country"]["recall"])
+    md = M.report_markdown(s)
+    assert "## 1e13 FLOPs, 32,000 facts" in md and md.count("| peer128 | 3 |") == 2  # the relation, then both
