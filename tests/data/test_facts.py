@@ -62,6 +62,39 @@ def test_splits_hold_every_fact_and_the_probes_read_training_statements():
     assert len(" ".join(d.text for d in splits["val"]).split(". ")) == 40
 
 
+def test_shuffled_values_keep_each_relations_values_and_counts_but_not_their_subjects():
+    facts = choose_facts(list(_Made().facts(None)), 200, seed=0)
+    shuffled = F.shuffle_values(facts, seed=0)
+    assert [(f.subject, f.relation) for f in shuffled] == [(f.subject, f.relation) for f in facts]
+    for relation in ("city_country", "language_code"):
+        assert sorted(f.value for f in facts if f.relation == relation) == sorted(
+            f.value for f in shuffled if f.relation == relation
+        )  # the same values, as often: the frequency prior is unchanged
+    # Town<i> is in Land<i mod 7>: a rule the real values follow and the shuffled ones do not
+    towns = [f for f in shuffled if f.relation == "city_country"]
+    assert sum(f.value == f"Land{int(f.subject[4:]) % 7}" for f in towns) < len(towns) / 3
+    assert sum(a.value != b.value for a, b in zip(facts, shuffled, strict=True)) > len(facts) / 2
+    assert F.shuffle_values(facts, seed=0) == shuffled != F.shuffle_values(facts, seed=1)
+
+
+def test_a_shuffled_corpus_trains_on_the_values_its_probes_ask_for(made, tmp_path):
+    from peer.data import load_manifest
+
+    build_facts_corpus(tmp_path / "facts", tmp_path / "cache", 100, sources=["made"], vocab_size=300,
+                       log=lambda s: None, shuffled_values=True)  # fmt: skip
+    assert load_manifest(tmp_path / "facts")["facts"]["shuffled_values"] is True
+    probes = load_probes(tmp_path / "facts")
+    wrong = [
+        p for p in probes if p["relation"] == "city_country" and not p["value"].endswith(str(int(p["id"][-3:]) % 7))
+    ]
+    assert len(wrong) > len(probes) / 4  # the probes ask for the shuffled value, the one train states
+    from peer.data.tokenizer import load_tokenizer
+
+    train = " ".join(d.text for d in F.text_documents(tmp_path / "facts", "train", load_tokenizer(tmp_path / "facts")))
+    assert all(f"{p['prefix']}{p['value']}." in train for p in probes)
+    assert all(p["candidates"] == 7 for p in probes if p["relation"] == "city_country")
+
+
 def test_the_corpus_builds_and_trains(made, tmp_path):
     from peer.data import list_splits, load_manifest
 

@@ -70,6 +70,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a tokenized text corpus (e.g. data/starter) whose train joins the facts' and whose val becomes eval_text",
     )
 
+    f.add_argument(
+        "--shuffle-values",
+        action="store_true",
+        help="permute each relation's values among its subjects (seeded): facts no model can infer from the subject",
+    )
+
     i = sub.add_parser("info", help="splits, documents and token counts of a corpus directory")
     i.add_argument("dir", nargs="?", default="data/starter")
 
@@ -93,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
             args.vocab_size,
             args.repeats,
             mix_text=args.mix_text,
+            shuffled_values=args.shuffle_values,
         )
     elif args.action == "tokenize":
         from .userdata import build_corpus

@@ -61,6 +61,7 @@ __all__ = [
     "DEFAULT_FACT_SOURCES",
     "TEMPLATES",
     "choose_facts",
+    "shuffle_values",
     "render",
     "build_facts_corpus",
 ]
@@ -454,6 +455,22 @@ def choose_facts(pool: Sequence[Fact], num_facts: int, seed: int) -> list[Fact]:
     return [unique[i] for i in sorted(ids[:num_facts])]
 
 
+def shuffle_values(facts: Sequence[Fact], seed: int) -> list[Fact]:
+    """``facts`` with each relation's values permuted among its subjects by ``seed``: every relation keeps its
+    values and how often each occurs, but a subject no longer tells its value (no model can infer "Iran" from
+    "'Alī Ābād-e Katūl"), so what a model knows of such a fact it has stored (``--shuffle-values``)."""
+    by_relation: dict[str, list[int]] = {}
+    for i, f in enumerate(facts):
+        by_relation.setdefault(f.relation, []).append(i)
+    out = list(facts)
+    for relation, idx in sorted(by_relation.items()):
+        values = [facts[i].value for i in idx]
+        random.Random(f"{seed}/values/{relation}").shuffle(values)
+        for i, v in zip(idx, values, strict=True):
+            out[i] = Fact(facts[i].subject, relation, v)
+    return out
+
+
 def render(fact: Fact, template: int) -> tuple[str, str]:
     """(prefix, value) of ``fact`` in its relation's template ``template``: the statement is prefix + value + "."."""
     t = TEMPLATES[fact.relation][template % len(TEMPLATES[fact.relation])]
@@ -531,6 +548,7 @@ def build_facts_corpus(
     page_facts: int = 64,
     log: Callable[[str], None] = print,
     mix_text: str | Path | None = None,
+    shuffled_values: bool = False,
 ) -> dict:
     """Build the facts corpus at ``out`` (see the module docstring); returns its manifest. ``tokenizer``:
     a tokenizer.json or corpus folder to share; else a BPE of ``vocab_size`` is trained on the facts.
@@ -538,7 +556,10 @@ def build_facts_corpus(
     ``mix_text``: a tokenized text corpus (e.g. ``data/starter``) whose ``train`` documents join the
     facts' in ``train`` (the batcher shuffles windows of the whole stream, so the mix by tokens is the
     ratio of the two parts: set it with ``repeats``) and whose ``val`` becomes ``eval_text``. Its
-    tokenizer is used (``tokenizer``, if given, must be the same file)."""
+    tokenizer is used (``tokenizer``, if given, must be the same file).
+
+    ``shuffled_values``: the chosen facts' values permuted within each relation (:func:`shuffle_values`):
+    the same subjects, templates and value frequencies, but values a subject does not give away."""
     from .corpus import check_corpus_target, write_corpus
     from .tokenizer import load_tokenizer, train_tokenizer
 
@@ -571,6 +592,8 @@ def build_facts_corpus(
         log(f"{name}: {len(got):,} facts ({src.package} {versions[name]['version']})")
         pool += got
     facts = choose_facts(pool, num_facts, seed)
+    if shuffled_values:
+        facts = shuffle_values(facts, seed)
     relations |= {f.relation for f in facts}
     splits, probes = fact_splits(facts, seed, repeats, page_facts)
     tok = load_tokenizer(tokenizer) if tokenizer else train_tokenizer([d.text for d in splits["train"]], vocab_size)
@@ -585,6 +608,7 @@ def build_facts_corpus(
             "sources": versions,
             "relations": {r: sum(1 for f in facts if f.relation == r) for r in TEMPLATES if r in relations},
             **({"mix_text": str(mix_text)} if mix_text is not None else {}),
+            **({"shuffled_values": True} if shuffled_values else {}),
         }
     }
     manifest = write_corpus(out, splits, tok, extra, log=log)
