@@ -128,11 +128,13 @@ V2 = Design(
 )  # fmt: skip
 DESIGNS = {d.name: d for d in (V1, V2)}
 CURRENT = V2
-STUDY_CORPORA = ("f100", "f300", "f2k", "f8k", "f32k", "mix")  # every design's, in the report's order
+# every design's, in the report's order; "s32k": f32k with its values shuffled (studies.memorization's pilot)
+STUDY_CORPORA = ("f100", "f300", "f2k", "f8k", "f32k", "mix", "s32k")
 FACTS_CORPORA = {  # tag -> facts offered: "f300" 300, "f2k" 2,000 (the mix is not a facts corpus)
-    t: int(t[1:-1]) * 1000 if t.endswith("k") else int(t[1:]) for t in STUDY_CORPORA if t != "mix"
+    t: int(t[1:-1]) * 1000 if t.endswith("k") else int(t[1:]) for t in STUDY_CORPORA if t.startswith("f")
 }
 DECISIVE = ("f32k", "mix")  # where the targets are judged: beyond dense's capacity, and the mix with text
+PER_RELATION = (*DECISIVE, "s32k")  # the corpora whose bits the report breaks down per relation
 
 
 # the main grid, one sweep file per budget, seeds 1 and 2: at 3e12 every method on every corpus (the two
@@ -470,11 +472,12 @@ def summary_markdown(summary: dict) -> str:
 
 
 def relations_markdown(summary: dict) -> list[str]:
-    """Where the bits are: per relation of the decisive corpora, each method's bits over prior (mean over
-    seeds) and recall. Post hoc (docs/knowledge.md): it explains the totals, it judges nothing."""
+    """Where the bits are: per relation of the decisive corpora (and of the shuffled pilot's), each method's
+    bits over prior (mean over seeds) and recall. Post hoc (docs/knowledge.md): it explains the totals, it
+    judges nothing."""
     lines: list[str] = []
     for b, by_corpus in summary["points"].items():
-        for c in DECISIVE:
+        for c in PER_RELATION:
             methods = {m: e for m, e in by_corpus.get(c, {}).items() if e.get("relations")}
             if not methods:
                 continue

@@ -82,3 +82,41 @@ def test_a_run_is_scored_summarized_and_reported(trained_run, tmp_path):
     assert e["held_out"]["both"]["recall"]["mean"] == pytest.approx(rep["held_out"]["city_country"]["recall"])
     md = M.report_markdown(s)
     assert "## 1e13 FLOPs, 32,000 facts" in md and md.count("| peer128 | 3 |") == 2  # the relation, then both
+
+
+def test_the_pilot_runs_every_method_on_shuffled_facts_at_the_frozen_learning_rate():
+    import tomllib
+
+    import studies.knowledge as K
+
+    text = M.pilot_file()
+    assert (K.ROOT / "configs" / f"{M.PILOT_NAME}.toml").read_text() == text  # the committed file is its output
+    pilot, grid = tomllib.loads(text), tomllib.loads(K.main_file("3e12"))
+    assert pilot["sweep"]["budgets"] == [M.PILOT_BUDGET] and pilot["sweep"]["seeds"] == [M.PILOT_SEED]
+    assert pilot["sweep"]["set"] == grid["sweep"]["set"]  # the study's backbone
+    assert set(pilot["variants"]) == {f"{m}_s32k" for m in K.METHODS}
+    for m in K.METHODS:  # the same settings as the real-facts run, but for the corpus
+        real = [s for s in grid["variants"][f"{m}_f32k"]["set"] if not s.startswith("data.corpus=")]
+        assert pilot["variants"][f"{m}_s32k"]["set"] == [*real[:-1], f"data.corpus={M.SHUFFLED[0]}", real[-1]]
+    assert (
+        M.SHUFFLED[1] == K.V2.corpora["f32k"][1].replace("facts32k_r60", "facts32k_r60_shuffled") + " --shuffle-values"
+    )
+
+
+def test_the_pilot_report_sets_each_method_beside_its_real_facts_run():
+    import studies.knowledge as K
+
+    def rows(corpus, bits):
+        return [
+            {"budget": 3e12, "method": m, "corpus": corpus, "seed": 1, "loss": {"val": 2.0}, "bits": b,
+             "recall": b / 1e4, "bits_available": 9e4, "bits_over_prior": b, "bits_over_prior_available": 7e4,
+             "params_total": 10}
+            for m, b in bits.items()
+        ]  # fmt: skip
+
+    real = K.summarize(rows("f32k", {"dense": 900.0, "peer1024": 300.0}))
+    shuffled = K.summarize(rows("s32k", {"peer1024": 50.0}))
+    md = M.pilot_markdown(real, shuffled)
+    assert "| peer1024 | 10 | 300 | 50 | 3.0 | 0.5 | 2.0000 |" in md
+    assert "| dense |" not in md  # only the methods the pilot ran
+    assert "real (of 70,000)" in md and "shuffled (of 70,000)" in md
