@@ -42,7 +42,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from peer.fsutil import atomic_write_text
-from peer.metrics import mean_std_record
 
 from . import knowledge as K
 from .knowledge import CURRENT, METHODS, ROOT, parse_variant
@@ -91,21 +90,30 @@ def probe_sets(
 
 def measure(scores: Sequence[dict], probes: Sequence[dict], prior: Sequence[dict]) -> dict:
     """Per relation: facts, recall, bits over the value frequencies of ``prior`` (the corpus's probes) in
-    total and per fact, value loss per fact (nats)."""
+    total and per fact, value loss per fact (nats); the standard errors of recall and of bits per fact over
+    the sample of probes (binomial; the sample's std over sqrt(n))."""
     per_relation = Counter(p["relation"] for p in prior)
     counts = Counter((p["relation"], p["value"]) for p in prior)
     out: dict[str, dict] = {}
     for s, p in zip(scores, probes, strict=True):
-        r = out.setdefault(p["relation"], {"facts": 0, "recall": 0.0, "bits_over_prior": 0.0, "value_nats": 0.0})
+        r = out.setdefault(
+            p["relation"], {"facts": 0, "recall": 0.0, "bits_over_prior": 0.0, "value_nats": 0.0, "sq": 0.0}
+        )
         surprise = math.log2(per_relation[p["relation"]] / counts[(p["relation"], p["value"])])
         r["facts"] += 1
         r["recall"] += s["recalled"]
-        r["bits_over_prior"] += max(0.0, surprise - s["value_nats"] / math.log(2))
+        bits = max(0.0, surprise - s["value_nats"] / math.log(2))
+        r["bits_over_prior"] += bits
+        r["sq"] += bits * bits
         r["value_nats"] += s["value_nats"]
     for r in out.values():
         r["recall"] /= r["facts"]
         r["value_nats"] /= r["facts"]
-        r["bits_over_prior_per_fact"] = r["bits_over_prior"] / r["facts"]
+        n, mean = r["facts"], r["bits_over_prior"] / r["facts"]
+        r["bits_over_prior_per_fact"] = mean
+        r["recall_se"] = math.sqrt(r["recall"] * (1 - r["recall"]) / n)
+        var = max(0.0, r.pop("sq") / n - mean * mean) * n / max(n - 1, 1)
+        r["bits_over_prior_per_fact_se"] = math.sqrt(var / n)
     return out
 
 
@@ -132,6 +140,12 @@ def score_run(run: Path, cache: Path, relations: Sequence[str] = RELATIONS, per_
     return report
 
 
+def is_scored(run: Path) -> bool:
+    """Whether ``run`` has a memorization.json with every measure (one without standard errors is redone)."""
+    f = run / OUT
+    return f.is_file() and "recall_se" in f.read_text()
+
+
 def runs(root: Path) -> list[Path]:
     """Finished runs on 32,000 facts (the corpus beyond dense's capacity) whose checkpoint is on disk."""
     return sorted(
@@ -141,32 +155,44 @@ def runs(root: Path) -> list[Path]:
     )
 
 
+def _combine(parts: Sequence[dict], key: str) -> tuple[float, float]:
+    """(mean, standard error) of ``key`` over the probes of ``parts`` (independent samples, weighted by size)."""
+    n = sum(p["facts"] for p in parts)
+    mean = sum(p[key] * p["facts"] for p in parts) / n
+    se = math.sqrt(sum((p["facts"] / n * p[f"{key}_se"]) ** 2 for p in parts))
+    return mean, se
+
+
 def summarize(root: Path) -> dict:
-    """Per (budget, method): mean ± std over the scored seeds of seen and held-out recall and bits over prior
-    per fact, per relation and over both."""
+    """Per (budget, method, relation and "both"): seen and held-out recall and bits over prior per fact, and
+    stored bits per fact (seen - held out), each the mean over the scored seeds with its standard error over
+    the probes sampled (seeds: independent samples of probes and of training)."""
     rows: dict = {}
     for f in sorted(root.glob(f"*/*_f32k/*/seed*/{OUT}")):
         budget, variant, seed = f.parts[-5], f.parts[-4], f.parts[-2]
         method, _ = parse_variant(variant)
-        rep = json.loads(f.read_text())
-        rows.setdefault((budget, method), []).append((seed, rep))
+        rows.setdefault((budget, method), []).append((seed.removeprefix("seed"), json.loads(f.read_text())))
     order = {m: i for i, m in enumerate(METHODS)}
     out: dict = {}
     for (budget, method), reps in sorted(rows.items(), key=lambda kv: (float(kv[0][0]), order[kv[0][1]])):
-        entry: dict = {"seeds": [s.removeprefix("seed") for s, _ in reps]}
         relations = reps[0][1]["relations"]
-        entry["relations"] = relations
-        for name in ("seen", "held_out"):
-            for rel in (*relations, "both"):
-
-                def pick(rep: dict, key: str, rel: str = rel, name: str = name) -> float:
-                    parts = [rep[name][r] for r in rep["relations"]] if rel == "both" else [rep[name][rel]]
-                    return sum(p[key] * p["facts"] for p in parts) / sum(p["facts"] for p in parts)
-
-                entry.setdefault(name, {})[rel] = {
-                    key: mean_std_record([pick(rep, key) for _, rep in reps])
-                    for key in ("recall", "bits_over_prior_per_fact")
-                }
+        entry: dict = {"seeds": [s for s, _ in reps], "relations": relations}
+        for rel in (*relations, "both"):
+            cell: dict = {}
+            for key in ("recall", "bits_over_prior_per_fact"):
+                per_seed = []
+                for _, rep in reps:
+                    names = relations if rel == "both" else [rel]
+                    seen = _combine([rep["seen"][r] for r in names], key)
+                    held = _combine([rep["held_out"][r] for r in names], key)
+                    per_seed.append((seen, held, (seen[0] - held[0], math.hypot(seen[1], held[1]))))
+                k = len(per_seed)
+                for i, name in enumerate(("seen", "held_out", "stored")):
+                    cell.setdefault(name, {})[key] = {
+                        "mean": sum(x[i][0] for x in per_seed) / k,
+                        "se": math.sqrt(sum(x[i][1] ** 2 for x in per_seed)) / k,
+                    }
+            entry[rel] = cell
         out.setdefault(budget, {})[method] = entry
     return out
 
@@ -177,25 +203,30 @@ def report_markdown(summary: dict) -> str:
         "",
         "Generated by `python -m studies.memorization report` (post hoc; docs/knowledge.md). Per method: recall",
         "and bits over prior per fact on a sample of the facts it trained on (seen) and on as many facts of the",
-        "same relations whose subject no training statement names (held out);",
-        "stored = seen - held out. Mean ± std over the seeds listed (checkpoints exist only for runs of the",
-        "session that trained them).",
+        "same relations whose subject no training statement names (held out); stored = seen - held out, with",
+        "its standard error over the probes sampled; share = stored / seen bits. Means over the seeds listed",
+        "(checkpoints, which scoring needs, exist only on the machine that trained a run).",
         "",
     ]
     for budget, methods in summary.items():
         lines += [f"## {budget} FLOPs, 32,000 facts", ""]
         lines += [
-            "| method | seeds | relation | recall seen % | recall held out % | bits/fact seen | bits/fact held out | stored share of bits |",
-            "|---|---|---|---|---|---|---|---|",
+            "| method | seeds | relation | recall % seen | held out | stored (points) | bits/fact seen | held out | stored | stored share of bits |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]  # fmt: skip
         for method, e in methods.items():
             for rel in (*e["relations"], "both"):
-                s, h = e["seen"][rel], e["held_out"][rel]
-                bs, bh = s["bits_over_prior_per_fact"]["mean"], h["bits_over_prior_per_fact"]["mean"]
-                share = (bs - bh) / bs if bs > 0 else math.nan
+                c = e[rel]
+                r, b = (
+                    {n: c[n]["recall"] for n in c},
+                    {n: c[n]["bits_over_prior_per_fact"] for n in c},
+                )
+                share = b["stored"]["mean"] / b["seen"]["mean"] if b["seen"]["mean"] > 0 else math.nan
                 lines.append(
-                    f"| {method} | {','.join(e['seeds'])} | {rel} | {100 * s['recall']['mean']:.1f} | "
-                    f"{100 * h['recall']['mean']:.1f} | {bs:.3f} | {bh:.3f} | {100 * share:.0f} % |"
+                    f"| {method} | {','.join(e['seeds'])} | {rel} | {100 * r['seen']['mean']:.1f} | "
+                    f"{100 * r['held_out']['mean']:.1f} | {100 * r['stored']['mean']:+.1f} ± {100 * r['stored']['se']:.1f} | "
+                    f"{b['seen']['mean']:.3f} | {b['held_out']['mean']:.3f} | "
+                    f"{b['stored']['mean']:+.3f} ± {b['stored']['se']:.3f} | {100 * share:.0f} % |"
                 )
         lines.append("")
     return "\n".join(lines)
@@ -266,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = Path(args.root)
     if args.action == "score":
         for run in runs(root):
-            if not (run / OUT).is_file():
+            if not is_scored(run):
                 rep = score_run(run, Path(args.cache))
                 r = rep["relations"][0]
                 s, h = rep["seen"][r]["recall"], rep["held_out"][r]["recall"]

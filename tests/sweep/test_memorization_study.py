@@ -24,6 +24,15 @@ def test_bits_over_prior_use_the_corpus_frequencies_and_floor_at_zero():
     assert out["bits_over_prior_per_fact"] == pytest.approx(0.5) and out["value_nats"] == pytest.approx(
         1.5 * math.log(2)
     )
+    assert out["recall_se"] == pytest.approx(math.sqrt(0.25 / 2))  # binomial
+    assert out["bits_over_prior_per_fact_se"] == pytest.approx(0.5)  # bits 1 and 0: sample std 0.707, over sqrt(2)
+
+
+def test_the_standard_error_of_two_relations_weighs_each_by_its_share_of_the_probes():
+    a = {"facts": 300, "recall": 0.5, "recall_se": 0.03}
+    b = {"facts": 100, "recall": 0.1, "recall_se": 0.04}
+    mean, se = M._combine([a, b], "recall")
+    assert mean == pytest.approx(0.4) and se == pytest.approx(math.hypot(0.75 * 0.03, 0.25 * 0.04))
 
 
 @pytest.fixture
@@ -79,7 +88,14 @@ def test_a_run_is_scored_summarized_and_reported(trained_run, tmp_path):
     s = M.summarize(tmp_path / "main")
     e = s["1e13"]["peer128"]
     assert e["seeds"] == ["3"] and e["relations"] == ["city_country"]
-    assert e["held_out"]["both"]["recall"]["mean"] == pytest.approx(rep["held_out"]["city_country"]["recall"])
+    held, seen = rep["held_out"]["city_country"], rep["seen"]["city_country"]
+    assert e["both"]["held_out"]["recall"]["mean"] == pytest.approx(held["recall"])  # one relation: both = it
+    stored = e["city_country"]["stored"]["bits_over_prior_per_fact"]
+    assert stored["mean"] == pytest.approx(seen["bits_over_prior_per_fact"] - held["bits_over_prior_per_fact"])
+    assert stored["se"] == pytest.approx(
+        math.hypot(seen["bits_over_prior_per_fact_se"], held["bits_over_prior_per_fact_se"])
+    )
+    assert M.is_scored(run)
     md = M.report_markdown(s)
     assert "## 1e13 FLOPs, 32,000 facts" in md and md.count("| peer128 | 3 |") == 2  # the relation, then both
 
