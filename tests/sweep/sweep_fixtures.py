@@ -32,3 +32,32 @@ set = ["model.sparse_layer=peer", "model.peer.num_experts=64", "model.peer.heads
        "model.peer.key_dim=8"{peer_extra}]
 """)
     return p
+
+
+def tiny_facts_run(monkeypatch, tmp_path: Path, run: Path, made: list, num_facts: int = 40) -> Path:
+    """Build a facts corpus of ``num_facts`` of ``made`` (peer.data.facts.Fact, from a made-up source
+    registered as "made") at ``tmp_path / "facts"`` and train a tiny PEER model on it for 2 steps into
+    ``run``; returns the corpus folder."""
+    from peer.config import load_config
+    from peer.data import facts as F
+    from peer.train import train
+
+    class Made(F.FactSource):
+        name, package, version = "made", "none", "0"
+        relations = tuple(sorted({f.relation for f in made}))
+
+        def fetch(self, cache_dir):
+            return None
+
+        def facts(self, archive):
+            yield from made
+
+    monkeypatch.setitem(F.FACT_SOURCES, "made", Made)
+    corpus = tmp_path / "facts"
+    F.build_facts_corpus(corpus, tmp_path / "cache", num_facts, sources=["made"], vocab_size=300, log=lambda s: None)
+    root = Path(__file__).parents[2]
+    cfg = load_config(root / "configs" / "tiny.toml", [f"data.corpus='{corpus}'", f"train.out_dir='{run}'",
+                      "model.vocab_size=300", "train.steps=2", "train.progress=false", "train.tensorboard=false",
+                      "train.threads=1", "model.sparse_layer=peer"])  # fmt: skip
+    train(cfg)
+    return corpus

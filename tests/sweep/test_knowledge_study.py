@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+from sweep_fixtures import tiny_facts_run
 
 import studies.knowledge as K
 from peer.experiments.sweep import load_sweep
@@ -191,28 +192,12 @@ def test_the_mix_plot_draws_each_method_at_each_budget_in_order(tmp_path):
 
 
 def test_a_finished_run_is_scored_and_collected(tmp_path, monkeypatch):
-    from peer.config import load_config
-    from peer.data import facts as F
-    from peer.train import train
+    from peer.data.facts import Fact
 
-    class Made(F.FactSource):
-        name, package, version = "made", "none", "0"
-
-        def fetch(self, cache_dir):
-            return None
-
-        def facts(self, archive):
-            for i in range(60):
-                yield F.Fact(f"Town{i:02d}", "city_country", f"Land{i % 5}")
-
-    monkeypatch.setitem(F.FACT_SOURCES, "made", Made)
-    corpus = tmp_path / "facts"
-    F.build_facts_corpus(corpus, tmp_path / "cache", 40, sources=["made"], vocab_size=300, log=lambda s: None)
     run = tmp_path / "main" / "3e12" / "peer128_f32k" / "d16_l2" / "seed1"
-    cfg = load_config(K.ROOT / "configs" / "tiny.toml", [f"data.corpus='{corpus}'", f"train.out_dir='{run}'",
-                      "model.vocab_size=300", "train.steps=2", "train.progress=false", "train.tensorboard=false",
-                      "train.threads=1", "model.sparse_layer=peer"])  # fmt: skip
-    train(cfg)
+    tiny_facts_run(
+        monkeypatch, tmp_path, run, [Fact(f"Town{i:02d}", "city_country", f"Land{i % 5}") for i in range(60)]
+    )
     (run / "result.json").write_text(json.dumps({"budget": 3e12, "variant": "peer128_f32k", "seed": 1, "tokens": 4096,
                                                  "params_total": 10, "perplexity": {"val": 50.0}}))  # fmt: skip
     k = K.score_run(run)

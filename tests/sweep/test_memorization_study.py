@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+from sweep_fixtures import tiny_facts_run
 
 import studies.memorization as M
 from peer.data.facts import TEMPLATES
@@ -37,30 +38,12 @@ def test_the_standard_error_of_two_relations_weighs_each_by_its_share_of_the_pro
 
 @pytest.fixture
 def trained_run(tmp_path, monkeypatch):
-    from peer.config import load_config
-    from peer.data import facts as F
-    from peer.train import train
+    from peer.data.facts import Fact
 
-    class Made(F.FactSource):
-        name, package, version = "made", "none", "0"
-        relations = ("city_country",)
-
-        def fetch(self, cache_dir):
-            return None
-
-        def facts(self, archive):
-            for i in range(90):
-                yield F.Fact(f"Town{i:02d}", "city_country", f"Land{i % 5}")
-            yield F.Fact("Nowhere", "city_country", "Atlantis")  # a value no trained fact has: never probed
-
-    monkeypatch.setitem(F.FACT_SOURCES, "made", Made)
-    corpus = tmp_path / "facts"
-    F.build_facts_corpus(corpus, tmp_path / "cache", 40, sources=["made"], vocab_size=300, log=lambda s: None)
+    facts = [Fact(f"Town{i:02d}", "city_country", f"Land{i % 5}") for i in range(90)]
+    facts.append(Fact("Nowhere", "city_country", "Atlantis"))  # a value no trained fact has: never probed
     run = tmp_path / "main" / "1e13" / "peer128_f32k" / "d16_l2" / "seed3"
-    cfg = load_config(M.ROOT / "configs" / "tiny.toml", [f"data.corpus='{corpus}'", f"train.out_dir='{run}'",
-                      "model.vocab_size=300", "train.steps=2", "train.progress=false", "train.tensorboard=false",
-                      "train.threads=1", "model.sparse_layer=peer"])  # fmt: skip
-    train(cfg)
+    corpus = tiny_facts_run(monkeypatch, tmp_path, run, facts)
     (run / "result.json").write_text("{}")
     return corpus, run
 
